@@ -1,0 +1,117 @@
+"""Logical axis names -> device mesh: one table of rules decides data / FSDP / tensor parallelism.
+
+Parameters carry their logical axis names as `logical_axes` metadata; activations are constrained by
+name with `constrain`. Without an active mesh (`jax.set_mesh`), constraints are no-ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+# The default table; configs/base.py exposes it as config.mesh.rules.
+DEFAULT_RULES: tuple = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("qk", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("rel", None),
+)
+
+# Metadata key under which parameters carry their logical axis names.
+LOGICAL_AXES = "logical_axes"
+# Tells nnx.vmap / nnx.scan to prepend the stacked-layer axis to `logical_axes`.
+LAYER_AXIS_METADATA = {nnx.PARTITION_NAME: "layers", LOGICAL_AXES: "layers"}
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> jax.sharding.Mesh:
+    """A mesh with Auto axes (logical-rule sharding); one -1 entry takes the remaining devices."""
+    devices = jax.devices() if devices is None else devices
+    shape = list(shape)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh.shape {tuple(shape)} needs one entry per axis {tuple(axis_names)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape {tuple(shape)} may hold at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if any(s == 0 or s < -1 for s in shape) or len(devices) % known:
+        raise ValueError(f"mesh.shape {tuple(shape)} does not fit {len(devices)} devices")
+    if -1 in shape:
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh.shape {tuple(shape)} uses {int(np.prod(shape))} of "
+                         f"{len(devices)} devices; use -1 to fill an axis")
+    return jax.make_mesh(tuple(shape), tuple(axis_names),
+                         axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES,
+                    mesh_axis_names: Sequence[str] | None = None) -> PartitionSpec:
+    """Maps logical names to a PartitionSpec; a mesh axis is used at most once per array."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical_axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule")
+        target = table[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if mesh_axis_names is not None:
+            axes = tuple(a for a in axes if a in mesh_axis_names)
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def _active_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES):
+    """with_sharding_constraint by logical names; a no-op when no mesh is active."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, mesh.axis_names))
+
+
+def param_specs(tree, rules: Rules = DEFAULT_RULES, mesh_axis_names=None):
+    """PartitionSpecs for an nnx State / graph of Variables, from their `logical_axes` metadata."""
+
+    def spec(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get(LOGICAL_AXES)
+            if axes is None:
+                return PartitionSpec()
+            if len(axes) != x.value.ndim:
+                raise ValueError(f"logical_axes {axes} do not match shape {x.value.shape}")
+            return logical_to_spec(axes, rules, mesh_axis_names)
+        return PartitionSpec()
+
+    return jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedShardings for every Variable of `tree` on `mesh`."""
+    specs = param_specs(tree, rules, mesh.axis_names)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
