@@ -45,7 +45,6 @@ def get_config():
     m.rel_pos = "auto"  # auto (toeplitz up to 512, rope beyond) | toeplitz | rope | none
     m.remat = "none"  # none | full | save_dots (keep matmul outputs, recompute the rest)
     m.attention_impl = "xla"  # Transformer MHSA: xla | cudnn (jax.nn.dot_product_attention)
-    m.linear_doc_mode = "exact"  # FLASH linear part: exact (token-level) | paper (chunk-level)
     m.scan_layers = True
     m.tie_embeddings = False
 

@@ -12,7 +12,6 @@ NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
 REMAT = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("xla", "cudnn")
-LINEAR_DOC_MODES = ("exact", "paper")
 DTYPES = ("float32", "bfloat16", "float16")
 TOEPLITZ_MAX_LEN = 512  # the paper's switch from a Toeplitz bias to the RoPE-form bias
 
@@ -36,7 +35,6 @@ class ModelConfig:
     rel_pos: str = "auto"
     remat: str = "none"
     attention_impl: str = "xla"
-    linear_doc_mode: str = "exact"
     scan_layers: bool = True
     tie_embeddings: bool = False
 
@@ -51,7 +49,6 @@ class ModelConfig:
         _check_choice("rel_pos", self.rel_pos, REL_POS)
         _check_choice("remat", self.remat, REMAT)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _check_choice("linear_doc_mode", self.linear_doc_mode, LINEAR_DOC_MODES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         if self.is_transformer and self.d_model % self.num_heads:
