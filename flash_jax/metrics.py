@@ -1,0 +1,53 @@
+"""Loss and perplexity helpers shared by training and evaluation.
+
+Losses are kept as sums (summed negative log-likelihood and summed token weight) so that they add
+exactly over micro-batches, devices and eval batches; divide only at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array):
+    """Weighted token cross-entropy in float32: returns (nll_sum, weight_sum), both scalars.
+
+    `weights_BT` is the loss mask (0 for padding, unmasked MLM positions, eval padding rows).
+    """
+    if logits_BTV.shape[:-1] != targets_BT.shape or targets_BT.shape != weights_BT.shape:
+        raise ValueError(
+            f"cross_entropy: logits {logits_BTV.shape}, targets {targets_BT.shape} and "
+            f"weights {weights_BT.shape} do not agree"
+        )
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    weights_BT = weights_BT.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = log_z_BT - target_logit_BT
+    # where(): a masked position whose logits are inf must not turn the sum into nan (0 * inf).
+    nll_sum = jnp.sum(jnp.where(weights_BT > 0, nll_BT * weights_BT, 0.0))
+    return nll_sum, jnp.sum(weights_BT)
+
+
+def mean_loss(nll_sum, weight_sum):
+    """Mean NLL per weighted token; 0 when nothing is weighted (never 0/0)."""
+    return nll_sum / jnp.maximum(weight_sum, 1e-9)
+
+
+def perplexity(nll_sum: float, weight_sum: float) -> float:
+    """exp(mean NLL) as a Python float (inf past float range, nan for an empty sum)."""
+    nll_sum, weight_sum = float(nll_sum), float(weight_sum)
+    if weight_sum <= 0:
+        return math.nan
+    mean = nll_sum / weight_sum
+    return math.exp(mean) if mean < 700 else math.inf
+
+
+def bits_per_byte(nll_sum: float, num_bytes: float) -> float:
+    """Summed NLL (nats) over a text of `num_bytes` UTF-8 bytes -> bits per byte."""
+    if num_bytes <= 0:
+        raise ValueError(f"bits_per_byte needs a positive byte count, got {num_bytes}")
+    return float(nll_sum) / (float(num_bytes) * math.log(2.0))
