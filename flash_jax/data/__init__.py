@@ -1,0 +1,37 @@
+"""flash_jax.data: seqio tasks, sources, vocabularies and the host-to-device input pipeline.
+
+    from flash_jax import data
+    vocab = data.get_vocabulary(config.data)
+    pipe = data.InputPipeline(config.data, split="train", mesh=mesh, seed=0)
+    batch = next(pipe)   # inputs, targets, weights, segment_ids, positions: [batch, seq_len]
+    stats = data.split_statistics(config.data, "validation")  # documents, bytes, words
+
+Importing registers the standard seqio tasks (see tasks.register_standard_tasks).
+"""
+
+from flash_jax.data.pipeline import FEATURES, InputPipeline, split_statistics
+from flash_jax.data.tasks import SHIPPED_CORPUS, check_config, get_task, task_name
+from flash_jax.data.tasks import register_standard_tasks as _register_standard_tasks
+from flash_jax.data.vocabularies import (
+    SHIPPED_VOCAB,
+    T5_VOCAB,
+    get_vocabulary,
+    mlm_mask_spec,
+)
+
+STANDARD_TASKS = tuple(_register_standard_tasks())
+
+__all__ = [
+    "FEATURES",
+    "InputPipeline",
+    "SHIPPED_CORPUS",
+    "SHIPPED_VOCAB",
+    "STANDARD_TASKS",
+    "T5_VOCAB",
+    "check_config",
+    "get_task",
+    "get_vocabulary",
+    "mlm_mask_spec",
+    "split_statistics",
+    "task_name",
+]
