@@ -68,6 +68,7 @@ def get_config():
     t.log_every = 10
     t.eval_every = 200
     t.eval_batches = 8
+    t.eval_split = "validation"  # the split periodic eval reads
     t.checkpoint_every = 200
     t.keep_checkpoints = 3
     t.optimizer = "adamw"  # adamw | adafactor
