@@ -1,0 +1,10 @@
+"""FLASH on C4, masked LM.
+
+Argument: the context length, e.g. --config=configs/c4_flash.py:8192
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+    return paper.paper_config("flash", "c4", arg)

@@ -1,0 +1,10 @@
+"""Transformer++ on C4, masked LM.
+
+Argument: the context length, e.g. --config=configs/c4_transformer_pp.py:8192
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+    return paper.paper_config("transformer_pp", "c4", arg)

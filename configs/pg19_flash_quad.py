@@ -1,0 +1,10 @@
+"""FLASH-Quad on PG-19, autoregressive LM.
+
+Argument: the context length, e.g. --config=configs/pg19_flash_quad.py:8192
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+    return paper.paper_config("flash_quad", "pg19", arg)

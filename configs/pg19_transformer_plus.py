@@ -1,0 +1,10 @@
+"""Transformer+ on PG-19, autoregressive LM.
+
+Argument: the context length, e.g. --config=configs/pg19_transformer_plus.py:8192
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+    return paper.paper_config("transformer_plus", "pg19", arg)

@@ -1,0 +1,10 @@
+"""FLASH-Quad on Wiki-40B, autoregressive LM.
+
+Argument: the context length, e.g. --config=configs/wiki40b_flash_quad.py:8192
+"""
+
+from configs import paper
+
+
+def get_config(arg=None):
+    return paper.paper_config("flash_quad", "wiki40b", arg)

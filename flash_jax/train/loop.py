@@ -1,0 +1,386 @@
+"""The training loop: validate, build, resume, train, evaluate, checkpoint, stop cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from flash_jax import data, metrics, sharding
+from flash_jax.config import ModelConfig
+from flash_jax.train import checkpoint, optim, report, step
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became nan / inf; the run stopped without saving."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _unknown_keys(config, reference, prefix="") -> list[str]:
+    unknown = []
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in reference:
+            unknown.append(path)
+        elif hasattr(config[key], "keys") and hasattr(reference[key], "keys") and key != "model":
+            unknown += _unknown_keys(config[key], reference[key], prefix=f"{path}.")
+    return unknown
+
+
+def validate_config(config, reference=None) -> ModelConfig:
+    """Checks everything that can be checked without devices or data; ValueError names the key.
+
+    `reference` (e.g. `configs.base.get_config()`) lets unknown keys fail too; `model.*` keys
+    are checked by `ModelConfig.from_config`.
+    """
+    if reference is not None:
+        unknown = _unknown_keys(config, reference)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    model_config = ModelConfig.from_config(config.model)
+    data.check_config(config.data)
+    t = config.train
+    if t.optimizer not in optim.OPTIMIZERS:
+        raise ValueError(f"train.optimizer must be one of {optim.OPTIMIZERS}, got {t.optimizer!r}")
+    if t.decay not in optim.DECAYS:
+        raise ValueError(f"train.decay must be one of {optim.DECAYS}, got {t.decay!r}")
+    for key, low in (
+        ("num_steps", 1),
+        ("log_every", 1),
+        ("checkpoint_every", 1),
+        ("keep_checkpoints", 1),
+        ("grad_accum_steps", 1),
+        ("eval_every", 0),
+        ("eval_batches", 0),
+        ("warmup_steps", 0),
+    ):
+        value = t[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"train.{key} must be an integer >= {low}, got {value!r}")
+    for key in ("learning_rate", "weight_decay", "grad_clip", "end_learning_rate_fraction"):
+        if not t[key] >= 0:
+            raise ValueError(f"train.{key} must be >= 0, got {t[key]!r}")
+    if not t.learning_rate > 0:
+        raise ValueError(f"train.learning_rate must be > 0, got {t.learning_rate!r}")
+    d = config.data
+    if d.seq_len > model_config.max_len:
+        raise ValueError(
+            f"data.seq_len ({d.seq_len}) exceeds model.max_len ({model_config.max_len})"
+        )
+    if d.batch_size % t.grad_accum_steps:
+        raise ValueError(
+            f"data.batch_size ({d.batch_size}) must be divisible by train.grad_accum_steps "
+            f"({t.grad_accum_steps})"
+        )
+    return model_config
+
+
+def check_mesh_fit(config, mesh) -> None:
+    """The batch must split evenly over data-parallel devices and micro-batches."""
+    dp = step.data_parallel_size(mesh, config.mesh.rules)
+    per = dp * config.train.grad_accum_steps
+    if config.data.batch_size % per:
+        raise ValueError(
+            f"data.batch_size ({config.data.batch_size}) must be divisible by the data-parallel "
+            f"size ({dp}, mesh {dict(mesh.shape)}) times train.grad_accum_steps "
+            f"({config.train.grad_accum_steps})"
+        )
+
+
+def check_vocabulary(config) -> int:
+    """The data vocabulary must fit in the model's embedding table."""
+    vocab_size = data.get_vocabulary(config.data).vocab_size
+    if vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({config.model.vocab_size}) is smaller than the data vocabulary "
+            f"({vocab_size} tokens, data.vocab={config.data.vocab!r})"
+        )
+    return vocab_size
+
+
+def make_mesh(config):
+    return sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+
+
+def initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` when the environment describes several processes.
+
+    Cloud TPU pod slices (TPU_WORKER_HOSTNAMES lists several hosts), SLURM / Open MPI jobs with
+    several tasks, or an explicit JAX_COORDINATOR_ADDRESS. A single process: nothing to do.
+    """
+    env = os.environ
+    several = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    )
+    if several:
+        jax.distributed.initialize()
+    return several
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def config_to_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+@contextlib.contextmanager
+def _sigterm_flag():
+    """Yields a threading.Event set by SIGTERM (a preemption notice); restores the old handler."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+        # Multi-host runs use the coordination service's preemption sync point instead.
+        yield event
+        return
+
+    def handler(signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        event.set()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _flops_per_device(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it; MFU is then omitted
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def evaluate(config, fns, params, rest) -> dict:
+    """Perplexity over `train.eval_batches` batches of the eval split (all of it if smaller)."""
+    nll_sum, weight_sum = jnp.float32(0), jnp.float32(0)
+    with data.InputPipeline(
+        config.data,
+        split=config.train.eval_split,
+        mesh=fns.mesh,
+        seed=config.seed,
+        shuffle=False,
+        repeat=False,
+        rules=config.mesh.rules,
+    ) as pipe:
+        for _, batch in zip(range(config.train.eval_batches), pipe, strict=False):
+            nll, weight = fns.eval_step(params, rest, step.put_batch(batch, fns.batch_sharding))
+            nll_sum, weight_sum = nll_sum + nll, weight_sum + weight
+    nll_sum, weight_sum = float(nll_sum), float(weight_sum)
+    return {
+        "eval_loss": nll_sum / weight_sum if weight_sum > 0 else math.nan,
+        "eval_perplexity": metrics.perplexity(nll_sum, weight_sum),
+        "eval_tokens": weight_sum,
+    }
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(
+    config, workdir: str, *, reference=None, hooks: Sequence[Callable[[int], None]] = ()
+) -> dict:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    Returns a summary: {"status": "done" | "preempted", "step", "last": last logged metrics}.
+    Raises ValueError for a bad config or an incompatible workdir (before anything is written or
+    compiled) and NonFiniteLossError when the loss diverges (the last good checkpoint is kept).
+    `hooks` are called with the number of completed steps after each step (tests use them).
+    """
+    # ---- everything that can fail on bad input, before any compile or write
+    model_config = validate_config(config, reference)
+    mesh = make_mesh(config)
+    check_mesh_fit(config, mesh)
+    check_vocabulary(config)
+    t = config.train
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    ckpts = checkpoint.Checkpoints(workdir, t.keep_checkpoints)
+    try:
+        latest = ckpts.check_compatible(model_config)
+    except Exception:
+        ckpts.close()
+        raise
+    resolved = config_to_dict(config)
+    if is_main:
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            json.dump(resolved, f, indent=2)
+
+    reporter = report.Reporter(workdir, t.num_steps, is_main=is_main)
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    try:
+        with contextlib.ExitStack() as stack, jax.set_mesh(mesh), _sigterm_flag() as sigterm:
+            fns = step.build(config, mesh)
+            logging.info(
+                "model %s: %s parameters; mesh %s",
+                model_config.name,
+                f"{fns.num_params:,}",
+                dict(mesh.shape),
+            )
+            rest = fns.init_rest()
+            if latest is None:
+                state, position = fns.init_state(), 0
+            else:
+                state, meta = ckpts.restore(fns.abstract_state, latest)
+                position = int(meta["data_position"])
+                logging.info("resuming from step %d (data position %d)", latest, position)
+            start = int(jax.device_get(state["step"]))
+            pipe = data.InputPipeline(
+                config.data,
+                split="train",
+                mesh=mesh,
+                seed=config.seed,
+                shuffle=True,
+                repeat=True,
+                start_batch=position,
+                rules=config.mesh.rules,
+            )
+            stack.callback(pipe.close)
+
+            # Compile ahead of time: one compile, and its FLOP count gives the MFU.
+            t0 = time.time()
+            batch_abstract = {
+                k: jax.ShapeDtypeStruct(
+                    (config.data.batch_size, config.data.seq_len),
+                    jnp.float32 if k == "weights" else jnp.int32,
+                    sharding=fns.batch_sharding,
+                )
+                for k in step.BATCH_KEYS
+            }
+            train_step = fns.train_step.lower(fns.abstract_state, rest, batch_abstract).compile()
+            logging.info("compiled the train step in %.1f s", time.time() - t0)
+            flops = _flops_per_device(train_step)
+            peak = peak_flops_per_device()
+
+            def meta(done):
+                return {
+                    "step": done,
+                    "data_position": pipe.position,
+                    "model_config": checkpoint.model_config_dict(model_config),
+                    "config": resolved,
+                }
+
+            # Metrics are fetched one step late: step k's scalars are read after step k + 1 has
+            # been dispatched, so the device always has queued work.
+            pending = None
+            window = {"losses": [], "time": None, "step": None}  # since the last console line
+            last_logged: dict = {}
+
+            def drain():
+                nonlocal pending
+                if pending is None:
+                    return
+                done, device_metrics = pending
+                pending = None
+                host = jax.device_get(device_metrics)
+                loss, grad_norm = float(host["loss"]), float(host["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    ckpts.wait()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done}; "
+                        f"stopped without saving. The last good checkpoint is step "
+                        f"{ckpts.latest_step()} in {ckpts.directory}"
+                    )
+                now = time.time()
+                window["losses"].append(loss)
+                if window["time"] is None:  # timing starts after the first step (warm-up)
+                    window.update(time=now, step=done)
+                if done % t.log_every and done != t.num_steps:
+                    return
+                steps = done - window["step"]
+                step_time = (now - window["time"]) / steps if steps else None
+                mean_loss = sum(window["losses"]) / len(window["losses"])
+                scalars = {
+                    "loss": mean_loss,
+                    "perplexity": math.exp(min(mean_loss, 700.0)),
+                    "learning_rate": float(host["learning_rate"]),
+                    "grad_norm": grad_norm,
+                    "step_time": step_time,
+                    "tokens_per_sec": tokens_per_step / step_time if step_time else None,
+                    "mfu": flops / step_time / peak if (step_time and flops and peak) else None,
+                }
+                reporter.write(done, scalars)
+                reporter.console(done, scalars, step_time)
+                last_logged.clear()
+                last_logged.update(scalars, step=done)
+                window.update(losses=[], time=now, step=done)
+
+            def save(done):
+                drain()  # never save a state whose loss has not been checked
+                if ckpts.save(done, state, meta(done)):
+                    logging.info("checkpoint saved (async) at step %d", done)
+
+            status = "done"
+            done = start
+            for _ in range(start, t.num_steps):
+                batch = step.put_batch(next(pipe), fns.batch_sharding)
+                state, step_metrics = train_step(state, rest, batch)
+                drain()
+                done += 1
+                pending = (done, step_metrics)
+                for hook in hooks:
+                    hook(done)
+                preempted = sigterm.is_set() or (
+                    jax.process_count() > 1 and ckpts.manager.reached_preemption(done)
+                )
+                paused = time.time()
+                if done % t.checkpoint_every == 0 or preempted:
+                    save(done)
+                if t.eval_every and t.eval_batches and done % t.eval_every == 0:
+                    drain()
+                    scalars = evaluate(config, fns, state["params"], rest)
+                    reporter.write(done, scalars)
+                    logging.info(
+                        "eval at step %d: loss %.4f, perplexity %.2f",
+                        done,
+                        scalars["eval_loss"],
+                        scalars["eval_perplexity"],
+                    )
+                if window["time"] is not None:  # eval and saving do not count as step time
+                    window["time"] += time.time() - paused
+                if preempted:
+                    status = "preempted"
+                    break
+            drain()
+            if done > start or latest is None:
+                save(done)
+            ckpts.wait()
+            if status == "preempted":
+                logging.warning(
+                    "preempted: checkpoint at step %d saved in %s; exiting cleanly",
+                    done,
+                    ckpts.directory,
+                )
+            return {
+                "status": status,
+                "step": done,
+                "last": dict(last_logged),
+                "checkpoint_dir": ckpts.directory,
+            }
+    finally:
+        ckpts.close()
+        reporter.close()
+
+
+def peak_flops_per_device() -> float | None:
+    return report.peak_flops_per_device(jax.devices()[0].device_kind)

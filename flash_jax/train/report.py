@@ -1,0 +1,103 @@
+"""Where metrics go: TensorBoard events (clu), `metrics.jsonl`, and a console line with an ETA."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+# Dense bf16 peak FLOP/s per chip, matched against `jax.devices()[0].device_kind` (lowercased;
+# first match wins, so the more specific names come first). Vendor data sheets; the H100 and H200
+# figures are the SXM parts (the PCIe H100 peaks near 756 TFLOP/s).
+PEAK_FLOPS = (
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
+    ("tpu v4", 275e12),
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    for name, flops in PEAK_FLOPS:
+        if name in kind:
+            return flops
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Reporter:
+    """Writes scalars for one run; only the main process writes files."""
+
+    def __init__(self, workdir: str, num_steps: int, *, is_main: bool = True):
+        self.num_steps = num_steps
+        self.is_main = is_main
+        self._writer = None
+        self._jsonl = None
+        if is_main:
+            # Imported here: clu's TF summary writer pulls in TensorFlow.
+            from clu import metric_writers
+
+            self._writer = metric_writers.AsyncWriter(
+                metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+            )
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
+
+    def write(self, step: int, scalars: dict) -> None:
+        """One record: TensorBoard scalars and one JSON line {"step": ..., **scalars}."""
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+        if not self.is_main:
+            return
+        self._writer.write_scalars(step, scalars)
+        record = {"step": step, "time": time.time(), **scalars}
+        # JSON has no nan/inf literals; write them as strings so every line parses.
+        record = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+            for k, v in record.items()
+        }
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
+        parts = [f"step {step}/{self.num_steps}"]
+        for key, fmt in (
+            ("loss", "{:.4f}"),
+            ("perplexity", "{:.2f}"),
+            ("learning_rate", "{:.2e}"),
+            ("grad_norm", "{:.3f}"),
+            ("tokens_per_sec", "{:,.0f}"),
+            ("mfu", "{:.1%}"),
+        ):
+            if scalars.get(key) is not None:
+                parts.append(f"{key.replace('_', ' ')} {fmt.format(scalars[key])}")
+        if seconds_per_step:
+            eta = (self.num_steps - step) * seconds_per_step
+            parts.append(f"{seconds_per_step:.3f} s/step, ETA {format_duration(eta)}")
+        logging.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

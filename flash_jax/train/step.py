@@ -1,0 +1,225 @@
+"""Train state, sharded initialisation, and the jitted train and eval steps.
+
+The train state is a plain pytree of arrays, so that `jax.jit` shardings, donation and Orbax see
+ordinary arrays:
+
+    {"step": int32[], "params": nnx.State, "opt_state": optax state, "rng": uint32[2] key data}
+
+The model is rebuilt inside the step with `nnx.merge(graphdef, params, rest)`; `rest` holds the
+model's non-trained variables (e.g. RNG streams), is re-created from the seed and never updated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flash_jax import metrics, models, sharding
+from flash_jax.train import optim
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+BATCH_AXES = ("batch", "length")
+
+
+@dataclasses.dataclass
+class StepFns:
+    """Everything the loop needs to build, run and checkpoint one model on one mesh."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings (Orbax restore target)
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    schedule: optax.Schedule
+    num_params: int
+    init_state: Callable[[], Any]
+    init_rest: Callable[[], Any]
+    train_step: Callable  # (state, rest, batch) -> (state, metrics); state is donated
+    eval_step: Callable  # (params, rest, batch) -> (nll_sum, weight_sum)
+
+    def param_shardings(self):
+        return self.state_shardings["params"]
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
+    """How many ways the batch dimension is split on `mesh` under the logical `rules`."""
+    spec = sharding.logical_to_spec(("batch",), rules, mesh.axis_names)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _shardings_from_metadata(tree, mesh, rules):
+    """NamedShardings from each Variable's logical axes; anything else is replicated.
+
+    Optimizer state made by `tx.init` on Variables keeps the parameter's metadata; a state whose
+    shape differs from its parameter (Adafactor's factored rows / columns) is replicated.
+    """
+
+    def one(x):
+        axes = x.get_metadata().get(sharding.LOGICAL_AXES) if isinstance(x, nnx.Variable) else None
+        value = x.get_value() if isinstance(x, nnx.Variable) else x
+        if axes is None or len(axes) != len(value.shape):
+            return NamedSharding(mesh, PartitionSpec())
+        return NamedSharding(mesh, sharding.logical_to_spec(axes, rules, mesh.axis_names))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _reseed(model, key) -> None:
+    """Gives every RNG stream of the model (dropout, if any) a key derived from `key`."""
+    tags = sorted(
+        {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+    )
+    if tags:
+        nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
+
+
+def build(config, mesh: jax.sharding.Mesh) -> StepFns:
+    """Abstract state, shardings and jitted functions for `config` on `mesh` (nothing runs yet)."""
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    accum = int(config.train.grad_accum_steps)
+    seed = int(config.seed)
+
+    def create_model():
+        return models.create(config.model, rngs=nnx.Rngs(seed), sharding_rules=rules)
+
+    abstract_model = nnx.eval_shape(create_model)
+    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    tx, schedule = optim.make_optimizer(config.train, optim.decay_mask(abs_params))
+    # Variables (with their logical axes) go through tx.init so that the optimizer state inherits
+    # the parameters' metadata, hence their shardings.
+    abs_state_vars = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abs_params,
+        "opt_state": jax.eval_shape(tx.init, abs_params),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    state_shardings = _shardings_from_metadata(abs_state_vars, mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.as_pure(abs_state_vars),
+        state_shardings,
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rest_shardings = jax.tree.map(lambda _: replicated, nnx.as_pure(abs_rest))
+    batch_sharding = NamedSharding(
+        mesh, sharding.logical_to_spec(BATCH_AXES, rules, mesh.axis_names)
+    )
+    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state["params"]))
+
+    def init_state():
+        model = create_model()
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        # The training key differs from the parameter-init key (both come from the seed).
+        key = jax.random.fold_in(jax.random.key(seed), 1)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(key),
+        }
+
+    def init_rest():
+        # Only the non-trained variables are returned; XLA drops the parameter initialisers.
+        return nnx.as_pure(nnx.split(create_model(), nnx.Param, ...)[2])
+
+    def micro_batch_grads(params, rest, batch, key):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, rest)
+            _reseed(model, key)
+            logits_BTV = model(
+                batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+            )
+            return metrics.cross_entropy(logits_BTV, batch["targets"], batch["weights"])
+
+        (nll_sum, weight_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, nll_sum, weight_sum
+
+    def train_step(state, rest, batch):
+        params = state["params"]
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if accum == 1:
+            grads, nll_sum, weight_sum = micro_batch_grads(params, rest, batch, step_key)
+        else:
+            # Micro-batch i takes rows i, i + k, i + 2k, ...: each device keeps its own rows, so
+            # the split moves no data between devices.
+            def split(x_BT):
+                x_MkT = x_BT.reshape(x_BT.shape[0] // accum, accum, *x_BT.shape[1:])
+                x_kMT = jnp.swapaxes(x_MkT, 0, 1)
+                return sharding.constrain(x_kMT, (None, *BATCH_AXES), rules)
+
+            micro = {k: split(batch[k]) for k in BATCH_KEYS}
+
+            def body(carry, xs):
+                micro_batch, i = xs
+                out = micro_batch_grads(params, rest, micro_batch, jax.random.fold_in(step_key, i))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+            (grads, nll_sum, weight_sum), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+        # Summed losses / summed weights: k micro-batches give the mean over the whole batch.
+        denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = nll_sum / denom
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "rng": state["rng"],
+        }
+        step_metrics = {
+            "loss": loss,
+            "weight_sum": weight_sum,
+            "grad_norm": grad_norm,
+            "learning_rate": jnp.asarray(schedule(state["step"]), jnp.float32),
+        }
+        return new_state, step_metrics
+
+    def eval_step(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits_BTV = model(
+            batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        )
+        return metrics.cross_entropy(logits_BTV, batch["targets"], batch["weights"])
+
+    return StepFns(
+        mesh=mesh,
+        graphdef=graphdef,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        schedule=schedule,
+        num_params=num_params,
+        init_state=jax.jit(init_state, out_shardings=state_shardings),
+        init_rest=jax.jit(init_rest, out_shardings=rest_shardings),
+        train_step=jax.jit(
+            train_step,
+            in_shardings=(state_shardings, rest_shardings, batch_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        ),
+        eval_step=jax.jit(
+            eval_step,
+            in_shardings=(state_shardings["params"], rest_shardings, batch_shardings),
+            out_shardings=replicated,
+        ),
+    )
+
+
+def put_batch(batch: dict, batch_sharding: NamedSharding) -> dict:
+    """The step's inputs from a pipeline batch (a no-op when already laid out as the step wants)."""
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"input batch lacks key(s) {missing}; it has {sorted(batch)}")
+    return {k: jax.device_put(batch[k], batch_sharding) for k in BATCH_KEYS}
