@@ -1,6 +1,6 @@
 """Base configuration: every experiment file imports this and changes a few keys.
 
-Keys here are a contract: `flash_jax`, `train.py`, `eval.py`, the scripts and the tests rely on them.
+Keys here are a contract: `flash_jax`, `train.py`, `eval.py`, the scripts and tests rely on them.
 Dtypes are names ("bfloat16", "float32") so that `--config.model.dtype=float32` works.
 """
 
@@ -43,9 +43,10 @@ def get_config():
     m.param_dtype = "float32"
     m.norm = "scale_norm"  # scale_norm | layer_norm
     m.rel_pos = "auto"  # auto (toeplitz up to 512, rope beyond) | toeplitz | rope | none
-    m.remat = "none"  # none | full | save_dots (keep matmul outputs, recompute the rest)
+    m.remat = (
+        "none"  # none | full | save_proj (keep the tagged projection outputs, recompute the rest)
+    )
     m.attention_impl = "xla"  # Transformer MHSA: xla | cudnn (jax.nn.dot_product_attention)
-    m.scan_layers = True
     m.tie_embeddings = False
 
     # ---- data (flash_jax.data) ----

@@ -7,10 +7,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flash_jax.sharding import DEFAULT_RULES
+
 MODEL_NAMES = ("flash", "flash_quad", "transformer", "transformer_plus", "transformer_pp")
 NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
-REMAT = ("none", "full", "save_dots")
+REMAT = ("none", "full", "save_proj")
 ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 TOEPLITZ_MAX_LEN = 512  # the paper's switch from a Toeplitz bias to the RoPE-form bias
@@ -35,13 +37,23 @@ class ModelConfig:
     rel_pos: str = "auto"
     remat: str = "none"
     attention_impl: str = "xla"
-    scan_layers: bool = True
     tie_embeddings: bool = False
+    # Logical axis -> mesh axes for activation constraints; set by create() from config.mesh.rules.
+    sharding_rules: tuple = DEFAULT_RULES
 
     def __post_init__(self):
         _check_choice("name", self.name, MODEL_NAMES)
-        for field in ("num_layers", "d_model", "expansion_dim", "qk_dim", "chunk_size",
-                      "num_heads", "mlp_dim", "vocab_size", "max_len"):
+        for field in (
+            "num_layers",
+            "d_model",
+            "expansion_dim",
+            "qk_dim",
+            "chunk_size",
+            "num_heads",
+            "mlp_dim",
+            "vocab_size",
+            "max_len",
+        ):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.{field} must be a positive integer, got {value!r}")
@@ -63,7 +75,7 @@ class ModelConfig:
     def from_config(cls, config: Any) -> ModelConfig:
         """Builds from a ConfigDict (or mapping); unknown keys are an error, naming the key."""
         values = dict(config.items()) if hasattr(config, "items") else dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"sharding_rules"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")

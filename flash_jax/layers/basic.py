@@ -1,0 +1,131 @@
+"""Dense, embedding and normalisation layers with logical axis names on every parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flash_jax.config import ModelConfig
+from flash_jax.sharding import LOGICAL_AXES
+
+
+def param(rngs: nnx.Rngs, shape, logical_axes, *, stddev: float, dtype) -> nnx.Param:
+    """A normal(0, stddev) parameter (zeros when stddev is 0) carrying its logical axis names."""
+    if stddev == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = stddev * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, **{LOGICAL_AXES: tuple(logical_axes)})
+
+
+class Dense(nnx.Module):
+    """y = x . W + b, contracting the last len(in_shape) axes of x; W ~ N(0, 1 / fan_in)."""
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        logical_axes: Sequence[str | None],
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        use_bias: bool = True,
+    ):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        if len(logical_axes) != len(in_shape) + len(out_shape):
+            raise ValueError(f"logical_axes {logical_axes} do not match {in_shape}->{out_shape}")
+        fan_in = 1
+        for size in in_shape:
+            fan_in *= size
+        self.num_in_axes = len(in_shape)
+        self.dtype = cfg.compute_dtype
+        self.kernel = param(
+            rngs, in_shape + out_shape, logical_axes, stddev=fan_in**-0.5, dtype=cfg.weight_dtype
+        )
+        self.bias = (
+            param(
+                rngs, out_shape, logical_axes[len(in_shape) :], stddev=0.0, dtype=cfg.weight_dtype
+            )
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(
+            x.astype(self.dtype), self.kernel.value.astype(self.dtype), axes=self.num_in_axes
+        )
+        if self.bias is not None:
+            y = y + self.bias.value.astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table [vocab, d], N(0, 1); also the tied output projection."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.table = param(
+            rngs,
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            stddev=1.0,
+            dtype=cfg.weight_dtype,
+        )
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.table.value, tokens_BT, axis=0).astype(self.dtype)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        """Logits against the table, in float32."""
+        return jnp.einsum(
+            "btd,vd->btv",
+            x_BTD,
+            self.table.value.astype(x_BTD.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class ScaleNorm(nnx.Module):
+    """g * x / rms(x) with one learned scalar g (ScaleNorm, Nguyen & Salazar 2019), in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, eps: float = 1e-5):
+        del rngs
+        self.eps = eps
+        self.dtype = cfg.compute_dtype
+        self.scale = nnx.Param(jnp.ones((), cfg.weight_dtype))  # a scalar: replicated
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean_square = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(mean_square + self.eps) * self.scale.value.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Layer normalisation with per-dimension scale and bias, in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, eps: float = 1e-5):
+        del rngs
+        self.eps = eps
+        self.dtype = cfg.compute_dtype
+        self.scale = nnx.Param(
+            jnp.ones((cfg.d_model,), cfg.weight_dtype), **{LOGICAL_AXES: ("embed",)}
+        )
+        self.bias = nnx.Param(
+            jnp.zeros((cfg.d_model,), cfg.weight_dtype), **{LOGICAL_AXES: ("embed",)}
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> ScaleNorm | LayerNorm:
+    return ScaleNorm(cfg, rngs=rngs) if cfg.norm == "scale_norm" else LayerNorm(cfg, rngs=rngs)

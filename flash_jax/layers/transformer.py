@@ -1,0 +1,96 @@
+"""The paper's Transformer baselines: MHSA + FFN blocks, pre-norm.
+
+Transformer: absolute positions (added in the model wrapper) and a GELU FFN.
+Transformer+: RoPE.  Transformer++: RoPE and a SwiGLU FFN (two-thirds width, same parameters).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from flash_jax.config import ModelConfig
+from flash_jax.layers.basic import Dense, make_norm
+from flash_jax.layers.positions import apply_rope
+from flash_jax.sharding import constrain
+
+
+def attention_mask(segment_ids_BT: jax.Array, causal: bool) -> jax.Array:
+    """[B, 1, T, T]: same segment (padding attends to padding, so no row is empty) and causal."""
+    mask = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    if causal:
+        T = segment_ids_BT.shape[1]
+        mask &= jnp.tril(jnp.ones((T, T), dtype=bool))
+    return mask[:, None]
+
+
+class MultiHeadAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        H, dh, d = cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.d_model
+        self.query = Dense((d,), (H, dh), ("embed", "heads", "kv"), cfg, rngs=rngs)
+        self.key = Dense((d,), (H, dh), ("embed", "heads", "kv"), cfg, rngs=rngs)
+        self.value = Dense((d,), (H, dh), ("embed", "heads", "kv"), cfg, rngs=rngs)
+        self.out = Dense((H, dh), (d,), ("heads", "kv", "embed"), cfg, rngs=rngs)
+
+    def project(self, x_BTD, positions_BT):
+        q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
+        if self.cfg.uses_rope:
+            q, k = apply_rope(q, positions_BT), apply_rope(k, positions_BT)
+        q, k, v = (checkpoint_name(t, "proj_in") for t in (q, k, v))
+        return [
+            constrain(t, ("batch", "length", "act_heads", None), self.cfg.sharding_rules)
+            for t in (q, k, v)
+        ]
+
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+        q, k, v = self.project(x_BTD, positions_BT)
+        impl = self.cfg.attention_impl
+        if segment_ids_BT is None:
+            attended = jax.nn.dot_product_attention(
+                q, k, v, is_causal=self.cfg.causal, implementation=impl
+            )
+        else:
+            mask = attention_mask(segment_ids_BT, self.cfg.causal)
+            attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return checkpoint_name(self.out(attended), "proj_out")
+
+
+class FeedForward(nnx.Module):
+    """GELU MLP (Transformer, Transformer+) or SwiGLU (Transformer++)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.glu = cfg.name == "transformer_pp"
+        d = cfg.d_model
+        # SwiGLU has three matrices: two-thirds of the hidden width keeps the parameter count.
+        hidden = cfg.mlp_dim * 2 // 3 if self.glu else cfg.mlp_dim
+        self.wi = Dense((d,), (hidden,), ("embed", "mlp"), cfg, rngs=rngs)
+        self.wg = Dense((d,), (hidden,), ("embed", "mlp"), cfg, rngs=rngs) if self.glu else None
+        self.wo = Dense((hidden,), (d,), ("mlp", "embed"), cfg, rngs=rngs)
+
+    def __call__(self, x_BTD):
+        if self.glu:
+            h = jax.nn.silu(self.wg(x_BTD)) * self.wi(x_BTD)
+        else:
+            h = jax.nn.gelu(self.wi(x_BTD))
+        h = constrain(
+            checkpoint_name(h, "proj_in"), ("batch", "length", "act_mlp"), self.cfg.sharding_rules
+        )
+        return checkpoint_name(self.wo(h), "proj_out")
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention_norm = make_norm(cfg, rngs=rngs)
+        self.attention = MultiHeadAttention(cfg, rngs=rngs)
+        self.mlp_norm = make_norm(cfg, rngs=rngs)
+        self.mlp = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+        x = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "length", "act_embed"), self.cfg.sharding_rules)

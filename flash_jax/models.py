@@ -1,0 +1,188 @@
+"""The language model around the layers (embedding, scanned layer stack, final norm, float32
+logits), its factory `create`, and named size presets mirroring the paper's scales."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flash_jax.config import ModelConfig
+from flash_jax.layers import (
+    Dense,
+    Embed,
+    FlashLayer,
+    GAULayer,
+    TransformerBlock,
+    document_positions,
+    make_norm,
+)
+from flash_jax.layers.basic import param
+from flash_jax.sharding import DEFAULT_RULES, LAYER_AXIS_METADATA, constrain
+
+LAYER_TYPES = {
+    "flash": FlashLayer,
+    "flash_quad": GAULayer,
+    "transformer": TransformerBlock,
+    "transformer_plus": TransformerBlock,
+    "transformer_pp": TransformerBlock,
+}
+
+
+def remat_policy(name: str):
+    """`save_proj` keeps the projection outputs tagged by checkpoint_name; `full` keeps nothing."""
+    if name == "save_proj":
+        return jax.checkpoint_policies.save_only_these_names("proj_in", "proj_out")
+    return None
+
+
+class LanguageModel(nnx.Module):
+    """tokens [B, T] -> float32 logits [B, T, vocab]; causal (LM) or bidirectional (masked LM)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg, rngs=rngs)
+        if cfg.name == "transformer":  # the vanilla baseline: learned absolute positions
+            self.position_embed = param(
+                rngs,
+                (cfg.max_len, cfg.d_model),
+                (None, "embed"),
+                stddev=0.02,
+                dtype=cfg.weight_dtype,
+            )
+        layer_type = LAYER_TYPES[cfg.name]
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_AXIS_METADATA)
+        def make_layers(layer_rngs: nnx.Rngs):
+            return layer_type(cfg, rngs=layer_rngs)
+
+        self.layers = make_layers(rngs)
+        self.final_norm = make_norm(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.head = Dense(
+                (cfg.d_model,),
+                (cfg.vocab_size,),
+                ("embed", "vocab"),
+                cfg,
+                rngs=rngs,
+                use_bias=False,
+            )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        self.check_inputs(tokens, segment_ids, positions)
+        if positions is None:
+            positions = (
+                jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+                if segment_ids is None
+                else document_positions(segment_ids)
+            )
+        x = self.embed(tokens)
+        if self.cfg.name == "transformer":
+            x = x + jnp.take(self.position_embed.value, positions, axis=0).astype(x.dtype)
+        return self.apply_layers(x, segment_ids, positions)
+
+    def apply_layers(
+        self, x_BTD: jax.Array, segment_ids: jax.Array | None, positions: jax.Array
+    ) -> jax.Array:
+        """Embedded inputs -> logits: the layer stack (one scanned body), final norm, head."""
+        cfg = self.cfg
+        x = constrain(x_BTD, ("batch", "length", "act_embed"), cfg.sharding_rules)
+
+        def apply_layer(x_BTD, layer):
+            return layer(x_BTD, segment_ids, positions)
+
+        if cfg.remat != "none":
+            apply_layer = nnx.remat(apply_layer, policy=remat_policy(cfg.remat))
+        x = nnx.scan(
+            apply_layer,
+            in_axes=(nnx.Carry, 0),
+            out_axes=nnx.Carry,
+            transform_metadata=LAYER_AXIS_METADATA,
+        )(x, self.layers)
+
+        x = self.final_norm(x)
+        if cfg.tie_embeddings:
+            logits = self.embed.attend(x)
+        else:
+            kernel = self.head.kernel.value.astype(x.dtype)
+            logits = jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"), cfg.sharding_rules)
+
+    def check_inputs(self, tokens, segment_ids, positions) -> None:
+        """Clear errors instead of deep XLA shape errors (shapes are static, so this is free)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+        for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+            if value is None:
+                continue
+            if value.shape != tokens.shape:
+                raise ValueError(
+                    f"{name} must have the tokens' shape {tokens.shape}, got {value.shape}"
+                )
+            if not jnp.issubdtype(value.dtype, jnp.integer):
+                raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
+        if tokens.shape[1] > self.cfg.max_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds model.max_len {self.cfg.max_len}"
+            )
+
+
+def create(config: Any, *, rngs: nnx.Rngs, sharding_rules=DEFAULT_RULES) -> LanguageModel:
+    """Builds the model named by `config.name` from a ConfigDict, mapping or ModelConfig.
+
+    `sharding_rules` (config.mesh.rules) map the logical names of activation constraints to mesh
+    axes; parameters carry logical names too (see flash_jax.sharding.param_shardings).
+    """
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_config(config)
+    rules = tuple(
+        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in sharding_rules
+    )
+    cfg = dataclasses.replace(cfg, sharding_rules=rules)
+    return LanguageModel(cfg, rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# Size presets mirroring the paper's scales. The Transformer baselines use the listed depth; FLASH
+# and FLASH-Quad use twice as many layers at the same width, since two GAU layers (3de parameters
+# each with e = 2d) match one Transformer layer (12d^2). `base` is the paper's ~110M-parameter
+# setting (BERT-Base shape, fairly sure); `large` is a documented guess for its bigger PG-19 scale.
+SIZES = {
+    # size: (transformer layers, d_model, attention heads)
+    "tiny": (2, 128, 2),
+    "small": (6, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+def preset(name: str, size: str) -> dict:
+    """`config.model` overrides for model `name` at a named size: `config.model.update(...)`."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    if name not in LAYER_TYPES:
+        raise ValueError(f"unknown model name {name!r}; choose one of {sorted(LAYER_TYPES)}")
+    layers, d_model, heads = SIZES[size]
+    gau = not name.startswith("transformer")
+    return dict(
+        name=name,
+        num_layers=2 * layers if gau else layers,
+        d_model=d_model,
+        expansion_dim=2 * d_model,
+        qk_dim=min(128, d_model),
+        num_heads=heads,
+        mlp_dim=4 * d_model,
+    )

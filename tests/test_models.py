@@ -1,0 +1,437 @@
+"""Models and layers against the spec: dense float64 references, causality, document isolation,
+remat / jit equivalence, sharding on a simulated (data, fsdp, tensor) mesh, and input errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flash_jax import models, sharding
+from flash_jax.config import ModelConfig
+from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
+
+ALL_MODELS = list(models.LAYER_TYPES)
+TINY = dict(
+    num_layers=2,
+    d_model=32,
+    expansion_dim=64,
+    qk_dim=16,
+    chunk_size=8,
+    num_heads=4,
+    mlp_dim=64,
+    vocab_size=64,
+    max_len=64,
+)
+
+
+def tiny_config(name, **overrides):
+    return ModelConfig(**{**TINY, "name": name, **overrides})
+
+
+def packed_segments(T=29):
+    """Two rows: documents that start and end inside chunks, one spanning several chunks, and
+    trailing padding; T is not a multiple of the chunk size 8."""
+    row0 = [1] * 5 + [2] * 14 + [3] * 6 + [0] * (T - 25)
+    row1 = [1] * 20 + [2] * (T - 20)
+    return jnp.array([row0, row1], dtype=jnp.int32)
+
+
+def random_tokens(key, shape, vocab=64):
+    return jax.random.randint(jax.random.key(key), shape, 0, vocab, dtype=jnp.int32)
+
+
+def first_layer(model):
+    """Layer 0 of the scanned stack, as a module of its own."""
+    state = jax.tree.map(lambda a: a[0], nnx.state(model.layers))
+    return nnx.merge(nnx.graphdef(model.layers), state)
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent float64 numpy reference of one GAU / FLASH layer, written from the spec.
+
+
+def np_rope(x, pos):
+    """Rotates (x_k, x_{k + w/2}) by pos * 10000^(-2k/w), as complex numbers."""
+    w = x.shape[-1]
+    freq = 10000.0 ** (-np.arange(0, w, 2) / w)
+    z = (x[..., : w // 2] + 1j * x[..., w // 2 :]) * np.exp(1j * pos[..., None] * freq)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def np_rel_bias(layer, L):
+    i = np.arange(L)
+    if layer.rel_bias is None:
+        return np.zeros((L, L))
+    if layer.rel_bias.kind == "toeplitz":
+        w = np.asarray(layer.rel_bias.weight.value, np.float64)
+        return w[i[:, None] - i[None, :] + layer.rel_bias.span - 1]
+    a = np_rope(np.asarray(layer.rel_bias.a.value, np.float64)[None], i * 1.0)
+    b = np_rope(np.asarray(layer.rel_bias.b.value, np.float64)[None], i * 1.0)
+    return a @ b.T
+
+
+def np_layer(layer, x, seg, pos, cfg, flash):
+    p = lambda v: np.asarray(v.value, np.float64)  # noqa: E731
+    x = np.asarray(x, np.float64)
+    seg, pos = np.asarray(seg), np.asarray(pos, np.float64)
+    h = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-5) * p(layer.norm.scale)
+    pre = h @ p(layer.proj_in.kernel) + p(layer.proj_in.bias)
+    uvz = pre / (1 + np.exp(-pre))
+    e = cfg.expansion_dim
+    u, v, z = uvz[..., :e], uvz[..., e : 2 * e], uvz[..., 2 * e :]
+    gamma, beta = p(layer.heads.gamma), p(layer.heads.beta)
+    heads = [np_rope(z * gamma[i] + beta[i], pos) for i in range(gamma.shape[0])]
+    B, T, _ = x.shape
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    attn = np.zeros((B, T, e))
+    for b in range(B):
+        same = (seg[b][:, None] == seg[b][None, :]) & (seg[b][:, None] != 0)
+        order = (j <= i) if cfg.causal else np.ones((T, T), bool)
+        if flash:
+            C = cfg.chunk_size
+            ci, cj = i // C, j // C
+            bias = np_rel_bias(layer, C)[i % C, j % C]
+            s = heads[0][b] @ heads[1][b].T / C + bias
+            quad = np.where(same & order & (ci == cj), np.maximum(s, 0) ** 2, 0) @ v[b]
+            lin_set = same & ((cj < ci) if cfg.causal else True)
+            count = lin_set.sum(-1, keepdims=True)
+            lin = np.where(lin_set, heads[2][b] @ heads[3][b].T, 0) @ v[b]
+            attn[b] = quad + np.where(count > 0, lin / np.maximum(count, 1), 0)
+        else:
+            bias = np_rel_bias(layer, cfg.max_len)[:T, :T]
+            s = heads[0][b] @ heads[1][b].T / cfg.max_len + bias
+            attn[b] = np.where(same & order, np.maximum(s, 0) ** 2, 0) @ v[b]
+    return x + (u * attn) @ p(layer.proj_out.kernel) + p(layer.proj_out.bias)
+
+
+def randomise(layer, seed):
+    """Larger random parameters than the init, so every term of the layer matters."""
+    key = jax.random.key(seed)
+    for _, var in nnx.iter_graph(layer):
+        if isinstance(var, nnx.Param):
+            key, sub = jax.random.split(key)
+            var.value = 0.5 * jax.random.normal(sub, var.value.shape, var.value.dtype)
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "flash_quad"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("rel_pos", ["toeplitz", "rope", "none"])
+def test_layer_matches_dense_reference(flash, causal, rel_pos):
+    cfg = tiny_config("flash" if flash else "flash_quad", causal=causal, rel_pos=rel_pos)
+    layer = (FlashLayer if flash else GAULayer)(cfg, rngs=nnx.Rngs(0))
+    randomise(layer, 1)
+    seg = packed_segments()
+    pos = document_positions(seg)
+    x = jax.random.normal(jax.random.key(2), seg.shape + (cfg.d_model,))
+    got = np.asarray(layer(x, seg, pos), np.float64)
+    want = np_layer(layer, x, seg, pos, cfg, flash)
+    scale = np.abs(want - np.asarray(x)).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_rel_pos_auto_switches_at_512():
+    assert tiny_config("flash", chunk_size=256).rel_pos_kind == "toeplitz"
+    assert tiny_config("flash", chunk_size=1024, max_len=2048).rel_pos_kind == "rope"
+    assert tiny_config("flash_quad", max_len=512).rel_pos_kind == "toeplitz"
+    assert tiny_config("flash_quad", max_len=8192).rel_pos_kind == "rope"
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models.
+
+
+def embed_inputs(model, tokens, positions):
+    x = model.embed(tokens)
+    if model.cfg.name == "transformer":
+        x = x + model.position_embed.value[positions]
+    return x
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_causal_models_never_see_the_future(name):
+    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    T = 24
+    tokens = random_tokens(0, (2, T))
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    logits = model(tokens)
+    i = 13  # inside the second chunk of 8
+    changed = tokens.at[:, i + 1 :].set(random_tokens(1, (2, T - i - 1)))
+    np.testing.assert_array_equal(model(changed)[:, : i + 1], logits[:, : i + 1])
+
+    x = embed_inputs(model, tokens, positions)
+
+    def logits_at_i(x, model):
+        return model.apply_layers(x, None, positions)[:, i].sum()
+
+    grad = nnx.grad(logits_at_i, argnums=0)(x, model)
+    assert np.all(np.asarray(grad[:, i + 1 :]) == 0.0), "gradient reaches future tokens"
+    assert np.any(np.asarray(grad[:, : i + 1]) != 0.0)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_packed_documents_are_isolated(name, causal):
+    model = models.create(tiny_config(name, causal=causal), rngs=nnx.Rngs(0))
+    seg = packed_segments()
+    tokens = random_tokens(0, seg.shape)
+    logits = model(tokens, segment_ids=seg)
+    # Change document 2 of row 0 (it spans chunks 0-2): documents 1 and 3 must not notice.
+    changed = jnp.where(seg == 2, random_tokens(1, seg.shape), tokens).at[1].set(tokens[1])
+    new_logits = model(changed, segment_ids=seg)
+    others = np.asarray(seg != 2).copy()
+    others[1] = True
+    np.testing.assert_array_equal(np.asarray(new_logits)[others], np.asarray(logits)[others])
+    assert not np.allclose(np.asarray(new_logits)[~others], np.asarray(logits)[~others])
+
+
+@pytest.mark.parametrize(
+    "name, first_length",
+    [("flash_quad", 11), ("transformer_plus", 11), ("transformer", 11), ("flash", 16)],
+)
+def test_packed_row_equals_separate_documents(name, first_length):
+    """A document packed after another gives the logits it has alone (positions restart, the
+    scale n is fixed, isolation is exact). FLASH chunks by row position, so a document has the
+    same chunks only when it starts on a chunk boundary (16 = 2 chunks of 8)."""
+    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    doc_a, doc_b = random_tokens(0, (1, first_length)), random_tokens(1, (1, 13))
+    packed = jnp.concatenate([doc_a, doc_b], axis=1)
+    seg = jnp.array([[1] * first_length + [2] * 13])
+    packed_logits = model(packed, segment_ids=seg)
+    np.testing.assert_allclose(packed_logits[:, first_length:], model(doc_b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed_logits[:, :first_length], model(doc_a), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_with_one_chunk_is_gau_with_the_chunk_as_n():
+    """With one chunk covering the sequence FLASH's linear part is empty (causal), so a FLASH layer
+    equals a GAU layer using FLASH's quadratic heads, with n = C."""
+    T = 16
+    flash_cfg = tiny_config("flash", chunk_size=T, max_len=T)
+    flash = FlashLayer(flash_cfg, rngs=nnx.Rngs(0))
+    randomise(flash, 3)
+    gau = GAULayer(dataclasses.replace(flash_cfg, name="flash_quad"), rngs=nnx.Rngs(1))
+    for name in ("norm", "proj_in", "proj_out", "rel_bias"):
+        nnx.update(getattr(gau, name), nnx.state(getattr(flash, name)))
+    gau.heads.gamma.value = flash.heads.gamma.value[:2]
+    gau.heads.beta.value = flash.heads.beta.value[:2]
+    x = jax.random.normal(jax.random.key(4), (2, T, flash_cfg.d_model))
+    pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+    np.testing.assert_allclose(flash(x, None, pos), gau(x, None, pos), rtol=1e-6, atol=1e-6)
+
+    # ...while with several chunks the linear part does contribute.
+    several = tiny_config("flash", chunk_size=4, max_len=T)
+    short = FlashLayer(several, rngs=nnx.Rngs(0))
+    randomise(short, 3)
+    assert not np.allclose(short(x, None, pos), gau(x, None, pos), atol=1e-3)
+
+
+def loss_fn(model, tokens, seg):
+    logits = model(tokens, segment_ids=seg)
+    targets = jnp.roll(tokens, -1, axis=1)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+
+@pytest.mark.parametrize("name", ["flash", "transformer_pp"])
+def test_remat_gives_the_same_loss_and_gradients(name):
+    seg = packed_segments()
+    tokens = random_tokens(0, seg.shape)
+    results = {}
+    for remat in ("none", "full", "save_proj"):
+        model = models.create(tiny_config(name, remat=remat), rngs=nnx.Rngs(0))
+        loss, grads = jax.jit(nnx.value_and_grad(loss_fn))(model, tokens, seg)
+        results[remat] = (loss, jax.tree.leaves(nnx.state(grads)))
+    base_loss, base_grads = results["none"]
+    for remat in ("full", "save_proj"):
+        loss, grads = results[remat]
+        np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
+        for g, g0 in zip(grads, base_grads, strict=True):
+            np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["flash", "flash_quad", "transformer"])
+def test_jit_and_eager_agree(name):
+    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    seg = packed_segments()
+    tokens = random_tokens(0, seg.shape)
+    eager = model(tokens, segment_ids=seg)
+    jitted = nnx.jit(lambda m, t, s: m(t, segment_ids=s))(model, tokens, seg)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_stack_is_one_scanned_body():
+    """Compile cost must not grow with depth: the traced program is the same size at 2 and 8
+    layers (the layers live in one scan body)."""
+
+    def num_equations(num_layers):
+        model = models.create(tiny_config("flash", num_layers=num_layers), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        tokens = jnp.zeros((1, 16), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert num_equations(2) == num_equations(8)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = models.create(tiny_config("flash", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    seg = packed_segments()
+    tokens = random_tokens(0, seg.shape)
+    logits = model(tokens, segment_ids=seg)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    want = models.create(tiny_config("flash"), rngs=nnx.Rngs(0))(tokens, segment_ids=seg)
+    # bf16 keeps 8 mantissa bits; through two layers the logits stay within a few percent.
+    np.testing.assert_allclose(logits, want, atol=0.05 * float(jnp.abs(want).max()))
+
+
+def test_multi_head_attention_matches_softmax_reference():
+    cfg = tiny_config("transformer_plus", num_layers=1)
+    mha = first_layer(models.create(cfg, rngs=nnx.Rngs(0))).attention
+    seg = packed_segments()
+    pos = document_positions(seg)
+    x = jax.random.normal(jax.random.key(0), seg.shape + (cfg.d_model,))
+    got = np.asarray(mha(x, seg, pos), np.float64)
+
+    p = lambda v: np.asarray(v.value, np.float64)  # noqa: E731
+    xs, posn = np.asarray(x, np.float64), np.asarray(pos, np.float64)[..., None]
+
+    def project(dense):
+        return np.einsum("btd,dhk->bthk", xs, p(dense.kernel)) + p(dense.bias)
+
+    q, k, v = np_rope(project(mha.query), posn), np_rope(project(mha.key), posn), project(mha.value)
+    s = np.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(q.shape[-1])
+    T = seg.shape[1]
+    segn = np.asarray(seg)
+    mask = (segn[:, None, :, None] == segn[:, None, None, :]) & np.tril(np.ones((T, T), bool))
+    s = np.where(mask, s, -np.inf)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("bhij,bjhk->bihk", w, v)
+    want = np.einsum("bthk,hkd->btd", o, p(mha.out.kernel)) + p(mha.out.bias)
+    real = segn != 0
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_and_document_positions():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(document_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
+    q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 16))
+
+    def score(i, j):  # q . k after RoPE depends only on the position difference
+        return float(jnp.sum(apply_rope(q, jnp.array([[i]])) * apply_rope(k, jnp.array([[j]]))))
+
+    assert score(7, 3) == pytest.approx(score(14, 10), rel=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-2)
+    np.testing.assert_allclose(
+        apply_rope(q, jnp.array([[5]])),
+        np_rope(np.asarray(q, np.float64), np.array([[5.0]])),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding on 8 simulated devices.
+
+
+@pytest.mark.parametrize("name", ["flash", "transformer_pp"])
+def test_sharded_forward_matches_single_device(name):
+    assert jax.device_count() == 8
+    mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    seg = jnp.concatenate([packed_segments(32)] * 2)  # batch 4: divisible by data x fsdp
+    tokens = random_tokens(0, seg.shape)
+    want = model(tokens, segment_ids=seg)
+
+    graphdef, state = nnx.split(model)
+    specs = sharding.param_specs(state, mesh_axis_names=mesh.axis_names)
+    # The rules: embed -> fsdp, vocab / mlp / heads -> tensor, the layer axis stays whole.
+    P = jax.sharding.PartitionSpec
+    assert specs["embed"]["table"] == P("tensor", "fsdp")
+    if name == "flash":
+        assert specs["layers"]["proj_in"]["kernel"] == P(None, "fsdp", "tensor")
+        assert specs["layers"]["proj_out"]["kernel"] == P(None, "tensor", "fsdp")
+    else:
+        assert specs["layers"]["attention"]["query"]["kernel"] == P(
+            None, "fsdp", "tensor", None
+        )
+    with jax.set_mesh(mesh):
+        sharded_state = jax.device_put(state, sharding.param_shardings(state, mesh))
+        table = sharded_state["embed"]["table"].value
+        assert table.sharding.spec == P("tensor", "fsdp")
+        assert table.addressable_shards[0].data.shape == (32, 16)
+        batch_spec = sharding.logical_to_spec(("batch", "length"), mesh_axis_names=mesh.axis_names)
+        assert batch_spec == P(("data", "fsdp"), None)
+        tokens_s, seg_s = jax.device_put(
+            (tokens, seg), jax.sharding.NamedSharding(mesh, batch_spec)
+        )
+
+        @jax.jit
+        def forward(state, tokens, seg):
+            return nnx.merge(graphdef, state)(tokens, segment_ids=seg)
+
+        got = forward(sharded_state, tokens_s, seg_s)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mesh_shape_errors():
+    with pytest.raises(ValueError, match="mesh.shape"):
+        sharding.make_mesh((3, -1, 1), ("data", "fsdp", "tensor"))
+    with pytest.raises(ValueError, match="mesh.shape"):
+        sharding.make_mesh((2, 2), ("data", "fsdp", "tensor"))
+    assert sharding.make_mesh((-1, 2, 1), ("data", "fsdp", "tensor")).shape["data"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(name="gpt"), "model.name"),
+        (dict(d_model=0), "model.d_model"),
+        (dict(chunk_size=-8), "model.chunk_size"),
+        (dict(num_heads=5), "model.d_model"),
+        (dict(norm="rms"), "model.norm"),
+        (dict(dtype="float64"), "model.dtype"),
+        (dict(remat="some"), "model.remat"),
+        (dict(bogus=1), "bogus"),
+    ],
+)
+def test_bad_config_is_named(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        models.create({**TINY, "name": "transformer", **overrides}, rngs=nnx.Rngs(0))
+
+
+def test_bad_call_inputs_are_named():
+    model = models.create(tiny_config("flash"), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    with pytest.raises(ValueError, match="tokens must be \\[batch, length\\]"):
+        model(tokens[0])
+    with pytest.raises(ValueError, match="tokens must be integers"):
+        model(tokens.astype(jnp.float32))
+    with pytest.raises(ValueError, match="segment_ids must have"):
+        model(tokens, segment_ids=jnp.ones((2, 15), jnp.int32))
+    with pytest.raises(ValueError, match="positions must have"):
+        model(tokens, positions=jnp.ones((1, 16), jnp.int32))
+    with pytest.raises(ValueError, match="model.max_len"):
+        model(jnp.zeros((1, 65), jnp.int32))
+
+
+def test_presets_pair_flash_with_a_transformer_of_about_the_same_size():
+    def count(name, size):
+        cfg = ModelConfig(**{**models.preset(name, size), "vocab_size": 32000, "max_len": 1024})
+        abstract = nnx.eval_shape(lambda: models.create(cfg, rngs=nnx.Rngs(0)))
+        return models.count_params(abstract)
+
+    flash, tpp = count("flash", "base"), count("transformer_pp", "base")
+    assert models.preset("flash", "base")["num_layers"] == 24
+    assert abs(flash - tpp) / tpp < 0.1, (flash, tpp)
+    assert 100e6 < tpp < 160e6, tpp
+    with pytest.raises(ValueError, match="model size"):
+        models.preset("flash", "huge")
