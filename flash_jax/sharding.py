@@ -53,14 +53,20 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> 
     if -1 in shape:
         shape[shape.index(-1)] = len(devices) // known
     if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh.shape {tuple(shape)} uses {int(np.prod(shape))} of "
-                         f"{len(devices)} devices; use -1 to fill an axis")
-    return jax.make_mesh(tuple(shape), tuple(axis_names),
-                         axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+        raise ValueError(
+            f"mesh.shape {tuple(shape)} uses {int(np.prod(shape))} of "
+            f"{len(devices)} devices; use -1 to fill an axis"
+        )
+    return jax.make_mesh(
+        tuple(shape), tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape), devices=devices
+    )
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES,
-                    mesh_axis_names: Sequence[str] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: Rules = DEFAULT_RULES,
+    mesh_axis_names: Sequence[str] | None = None,
+) -> PartitionSpec:
     """Maps logical names to a PartitionSpec; a mesh axis is used at most once per array."""
     table = dict(rules)
     used: set[str] = set()
@@ -91,7 +97,9 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = D
     mesh = _active_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, mesh.axis_names))
+    return jax.lax.with_sharding_constraint(
+        x, logical_to_spec(logical_axes, rules, mesh.axis_names)
+    )
 
 
 def param_specs(tree, rules: Rules = DEFAULT_RULES, mesh_axis_names=None):
@@ -113,5 +121,6 @@ def param_specs(tree, rules: Rules = DEFAULT_RULES, mesh_axis_names=None):
 def param_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
     """NamedShardings for every Variable of `tree` on `mesh`."""
     specs = param_specs(tree, rules, mesh.axis_names)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
