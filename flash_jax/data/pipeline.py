@@ -61,12 +61,14 @@ def _check_split(cfg, split: str) -> None:
 
 
 def _num_documents(task: seqio.Task, split: str) -> int | None:
+    """Documents in a split; None when the source cannot tell (TFDS without split info)."""
     source = task.source
     if isinstance(source, sources.LocalTextSource):
         return len(source.corpus.files(split))
     try:
+        source.list_shards(split)  # seqio needs the file list to shard by document
         return int(source.num_input_examples(split) or 0) or None
-    except Exception:  # no split info (e.g. not prepared yet): assume a big split
+    except (KeyError, ValueError, tf.errors.OpError):
         return None
 
 
@@ -137,7 +139,8 @@ class InputPipeline:
         if cfg.objective == "mlm":
             lengths["inputs"] = cfg.seq_len
         num_docs = _num_documents(self.task, self.split)  # also checks the local corpus
-        by_document = self.num_shards == 1 or num_docs is None or num_docs >= self.num_shards
+        # Unknown counts (no split info) take the window route too: slower, never wrong.
+        by_document = self.num_shards == 1 or (num_docs or 0) >= self.num_shards
         if by_document:
             # Hosts read different documents: give each its own seed (masks, shuffles).
             task_seed = int(np.random.SeedSequence([seed, self.shard_index]).generate_state(1)[0])
@@ -257,7 +260,9 @@ class InputPipeline:
         self.close()
 
     def __del__(self):
-        self._stop.set()
+        stop = getattr(self, "_stop", None)  # absent when __init__ raised
+        if stop is not None:
+            stop.set()
 
 
 def split_statistics(data_config, split: str) -> dict[str, int]:

@@ -71,11 +71,13 @@ def split_into_windows(
         out.update(targets=rows, window_length=lengths, window_index=tf.range(num))
         return tf.data.Dataset.from_tensor_slices(out).map(_trim_window)
 
+    if cycle_length == 1:
+        return dataset.flat_map(windows)
     return dataset.interleave(
         windows,
         cycle_length=cycle_length,
         block_length=1,
-        num_parallel_calls=AUTOTUNE if cycle_length > 1 else None,
+        num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
 
