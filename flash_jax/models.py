@@ -109,13 +109,51 @@ class LanguageModel(nnx.Module):
             transform_metadata=LAYER_AXIS_METADATA,
         )(x, self.layers)
 
-        x = self.final_norm(x)
-        if cfg.tie_embeddings:
-            logits = self.embed.attend(x)
-        else:
-            kernel = self.head.kernel.value.astype(x.dtype)
-            logits = jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "act_vocab"), cfg.sharding_rules)
+        return constrain(self.logits(x), ("batch", "length", "act_vocab"), cfg.sharding_rules)
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Final norm and output projection, in float32."""
+        x = self.final_norm(x_BTD)
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(x)
+        kernel = self.head.kernel.value.astype(x.dtype)
+        return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int, length: int | None = None) -> dict:
+        """Decoding state of every layer, stacked on a leading layer axis. `length` bounds the
+        context for the models whose state grows with it (default model.max_len); FLASH's state
+        has a constant size."""
+        length = self.cfg.max_len if length is None else length
+        if self.cfg.name != "flash" and length > self.cfg.max_len:
+            raise ValueError(f"cache length {length} exceeds model.max_len {self.cfg.max_len}")
+        one_layer = LAYER_TYPES[self.cfg.name].init_cache(self.cfg, batch_size, length)
+        return jax.tree.map(
+            lambda a: jnp.zeros((self.cfg.num_layers,) + a.shape, a.dtype), one_layer
+        )
+
+    def decode_step(self, tokens_B1: jax.Array, t: jax.Array, cache: dict):
+        """Logits [B, 1, vocab] for the token at position t (a scalar), given the state of
+        positions < t; returns (logits, updated cache). Causal models only."""
+        cfg = self.cfg
+        if not cfg.causal:
+            raise ValueError("incremental decoding needs a causal model (model.causal=True)")
+        t = jnp.asarray(t, jnp.int32)
+        x = self.embed(tokens_B1)
+        if cfg.name == "transformer":
+            x = x + jax.lax.dynamic_slice_in_dim(self.position_embed.value, t, 1)[None].astype(
+                x.dtype
+            )
+
+        def decode_layer(x_B1D, layer, layer_cache):
+            return layer.decode(x_B1D, t, layer_cache)
+
+        x, cache = nnx.scan(
+            decode_layer,
+            in_axes=(nnx.Carry, 0, 0),
+            out_axes=(nnx.Carry, 0),
+            transform_metadata=LAYER_AXIS_METADATA,
+        )(x, self.layers, cache)
+        return self.logits(x), cache
 
     def check_inputs(self, tokens, segment_ids, positions) -> None:
         """Clear errors instead of deep XLA shape errors (shapes are static, so this is free)."""

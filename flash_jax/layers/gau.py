@@ -104,6 +104,30 @@ class GAULayer(_GatedUnit):
         )
         return self.output(x_BTD, u, attended)
 
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+        """Keys (rotated) and values of every earlier token: grows with the context."""
+        return {
+            "k": jnp.zeros((batch_size, length, cfg.qk_dim), cfg.compute_dtype),
+            "v": jnp.zeros((batch_size, length, cfg.expansion_dim), cfg.compute_dtype),
+        }
+
+    def decode(self, x_B1D, t, cache):
+        """One token at position t (a scalar) of a single document; returns (output, cache)."""
+        B = x_B1D.shape[0]
+        u, v, (q, k) = self.project(x_B1D, jnp.full((B, 1), t, jnp.int32))
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), t, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), t, 1)
+        index = jnp.arange(keys.shape[1])
+        scores = jnp.einsum("bs,bls->bl", q[:, 0], keys, preferred_element_type=jnp.float32)
+        scores = scores / self.cfg.max_len
+        if self.rel_bias is not None:
+            scores = scores + self.rel_bias.rows(jnp.reshape(t, (1,)), index)
+        weights = jnp.where(index <= t, jnp.square(jax.nn.relu(scores)), 0.0)
+        attended = jnp.einsum("bl,ble->be", weights, values.astype(jnp.float32))
+        out = self.output(x_B1D, u, attended[:, None].astype(v.dtype))
+        return out, {"k": keys, "v": values}
+
 
 class FlashLayer(_GatedUnit):
     """FLASH layer: quadratic attention inside chunks plus linear attention across chunks."""
@@ -128,3 +152,56 @@ class FlashLayer(_GatedUnit):
             quad_bias=self.bias(self.cfg.chunk_size),
         )
         return self.output(x_BTD, u, attended)
+
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:
+        """The constant-size causal state: running sum and count over completed chunks, plus the
+        keys and values of the current chunk. `length` is unused: nothing grows with context."""
+        del length
+        C, s, e = cfg.chunk_size, cfg.qk_dim, cfg.expansion_dim
+        return {
+            "sum": jnp.zeros((batch_size, s, e), jnp.float32),
+            "count": jnp.zeros((), jnp.float32),
+            "quad_k": jnp.zeros((batch_size, C, s), cfg.compute_dtype),
+            "lin_k": jnp.zeros((batch_size, C, s), cfg.compute_dtype),
+            "v": jnp.zeros((batch_size, C, e), cfg.compute_dtype),
+        }
+
+    def decode(self, x_B1D, t, cache):
+        """One token at position t (a scalar) of a single document; returns (output, cache)."""
+        B, C = x_B1D.shape[0], self.cfg.chunk_size
+        u, v, (quad_q, quad_k, lin_q, lin_k) = self.project(x_B1D, jnp.full((B, 1), t, jnp.int32))
+        slot = t % C
+
+        def put(buffer, new):
+            return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), slot, 1)
+
+        quad_keys, lin_keys, values = (
+            put(cache["quad_k"], quad_k),
+            put(cache["lin_k"], lin_k),
+            put(cache["v"], v),
+        )
+        index = jnp.arange(C)
+        scores = (
+            jnp.einsum("bs,bcs->bc", quad_q[:, 0], quad_keys, preferred_element_type=jnp.float32)
+            / C
+        )
+        if self.rel_bias is not None:
+            scores = scores + self.rel_bias.rows(jnp.reshape(slot, (1,)), index)
+        weights = jnp.where(index <= slot, jnp.square(jax.nn.relu(scores)), 0.0)
+        quad = jnp.einsum("bc,bce->be", weights, values.astype(jnp.float32))
+        # Linear part: the mean over completed chunks (none in the first chunk: 0, not 0/0).
+        lin = jnp.einsum("bs,bse->be", lin_q[:, 0].astype(jnp.float32), cache["sum"])
+        lin = jnp.where(cache["count"] > 0, lin / jnp.maximum(cache["count"], 1.0), 0.0)
+        out = self.output(x_B1D, u, (quad + lin)[:, None].astype(v.dtype))
+
+        # When this token completes its chunk, fold the chunk into the running sum.
+        complete = slot == C - 1
+        chunk_sum = jnp.einsum("bcs,bce->bse", lin_keys, values, preferred_element_type=jnp.float32)
+        return out, {
+            "sum": cache["sum"] + jnp.where(complete, chunk_sum, 0.0),
+            "count": cache["count"] + jnp.where(complete, float(C), 0.0),
+            "quad_k": quad_keys,
+            "lin_k": lin_keys,
+            "v": values,
+        }

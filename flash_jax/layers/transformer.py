@@ -57,6 +57,22 @@ class MultiHeadAttention(nnx.Module):
             attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         return checkpoint_name(self.out(attended), "proj_out")
 
+    def decode(self, x_B1D, t, cache):
+        """One token at position t with a key/value cache of every earlier token."""
+        B = x_B1D.shape[0]
+        q, k, v = self.project(x_B1D, jnp.full((B, 1), t, jnp.int32))
+        keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), t, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), t, 1)
+        mask = (jnp.arange(keys.shape[1]) <= t)[None, None, None, :]
+        attended = jax.nn.dot_product_attention(
+            q,
+            keys.astype(q.dtype),
+            values.astype(q.dtype),
+            mask=mask,
+            implementation=self.cfg.attention_impl,
+        )
+        return self.out(attended), {"k": keys, "v": values}
+
 
 class FeedForward(nnx.Module):
     """GELU MLP (Transformer, Transformer+) or SwiGLU (Transformer++)."""
@@ -94,3 +110,13 @@ class TransformerBlock(nnx.Module):
         x = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "act_embed"), self.cfg.sharding_rules)
+
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+        shape = (batch_size, length, cfg.num_heads, cfg.d_model // cfg.num_heads)
+        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+    def decode(self, x_B1D, t, cache):
+        attended, cache = self.attention.decode(self.attention_norm(x_B1D), t, cache)
+        x = x_B1D + attended
+        return x + self.mlp(self.mlp_norm(x)), cache

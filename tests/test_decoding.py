@@ -1,0 +1,76 @@
+"""Incremental decoding equals the full forward pass, for every causal model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flash_jax import decoding, models
+from flash_jax.config import ModelConfig
+
+TINY = dict(
+    num_layers=2,
+    d_model=32,
+    expansion_dim=64,
+    qk_dim=16,
+    chunk_size=8,
+    num_heads=4,
+    mlp_dim=64,
+    vocab_size=64,
+    max_len=64,
+)
+
+
+def tiny_model(name, **overrides):
+    return models.create(ModelConfig(**{**TINY, "name": name, **overrides}), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("prompt_length", [13, 16], ids=["inside_chunk", "chunk_end"])
+@pytest.mark.parametrize("name", list(models.LAYER_TYPES))
+def test_decoding_matches_the_full_forward_pass(name, prompt_length):
+    model = tiny_model(name)
+    prompt = jax.random.randint(jax.random.key(0), (2, prompt_length), 0, 64)
+    tokens, logits = decoding.generate(model, prompt, 11, key=jax.random.key(1), top_k=5)
+    assert tokens.shape == (2, prompt_length + 11)
+    np.testing.assert_array_equal(tokens[:, :prompt_length], prompt)
+    np.testing.assert_allclose(logits, model(tokens)[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decoding_takes_the_argmax():
+    model = tiny_model("flash")
+    prompt = jax.random.randint(jax.random.key(0), (1, 5), 0, 64)
+    tokens, logits = decoding.generate(model, prompt, 6, key=jax.random.key(1), temperature=0.0)
+    np.testing.assert_array_equal(tokens[:, 5:], jnp.argmax(logits[:, 4:], axis=-1))
+
+
+def test_top_k_keeps_only_the_k_largest():
+    logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]])
+    draws = jax.vmap(lambda k: decoding.sample_logits(logits, k, 1.0, 2))(
+        jax.random.split(jax.random.key(0), 200)
+    )
+    assert set(np.unique(draws)) == {1, 2}
+
+
+def test_flash_state_does_not_grow_with_the_context():
+    flash, quad = tiny_model("flash"), tiny_model("flash_quad")
+    assert decoding.cache_bytes(flash.init_cache(1, 16)) == decoding.cache_bytes(
+        flash.init_cache(1, 4096)
+    )
+    assert decoding.cache_bytes(quad.init_cache(1, 64)) == 4 * decoding.cache_bytes(
+        quad.init_cache(1, 16)
+    )
+    # FLASH decodes past max_len (64 here); the others refuse with a message.
+    tokens, _ = decoding.generate(flash, jnp.ones((1, 4), jnp.int32), 70, key=jax.random.key(0))
+    assert tokens.shape == (1, 74)
+    with pytest.raises(ValueError, match="model.max_len"):
+        decoding.generate(quad, jnp.ones((1, 4), jnp.int32), 70, key=jax.random.key(0))
+
+
+def test_decoding_rejects_bidirectional_models_and_bad_prompts():
+    with pytest.raises(ValueError, match="causal"):
+        decoding.generate(
+            tiny_model("flash", causal=False), jnp.ones((1, 4), jnp.int32), 2, key=jax.random.key(0)
+        )
+    with pytest.raises(ValueError, match="prompt"):
+        decoding.generate(tiny_model("flash"), jnp.ones((4,), jnp.int32), 2, key=jax.random.key(0))
