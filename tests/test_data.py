@@ -294,8 +294,9 @@ def test_mlm_masks_about_mask_rate_and_keeps_originals_as_targets(austen_eval):
     np.testing.assert_array_equal(again["inputs"], rows["inputs"][: len(again["inputs"])])
 
 
-def test_train_batches_fixed_order_resume_and_seed():
-    cfg = make_cfg(seq_len=128, batch_size=4, shuffle_buffer=128)
+@pytest.mark.slow  # four pipelines: about 10 s on two busy cores
+def test_train_batches_fixed_order_resume_and_seed(small_corpus):
+    cfg = byte_cfg(small_corpus[0])
     first, _ = collect(data.InputPipeline(cfg, "train", seed=3), limit=6)
     again, _ = collect(data.InputPipeline(cfg, "train", seed=3), limit=6)
     for k in data.FEATURES:
