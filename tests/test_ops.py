@@ -1,0 +1,525 @@
+"""Tests of flash_jax.ops: each function against a dense reference written from the spec.
+
+The reference (`_ref_masks`, `_ref_mixed`, `_ref_quadratic`) builds the spec's sets as dense
+`[T, T]` masks from their definitions (same chunk, same non-zero segment, j <= i, L(i), N_i) and
+never uses chunk carries, so it shares no logic with the efficient implementation.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flash_jax import ops
+
+# Jitted once per shape: op-by-op (eager) dispatch compiles every primitive separately and is
+# several times slower on the test CPUs. `test_jit_and_vmap_match_eager` covers the eager path.
+mixed_chunk_attention = jax.jit(ops.mixed_chunk_attention, static_argnames=("chunk_size", "causal"))
+quadratic_attention = jax.jit(ops.quadratic_attention, static_argnames=("n", "causal"))
+
+S, E = 8, 6  # query/key width and value width of the test inputs
+
+
+# ---------------------------------------------------------------- the dense reference ----
+
+
+def _ref_masks(seg_BT, C, causal):
+    """Dense spec masks: quad [B, T, T] (bool) and linear weights [B, T, T] = 1/N_i on L(i)."""
+    seg_BT = np.asarray(seg_BT)
+    T = seg_BT.shape[1]
+    i = np.arange(T)
+    same = (seg_BT[:, :, None] == seg_BT[:, None, :]) & (seg_BT[:, :, None] != 0)
+    chunk = i // C
+    before_or_self = i[None, :] <= i[:, None]  # [i, j]: j <= i
+    quad = same & (chunk[:, None] == chunk[None, :])
+    if causal:
+        quad = quad & before_or_self
+        lin_set = same & (chunk[None, :] < chunk[:, None])  # strictly earlier chunks
+    else:
+        lin_set = same  # the whole document, own chunk included
+    count = lin_set.sum(-1, keepdims=True)
+    lin_w = np.where(lin_set, 1.0 / np.maximum(count, 1), 0.0)
+    return quad, lin_w
+
+
+def _relu_sq(x, xp):
+    return xp.square(xp.maximum(x, 0.0))
+
+
+def _ref_mixed(qq, kq, ql, kl, v, *, C, causal, seg, quad_bias=None, xp=np):
+    """The spec's mixed chunk attention, dense; xp=np in float64 or xp=jnp (for gradients)."""
+    quad_mask, lin_w = _ref_masks(seg, C, causal)
+    T = np.asarray(seg).shape[1]
+    bias_TT = 0.0
+    if quad_bias is not None:  # bias(i, j) = quad_bias[i % C, j % C] (used only in-chunk)
+        pos = np.arange(T) % C
+        bias_TT = xp.asarray(quad_bias)[pos][:, pos]
+    scores = xp.einsum("bis,bjs->bij", qq, kq) / C + bias_TT
+    quad = xp.where(quad_mask, _relu_sq(scores, xp), 0.0)
+    lin = xp.einsum("bis,bjs->bij", ql, kl) * lin_w
+    return xp.einsum("bij,bje->bie", quad + lin, v)
+
+
+def _ref_quadratic(q, k, v, *, n, causal, seg, bias=None, xp=np):
+    quad_mask, _ = _ref_masks(seg, C=np.asarray(seg).shape[1], causal=causal)  # one chunk
+    scores = xp.einsum("bis,bjs->bij", q, k) / n
+    if bias is not None:
+        scores = scores + bias
+    return xp.einsum("bij,bje->bie", xp.where(quad_mask, _relu_sq(scores, xp), 0.0), v)
+
+
+def _inputs(B, T, seed=0, num=5):
+    """Random float32 inputs: `num - 1` query/key arrays [B, T, S] and v [B, T, E] last."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=(B, T, S)).astype(np.float32) for _ in range(num - 1)]
+    return xs + [rng.normal(size=(B, T, E)).astype(np.float32)]
+
+
+def _f64(xs):
+    return [np.asarray(x, np.float64) for x in xs]
+
+
+def _assert_close(out, ref, tol=1e-5):
+    """rtol/atol `tol`, the absolute part relative to the output's scale."""
+    ref = np.asarray(ref)
+    scale = max(float(np.max(np.abs(ref))), 1e-30)
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=tol, atol=tol * scale)
+
+
+# Segment layouts as (T, C, rows); None = no segment_ids. Documents start and end inside chunks,
+# span several chunks, sit exactly on chunk boundaries, have one token; padding trails or sits
+# between documents.
+LAYOUTS = {
+    "packed": (
+        22,
+        4,
+        [
+            [1] * 3 + [2] * 10 + [3] * 5 + [0] * 4,
+            [1] * 8 + [2] * 8 + [3] * 1 + [4] * 5,
+            [1] * 5 + [0] * 2 + [2] * 11 + [0] * 4,
+        ],
+    ),
+    "one_doc": (16, 4, None),
+    "single_chunk": (8, 8, [[1] * 3 + [2] * 4 + [0], [1] * 8]),
+    "shorter_than_chunk": (5, 8, [[1, 1, 2, 2, 0], [3, 3, 3, 3, 3]]),
+}
+
+
+def _layout(name):
+    T, C, rows = LAYOUTS[name]
+    B = 2 if rows is None else len(rows)
+    seg = None if rows is None else np.asarray(rows, np.int32)
+    seg_ref = np.ones((B, T), np.int32) if seg is None else seg
+    return T, C, B, seg, seg_ref
+
+
+# ---------------------------------------------------------------- reference comparisons ----
+
+
+# Every layout with a bias, and the richest layout also without (the bias is one optional add).
+@pytest.mark.parametrize(
+    "layout, with_bias", [(name, True) for name in LAYOUTS] + [("packed", False)]
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_matches_dense_reference(layout, causal, with_bias):
+    T, C, B, seg, seg_ref = _layout(layout)
+    xs = _inputs(B, T, seed=1)
+    bias = np.random.default_rng(2).normal(size=(C, C)).astype(np.float32) if with_bias else None
+    out = mixed_chunk_attention(*xs, chunk_size=C, causal=causal, segment_ids=seg, quad_bias=bias)
+    ref = _ref_mixed(*_f64(xs), C=C, causal=causal, seg=seg_ref, quad_bias=bias)
+    assert out.shape == (B, T, E) and out.dtype == jnp.float32
+    _assert_close(out, ref)
+    # Padding rows are exactly zero.
+    assert np.all(np.asarray(out)[seg_ref == 0] == 0.0)
+
+
+@pytest.mark.parametrize("layout", ["packed", "one_doc"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("bias_rank", [0, 2, 3])
+def test_quadratic_matches_dense_reference(layout, causal, bias_rank):
+    T, _, B, seg, seg_ref = _layout(layout)
+    q, k, v = _inputs(B, T, seed=3, num=3)
+    rng = np.random.default_rng(4)
+    bias = {0: None, 2: rng.normal(size=(T, T)), 3: rng.normal(size=(B, T, T))}[bias_rank]
+    bias = None if bias is None else bias.astype(np.float32)
+    n = 512  # the training length, unrelated to T
+    out = quadratic_attention(q, k, v, n=n, causal=causal, segment_ids=seg, bias=bias)
+    ref = _ref_quadratic(*_f64([q, k, v]), n=n, causal=causal, seg=seg_ref, bias=bias)
+    assert out.shape == (B, T, E) and out.dtype == jnp.float32
+    _assert_close(out, ref)
+    assert np.all(np.asarray(out)[seg_ref == 0] == 0.0)
+
+
+def test_mixed_long_document_many_chunks():
+    """Carries over many chunks, several documents each spanning chunks, both modes."""
+    T, C = 64, 8
+    seg = np.asarray([[1] * 13 + [2] * 30 + [3] * 17 + [0] * 4], np.int32)
+    xs = _inputs(1, T, seed=5)
+    for causal in (True, False):
+        out = mixed_chunk_attention(*xs, chunk_size=C, causal=causal, segment_ids=seg)
+        _assert_close(out, _ref_mixed(*_f64(xs), C=C, causal=causal, seg=seg))
+
+
+# ---------------------------------------------------------------- gradients, jit, vmap ----
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_gradients_finite_and_match_reference(causal):
+    """Padding, single-token documents and first chunks (N_i = 0) give finite, correct grads."""
+    T, C, B, seg, _ = _layout("packed")
+    xs = [jnp.asarray(x) for x in _inputs(B, T, seed=6)]
+    bias = jnp.asarray(np.random.default_rng(7).normal(size=(C, C)), jnp.float32)
+
+    def loss(fn, *args):
+        return jnp.sum(jnp.sin(fn(*args)))  # a non-linear read-out so every output matters
+
+    def ours(*a):
+        return mixed_chunk_attention(
+            *a[:5], chunk_size=C, causal=causal, segment_ids=seg, quad_bias=a[5]
+        )
+
+    def dense(*a):
+        return _ref_mixed(*a[:5], C=C, causal=causal, seg=seg, quad_bias=a[5], xp=jnp)
+
+    argnums = tuple(range(6))
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=argnums))(*xs, bias)
+    grads_ref = jax.jit(jax.grad(lambda *a: loss(dense, *a), argnums=argnums))(*xs, bias)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        _assert_close(g, g_ref, tol=1e-4)  # float32 on both sides, different summation orders
+    # Padding tokens receive no gradient.
+    for g in grads[:5]:
+        assert np.all(np.asarray(g)[seg == 0] == 0.0)
+
+
+def test_quadratic_gradients_finite_and_match_reference():
+    T, _, B, seg, _ = _layout("packed")
+    xs = [jnp.asarray(x) for x in _inputs(B, T, seed=8, num=3)]
+
+    def ours(*a):
+        return jnp.sum(jnp.sin(quadratic_attention(*a, n=16, causal=True, segment_ids=seg)))
+
+    def dense(*a):
+        return jnp.sum(jnp.sin(_ref_quadratic(*a, n=16, causal=True, seg=seg, xp=jnp)))
+
+    grads = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(*xs)
+    grads_ref = jax.jit(jax.grad(dense, argnums=(0, 1, 2)))(*xs)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        assert np.all(np.isfinite(np.asarray(g)))
+        _assert_close(g, g_ref, tol=1e-4)
+
+
+def _stacked_case():
+    T, C, B, seg, _ = _layout("packed")
+    stacked = _inputs(3 * B, T, seed=9)
+    stacked = [x.reshape(3, B, T, -1) for x in stacked]  # a leading axis to vmap over (layers)
+
+    def mixed(*a):
+        return ops.mixed_chunk_attention(*a, chunk_size=C, causal=True, segment_ids=seg)
+
+    def quad(*a):
+        return ops.quadratic_attention(*a, n=32, causal=False, segment_ids=seg)
+
+    return ((mixed, stacked), (quad, stacked[2:]))
+
+
+def test_vmap_matches_per_slice():
+    for fn, xs in _stacked_case():
+        batched = jax.jit(jax.vmap(fn))(*xs)
+        for layer in range(3):
+            _assert_close(batched[layer], jax.jit(fn)(*(x[layer] for x in xs)), tol=1e-6)
+
+
+@pytest.mark.slow  # about 10 s: op-by-op dispatch compiles each primitive separately
+def test_eager_matches_jit():
+    for fn, xs in _stacked_case():
+        one = [x[0] for x in xs]
+        _assert_close(fn(*one), jax.jit(fn)(*one), tol=1e-6)
+
+
+def test_segment_ids_none_is_one_document():
+    xs = _inputs(2, 12, seed=10)
+    ones = np.ones((2, 12), np.int32)
+    for causal in (True, False):
+        a = mixed_chunk_attention(*xs, chunk_size=4, causal=causal)
+        b = mixed_chunk_attention(*xs, chunk_size=4, causal=causal, segment_ids=ones)
+        _assert_close(a, b, tol=1e-6)  # two compiled programs: float32 summation order may differ
+        a = quadratic_attention(*xs[-3:], n=12, causal=causal)
+        b = quadratic_attention(*xs[-3:], n=12, causal=causal, segment_ids=ones)
+        _assert_close(a, b, tol=1e-6)
+
+
+# ---------------------------------------------------------------- causality, isolation ----
+
+
+def _both_fns(C, causal, seg):
+    return {
+        "mixed": lambda xs: mixed_chunk_attention(
+            *xs, chunk_size=C, causal=causal, segment_ids=seg
+        ),
+        "quadratic": lambda xs: quadratic_attention(*xs[2:], n=64, causal=causal, segment_ids=seg),
+    }
+
+
+@pytest.mark.parametrize("fn_name", ["mixed", "quadratic"])
+def test_causal_output_ignores_later_tokens(fn_name):
+    T, C, B, seg, _ = _layout("packed")
+    fn = _both_fns(C, True, seg)[fn_name]
+    xs = _inputs(B, T, seed=11)
+    out = np.asarray(fn(xs))
+    later = _inputs(B, T, seed=12)
+    for i in (0, 2, 3, 4, 9, 15, 20):  # chunk starts, ends and middles
+        changed = [
+            np.concatenate([x[:, : i + 1], y[:, i + 1 :]], axis=1)
+            for x, y in zip(xs, later, strict=True)
+        ]
+        out_changed = np.asarray(fn(changed))
+        np.testing.assert_array_equal(out_changed[:, : i + 1], out[:, : i + 1])
+        assert not np.allclose(out_changed[:, i + 1 :], out[:, i + 1 :])  # the change mattered
+
+
+@pytest.mark.parametrize("fn_name", ["mixed", "quadratic"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_documents_are_isolated(fn_name, causal):
+    T, C, B, seg, _ = _layout("packed")
+    fn = _both_fns(C, causal, seg)[fn_name]
+    xs = _inputs(B, T, seed=13)
+    other = _inputs(B, T, seed=14)
+    out = np.asarray(fn(xs))
+    for doc in (1, 2, 3):
+        in_doc = (seg == doc)[:, :, None]
+        changed = [np.where(in_doc, y, x) for x, y in zip(xs, other, strict=True)]
+        out_changed = np.asarray(fn(changed))
+        outside = ~in_doc[:, :, 0]
+        np.testing.assert_array_equal(out_changed[outside], out[outside])
+        assert not np.allclose(out_changed[~outside], out[~outside])
+
+
+# ---------------------------------------------------------------- the spec's pitfalls ----
+
+
+def test_pitfall1_causal_linear_part_excludes_own_chunk():
+    """With the quadratic part off (q = k = 0), chunk 0 outputs 0 and chunk g sees chunks < g."""
+    T, C = 12, 4
+    _, _, ql, kl, v = _inputs(1, T, seed=15)
+    zeros = np.zeros_like(ql)
+    out = np.asarray(mixed_chunk_attention(zeros, zeros, ql, kl, v, chunk_size=C, causal=True))
+    assert np.all(out[:, :C] == 0.0)  # an inclusive cumulative sum would give ql . k0 v0 here
+    for g in (1, 2):
+        S_se = np.einsum("js,je->se", kl[0, : g * C], v[0, : g * C]) / (g * C)
+        np.testing.assert_allclose(
+            out[0, g * C : (g + 1) * C], ql[0, g * C : (g + 1) * C] @ S_se, rtol=1e-5, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_pitfall2_linear_part_is_a_mean_and_does_not_grow(causal):
+    """Constant inputs along a long document: the linear part is the same at every position."""
+    C = 4
+    outs = []
+    for T in (16, 32):
+        ql = np.full((1, T, S), 0.5, np.float32)
+        v = np.full((1, T, E), 2.0, np.float32)
+        zeros = np.zeros_like(ql)
+        outs.append(mixed_chunk_attention(zeros, zeros, ql, ql, v, chunk_size=C, causal=causal))
+    expected = 0.5 * 0.5 * S * 2.0  # ql . kl * v: a mean over any number of equal tokens
+    first = C if causal else 0  # causal chunk 0 has no earlier tokens
+    for out in outs:
+        np.testing.assert_allclose(np.asarray(out)[0, first:], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_pitfall3_first_chunk_and_fresh_documents_are_finite(causal):
+    """N_i = 0 (first chunk, documents starting mid-chunk) gives 0 from the linear part."""
+    T, C, B, seg, _ = _layout("packed")
+    xs = _inputs(B, T, seed=16)
+    out = np.asarray(mixed_chunk_attention(*xs, chunk_size=C, causal=causal, segment_ids=seg))
+    assert np.all(np.isfinite(out))
+    zeros = np.zeros_like(xs[0])
+    lin_only = mixed_chunk_attention(
+        zeros, zeros, *xs[2:], chunk_size=C, causal=causal, segment_ids=seg
+    )
+    if causal:
+        assert np.all(np.asarray(lin_only)[:, :C] == 0.0)
+        # Row 0, doc 3 starts at 13 inside chunk 3: nothing earlier, linear part 0.
+        assert np.all(np.asarray(lin_only)[0, 13:16] == 0.0)
+    grads = jax.jit(
+        jax.grad(
+            lambda *a: jnp.sum(
+                mixed_chunk_attention(*a, chunk_size=C, causal=causal, segment_ids=seg) ** 2
+            ),
+            argnums=(0, 1, 2, 3, 4),
+        )
+    )(*xs)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+def test_pitfall4_non_causal_sum_covers_all_chunks():
+    """Same ql everywhere: every token of a document gets the same mean over the document."""
+    T, C = 16, 4
+    _, _, _, kl, v = _inputs(1, T, seed=17)
+    ql = np.broadcast_to(np.random.default_rng(18).normal(size=(1, 1, S)), (1, T, S))
+    ql = ql.astype(np.float32)
+    zeros = np.zeros_like(kl)
+    out = np.asarray(mixed_chunk_attention(zeros, zeros, ql, kl, v, chunk_size=C, causal=False))
+    expected = ql[0, 0] @ (np.einsum("js,je->se", kl[0], v[0]) / T)
+    np.testing.assert_allclose(out[0], np.broadcast_to(expected, (T, E)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn_name", ["mixed", "quadratic"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_pitfall5_padding_never_counts(fn_name, causal):
+    """Trailing padding with non-zero inputs changes nothing; padding rows are exactly 0."""
+    T0, pad, C = 10, 7, 4
+    xs = _inputs(2, T0 + pad, seed=19)
+    seg = np.zeros((2, T0 + pad), np.int32)
+    seg[0, :T0] = 1
+    seg[1, :4], seg[1, 4:T0] = 1, 2
+    fn_padded = _both_fns(C, causal, seg)[fn_name]
+    fn_plain = _both_fns(C, causal, seg[:, :T0])[fn_name]
+    padded = np.asarray(fn_padded(xs))
+    plain = np.asarray(fn_plain([x[:, :T0] for x in xs]))
+    _assert_close(padded[:, :T0], plain, tol=1e-6)
+    assert np.all(padded[:, T0:] == 0.0)
+
+
+@pytest.mark.parametrize("fn_name", ["mixed", "quadratic"])
+def test_pitfall6_appending_tokens_keeps_earlier_causal_outputs(fn_name):
+    """The score scale is the fixed n (or C), not the runtime length."""
+    T0, extra, C = 10, 9, 4
+    xs = _inputs(1, T0 + extra, seed=20)
+    long = np.asarray(_both_fns(C, True, None)[fn_name](xs))
+    short = np.asarray(_both_fns(C, True, None)[fn_name]([x[:, :T0] for x in xs]))
+    _assert_close(long[:, :T0], short, tol=1e-6)
+
+
+def test_pitfall6_quadratic_scale_is_n():
+    """Doubling n equals halving the scores: checks n is used, not T."""
+    q, k, v = _inputs(1, 6, seed=21, num=3)
+    a = quadratic_attention(q, k, v, n=10, causal=True)
+    b = quadratic_attention(q, k * 2.0, v, n=20, causal=True)
+    _assert_close(a, b, tol=1e-6)
+    c = quadratic_attention(q, k, v, n=6, causal=True)  # n = T would differ
+    assert not np.allclose(a, c)
+
+
+# ---------------------------------------------------------------- linear cost, dtypes ----
+
+
+def _avals(jaxpr):
+    """All abstract values of a (closed) jaxpr, recursing into sub-jaxprs (scan, pjit, ...)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    for var in list(jaxpr.invars) + list(jaxpr.constvars):
+        yield var.aval
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield var.aval
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from _avals(sub)
+
+
+def _has_quadratic_array(fn, args, T):
+    for aval in _avals(jax.make_jaxpr(fn)(*args)):
+        shape = getattr(aval, "shape", ())
+        if sum(d >= T for d in shape) >= 2 or int(np.prod(shape)) >= T * T:
+            return True
+    return False
+
+
+def test_mixed_has_no_T_by_T_array():
+    C = 8
+    T = 8 * C
+    seg = np.asarray([[1] * 20 + [2] * 40 + [0] * 4], np.int32)
+    xs = _inputs(1, T, seed=22)
+    bias = np.zeros((C, C), np.float32)
+    for causal in (True, False):
+
+        def f(*a, causal=causal):
+            return mixed_chunk_attention(
+                *a[:5], chunk_size=C, causal=causal, segment_ids=seg, quad_bias=a[5]
+            )
+
+        assert not _has_quadratic_array(f, xs + [bias], T)
+        grad_f = jax.grad(lambda *a, f=f: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4, 5))
+        assert not _has_quadratic_array(grad_f, xs + [bias], T)
+    # The check itself can fail: the quadratic function does build [T, T].
+    assert _has_quadratic_array(lambda *a: quadratic_attention(*a, n=T, causal=True), xs[2:], T)
+
+
+@pytest.mark.parametrize("fn_name", ["mixed", "quadratic"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bfloat16_inputs(fn_name, causal):
+    T, C, B, seg, seg_ref = _layout("packed")
+    xs32 = _inputs(B, T, seed=23)
+    xs16 = [jnp.asarray(x, jnp.bfloat16) for x in xs32]
+    fn = _both_fns(C, causal, seg)[fn_name]
+    out16 = fn(xs16)
+    assert out16.dtype == jnp.bfloat16
+    out16 = np.asarray(out16, np.float64)
+    # (a) Against the float64 reference on the same bf16-rounded inputs: with float32 scores and
+    # sums the only sizeable error is the final rounding to bf16, at most 2^-9 relative per
+    # element; 2^-8 leaves a 2x margin. Scores or sums kept in bf16 would add errors of 2^-9
+    # per term that do not cancel to this level.
+    rounded = [np.asarray(x, np.float64) for x in xs16]
+    if fn_name == "mixed":
+        ref = _ref_mixed(*rounded, C=C, causal=causal, seg=seg_ref)
+    else:
+        ref = _ref_quadratic(*rounded[2:], n=64, causal=causal, seg=seg_ref)
+    scale = np.max(np.abs(ref))
+    np.testing.assert_allclose(out16, ref, rtol=2.0**-8, atol=1e-4 * scale)
+    # (b) Close to the float32 run: rounding each input to bf16 (2^-9 relative) moves a squared
+    # score by about 4 * 2^-9 and the output by a few times that relative to its scale; 2e-2 of
+    # the output scale bounds it with margin while still catching gross errors (wrong mask,
+    # dtype overflow, lost terms).
+    out32 = np.asarray(fn(xs32), np.float64)
+    np.testing.assert_allclose(out16, out32, rtol=0, atol=2e-2 * np.max(np.abs(out32)))
+
+
+# ---------------------------------------------------------------- validation ----
+
+
+def _mixed_call(**overrides):
+    xs = dict(zip(["quad_q", "quad_k", "lin_q", "lin_k", "v"], _inputs(2, 8, seed=24), strict=True))
+    kwargs = dict(chunk_size=4, causal=True, segment_ids=None, quad_bias=None)
+    for key, value in overrides.items():
+        (xs if key in xs else kwargs)[key] = value
+    return mixed_chunk_attention(*xs.values(), **kwargs)
+
+
+def _quad_call(**overrides):
+    xs = dict(zip(["q", "k", "v"], _inputs(2, 8, seed=25, num=3), strict=True))
+    kwargs = dict(n=8, causal=True, segment_ids=None, bias=None)
+    for key, value in overrides.items():
+        (xs if key in xs else kwargs)[key] = value
+    return quadratic_attention(*xs.values(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "call, overrides, match",
+    [
+        (_mixed_call, {"quad_q": np.zeros((2, 8))}, "quad_q must have rank 3"),
+        (_mixed_call, {"v": np.zeros((8, E))}, "v must have rank 3"),
+        (_mixed_call, {"lin_k": np.zeros((3, 8, S))}, "lin_k has \\[B, T\\]"),
+        (_mixed_call, {"quad_k": np.zeros((2, 7, S))}, "quad_k has \\[B, T\\]"),
+        (_mixed_call, {"lin_q": np.zeros((2, 8, S + 1))}, "lin_q and lin_k must have the same"),
+        (_mixed_call, {"chunk_size": 0}, "chunk_size must be a positive integer"),
+        (_mixed_call, {"chunk_size": 2.5}, "chunk_size must be a positive integer"),
+        (_mixed_call, {"segment_ids": np.ones((2, 7), np.int32)}, "segment_ids must have shape"),
+        (_mixed_call, {"segment_ids": np.ones((2, 8), np.float32)}, "segment_ids must be int"),
+        (_mixed_call, {"quad_bias": np.zeros((8, 8))}, "quad_bias must have shape"),
+        (_quad_call, {"q": np.zeros((2, 8, S, 1))}, "q must have rank 3"),
+        (_quad_call, {"k": np.zeros((2, 8, S + 1))}, "q and k must have the same width"),
+        (_quad_call, {"v": np.zeros((1, 8, E))}, "q has \\[B, T\\]"),
+        (_quad_call, {"n": 0}, "n must be a positive number"),
+        (_quad_call, {"n": -3.0}, "n must be a positive number"),
+        (_quad_call, {"n": None}, "n must be a positive number"),
+        (_quad_call, {"bias": np.zeros((8, 7))}, "bias must have shape"),
+        (_quad_call, {"bias": np.zeros((3, 8, 8))}, "bias must have shape"),
+        (_quad_call, {"segment_ids": np.ones((8,), np.int32)}, "segment_ids must have shape"),
+    ],
+)
+def test_bad_input_raises_named_value_error(call, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        call(**overrides)
