@@ -9,9 +9,10 @@ Two pure functions, the seam where faster kernels can plug in:
 Shapes: B batch, T tokens, S query/key width (s), E value width (e), G chunks, C chunk size.
 
 Packed documents: `segment_ids[b, t]` numbers the documents of a row, 0 marks padding. Documents
-must be contiguous runs of equal ids (what packing produces); an id that reappears after another
-document would be treated by `mixed_chunk_attention` as a different document. Padding tokens get
-output exactly 0 and never enter any sum or count.
+must be contiguous runs of equal ids (what packing produces); `mixed_chunk_attention` relies on it
+(an id that reappears after another document is not linked to its earlier run across chunks), and
+it is not checked (ids are traced values). Padding tokens (any run of 0s) get output exactly 0 and
+never enter any sum or count.
 
 Scores and all sums are computed in float32 (squared ReLU scores are unbounded); the result is cast
 back to v's dtype.
