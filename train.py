@@ -10,6 +10,7 @@ config.json); a run started on a workdir with checkpoints resumes from the lates
 
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -39,6 +40,40 @@ class _QuietLibraries(std_logging.Filter):
         )
 
 
+def _error(message: str) -> None:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's parser, but a bad flag, config file or override gives one line, no traceback."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                _error(f"config file {path!r} does not exist")
+    try:
+        argv = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # loads the config file now, inside the try
+    except flags.Error as e:
+        # config_flags folds the config file's traceback into the message; its last line says it.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _error(lines[-1] if lines else repr(e))
+    except (AttributeError, KeyError) as e:  # an override of a key the config does not have
+        words = re.findall(r"\w+", str(e))
+        key = words[0] if words else str(e)
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
+        hint = re.search(r'Did you mean "(\w+)"', str(e))
+        _error(
+            f"unknown config key {given[0] if given else key}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+        )
+    except Exception as e:  # noqa: BLE001 - e.g. the config file raises on import
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _error(f"{type(e).__name__}: {lines[-1] if lines else ''}")
+    return argv
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -63,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

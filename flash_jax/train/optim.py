@@ -28,7 +28,8 @@ def make_schedule(train) -> optax.Schedule:
     elif train.decay == "rsqrt":
         # T5-style inverse square root, continuous with the warm-up at its end.
         def decay(count):
-            return peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1)))
+            # join_schedules also evaluates this during warm-up (count < 0): clamp.
+            return peak * jnp.sqrt(max(warmup, 1) / (jnp.maximum(count, 0) + max(warmup, 1)))
     elif train.decay == "constant":
         decay = optax.constant_schedule(peak)
     else:

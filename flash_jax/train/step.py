@@ -82,6 +82,48 @@ def _reseed(model, key) -> None:
         nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
 
 
+def summed_grads(graphdef, params, rest, batch, key, *, accum: int = 1, rules=None):
+    """Gradients of the summed token NLL, with that sum and the summed weight.
+
+    With `accum` > 1 the batch is cut into `accum` micro-batches, run one after another (a
+    scan: activation memory of one micro-batch) and summed, which equals the whole batch at once.
+    Micro-batch i takes rows i, i + k, i + 2k, ...: each device keeps its own rows, so the split
+    moves no data between devices.
+    """
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+
+    def micro_batch_grads(micro_batch, micro_key):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, rest)
+            _reseed(model, micro_key)
+            logits_BTV = model(
+                micro_batch["inputs"],
+                segment_ids=micro_batch["segment_ids"],
+                positions=micro_batch["positions"],
+            )
+            return metrics.cross_entropy(logits_BTV, micro_batch["targets"], micro_batch["weights"])
+
+        (nll_sum, weight_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, nll_sum, weight_sum
+
+    if accum == 1:
+        return micro_batch_grads(batch, jax.random.fold_in(key, 0))
+
+    def split(x_BT):
+        x_MkT = x_BT.reshape(x_BT.shape[0] // accum, accum, *x_BT.shape[1:])
+        return sharding.constrain(jnp.swapaxes(x_MkT, 0, 1), (None, *BATCH_AXES), rules)
+
+    def body(carry, xs):
+        micro_batch, i = xs
+        out = micro_batch_grads(micro_batch, jax.random.fold_in(key, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+    micro = {k: split(batch[k]) for k in BATCH_KEYS}
+    summed, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+    return summed
+
+
 def build(config, mesh: jax.sharding.Mesh) -> StepFns:
     """Abstract state, shardings and jitted functions for `config` on `mesh` (nothing runs yet)."""
     rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -132,40 +174,12 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         # Only the non-trained variables are returned; XLA drops the parameter initialisers.
         return nnx.as_pure(nnx.split(create_model(), nnx.Param, ...)[2])
 
-    def micro_batch_grads(params, rest, batch, key):
-        def loss_fn(p):
-            model = nnx.merge(graphdef, p, rest)
-            _reseed(model, key)
-            logits_BTV = model(
-                batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
-            )
-            return metrics.cross_entropy(logits_BTV, batch["targets"], batch["weights"])
-
-        (nll_sum, weight_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, nll_sum, weight_sum
-
     def train_step(state, rest, batch):
         params = state["params"]
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        if accum == 1:
-            grads, nll_sum, weight_sum = micro_batch_grads(params, rest, batch, step_key)
-        else:
-            # Micro-batch i takes rows i, i + k, i + 2k, ...: each device keeps its own rows, so
-            # the split moves no data between devices.
-            def split(x_BT):
-                x_MkT = x_BT.reshape(x_BT.shape[0] // accum, accum, *x_BT.shape[1:])
-                x_kMT = jnp.swapaxes(x_MkT, 0, 1)
-                return sharding.constrain(x_kMT, (None, *BATCH_AXES), rules)
-
-            micro = {k: split(batch[k]) for k in BATCH_KEYS}
-
-            def body(carry, xs):
-                micro_batch, i = xs
-                out = micro_batch_grads(params, rest, micro_batch, jax.random.fold_in(step_key, i))
-                return jax.tree.map(jnp.add, carry, out), None
-
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-            (grads, nll_sum, weight_sum), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+        grads, nll_sum, weight_sum = summed_grads(
+            graphdef, params, rest, batch, step_key, accum=accum, rules=rules
+        )
         # Summed losses / summed weights: k micro-batches give the mean over the whole batch.
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)

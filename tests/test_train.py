@@ -1,0 +1,351 @@
+"""The training loop: resume exactness, SIGTERM, non-finite loss, bad inputs, and the CLI.
+
+In-process loop tests feed the loop a small deterministic stand-in for `data.InputPipeline` (same
+contract: global batches, `position`, `start_batch`) so that they take seconds; the slow CLI test
+runs `train.py` on the real shipped corpus.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+# pytest does not put the repository root on sys.path; the config files import `configs.*`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import base  # noqa: E402
+from flash_jax import data, sharding
+from flash_jax.train import checkpoint, loop, step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SyntheticPipeline:
+    """Deterministic learnable batches (arithmetic progressions) keyed by batch position."""
+
+    nan_from: int | None = None  # batches from this position on get nan weights (fault test)
+
+    def __init__(
+        self,
+        data_config,
+        split="train",
+        *,
+        mesh=None,
+        seed=0,
+        shuffle=True,
+        repeat=True,
+        start_batch=0,
+        rules=sharding.DEFAULT_RULES,
+    ):
+        self.config, self.split, self.seed, self.repeat = data_config, split, seed, repeat
+        self.position = start_batch
+        spec = sharding.logical_to_spec(("batch", "length"), rules, mesh.axis_names)
+        self.sharding = NamedSharding(mesh, spec)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.repeat and self.position >= 2:
+            raise StopIteration
+        B, T = self.config.batch_size, self.config.seq_len
+        rng = np.random.default_rng([self.seed, self.position, self.split == "train"])
+        start, stride = rng.integers(0, 50, (B, 1)), rng.integers(1, 4, (B, 1))
+        tokens = (start + stride * np.arange(T + 1)) % 50 + 5
+        weights = np.ones((B, T), np.float32)
+        if self.nan_from is not None and self.position >= self.nan_from:
+            weights[:] = np.nan
+        self.position += 1
+        batch = {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "weights": weights,
+            "segment_ids": np.ones((B, T)),
+            "positions": np.broadcast_to(np.arange(T), (B, T)),
+        }
+        return {
+            k: jax.device_put(v.astype(np.float32 if k == "weights" else np.int32), self.sharding)
+            for k, v in batch.items()
+        }
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.fixture(autouse=True)
+def synthetic_data(monkeypatch):
+    monkeypatch.setattr(data, "InputPipeline", SyntheticPipeline)
+    monkeypatch.setattr(SyntheticPipeline, "nan_from", None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Identical runs in this module compile once (each run builds fresh jitted functions)."""
+    options = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    previous = {k: getattr(jax.config, k) for k in options}
+    for k, v in options.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in previous.items():
+        jax.config.update(k, v)
+
+
+def tiny_config(**train):
+    config = base.get_config()
+    m = config.model
+    m.name = "flash"
+    m.num_layers, m.d_model, m.expansion_dim, m.qk_dim, m.chunk_size = 2, 32, 64, 16, 8
+    m.num_heads, m.mlp_dim, m.max_len = 2, 64, 32
+    m.vocab_size = 4096  # the shipped vocabulary (the loop checks it fits)
+    config.data.seq_len, config.data.batch_size = 32, 8
+    t = config.train
+    t.num_steps, t.log_every, t.checkpoint_every, t.keep_checkpoints = 6, 1, 2, 5
+    t.eval_every, t.eval_batches, t.warmup_steps, t.learning_rate = 3, 2, 2, 1e-2
+    t.update(train)
+    return config
+
+
+def read_jsonl(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(workdir):
+    return {r["step"]: r["loss"] for r in read_jsonl(workdir) if "loss" in r}
+
+
+def restore_params(workdir, config):
+    mesh = loop.make_mesh(config)
+    with jax.set_mesh(mesh):
+        fns = step.build(config, mesh)
+        ckpts = checkpoint.Checkpoints(workdir, 5)
+        try:
+            state, meta = ckpts.restore(fns.abstract_state)
+        finally:
+            ckpts.close()
+    return jax.tree.map(np.asarray, state), meta
+
+
+def sigterm_at(step_to_stop):
+    def hook(done):
+        if done == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """6 steps in one go (shared by the tests that need a finished run)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "InputPipeline", SyntheticPipeline)
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    summary = loop.train_and_evaluate(tiny_config(), workdir, reference=base.get_config())
+    mp.undo()
+    return workdir, summary
+
+
+def test_run_trains_logs_and_checkpoints(straight_run):
+    workdir, summary = straight_run
+    assert summary["status"] == "done" and summary["step"] == 6
+    losses = train_losses(workdir)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1] - 0.1  # learnable data: the loss falls
+    records = read_jsonl(workdir)
+    train_record = next(r for r in records if r["step"] == 6 and "loss" in r)
+    for key in ("perplexity", "learning_rate", "grad_norm", "tokens_per_sec", "step_time"):
+        assert key in train_record
+    assert train_record["perplexity"] == pytest.approx(np.exp(train_record["loss"]), rel=1e-6)
+    evals = [r for r in records if "eval_perplexity" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["d_model"] == 32
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    # Checkpoints every 2 steps, kept (keep=5), and the data position saved with them.
+    assert sorted(checkpoint.Checkpoints(workdir, 5).all_steps()) == [2, 4, 6]
+    _, meta = restore_params(workdir, tiny_config())
+    assert meta["step"] == 6 and meta["data_position"] == 6
+
+
+def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
+    workdir = str(tmp_path / "resumed")
+    config = tiny_config()
+    first = loop.train_and_evaluate(config, workdir, hooks=[sigterm_at(3)])
+    # SIGTERM after step 3: a checkpoint at the next boundary (step 3), then a clean stop.
+    assert first["status"] == "preempted" and first["step"] == 3
+    assert 3 in checkpoint.Checkpoints(workdir, 5).all_steps()
+    second = loop.train_and_evaluate(config, workdir)
+    assert second["status"] == "done" and second["step"] == 6
+
+    straight_dir, _ = straight_run
+    assert train_losses(workdir) == train_losses(straight_dir)  # bitwise: same floats
+    resumed_state, _ = restore_params(workdir, config)
+    straight_state, _ = restore_params(straight_dir, config)
+    for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(straight_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_handler_is_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with loop._sigterm_flag() as flag:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.is_set()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(SyntheticPipeline, "nan_from", 4)  # the 5th batch: step 5 is nan
+    workdir = str(tmp_path)
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite loss .* at step 5"):
+        loop.train_and_evaluate(tiny_config(), workdir)
+    assert checkpoint.Checkpoints(workdir, 5).all_steps() == [2, 4]
+    state, _ = restore_params(workdir, tiny_config())
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_workdir_with_other_model_is_refused(straight_run, tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight_run[0], workdir)
+    before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
+    config = tiny_config()
+    config.model.d_model = 64
+    config.model.chunk_size = 16
+    with pytest.raises(
+        ValueError, match=r"model.chunk_size: checkpoint 8 vs config 16.*model.d_model"
+    ):
+        loop.train_and_evaluate(config, workdir)
+    after = {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
+    assert after == before  # nothing written, config.json not overwritten
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["d_model"] == 32
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.train.update({"bogus": 1}), r"unknown config key\(s\): train.bogus"),
+        (lambda c: c.model.update({"chunk_sz": 1}), r"unknown model config key\(s\): chunk_sz"),
+        (lambda c: c.data.update({"batch_size": 12}), r"data.batch_size \(12\).*data-parallel"),
+        (lambda c: c.train.update({"grad_accum_steps": 3}), r"data.batch_size \(8\).*grad_accum"),
+        (lambda c: c.data.update({"seq_len": 64}), r"data.seq_len \(64\) exceeds model.max_len"),
+        (lambda c: c.model.update({"vocab_size": 1000}), r"model.vocab_size \(1000\).*vocabulary"),
+        (lambda c: c.train.update({"optimizer": "sgd"}), r"train.optimizer must be one of"),
+        (lambda c: c.train.update({"num_steps": 0}), r"train.num_steps must be an integer >= 1"),
+    ],
+)
+def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
+    config = tiny_config()
+    change(config)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, workdir, reference=base.get_config())
+    assert not os.path.exists(workdir)  # failed before writing anything
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def run_cli(*args, timeout=300, env_extra=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_cli_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
+    cases = [
+        (
+            ["--config=configs/quickstart.py", "--config.model.chunk_sz=3"],
+            "unknown config key --config.model.chunk_sz (did you mean 'chunk_size'?)",
+        ),
+        (["--config=configs/pg19_flash.py:1000"], "context length must be one of"),
+        (["--config=configs/nope.py"], "config file 'configs/nope.py' does not exist"),
+        (
+            ["--config=configs/quickstart.py", "--config.data.seq_len=4096"],
+            "data.seq_len (4096) exceeds model.max_len (128)",
+        ),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, f"--workdir={tmp_path}/run")
+        assert result.returncode != 0
+        error_lines = [line for line in result.stderr.splitlines() if "train.py: error:" in line]
+        assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+
+
+QUICK_ARGS = [
+    "--config=configs/quickstart.py",
+    "--config.model.num_layers=2",
+    "--config.model.d_model=64",
+    "--config.model.expansion_dim=128",
+    "--config.model.qk_dim=32",
+    "--config.model.chunk_size=16",
+    "--config.model.max_len=64",
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=8",
+    "--config.train.num_steps=60",
+    "--config.train.log_every=5",
+    "--config.train.eval_every=60",
+    "--config.train.eval_batches=2",
+    "--config.train.checkpoint_every=1000",
+    "--config.train.warmup_steps=10",
+]
+
+
+@pytest.mark.slow
+def test_cli_trains_on_shipped_corpus_survives_sigterm_and_resumes(tmp_path):
+    """train.py end to end on the real data: SIGTERM mid-run saves and exits 0; rerun resumes."""
+    workdir = str(tmp_path / "run")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *QUICK_ARGS, f"--workdir={workdir}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if re.search(r"step 20/60", line):
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    text = "".join(output)
+    assert proc.returncode == 0, text[-3000:]
+    assert "stopped by SIGTERM" in text
+    stopped = checkpoint.Checkpoints(workdir, 3).latest_step()
+    assert stopped is not None and 20 <= stopped < 60
+
+    result = run_cli(*QUICK_ARGS, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {stopped}" in result.stderr
+    records = read_jsonl(workdir)
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert max(losses) == 60
+    assert losses[60] < losses[5] - 0.5  # perplexity visibly falls on real text
+    assert any("eval_perplexity" in r for r in records)
