@@ -30,7 +30,7 @@ def get_config(arg=None):
     d.shuffle_buffer = 256
 
     t = config.train
-    t.num_steps = 500
+    t.num_steps = 400
     t.learning_rate = 3e-3  # small model, short run: a high peak rate
     t.warmup_steps = 50
     t.decay = "cosine"

@@ -197,10 +197,24 @@ def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
 
     straight_dir, _ = straight_run
     assert train_losses(workdir) == train_losses(straight_dir)  # bitwise: same floats
+    assert [r["step"] for r in read_jsonl(workdir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     resumed_state, _ = restore_params(workdir, config)
     straight_state, _ = restore_params(straight_dir, config)
     for a, b in zip(jax.tree.leaves(resumed_state), jax.tree.leaves(straight_state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resume_after_crash_replays_from_checkpoint_without_duplicate_records(
+    straight_run, tmp_path
+):
+    workdir = str(tmp_path / "crashed")
+    shutil.copytree(straight_run[0], workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before saving 6
+    summary = loop.train_and_evaluate(tiny_config(), workdir)
+    assert summary["step"] == 6
+    steps = [r["step"] for r in read_jsonl(workdir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the old records of steps 5-6 were replaced
+    assert train_losses(workdir) == train_losses(straight_run[0])
 
 
 def test_sigterm_handler_is_restored():

@@ -226,7 +226,7 @@ def train_and_evaluate(
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             json.dump(resolved, f, indent=2)
 
-    reporter = report.Reporter(workdir, t.num_steps, is_main=is_main)
+    reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, resume_step=latest)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     try:
         with contextlib.ExitStack() as stack, jax.set_mesh(mesh), _sigterm_flag() as sigterm:
@@ -346,7 +346,11 @@ def train_and_evaluate(
                 paused = time.time()
                 if done % t.checkpoint_every == 0 or preempted:
                     save(done)
-                if t.eval_every and t.eval_batches and done % t.eval_every == 0:
+                if (
+                    t.eval_every
+                    and t.eval_batches
+                    and (done % t.eval_every == 0 or done == t.num_steps)
+                ):
                     drain()
                     scalars = evaluate(config, fns, state["params"], rest)
                     reporter.write(done, scalars)

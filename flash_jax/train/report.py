@@ -46,14 +46,31 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """A resumed run replays the steps after its checkpoint: drop their old records."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 class Reporter:
     """Writes scalars for one run; only the main process writes files."""
 
-    def __init__(self, workdir: str, num_steps: int, *, is_main: bool = True):
+    def __init__(
+        self, workdir: str, num_steps: int, *, is_main: bool = True, resume_step: int | None = None
+    ):
         self.num_steps = num_steps
         self.is_main = is_main
         self._writer = None
         self._jsonl = None
+        if is_main and resume_step is not None:
+            _drop_records_after(os.path.join(workdir, METRICS_FILE), resume_step)
         if is_main:
             # Imported here: clu's TF summary writer pulls in TensorFlow.
             from clu import metric_writers
