@@ -194,6 +194,7 @@ def max_abs_diff(a, b):
     )
 
 
+@pytest.mark.slow  # two sharded compiles: ~20-60 s on 2 shared cores
 def test_sharded_step_on_2x2x2_mesh_matches_single_device():
     """Data + FSDP + tensor parallel (and micro-batches split per device) = one device."""
     batches = [random_batch(tiny_config(), seed) for seed in range(2)]
@@ -208,6 +209,7 @@ def test_sharded_step_on_2x2x2_mesh_matches_single_device():
     assert max_abs_diff(params_8, params_1) < 1e-5
 
 
+@pytest.mark.slow  # ~10-25 s on 2 shared cores
 def test_gradient_accumulation_equals_one_big_batch():
     config = tiny_config()
     mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
