@@ -8,6 +8,7 @@ What comes from the paper (see shared/docs/paper-notes.md) and what is a guess i
 """
 
 from configs import base
+from flash_jax import models
 
 CONTEXTS = (512, 1024, 2048, 4096, 8192)  # the paper's context lengths
 MODELS = ("flash", "flash_quad", "transformer_plus", "transformer_pp")
@@ -19,14 +20,10 @@ TOKENS_PER_BATCH = 2**18
 # sentinel / mask ids fit and the vocab dimension shards evenly.
 T5_VOCAB_SIZE = 32128
 
-# Model sizes. "base" (~110M parameters, BERT-Base size) is the paper's speed-comparison scale:
-# 12 Transformer layers of width 768, and twice as many GAU layers for FLASH / FLASH-Quad.
-# "large" stands for the bigger PG-19 scale (one aggregator says ~500M): NOT verified, a guess
-# that keeps 64-wide heads and the 2x layer rule.
-_TRANSFORMER_SIZES = {
-    "base": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=3072),
-    "large": dict(num_layers=24, d_model=1280, num_heads=20, mlp_dim=5120),  # guess
-}
+# Model sizes come from flash_jax.models.SIZES (one place): "base" (~110M parameters, BERT-Base
+# shape) is the paper's speed-comparison scale: 12 Transformer layers of width 768, twice as many
+# GAU layers for FLASH / FLASH-Quad. "large" stands for the bigger PG-19 scale (one aggregator
+# says ~500M): NOT verified, a guess (24 Transformer layers of width 1024) keeping the 2x rule.
 
 
 def parse_arg(arg) -> tuple[int, str]:
@@ -58,15 +55,9 @@ def paper_config(model: str, dataset: str, arg=None):
 
     m = config.model
     m.name = model
-    size = _TRANSFORMER_SIZES[scale]
-    if model.startswith("transformer"):
-        m.update(size)
-    else:
-        # Two GAU layers ~ one Transformer layer (3de with e = 2d vs 12d^2): paper.
-        m.num_layers = 2 * size["num_layers"]
-        m.d_model = size["d_model"]
-        m.expansion_dim = 2 * size["d_model"]  # e = 2d: paper
-        m.qk_dim = 128  # s = 128: paper
+    # Two GAU layers ~ one Transformer layer (3de with e = 2d vs 12d^2); e = 2d, s = 128: paper.
+    m.update(models.preset(model, scale))
+    if model in ("flash", "flash_quad"):
         m.chunk_size = 256  # C = 256: paper default
     m.vocab_size = T5_VOCAB_SIZE
     m.max_len = context  # also FLASH-Quad's fixed score scale n = the training length
