@@ -1,0 +1,203 @@
+"""Evaluates trained checkpoints on a whole split: loss, perplexity, bits per byte, PG-19 word ppl.
+
+    python eval.py --workdir=runs/quickstart                      # latest checkpoint, validation
+    python eval.py --workdir=runs/quickstart --split=test --step=400
+    python eval.py --workdir=runs/flash,runs/tfm_pp --all_steps   # every kept checkpoint + a plot
+    python eval.py --config=configs/quickstart.py --workdir=runs/quickstart \
+        --config.data.batch_size=32 --max_batches=10
+
+The config defaults to the one saved with each checkpoint (so several runs of different models can
+be compared in one call); `--config` (with `--config.*` overrides) replaces it, and must describe
+the checkpoint's model. Every window of every document is scored once (`--max_batches` stops
+early: then bits per byte and word perplexity, which need the whole split, are null).
+
+Output: progress on stderr; per checkpoint a summary line and a JSON object on stdout (the last line
+printed is the last JSON object), also appended to `<workdir>/eval/results.jsonl`. With
+`--all_steps`, a PNG of perplexity against step (and training time, from metrics.jsonl) with one
+line per workdir: `<workdir>/eval/perplexity_<split>.png` for one workdir, the first workdir's
+`eval/compare_<split>.png` for several, or `--plot=PATH`. Bad input (no checkpoint, unknown step,
+a config of another model, a split the dataset lacks) gives one line on stderr and exit code 1,
+and leaves every workdir unchanged.
+"""
+
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file (optional; default: the config saved with each checkpoint).",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_list(
+    "workdir", None, "Run directory, or several separated by commas (compared on one plot)."
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+_ALL_STEPS = flags.DEFINE_bool(
+    "all_steps", False, "Evaluate every kept checkpoint and plot perplexity against step."
+)
+_SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate (validation, test, ...).")
+_MAX_BATCHES = flags.DEFINE_integer(
+    "max_batches", None, "Stop after this many batches (default: the whole split)."
+)
+_PLOT = flags.DEFINE_string("plot", "", "Where --all_steps writes its PNG (default: see above).")
+flags.mark_flags_as_required(["workdir"])
+
+PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds (plus the first)
+
+
+def _error(message: str, code: int = 1):
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _parse_flags(argv):
+    """absl's parser, but a bad flag, config file or override gives one line, no traceback."""
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                _error(f"config file {path!r} does not exist", 2)
+    try:
+        argv = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.keys()  # loads the config file now, inside the try
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _error(lines[-1] if lines else repr(e), 2)
+    except (AttributeError, KeyError) as e:  # an override of a key the config does not have
+        words = re.findall(r"\w+", str(e))
+        _error(f"unknown config key {words[0] if words else e}", 2)
+    except Exception as e:  # noqa: BLE001 - e.g. the config file raises on import
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _error(f"{type(e).__name__}: {lines[-1] if lines else ''}", 2)
+    return argv
+
+
+def _summary(result: dict) -> str:
+    parts = [
+        f"{result['workdir']} step {result['step']} {result['split']}: "
+        f"{result['tokens']:,} tokens, loss {result['loss']:.4f}, "
+        f"perplexity {result['perplexity']:.3f}"
+    ]
+    if result.get("bits_per_byte") is not None:
+        parts.append(f"{result['bits_per_byte']:.4f} bits/byte ({result['bytes']:,} bytes)")
+    if result.get("word_perplexity") is not None:
+        parts.append(
+            f"{result['words']:,} words, word-level perplexity {result['word_perplexity']:.3f}"
+        )
+    if not result["complete"]:
+        parts.append(f"partial: first {result['batches']} batches")
+    return ", ".join(parts)
+
+
+def _progress(label: str):
+    state = {"last": 0.0, "start": time.time()}
+
+    def report(done: int, total, tokens) -> None:
+        now = time.time()
+        if done > 1 and now - state["last"] < PROGRESS_SECONDS and done != total:
+            return
+        state["last"] = now
+        tokens = float(tokens)
+        rate = tokens / max(now - state["start"], 1e-9)
+        of = f"/{total}" if total else " (total unknown until the split ends)"
+        logging.info(
+            "%s: batch %d%s, %s tokens, %s tokens/s",
+            label,
+            done,
+            of,
+            f"{tokens:,.0f}",
+            f"{rate:,.0f}",
+        )
+
+    return report
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.INFO)
+    if _ALL_STEPS.value and _STEP.value is not None:
+        _error("--step and --all_steps exclude each other")
+    if _MAX_BATCHES.value is not None and _MAX_BATCHES.value < 1:
+        _error(f"--max_batches must be >= 1, got {_MAX_BATCHES.value}")
+    workdirs = [w for w in _WORKDIR.value if w]
+    if not workdirs:
+        _error("--workdir is empty")
+    if _PLOT.value and not _ALL_STEPS.value:
+        _error("--plot needs --all_steps")
+
+    # Imported here: the flags above fail without paying for JAX / Orbax.
+    from flash_jax import evaluation
+
+    evaluation.quiet_library_logs("eval.py")
+
+    # ---- resolve every workdir, step and config first: bad input changes nothing anywhere
+    jobs = []  # (workdir, checkpoints, [steps])
+    try:
+        for workdir in workdirs:
+            ckpts = evaluation.ReadOnlyCheckpoints(workdir)
+            if _ALL_STEPS.value:
+                steps = sorted(ckpts.all_steps())
+                if not steps:
+                    raise ValueError(f"no checkpoints in {ckpts.directory}")
+            else:
+                steps = [ckpts.resolve_step(_STEP.value)]
+            for s in steps:
+                evaluation.run_config(ckpts, s, _CONFIG.value)
+            jobs.append((workdir, ckpts, steps))
+        configs = [evaluation.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
+        for config in configs:
+            evaluation.check_split(config.data, _SPLIT.value)
+    except ValueError as e:
+        _error(str(e))
+
+    # ---- evaluate
+    curves = []
+    try:
+        for workdir, ckpts, steps in jobs:
+            for s in steps:
+                run = evaluation.restore(workdir, s, config=_CONFIG.value, ckpts=ckpts)
+                label = f"{workdir} step {s} {_SPLIT.value}"
+                result = evaluation.evaluate_split(
+                    run, _SPLIT.value, max_batches=_MAX_BATCHES.value, progress=_progress(label)
+                )
+                path = evaluation.append_result(workdir, result)
+                print(_summary(result), flush=True)
+                print(evaluation.result_json(result), flush=True)
+                logging.info("appended to %s", path)
+            ckpts.close()
+            if _ALL_STEPS.value:
+                points = evaluation.curve(
+                    workdir, _SPLIT.value, result["seq_len"], _MAX_BATCHES.value
+                )
+                curves.append(
+                    (f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})", points)
+                )
+    except ValueError as e:
+        _error(str(e))
+    if _ALL_STEPS.value:
+        plot = _PLOT.value or os.path.join(
+            workdirs[0],
+            evaluation.EVAL_DIR,
+            f"perplexity_{_SPLIT.value}.png"
+            if len(workdirs) == 1
+            else f"compare_{_SPLIT.value}.png",
+        )
+        evaluation.plot_curves(curves, plot, title=f"{_SPLIT.value} perplexity")
+        logging.info("plot written to %s", plot)
+        # The plot path goes first; the last line printed stays the last JSON object.
+        print(f"plot: {plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

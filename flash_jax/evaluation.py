@@ -1,0 +1,529 @@
+"""Evaluation of trained runs: restore a checkpoint, score a whole split, plot the curves.
+
+    from flash_jax import evaluation
+    run = evaluation.restore("runs/quickstart")            # latest checkpoint, its own config
+    result = evaluation.evaluate_split(run, "test")        # every window of every document
+    model = run.model()                                   # an nnx model, e.g. for decoding.generate
+
+A run directory (written by `flash_jax.train.loop`) holds `checkpoints/<step>/` (state + JSON meta
+with the model config and the resolved run config), `metrics.jsonl` and `config.json`. Everything
+here only reads it, except `append_result`, which writes `eval/results.jsonl`.
+
+Perplexity is teacher-forced: one forward pass per packed batch of windows, exactly the training
+loss (incremental decoding, `flash_jax.decoding`, serves sampling, where tokens come one at a time).
+Metrics, from the summed NLL (nats) over the split:
+  loss = NLL / tokens, perplexity = exp(loss), bits_per_byte = NLL / (bytes * ln 2), and for PG-19
+  word_perplexity = exp(NLL / words) (the figure PG-19 papers quote; words are whitespace-separated
+  runs of the raw text, `data.split_statistics`). Tokens include each document's EOS.
+Byte and word figures need the whole split; with `max_batches` they are None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from flash_jax import metrics, sharding
+from flash_jax.config import ModelConfig
+from flash_jax.train import checkpoint, step
+
+# `flash_jax.data` (and `train.loop`, which imports it) pull in TensorFlow, about 10 s of import:
+# they are imported where the data is needed, so that a bad workdir, step or config fails fast.
+
+EVAL_DIR = "eval"
+RUN_CONFIG_FILE = "config.json"  # written by train.loop (loop.CONFIG_FILE)
+RESULTS_FILE = "results.jsonl"
+# Datasets whose papers quote word-level perplexity.
+WORD_LEVEL_DATASETS = ("pg19",)
+
+
+# ----------------------------------------------------------------------------- console
+
+
+class QuietLibraries(logging.Filter):
+    """For the CLIs at absl INFO verbosity: our INFO lines and everyone's warnings, not the
+    libraries' INFO chatter (Orbax's per-restore lines, JAX's backend probing), nor Orbax's
+    notices that it opened checkpoints read-only."""
+
+    def __init__(self, own_files: Sequence[str] = ()):
+        super().__init__()
+        self.own_files = tuple(own_files)
+
+    def filter(self, record):
+        if "flash_jax" in record.pathname or record.pathname.endswith(self.own_files):
+            return True
+        if f"{os.sep}orbax{os.sep}" in record.pathname and "read only" in record.getMessage():
+            return False
+        return record.levelno >= logging.WARNING
+
+
+def quiet_library_logs(*own_files: str) -> None:
+    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names."""
+    logging.getLogger("absl").addFilter(QuietLibraries(own_files))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class ReadOnlyCheckpoints(checkpoint.Checkpoints):
+    """`Checkpoints` opened for reading: never creates, deletes or cleans anything in the run.
+
+    (The training `Checkpoints` creates the directory and removes unfinished saves on open, which
+    is right for a run resuming, wrong for an evaluator that may look at a live run.)
+    """
+
+    def __init__(self, workdir: str):
+        self.directory = str(epath.Path(workdir) / checkpoint.CHECKPOINT_DIR)
+        if "://" not in self.directory:
+            self.directory = os.path.abspath(self.directory)
+        if not epath.Path(self.directory).is_dir():
+            raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def save(self, *args, **kwargs):
+        raise RuntimeError("ReadOnlyCheckpoints cannot save")
+
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, or the latest one; ValueError naming the steps there are."""
+        steps = sorted(self.all_steps())
+        if not steps:
+            raise ValueError(f"no checkpoints in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(
+                f"no checkpoint for step {step} in {self.directory}; it has steps {steps}"
+            )
+        return step
+
+    def restore_params(self, abstract_params: Any, step: int) -> tuple[Any, dict]:
+        """Only the parameters of the saved train state (no optimizer state is read)."""
+        item = {"params": abstract_params}
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True,
+                ),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored["state"]["params"], dict(restored["meta"])
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _tuples(value):
+    """JSON lists back to tuples, as the config files write them (mesh.shape, mesh.rules)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def config_from_json(values: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(_tuples(values))
+
+
+def run_config(ckpts: ReadOnlyCheckpoints, step: int, config=None) -> ml_collections.ConfigDict:
+    """The config to evaluate checkpoint `step` with.
+
+    Without `config`: the run config saved in the checkpoint (falling back to the run's
+    config.json). With `config`: that one, after checking that its model is the checkpoint's
+    (keys that change only how the model is computed, e.g. remat, may differ).
+    """
+    meta = ckpts.read_meta(step)
+    saved_model = meta.get("model_config")
+    if config is None:
+        saved = meta.get("config")
+        if saved is None:
+            path = epath.Path(ckpts.directory).parent / RUN_CONFIG_FILE
+            if not path.exists():
+                raise ValueError(
+                    f"checkpoint {step} in {ckpts.directory} holds no run config and there is "
+                    f"no {path}; pass --config"
+                )
+            saved = json.loads(path.read_text())
+        config = config_from_json(saved)
+    if saved_model is not None:
+        current = checkpoint.model_config_dict(config.model)
+        diff = checkpoint.differing_keys(saved_model, current)
+        if diff:
+            details = ", ".join(
+                f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current.get(k)!r}"
+                for k in diff
+            )
+            raise ValueError(
+                f"checkpoint {step} in {ckpts.directory} was written by a different model config "
+                f"({details}); pass the run's own config, or no --config to use the checkpoint's"
+            )
+    return config
+
+
+# ----------------------------------------------------------------------------- restore
+
+
+@dataclasses.dataclass
+class Restored:
+    """One checkpoint's parameters, ready for `evaluate_split` or `model()`."""
+
+    workdir: str
+    step: int
+    config: ml_collections.ConfigDict
+    model_config: ModelConfig
+    fns: step.StepFns
+    params: Any
+    rest: Any
+    meta: dict
+
+    def model(self) -> nnx.Module:
+        """The nnx model holding the restored parameters (for decoding, or a direct forward)."""
+        return nnx.merge(self.fns.graphdef, self.params, self.rest)
+
+
+def restore(
+    workdir: str,
+    step_number: int | None = None,
+    *,
+    config=None,
+    mesh: jax.sharding.Mesh | None = None,
+    single_device: bool = False,
+    ckpts: ReadOnlyCheckpoints | None = None,
+) -> Restored:
+    """Restores the parameters of checkpoint `step_number` (the latest by default) of a run.
+
+    `config` defaults to the one saved with the checkpoint (see `run_config`); `mesh` to the
+    config's, or with `single_device` to the first device alone (sampling). ValueError (one
+    line, naming the path or key) for a workdir without checkpoints, a step that does not exist
+    or a config whose model differs from the checkpoint's.
+    """
+    from flash_jax.train import loop
+
+    own = ckpts is None
+    ckpts = ReadOnlyCheckpoints(workdir) if own else ckpts
+    try:
+        step_number = ckpts.resolve_step(step_number)
+        config = run_config(ckpts, step_number, config)
+        model_config = loop.validate_config(config)
+        if mesh is None:
+            mesh = single_device_mesh(config) if single_device else loop.make_mesh(config)
+        with jax.set_mesh(mesh):
+            fns = _build(config, mesh)
+            params, meta = ckpts.restore_params(fns.abstract_state["params"], step_number)
+            rest = fns.init_rest()
+    finally:
+        if own:
+            ckpts.close()
+    return Restored(workdir, step_number, config, model_config, fns, params, rest, meta)
+
+
+# StepFns per (config, mesh): checkpoints of one run share their jitted eval step (one compile).
+_STEP_FNS: dict[tuple, step.StepFns] = {}
+
+
+def _build(config, mesh) -> step.StepFns:
+    key = (config.to_json(sort_keys=True), mesh)
+    if key not in _STEP_FNS:
+        _STEP_FNS[key] = step.build(config, mesh)
+    return _STEP_FNS[key]
+
+
+def single_device_mesh(config) -> jax.sharding.Mesh:
+    """A mesh of the first device only, with the config's axis names (sampling, benchmarks)."""
+    names = tuple(config.mesh.axis_names)
+    return sharding.make_mesh((1,) * len(names), names, devices=jax.devices()[:1])
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def check_split(data_config, split: str) -> None:
+    """ValueError now (before any restore or compile) if the dataset lacks `split`."""
+    from flash_jax import data
+
+    data.InputPipeline(data_config, split, shuffle=False, repeat=False).close()
+
+
+# Batches per (task, split, seq_len, batch size), learned from a finished pass: later passes in the
+# same process (e.g. --all_steps) can show progress against a known total.
+_BATCH_COUNTS: dict[tuple, int] = {}
+
+
+def evaluate_split(
+    run: Restored,
+    split: str,
+    *,
+    max_batches: int | None = None,
+    progress: Callable[[int, int | None, float], None] | None = None,
+) -> dict:
+    """Loss, perplexity, bits per byte (and word perplexity for PG-19) over a whole split.
+
+    Every window of every document is scored once; the padding rows of the last batch carry
+    weight 0 and count nowhere. `max_batches` stops early (then `complete` is False and the byte
+    and word figures, which need the whole split, are None). `progress(batches_done,
+    total_or_None, tokens_so_far)` is called after each batch (reading one float per batch; the
+    device still has the next batch queued).
+    """
+    from flash_jax import data
+
+    config = run.config
+    cfg = config.data
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    key = (data.task_name(cfg), split, cfg.seq_len, cfg.batch_size)
+    total = _BATCH_COUNTS.get(key)
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    nll_sum, weight_sum = jnp.float32(0), jnp.float32(0)
+    batches, exhausted, pending = 0, False, None
+    t0 = time.time()
+    with (
+        jax.set_mesh(run.fns.mesh),
+        data.InputPipeline(
+            cfg,
+            split=split,
+            mesh=run.fns.mesh,
+            seed=config.seed,
+            shuffle=False,
+            repeat=False,
+            rules=config.mesh.rules,
+        ) as pipe,
+    ):
+        it = iter(pipe)
+        while max_batches is None or batches < max_batches:
+            try:
+                batch = next(it)
+            except StopIteration:
+                exhausted = True
+                break
+            nll, weight = run.fns.eval_step(
+                run.params, run.rest, step.put_batch(batch, run.fns.batch_sharding)
+            )
+            # Sums accumulate on the device in float32, as in training's eval.
+            nll_sum, weight_sum = nll_sum + nll, weight_sum + weight
+            batches += 1
+            if progress is not None:
+                if pending is not None:  # the previous batch's count: never waits on this one
+                    progress(*pending)
+                pending = (batches, total, weight_sum)
+        if not exhausted and max_batches is not None and batches == max_batches:
+            # Exactly max_batches: the split is complete only if nothing is left.
+            try:
+                next(it)
+            except StopIteration:
+                exhausted = True
+    if progress is not None and pending is not None:
+        progress(*pending)
+    if exhausted:
+        _BATCH_COUNTS[key] = batches
+    nll_sum, tokens = float(nll_sum), float(weight_sum)
+    seconds = time.time() - t0
+    result = {
+        "workdir": run.workdir,
+        "model": run.model_config.name,
+        "step": run.step,
+        "split": split,
+        "dataset": cfg.dataset,
+        "seq_len": int(cfg.seq_len),
+        "complete": exhausted,
+        "max_batches": max_batches,
+        "batches": batches,
+        "tokens": int(round(tokens)),
+        "nll_sum": nll_sum,
+        "loss": nll_sum / tokens if tokens > 0 else math.nan,
+        "perplexity": metrics.perplexity(nll_sum, tokens),
+        "bits_per_byte": None,
+        "bytes": None,
+        "seconds": round(seconds, 3),
+        "tokens_per_sec": tokens / seconds if seconds > 0 else None,
+    }
+    if exhausted and cfg.objective == "lm":
+        stats = data.split_statistics(cfg, split)
+        result["bytes"] = stats["bytes"]
+        result["bits_per_byte"] = metrics.bits_per_byte(nll_sum, stats["bytes"])
+        if cfg.dataset in WORD_LEVEL_DATASETS:
+            result["words"] = stats["words"]
+            result["word_perplexity"] = word_perplexity(nll_sum, stats["words"])
+    elif cfg.dataset in WORD_LEVEL_DATASETS and cfg.objective == "lm":
+        result["words"] = None
+        result["word_perplexity"] = None
+    train_time = training_time(run.workdir)
+    if train_time is not None:
+        result["train_seconds"] = train_time(run.step)
+    return result
+
+
+def word_perplexity(nll_sum: float, num_words: int) -> float:
+    """exp(total NLL / words): the per-word perplexity of PG-19 papers."""
+    if num_words <= 0:
+        return math.nan
+    mean = float(nll_sum) / num_words
+    return math.exp(mean) if mean < 700 else math.inf
+
+
+# ----------------------------------------------------------------------------- results on disk
+
+
+def results_path(workdir: str) -> str:
+    return os.path.join(workdir, EVAL_DIR, RESULTS_FILE)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no nan / inf literals
+    return value
+
+
+def result_json(result: dict) -> str:
+    return json.dumps({k: _json_safe(v) for k, v in result.items()})
+
+
+def append_result(workdir: str, result: dict) -> str:
+    """Appends one line to `workdir/eval/results.jsonl` (main process only); returns its path."""
+    path = results_path(workdir)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(result_json(result) + "\n")
+    return path
+
+
+def read_results(workdir: str) -> list[dict]:
+    path = results_path(workdir)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
+    """The results of `workdir` for one setting, one per step (the latest), sorted by step.
+
+    Includes earlier evaluations of checkpoints that have since been deleted, so a run evaluated
+    now and then gets a full curve although only the last K checkpoints are kept.
+    """
+    by_step = {}
+    for r in read_results(workdir):
+        if (r.get("split"), r.get("seq_len"), r.get("max_batches")) == (
+            split,
+            seq_len,
+            max_batches,
+        ):
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# ----------------------------------------------------------------------------- training time
+
+
+def training_time(workdir: str) -> Callable[[int], float | None] | None:
+    """step -> seconds of training up to that step, from the run's metrics.jsonl.
+
+    Sums `step_time` (seconds per step, without eval and checkpoint pauses) over the logged
+    windows, so restarts and pauses do not count; None when the run logged no step times. Steps
+    after the last logged one give None.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    by_step = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            step_time = record.get("step_time")
+            # A non-positive step time is a timing glitch, not a measurement: skip it.
+            if isinstance(step_time, (int, float)) and step_time > 0:
+                by_step[int(record["step"])] = float(step_time)  # resumed: last wins
+    if not by_step:
+        return None
+    steps = np.array([0] + sorted(by_step), np.float64)
+    per_step = np.array([by_step[int(s)] for s in steps[1:]])
+    cumulative = np.concatenate([[0.0], np.cumsum(np.diff(steps) * per_step)])
+
+    def at(step_number: int) -> float | None:
+        if step_number > steps[-1]:
+            return None
+        return float(np.interp(step_number, steps, cumulative))
+
+    return at
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, title: str = "") -> str:
+    """Perplexity against step (and against training time where known), one line per run.
+
+    `curves` is [(label, results sorted by step)]. Word-level perplexity is plotted when every
+    point has it (PG-19), else token-level. Writes a PNG at `path`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    points = [r for _, rs in curves for r in rs]
+    if not points:
+        raise ValueError("nothing to plot: no evaluation results")
+    key = "word_perplexity" if all(r.get("word_perplexity") for r in points) else "perplexity"
+    ylabel = "word-level perplexity" if key == "word_perplexity" else "token perplexity"
+    timed = any(r.get("train_seconds") is not None for r in points)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
+    ax_step = axes[0, 0]
+    for label, results in curves:
+        xs = [r["step"] for r in results]
+        ys = [float(r[key]) for r in results]
+        (line,) = ax_step.plot(xs, ys, marker="o", label=label)
+        if timed:
+            pairs = [(r["train_seconds"], float(r[key])) for r in results if r.get("train_seconds")]
+            if pairs:
+                hours = [t / 3600 for t, _ in pairs]
+                axes[0, 1].plot(hours, [y for _, y in pairs], marker="o", color=line.get_color())
+    ax_step.set_xlabel("training step")
+    ax_step.set_ylabel(ylabel)
+    if timed:
+        axes[0, 1].set_xlabel("training time (hours, excluding eval and checkpoint pauses)")
+        axes[0, 1].set_ylabel(ylabel)
+    values = [float(r[key]) for r in points]
+    # Log scale when the curves span a wide range (early checkpoints), plain numbers either way.
+    wide = min(values) > 0 and max(values) / min(values) > 3
+    plain = ticker.FuncFormatter(lambda y, _: f"{y:,.4g}")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+        if wide:
+            ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if wide else ticker.NullFormatter())
+    ax_step.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax_step.legend()
+    fig.suptitle(title or ylabel)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,230 @@
+"""Decode benchmark: tokens/s and decoding-state memory against context length, per model.
+
+    python scripts/bench_decode.py                                    # CPU: small width, ~2 min
+    python scripts/bench_decode.py --size=base --dtype=bfloat16 --batch_size=8 \
+        --lengths=512,1024,2048,4096,8192,16384 --out_dir=runs/bench_decode_gpu      # accelerator
+
+For each model and context length L, the model's own incremental step (`decode_step`, the one
+`decoding.generate` scans) decodes `--steps` tokens at positions L - steps .. L - 1, greedily
+(each token feeds the next); tokens/s = batch * steps / the best of `--repeats` timed runs after
+one compiling run. The state is that of a context of length L: keys and values of every earlier
+token for the Transformer and FLASH-Quad (a buffer of L positions, attended under a mask, as in
+generation), and for FLASH its constant-size state (chunk sums, count, current chunk). Memory is
+`decoding.cache_bytes` of that state. Weights are random: speed does not depend on them.
+
+Sizes follow `models.preset` (FLASH and FLASH-Quad get twice the Transformer's layers: equal
+parameters). Writes a markdown table (stdout), `bench_decode.json` and `bench_decode.png`.
+"""
+
+import functools
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from flash_jax import decoding, models  # noqa: E402
+from flash_jax.config import ModelConfig  # noqa: E402
+
+NAMES = {"flash": "FLASH", "flash_quad": "FLASH-Quad", "transformer_pp": "Transformer++"}
+NAMES.update(transformer="Transformer", transformer_plus="Transformer+")
+
+_MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
+_LENGTHS = flags.DEFINE_list(
+    "lengths", ["256", "512", "1024", "2048", "4096", "8192"], "Context lengths."
+)
+_SIZE = flags.DEFINE_enum("size", "tiny", list(models.SIZES), "Width / depth preset.")
+_D_MODEL = flags.DEFINE_integer("d_model", None, "Override the preset's width.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Override the preset's Transformer depth.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 256, "FLASH chunk size (the paper's 256).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary (32000 for T5's).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "Sequences decoded together.")
+_STEPS = flags.DEFINE_integer("steps", 64, "Decode steps per timed run.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (the best is kept).")
+_OUT_DIR = flags.DEFINE_string("out_dir", "runs/bench_decode", "Where the JSON and PNG go.")
+
+
+def model_config(name: str, length: int, max_length: int) -> ModelConfig:
+    values = models.preset(name, _SIZE.value)
+    layers = values["num_layers"] // (1 if name.startswith("transformer") else 2)
+    if _NUM_LAYERS.value is not None:
+        layers = _NUM_LAYERS.value
+    if _D_MODEL.value is not None:
+        d = _D_MODEL.value
+        values.update(
+            d_model=d,
+            expansion_dim=2 * d,
+            qk_dim=min(128, d),
+            mlp_dim=4 * d,
+            num_heads=max(1, d // 64),
+        )
+    values["num_layers"] = layers * (1 if name.startswith("transformer") else 2)
+    return ModelConfig(
+        **values,
+        chunk_size=_CHUNK.value,
+        vocab_size=_VOCAB.value,
+        # FLASH's state does not depend on the context: one config (one compile) for every L.
+        max_len=max_length if name == "flash" else length,
+        dtype=_DTYPE.value,
+        param_dtype="float32",
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def decode_run(graphdef, state, cache, token_B, t0, steps):
+    """`steps` greedy decode steps from position t0; returns the last token (to block on)."""
+
+    def body(carry, t):
+        state, cache, token_B = carry
+        logits, cache = nnx.merge(graphdef, state).decode_step(token_B[:, None], t, cache)
+        return (state, cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)), None
+
+    (_, cache, token_B), _ = jax.lax.scan(body, (state, cache, token_B), t0 + jnp.arange(steps))
+    return cache, token_B
+
+
+def bench_one(name: str, length: int, max_length: int) -> dict:
+    cfg = model_config(name, length, max_length)
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    batch, steps = _BATCH.value, min(_STEPS.value, length)
+    cache = model.init_cache(batch, length)
+    memory = decoding.cache_bytes(cache)
+    token = jnp.zeros((batch,), jnp.int32)
+    t0 = jnp.int32(length - steps)
+    start = time.perf_counter()
+    cache, token = decode_run(graphdef, state, cache, token, t0, steps)
+    token.block_until_ready()
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        cache, token = decode_run(graphdef, state, cache, token, t0, steps)
+        token.block_until_ready()
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {
+        "model": name,
+        "context": length,
+        "tokens_per_sec": batch * steps / best,
+        "ms_per_step": 1e3 * best / steps,
+        "cache_bytes": int(memory),
+        "params": models.count_params(model),
+        "first_run_s": compile_s,
+    }
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def table(rows: list[dict], names: list[str], lengths: list[int]) -> str:
+    header = "| context | " + " | ".join(
+        f"{NAMES.get(n, n)} tok/s | {NAMES.get(n, n)} cache" for n in names
+    )
+    lines = [header + " |", "|---:|" + "---:|---:|" * len(names)]
+    by = {(r["model"], r["context"]): r for r in rows}
+    for length in lengths:
+        cells = []
+        for n in names:
+            r = by.get((n, length))
+            cells += (
+                [f"{r['tokens_per_sec']:,.0f}", fmt_bytes(r["cache_bytes"])] if r else ["-", "-"]
+            )
+        lines.append(f"| {length} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], names: list[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for n in names:
+        rs = sorted((r for r in rows if r["model"] == n), key=lambda r: r["context"])
+        xs = [r["context"] for r in rs]
+        ax_speed.plot(xs, [r["tokens_per_sec"] for r in rs], marker="o", label=NAMES.get(n, n))
+        ax_mem.plot(xs, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=NAMES.get(n, n))
+    for ax, ylabel in ((ax_speed, "decode tokens/s"), (ax_mem, "decoding state (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:,.4g}"))
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    names = list(_MODELS.value)
+    try:
+        lengths = sorted(int(x) for x in _LENGTHS.value)
+        for n in names:
+            if n not in models.LAYER_TYPES:
+                raise ValueError(f"unknown model {n!r}; choose from {sorted(models.LAYER_TYPES)}")
+        if not lengths or min(lengths) < 1:
+            raise ValueError(f"--lengths must be positive integers, got {_LENGTHS.value}")
+        if _STEPS.value < 1 or _REPEATS.value < 1 or _BATCH.value < 1:
+            raise ValueError("--steps, --repeats and --batch_size must be >= 1")
+    except ValueError as e:
+        print(f"bench_decode.py: error: {e}", file=sys.stderr)
+        return 1
+    device = jax.devices()[0]
+    machine = (
+        f"{device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
+        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax "
+        f"{jax.__version__}"
+    )
+    rows = []
+    for n in names:
+        for length in lengths:
+            r = bench_one(n, length, max(lengths))
+            rows.append(r)
+            print(
+                f"{NAMES.get(n, n)} L={length}: {r['tokens_per_sec']:,.0f} tok/s, "
+                f"{r['ms_per_step']:.2f} ms/step, cache {fmt_bytes(r['cache_bytes'])}, "
+                f"first run {r['first_run_s']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    one = model_config(names[0], lengths[0], max(lengths))
+    setting = (
+        f"size {_SIZE.value} (d_model {one.d_model}), chunk {_CHUNK.value}, vocab {_VOCAB.value}, "
+        f"{_DTYPE.value}, batch {_BATCH.value}, {_STEPS.value} steps per run, best of "
+        f"{_REPEATS.value}"
+    )
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+    json_path = os.path.join(_OUT_DIR.value, "bench_decode.json")
+    png_path = os.path.join(_OUT_DIR.value, "bench_decode.png")
+    with open(json_path, "w") as f:
+        json.dump({"machine": machine, "setting": setting, "results": rows}, f, indent=2)
+    plot(rows, names, png_path, f"Incremental decoding, {setting}\n{machine}")
+    print(f"Machine: {machine}\nSetting: {setting}\n")
+    print(table(rows, names, lengths))
+    print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

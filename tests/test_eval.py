@@ -1,0 +1,319 @@
+"""eval.py and flash_jax.evaluation: whole-split perplexity against a direct computation, coverage,
+bad input, --all_steps plot, training time, result files.
+
+One tiny FLASH model is trained for two steps by the project's own loop (`trained_run`, shared
+with tests/test_sample.py through a folder of the pytest session) on a small corpus in PG-19
+layout that has no test/ folder (the "split the dataset lacks").
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from flash_jax import evaluation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN = 32
+WORDS = "the of and to a in that it was her not be he his as you she with for had".split()
+
+
+def _load_base_config():
+    """configs/base.py by path: pytest does not put the repository root on sys.path."""
+    path = os.path.join(REPO, "configs", "base.py")
+    spec = importlib.util.spec_from_file_location("_configs_base_for_eval_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+base = _load_base_config()
+
+
+def _write_corpus(root):
+    """Train and validation books, no test/ folder."""
+    rng = np.random.default_rng(0)
+    books = {}
+    for split, sizes in (("train", [400, 250, 300]), ("validation", [260, 45, 170])):
+        os.makedirs(os.path.join(root, split))
+        for i, n in enumerate(sizes):
+            words = rng.choice(WORDS, size=n)
+            text = "\n".join(" ".join(words[j : j + 11]) for j in range(0, n, 11)) + "\n"
+            with open(os.path.join(root, split, f"{100 + i}.txt"), "w") as f:
+                f.write(text)
+            books.setdefault(split, []).append(text)
+    return books
+
+
+def tiny_config(corpus):
+    config = base.get_config()
+    config.model.update(
+        name="flash",
+        num_layers=2,
+        d_model=32,
+        expansion_dim=64,
+        qk_dim=16,
+        chunk_size=8,  # 4 chunks per window: the cross-chunk (linear) part is used
+        num_heads=2,
+        mlp_dim=64,
+        max_len=SEQ_LEN,
+    )
+    config.data.update(data_dir=str(corpus), seq_len=SEQ_LEN, batch_size=8, shuffle_buffer=16)
+    config.train.update(
+        num_steps=2,
+        log_every=1,
+        eval_every=0,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        warmup_steps=1,
+        learning_rate=1e-2,
+    )
+    return config
+
+
+def train_tiny_run(root):
+    """Trains (once per pytest session) and returns (workdir, validation texts)."""
+    workdir, corpus, done = root / "run", root / "corpus", root / "DONE"
+    if not done.exists():
+        from flash_jax.train import loop
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        books = _write_corpus(corpus)
+        summary = loop.train_and_evaluate(tiny_config(corpus), str(workdir))
+        assert summary["status"] == "done" and summary["step"] == 2
+        done.write_text(json.dumps(books))
+    return str(workdir), json.loads(done.read_text())["validation"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.getbasetemp() / "eval_tiny_run")
+
+
+@pytest.fixture(scope="module")
+def validation(trained_run):
+    workdir, texts = trained_run
+    run = evaluation.restore(workdir)
+    return run, texts, evaluation.evaluate_split(run, "validation")
+
+
+def reference_nll(model, texts):
+    """Summed NLL and token count of each document's windows, unpacked, from the model's logits.
+
+    Independent of the pipeline: SentencePiece itself tokenizes, each document ends with EOS (1),
+    windows of SEQ_LEN tokens are scored alone, each starting from the input 0 as in training.
+    """
+    sp = spm.SentencePieceProcessor(model_file=base.SHIPPED_VOCAB)
+    windows = []
+    for text in texts:
+        ids = sp.encode(text) + [sp.eos_id()]
+        windows += [ids[i : i + SEQ_LEN] for i in range(0, len(ids), SEQ_LEN)]
+    inputs = np.zeros((len(windows), SEQ_LEN), np.int32)
+    targets = np.zeros((len(windows), SEQ_LEN), np.int32)
+    mask = np.zeros((len(windows), SEQ_LEN), bool)
+    for row, w in enumerate(windows):
+        inputs[row, 1 : len(w)] = w[:-1]
+        targets[row, : len(w)] = w
+        mask[row, : len(w)] = True
+    # Causal model: the zeros after a short window cannot change the logits before them.
+    logits = np.asarray(model(inputs), np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return float(nll[mask].sum()), int(mask.sum())
+
+
+# ----------------------------------------------------------------------------- the numbers
+
+
+def test_perplexity_equals_exp_of_the_directly_computed_mean_nll(validation):
+    run, texts, result = validation
+    nll, tokens = reference_nll(run.model(), texts)
+    assert result["complete"] and result["tokens"] == tokens
+    np.testing.assert_allclose(result["loss"], nll / tokens, rtol=1e-5)
+    np.testing.assert_allclose(result["perplexity"], math.exp(nll / tokens), rtol=1e-4)
+    num_bytes = sum(len(t.encode()) for t in texts)
+    num_words = sum(len(t.split()) for t in texts)
+    assert (result["bytes"], result["words"]) == (num_bytes, num_words)
+    np.testing.assert_allclose(result["bits_per_byte"], nll / num_bytes / math.log(2), rtol=1e-5)
+    np.testing.assert_allclose(result["word_perplexity"], math.exp(nll / num_words), rtol=1e-4)
+
+
+def test_the_whole_split_is_evaluated_once_padding_excluded(validation):
+    run, texts, result = validation
+    sp = spm.SentencePieceProcessor(model_file=base.SHIPPED_VOCAB)
+    tokens = sum(len(sp.encode(t)) + 1 for t in texts)  # + EOS per document
+    assert result["tokens"] == tokens
+    # Several batches, the last one padded with weight-0 rows (else this test proves little).
+    assert result["batches"] >= 2 and result["batches"] * 8 * SEQ_LEN > tokens
+
+
+def test_max_batches_stops_early_and_drops_whole_split_figures(validation):
+    run, _, full = validation
+    part = evaluation.evaluate_split(run, "validation", max_batches=1)
+    assert not part["complete"] and part["batches"] == 1
+    assert 0 < part["tokens"] <= 8 * SEQ_LEN < full["tokens"]
+    assert part["bits_per_byte"] is None and part["word_perplexity"] is None
+
+
+def test_restore_a_given_step_and_reuse_the_compiled_step(validation):
+    run, _, _ = validation
+    first = evaluation.restore(run.workdir, 1)
+    assert first.step == 1 and first.meta["step"] == 1
+    assert first.fns is run.fns  # same run config: the jitted eval step is shared
+    before, after = jax.tree.leaves(first.params), jax.tree.leaves(run.params)
+    assert len(before) == len(after) > 0
+    # A training step changed the weights.
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _eval_cli(*args, timeout=240):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "eval.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _snapshot(folder):
+    found = []
+    for where, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(where, name)
+            found.append(
+                (os.path.relpath(path, folder), os.path.getsize(path), os.stat(path).st_mtime_ns)
+            )
+    return sorted(found)
+
+
+def _error_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[-1]
+
+
+BAD_INPUTS = {
+    "no_checkpoint": ([], "no checkpoints in"),
+    "missing_step": (["--step=7"], "no checkpoint for step 7"),
+    "other_model": (["--config=configs/quickstart.py"], "different model config (model.chunk_size"),
+    "missing_split": (["--split=test"], "has no test/ folder"),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_checkpoint",
+        "missing_step",
+        "other_model",
+        pytest.param("missing_split", marks=pytest.mark.slow),  # imports TensorFlow: ~15 s
+    ],
+)
+def test_bad_input_one_line_nonzero_exit_workdir_unchanged(trained_run, tmp_path, case):
+    args, message = BAD_INPUTS[case]
+    workdir = trained_run[0]
+    if case == "no_checkpoint":
+        workdir = str(tmp_path / "empty")
+        os.makedirs(os.path.join(workdir, "something"))
+    before = _snapshot(workdir)
+    proc = _eval_cli(f"--workdir={workdir}", *args)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _error_line(proc)
+    assert line.startswith("eval.py: error: ") and message in line, line
+    assert proc.stdout == ""
+    assert _snapshot(workdir) == before
+
+
+@pytest.mark.slow  # a fresh process: imports, one compile, 6 small evaluations (~40 s on 2 cores)
+def test_all_steps_over_two_workdirs_writes_results_and_a_png(trained_run, validation, tmp_path):
+    workdirs = [str(tmp_path / name) for name in ("flash_a", "flash_b")]
+    for w in workdirs:
+        shutil.copytree(trained_run[0], w)
+    plot = tmp_path / "compare.png"
+    proc = _eval_cli(f"--workdir={','.join(workdirs)}", "--all_steps", f"--plot={plot}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("step", "split", "tokens", "loss", "perplexity", "bits_per_byte", "words"):
+        assert key in last
+    assert (last["workdir"], last["step"], last["split"]) == (workdirs[1], 2, "validation")
+    # One device in the subprocess, eight here: the same numbers.
+    _, _, here = validation
+    assert last["tokens"] == here["tokens"]
+    np.testing.assert_allclose(last["loss"], here["loss"], rtol=1e-5)
+    np.testing.assert_allclose(last["word_perplexity"], here["word_perplexity"], rtol=1e-4)
+    for w in workdirs:
+        with open(evaluation.results_path(w)) as f:
+            assert [json.loads(line)["step"] for line in f] == [1, 2]
+    with open(plot, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Progress against the total, known after the first pass.
+    assert f"batch {here['batches']}/{here['batches']}," in proc.stderr
+
+
+# ----------------------------------------------------------------------------- files and plots
+
+
+def test_training_time_sums_logged_step_times_last_record_wins(tmp_path):
+    records = [
+        {"step": 10, "step_time": 0.5},
+        {"step": 10, "eval_loss": 3.0},  # an eval record: no step time
+        {"step": 20, "step_time": 1.0},
+        {"step": 20, "step_time": 2.0},  # the run resumed and logged step 20 again
+        {"step": 30, "step_time": -0.1},  # a timing glitch: ignored
+    ]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n" + '{"step": 40, "ste')
+    at = evaluation.training_time(str(tmp_path))
+    assert at(10) == pytest.approx(5.0)
+    assert at(20) == pytest.approx(5.0 + 10 * 2.0)
+    assert at(15) == pytest.approx(5.0 + 5 * 2.0)
+    assert at(21) is None
+    assert evaluation.training_time(str(tmp_path / "nowhere")) is None
+
+
+def test_curve_keeps_the_latest_result_per_step_of_one_setting(tmp_path):
+    workdir = str(tmp_path)
+    rows = [
+        dict(step=200, split="validation", seq_len=32, max_batches=None, perplexity=9.0),
+        dict(step=100, split="validation", seq_len=32, max_batches=None, perplexity=12.0),
+        dict(step=200, split="validation", seq_len=32, max_batches=None, perplexity=8.0),
+        dict(step=100, split="test", seq_len=32, max_batches=None, perplexity=1.0),
+        dict(step=100, split="validation", seq_len=32, max_batches=5, perplexity=1.0),
+        dict(step=100, split="validation", seq_len=64, max_batches=None, perplexity=1.0),
+    ]
+    for r in rows:
+        evaluation.append_result(workdir, r)
+    got = evaluation.curve(workdir, "validation", 32, None)
+    assert [(r["step"], r["perplexity"]) for r in got] == [(100, 12.0), (200, 8.0)]
+
+
+def test_plot_curves_writes_a_png_with_a_training_time_panel(tmp_path):
+    def points(scale):
+        return [
+            dict(step=s, perplexity=scale * 400 / s**0.5, train_seconds=s * 3.0)
+            for s in (100, 200, 400, 800)
+        ]
+
+    path = evaluation.plot_curves(
+        [("flash", points(1.0)), ("transformer_pp", points(1.2))], str(tmp_path / "p.png")
+    )
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="nothing to plot"):
+        evaluation.plot_curves([("empty", [])], str(tmp_path / "q.png"))

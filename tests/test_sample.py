@@ -1,0 +1,72 @@
+"""scripts/sample.py: text from a trained checkpoint through incremental decoding, checked against
+greedy decoding by repeated full forward passes."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from flax import nnx
+from test_eval import base, train_tiny_run
+
+from flash_jax import evaluation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_sample_script():
+    spec = importlib.util.spec_from_file_location(
+        "_sample_script", os.path.join(REPO, "scripts", "sample.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sample = _load_sample_script()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    # The same two-step run as tests/test_eval.py (trained once per pytest session).
+    workdir, _ = train_tiny_run(tmp_path_factory.getbasetemp() / "eval_tiny_run")
+    return evaluation.restore(workdir, single_device=True)
+
+
+def test_greedy_sample_is_the_text_of_the_full_forward_argmax(run):
+    prompt, n = "she was not in the", 12
+    (text,) = sample.sample_text(run, prompt, n, temperature=0.0)
+    # Reference: grow the sequence one argmax at a time with full forward passes.
+    sp = spm.SentencePieceProcessor(model_file=base.SHIPPED_VOCAB)
+    forward = nnx.jit(lambda model, tokens: model(tokens))
+    model, width = run.model(), run.model_config.max_len
+    ids = [sample.START_ID] + sp.encode(prompt)
+    prompt_len = len(ids)
+    for _ in range(n):
+        # One shape for every call (one compile): a causal model ignores the padding after.
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, : len(ids)] = ids
+        logits = np.asarray(forward(model, tokens))
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    new = ids[prompt_len:]
+    if sp.eos_id() in new:
+        new = new[: new.index(sp.eos_id())]
+    assert isinstance(text, str) and text.startswith(prompt)
+    assert text == sp.decode(ids[1:prompt_len] + new)
+    assert len(text) > len(prompt) or not new
+
+
+def test_sampling_is_seeded_and_gives_one_text_per_sample(run):
+    kwargs = dict(temperature=1.0, top_k=20, num_samples=3)
+    first = sample.sample_text(run, "her", 8, seed=1, **kwargs)
+    assert len(first) == 3 and all(t.startswith("her") for t in first)
+    assert sample.sample_text(run, "her", 8, seed=1, **kwargs) == first
+    assert sample.sample_text(run, "her", 8, seed=2, **kwargs) != first
+
+
+def test_bad_sampling_arguments_are_value_errors(run):
+    with pytest.raises(ValueError, match="num_tokens"):
+        sample.sample_text(run, "her", 0)
+    with pytest.raises(ValueError, match="top_k"):
+        sample.sample_text(run, "her", 4, top_k=10**6)
