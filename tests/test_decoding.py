@@ -7,23 +7,11 @@ import pytest
 from flax import nnx
 
 from flash_jax import decoding, models
-from flash_jax.config import ModelConfig
-
-TINY = dict(
-    num_layers=2,
-    d_model=32,
-    expansion_dim=64,
-    qk_dim=16,
-    chunk_size=8,
-    num_heads=4,
-    mlp_dim=64,
-    vocab_size=64,
-    max_len=64,
-)
+from tests.tiny_models import tiny_config
 
 
 def tiny_model(name, **overrides):
-    return models.create(ModelConfig(**{**TINY, "name": name, **overrides}), rngs=nnx.Rngs(0))
+    return models.create(tiny_config(name, **overrides), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("prompt_length", [13, 16], ids=["inside_chunk", "chunk_end"])

@@ -12,23 +12,9 @@ from flax import nnx
 from flash_jax import models, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
+from tests.tiny_models import TINY, tiny_config
 
 ALL_MODELS = list(models.LAYER_TYPES)
-TINY = dict(
-    num_layers=2,
-    d_model=32,
-    expansion_dim=64,
-    qk_dim=16,
-    chunk_size=8,
-    num_heads=4,
-    mlp_dim=64,
-    vocab_size=64,
-    max_len=64,
-)
-
-
-def tiny_config(name, **overrides):
-    return ModelConfig(**{**TINY, "name": name, **overrides})
 
 
 def packed_segments(T=29):
@@ -356,9 +342,7 @@ def test_sharded_forward_matches_single_device(name):
         assert specs["layers"]["proj_in"]["kernel"] == P(None, "fsdp", "tensor")
         assert specs["layers"]["proj_out"]["kernel"] == P(None, "tensor", "fsdp")
     else:
-        assert specs["layers"]["attention"]["query"]["kernel"] == P(
-            None, "fsdp", "tensor", None
-        )
+        assert specs["layers"]["attention"]["query"]["kernel"] == P(None, "fsdp", "tensor", None)
     with jax.set_mesh(mesh):
         sharded_state = jax.device_put(state, sharding.param_shardings(state, mesh))
         table = sharded_state["embed"]["table"].value
