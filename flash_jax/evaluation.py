@@ -512,7 +512,7 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, titl
     values = [float(r[key]) for r in points]
     # Log scale when the curves span a wide range (early checkpoints), plain numbers either way.
     wide = min(values) > 0 and max(values) / min(values) > 3
-    plain = ticker.FuncFormatter(lambda y, _: f"{y:,.4g}")
+    plain = ticker.FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 1000 else f"{y:.4g}")
     for ax in axes[0]:
         ax.grid(True, alpha=0.3)
         if wide:
