@@ -155,15 +155,16 @@ class FlashLayer(_GatedUnit):
 
     @staticmethod
     def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:
-        """The constant-size causal state: running sum and count over completed chunks, plus the
-        keys and values of the current chunk. `length` is unused: nothing grows with context."""
+        """The constant-size causal state: the linear part's sum and count over completed chunks,
+        the current chunk's running sum (folded in when the chunk completes), and its quadratic
+        keys and values. `length` is unused: nothing grows with the context."""
         del length
         C, s, e = cfg.chunk_size, cfg.qk_dim, cfg.expansion_dim
         return {
             "sum": jnp.zeros((batch_size, s, e), jnp.float32),
             "count": jnp.zeros((), jnp.float32),
+            "chunk_sum": jnp.zeros((batch_size, s, e), jnp.float32),
             "quad_k": jnp.zeros((batch_size, C, s), cfg.compute_dtype),
-            "lin_k": jnp.zeros((batch_size, C, s), cfg.compute_dtype),
             "v": jnp.zeros((batch_size, C, e), cfg.compute_dtype),
         }
 
@@ -176,11 +177,7 @@ class FlashLayer(_GatedUnit):
         def put(buffer, new):
             return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), slot, 1)
 
-        quad_keys, lin_keys, values = (
-            put(cache["quad_k"], quad_k),
-            put(cache["lin_k"], lin_k),
-            put(cache["v"], v),
-        )
+        quad_keys, values = put(cache["quad_k"], quad_k), put(cache["v"], v)
         index = jnp.arange(C)
         scores = (
             jnp.einsum("bs,bcs->bc", quad_q[:, 0], quad_keys, preferred_element_type=jnp.float32)
@@ -195,13 +192,16 @@ class FlashLayer(_GatedUnit):
         lin = jnp.where(cache["count"] > 0, lin / jnp.maximum(cache["count"], 1.0), 0.0)
         out = self.output(x_B1D, u, (quad + lin)[:, None].astype(v.dtype))
 
-        # When this token completes its chunk, fold the chunk into the running sum.
+        # This token joins its chunk's running sum; when it completes the chunk, the chunk's sum
+        # joins the linear part (which only ever sees completed chunks).
+        chunk_sum = cache["chunk_sum"] + jnp.einsum(
+            "bs,be->bse", lin_k[:, 0], v[:, 0], preferred_element_type=jnp.float32
+        )
         complete = slot == C - 1
-        chunk_sum = jnp.einsum("bcs,bce->bse", lin_keys, values, preferred_element_type=jnp.float32)
         return out, {
-            "sum": cache["sum"] + jnp.where(complete, chunk_sum, 0.0),
+            "sum": jnp.where(complete, cache["sum"] + chunk_sum, cache["sum"]),
             "count": cache["count"] + jnp.where(complete, float(C), 0.0),
+            "chunk_sum": jnp.where(complete, 0.0, chunk_sum),
             "quad_k": quad_keys,
-            "lin_k": lin_keys,
             "v": values,
         }
