@@ -360,8 +360,10 @@ def train_and_evaluate(
                         scalars["eval_loss"],
                         scalars["eval_perplexity"],
                     )
-                if window["time"] is not None:  # eval and saving do not count as step time
-                    window["time"] += time.time() - paused
+                if window["time"] is not None:
+                    # Eval and saving do not count as step time. drain() may have restarted the
+                    # window during the pause: then only the rest of the pause is excluded.
+                    window["time"] += time.time() - max(paused, window["time"])
                 if preempted:
                     status = "preempted"
                     break
