@@ -174,6 +174,9 @@ def test_run_trains_logs_and_checkpoints(straight_run):
     for key in ("perplexity", "learning_rate", "grad_norm", "tokens_per_sec", "step_time"):
         assert key in train_record
     assert train_record["perplexity"] == pytest.approx(np.exp(train_record["loss"]), rel=1e-6)
+    # Step times exclude checkpoint saves and evals, and are never negative (saves every 2 steps).
+    step_times = [r["step_time"] for r in records if r.get("step_time") is not None]
+    assert len(step_times) >= 4 and all(t > 0 for t in step_times), step_times
     evals = [r for r in records if "eval_perplexity" in r]
     assert [r["step"] for r in evals] == [3, 6]
     with open(os.path.join(workdir, "config.json")) as f:
