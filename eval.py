@@ -21,7 +21,6 @@ and leaves every workdir unchanged.
 """
 
 import os
-import re
 import sys
 import time
 
@@ -29,6 +28,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from flash_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -54,31 +55,7 @@ PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds (plus
 
 
 def _error(message: str, code: int = 1):
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _parse_flags(argv):
-    """absl's parser, but a bad flag, config file or override gives one line, no traceback."""
-    for arg in argv[1:]:
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
-            if not os.path.isfile(path):
-                _error(f"config file {path!r} does not exist", 2)
-    try:
-        argv = flags.FLAGS(argv)
-        if _CONFIG.value is not None:
-            _CONFIG.value.keys()  # loads the config file now, inside the try
-    except flags.Error as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        _error(lines[-1] if lines else repr(e), 2)
-    except (AttributeError, KeyError) as e:  # an override of a key the config does not have
-        words = re.findall(r"\w+", str(e))
-        _error(f"unknown config key {words[0] if words else e}", 2)
-    except Exception as e:  # noqa: BLE001 - e.g. the config file raises on import
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        _error(f"{type(e).__name__}: {lines[-1] if lines else ''}", 2)
-    return argv
+    cli.fail("eval.py", message, code)
 
 
 def _summary(result: dict) -> str:
@@ -138,7 +115,7 @@ def main(argv):
     # Imported here: the flags above fail without paying for JAX / Orbax.
     from flash_jax import evaluation
 
-    evaluation.quiet_library_logs("eval.py")
+    cli.quiet_library_logs("eval.py")
 
     # ---- resolve every workdir, step and config first: bad input changes nothing anywhere
     jobs = []  # (workdir, checkpoints, [steps])
@@ -200,4 +177,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "eval.py"))

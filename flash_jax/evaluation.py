@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import time
@@ -52,28 +51,6 @@ WORD_LEVEL_DATASETS = ("pg19",)
 
 
 # ----------------------------------------------------------------------------- console
-
-
-class QuietLibraries(logging.Filter):
-    """For the CLIs at absl INFO verbosity: our INFO lines and everyone's warnings, not the
-    libraries' INFO chatter (Orbax's per-restore lines, JAX's backend probing), nor Orbax's
-    notices that it opened checkpoints read-only."""
-
-    def __init__(self, own_files: Sequence[str] = ()):
-        super().__init__()
-        self.own_files = tuple(own_files)
-
-    def filter(self, record):
-        if "flash_jax" in record.pathname or record.pathname.endswith(self.own_files):
-            return True
-        if f"{os.sep}orbax{os.sep}" in record.pathname and "read only" in record.getMessage():
-            return False
-        return record.levelno >= logging.WARNING
-
-
-def quiet_library_logs(*own_files: str) -> None:
-    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names."""
-    logging.getLogger("absl").addFilter(QuietLibraries(own_files))
 
 
 # ----------------------------------------------------------------------------- checkpoints

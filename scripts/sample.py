@@ -19,6 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from flash_jax import cli  # noqa: E402
+
 START_ID = 0  # training inputs start every document (and window) with 0: see pack_windows
 
 
@@ -87,7 +89,7 @@ def main(argv, config_flag):
     from flash_jax import evaluation
 
     logging.set_verbosity(logging.INFO)
-    evaluation.quiet_library_logs("sample.py")
+    cli.quiet_library_logs("sample.py")
 
     try:
         run = evaluation.restore(
