@@ -21,9 +21,9 @@ Byte and word figures need the whole split; with `max_batches` they are None.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,9 +64,7 @@ class ReadOnlyCheckpoints(checkpoint.Checkpoints):
     """
 
     def __init__(self, workdir: str):
-        self.directory = str(epath.Path(workdir) / checkpoint.CHECKPOINT_DIR)
-        if "://" not in self.directory:
-            self.directory = os.path.abspath(self.directory)
+        self.directory = checkpoint.checkpoint_dir(workdir)
         if not epath.Path(self.directory).is_dir():
             raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -362,8 +360,8 @@ def word_perplexity(nll_sum: float, num_words: int) -> float:
 # ----------------------------------------------------------------------------- results on disk
 
 
-def results_path(workdir: str) -> str:
-    return os.path.join(workdir, EVAL_DIR, RESULTS_FILE)
+def results_path(workdir: str) -> epath.Path:
+    return epath.Path(workdir) / EVAL_DIR / RESULTS_FILE  # local or gs://
 
 
 def _json_safe(value):
@@ -380,18 +378,17 @@ def append_result(workdir: str, result: dict) -> str:
     """Appends one line to `workdir/eval/results.jsonl` (main process only); returns its path."""
     path = results_path(workdir)
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
             f.write(result_json(result) + "\n")
-    return path
+    return str(path)
 
 
 def read_results(workdir: str) -> list[dict]:
     path = results_path(workdir)
-    if not os.path.exists(path):
+    if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
@@ -421,20 +418,19 @@ def training_time(workdir: str) -> Callable[[int], float | None] | None:
     windows, so restarts and pauses do not count; None when the run logged no step times. Steps
     after the last logged one give None.
     """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return None
     by_step = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            step_time = record.get("step_time")
-            # A non-positive step time is a timing glitch, not a measurement: skip it.
-            if isinstance(step_time, (int, float)) and step_time > 0:
-                by_step[int(record["step"])] = float(step_time)  # resumed: last wins
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        step_time = record.get("step_time")
+        # A non-positive step time is a timing glitch, not a measurement: skip it.
+        if isinstance(step_time, (int, float)) and step_time > 0:
+            by_step[int(record["step"])] = float(step_time)  # resumed: last wins
     if not by_step:
         return None
     steps = np.array([0] + sorted(by_step), np.float64)
@@ -500,7 +496,10 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, titl
     ax_step.legend()
     fig.suptitle(title or ylabel)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    out = epath.Path(path)  # local or gs://
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png.getvalue())
     return path

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flash_jax.config import ModelConfig
 
@@ -42,11 +43,17 @@ def differing_keys(saved: dict, current: dict) -> list[str]:
     ]
 
 
+def checkpoint_dir(workdir: str) -> str:
+    """`workdir/checkpoints`, absolute for local paths; URLs (gs://) are kept as they are."""
+    path = str(epath.Path(workdir) / CHECKPOINT_DIR)
+    return path if "://" in path else os.path.abspath(path)
+
+
 class Checkpoints:
     """The run's `CheckpointManager` under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+        self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
             enable_async_checkpointing=async_save,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from absl import logging
+from etils import epath
 
 from flash_jax import data, metrics, sharding
 from flash_jax.config import ModelConfig
@@ -214,7 +215,7 @@ def train_and_evaluate(
     check_vocabulary(config)
     t = config.train
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
     ckpts = checkpoint.Checkpoints(workdir, t.keep_checkpoints)
     try:
         latest = ckpts.check_compatible(model_config)
@@ -223,8 +224,7 @@ def train_and_evaluate(
         raise
     resolved = config_to_dict(config)
     if is_main:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            json.dump(resolved, f, indent=2)
+        (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
 
     reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, resume_step=latest)
     tokens_per_step = config.data.batch_size * config.data.seq_len

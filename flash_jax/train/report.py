@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 from absl import logging
+from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -46,17 +46,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def _drop_records_after(path: epath.Path, step: int) -> None:
     """A resumed run replays the steps after its checkpoint: drop their old records."""
-    if not os.path.exists(path):
+    if not path.exists():
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 class Reporter:
@@ -69,16 +68,18 @@ class Reporter:
         self.is_main = is_main
         self._writer = None
         self._jsonl = None
+        # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
+        workdir = epath.Path(workdir)
         if is_main and resume_step is not None:
-            _drop_records_after(os.path.join(workdir, METRICS_FILE), resume_step)
+            _drop_records_after(workdir / METRICS_FILE, resume_step)
         if is_main:
             # Imported here: clu's TF summary writer pulls in TensorFlow.
             from clu import metric_writers
 
             self._writer = metric_writers.AsyncWriter(
-                metric_writers.SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+                metric_writers.SummaryWriter(str(workdir / TENSORBOARD_DIR))
             )
-            self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")  # noqa: SIM115
+            self._jsonl = (workdir / METRICS_FILE).open("a")
 
     def write(self, step: int, scalars: dict) -> None:
         """One record: TensorBoard scalars and one JSON line {"step": ..., **scalars}."""
