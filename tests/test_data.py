@@ -2,7 +2,6 @@
 
 import collections
 import importlib
-import importlib.util
 import logging
 import os
 import tarfile
@@ -15,20 +14,9 @@ import seqio
 import tensorflow as tf
 from jax.sharding import PartitionSpec as P
 
+from configs import base
 from flash_jax import data, sharding
 from flash_jax.data import preprocessors, sources, tasks, vocabularies
-
-
-def _load_base_config():
-    """configs/base.py by path: pytest does not put the repository root on sys.path."""
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "base.py")
-    spec = importlib.util.spec_from_file_location("_configs_base_for_data_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _load_base_config()
 
 AUSTEN_VALIDATION_BYTES = 433410  # 121.txt, Northanger Abbey (see the corpus README)
 

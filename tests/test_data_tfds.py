@@ -1,27 +1,13 @@
 """The TFDS code path (pg19, wiki40b/en, c4/en) on tfds.testing.mock_data: offline, real code."""
 
-import importlib.util
-import os
-
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import base
 from flash_jax import data
 from flash_jax.data import sources
-
-
-def _load_base_config():
-    """configs/base.py by path: pytest does not put the repository root on sys.path."""
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "base.py")
-    spec = importlib.util.spec_from_file_location("_configs_base_for_data_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _load_base_config()
 
 NUM_EXAMPLES = 6
 
