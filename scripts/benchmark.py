@@ -412,6 +412,7 @@ def run_isolated(args, model: str, context: int) -> tuple[dict, dict | None]:
             os.path.abspath(__file__),
             f"--only={model}:{context}",
             f"--row_out={out}",
+            f"--contexts={context}",
             *(f"--{key}={getattr(args, key)}" for key in _PASSED_FLAGS),
         ]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)

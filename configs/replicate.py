@@ -1,0 +1,107 @@
+"""The replication run (scripts/replicate.py): FLASH, FLASH-Quad and Transformer++ of about the
+same parameter count, trained under one budget (same steps, same tokens per step) on the shipped
+corpus (the default data config of configs/base.py), evaluated on the validation split.
+
+    python train.py --config=configs/replicate.py:flash --workdir=runs/replicate/flash
+    python train.py --config=configs/replicate.py:transformer_pp,accelerator --workdir=...
+
+The argument is `<model>[,<setting>]`: model one of MODELS, setting one of SETTINGS (default "cpu").
+
+- "cpu": ~1.9M-parameter models (width 128, vocabulary 4k; 4 Transformer++ layers, 8 GAU layers),
+  256-token context, 8 x 256 = 2,048 tokens per step, 300 steps each (0.7-1.2 s per step on
+  2 CPU cores, measured): the three runs take about 20-30 minutes there.
+- "accelerator": the `small` preset of flash_jax.models (width 512, 6 Transformer++ / 12 GAU
+  layers, ~25M parameters with the 4k vocabulary), 1,024-token context, 32 x 1,024 tokens per step,
+  bf16 compute, 10k steps. A documented setting for one GPU / TPU host, not run here.
+
+FLASH-family models get twice the Transformer's layers at the same width (flash_jax.models.preset
+and shared/docs/flash-spec.md: two GAU layers ~ one Transformer layer in parameters and cost).
+"""
+
+from configs import base
+from flash_jax import models
+
+MODELS = ("flash", "flash_quad", "transformer_pp")
+SETTINGS = {
+    # setting: model size preset knobs and the training budget
+    "cpu": dict(
+        transformer_layers=4,
+        d_model=128,
+        num_heads=2,
+        qk_dim=64,  # s: 64 rather than the paper's 128 at this tiny width (keeps params matched)
+        chunk_size=64,  # C: 4 chunks per 256-token sequence, so FLASH's linear part is exercised
+        seq_len=256,
+        batch_size=8,
+        num_steps=300,
+        warmup_steps=30,
+        learning_rate=3e-3,  # small models, short run: a high peak rate (as configs/quickstart.py)
+        eval_every=20,
+        eval_batches=6,
+        dtype="float32",  # CPU: no bf16 speed-up
+    ),
+    "accelerator": dict(
+        transformer_layers=models.SIZES["small"][0],
+        d_model=models.SIZES["small"][1],
+        num_heads=models.SIZES["small"][2],
+        qk_dim=128,  # s = 128: paper
+        chunk_size=256,  # C = 256: paper default
+        seq_len=1024,
+        batch_size=32,
+        num_steps=10_000,
+        warmup_steps=500,
+        learning_rate=1e-3,  # documented guess (T5-era LM training at this width)
+        eval_every=500,
+        eval_batches=32,
+        dtype="bfloat16",
+    ),
+}
+
+
+def parse_arg(arg) -> tuple[str, str]:
+    """'flash' -> ('flash', 'cpu'); 'flash,accelerator' -> ('flash', 'accelerator')."""
+    parts = str(arg or "flash").split(",")
+    model = parts[0]
+    setting = parts[1] if len(parts) > 1 else "cpu"
+    if model not in MODELS or setting not in SETTINGS or len(parts) > 2:
+        raise ValueError(
+            f"config argument {arg!r}: expected <model>[,<setting>] with model one of {MODELS} "
+            f"and setting one of {tuple(SETTINGS)}"
+        )
+    return model, setting
+
+
+def get_config(arg=None):
+    model, setting = parse_arg(arg)
+    s = SETTINGS[setting]
+    config = base.get_config()  # the data config stays the default: the shipped Austen corpus
+
+    m = config.model
+    m.name = model
+    gau = not model.startswith("transformer")
+    m.num_layers = 2 * s["transformer_layers"] if gau else s["transformer_layers"]
+    m.d_model = s["d_model"]
+    m.expansion_dim = 2 * s["d_model"]  # e = 2d
+    m.qk_dim = s["qk_dim"]
+    m.chunk_size = s["chunk_size"]
+    m.num_heads = s["num_heads"]
+    m.mlp_dim = 4 * s["d_model"]  # SwiGLU uses 2/3 of it per branch: same parameters
+    m.vocab_size = 4096  # the shipped 4k SentencePiece vocabulary
+    m.max_len = s["seq_len"]  # also FLASH-Quad's fixed score scale n
+    m.dtype = s["dtype"]
+
+    d = config.data
+    d.seq_len = s["seq_len"]
+    d.batch_size = s["batch_size"]
+
+    t = config.train
+    t.num_steps = s["num_steps"]
+    t.warmup_steps = s["warmup_steps"]
+    t.learning_rate = s["learning_rate"]
+    t.decay = "cosine"
+    t.eval_every = s["eval_every"]
+    t.eval_batches = s["eval_batches"]
+    # Logging at every eval step too, so that each eval point has an exact training-time stamp.
+    t.log_every = min(20, s["eval_every"])
+    t.checkpoint_every = s["num_steps"]  # the budget is short: checkpoint at the end only
+    t.keep_checkpoints = 1
+    return config

@@ -1,0 +1,367 @@
+"""Replication of the paper's speed / quality comparison at a small scale (GitHub issue #6).
+
+Trains FLASH, FLASH-Quad and Transformer++ of about the same parameter count (configs/replicate.py:
+FLASH-family models have twice the Transformer's layers) under one budget (same steps and tokens
+per step) on the shipped corpus, with the project's own training loop (`train_and_evaluate`, one
+workdir per model, periodic eval on the validation split). Then reports validation perplexity
+against steps and against training wall time (markdown table, JSON, PNG plot) and the paper's
+Table 3 measure: the speed-up at equal perplexity.
+
+    python scripts/replicate.py                          # CPU setting: ~30 min on 2 shared cores
+    python scripts/replicate.py --setting=accelerator --workdir=runs/replicate_acc \
+        --name=replicate_accelerator                     # one GPU / TPU host (see the config)
+
+A workdir that already holds a finished run is not retrained (the loop resumes from its final
+checkpoint and stops at once), so rerunning only redoes the report.
+
+Training wall time is the loop's own `step_time` (eval and checkpointing excluded; the first step,
+which includes the compile, is counted at its log window's mean step rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # `python scripts/replicate.py` from the repository root
+    sys.path.insert(0, _REPO)
+
+import numpy as np  # noqa: E402
+
+from configs import base, replicate  # noqa: E402
+from scripts import benchmark  # noqa: E402 - machine description and plotting helpers
+
+BASELINE = "transformer_pp"
+LABELS = {
+    "flash": "FLASH",
+    "flash_quad": "FLASH-Quad",
+    "transformer_pp": "Transformer++",
+    "transformer_plus": "Transformer+",
+    "transformer": "Transformer",
+}
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def read_curve(workdir: str) -> dict:
+    """Eval points of one run from its `metrics.jsonl`: step, training time (s), perplexity.
+
+    A resumed run may log a step twice; the last record of each step wins.
+    """
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ValueError(f"no metrics.jsonl in workdir {workdir!r}")
+    train, evals = {}, {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "eval_perplexity" in record:
+                evals[record["step"]] = record
+            elif record.get("step_time") is not None:
+                train[record["step"]] = record
+    if not evals:
+        raise ValueError(f"{path} has no eval records (is train.eval_every > 0?)")
+    if not train:
+        raise ValueError(f"{path} has no training records with a step_time")
+    train_steps = sorted(train)
+    # Cumulative training time at each logged step: each window's mean step time times its steps.
+    cum_time, previous, elapsed = [0.0], 0, 0.0
+    for s in train_steps:
+        elapsed += float(train[s]["step_time"]) * (s - previous)
+        cum_time.append(elapsed)
+        previous = s
+    eval_steps = sorted(evals)
+    times = np.interp(eval_steps, [0] + train_steps, cum_time)
+    return {
+        "step": [int(s) for s in eval_steps],
+        "train_time_s": [float(t) for t in times],
+        "eval_perplexity": [float(evals[s]["eval_perplexity"]) for s in eval_steps],
+        "eval_loss": [float(evals[s]["eval_loss"]) for s in eval_steps],
+        "train_loss": [float(train[s]["loss"]) for s in train_steps],
+        "train_loss_step": [int(s) for s in train_steps],
+        "mean_step_time_s": elapsed / train_steps[-1],
+    }
+
+
+def first_reach(xs, perplexities, target: float) -> float | None:
+    """The first x at which a curve reaches `target` (perplexity <= target), interpolating
+    linearly between consecutive eval points; None if it never does. A curve already at or
+    below the target at its first point gives that point's x (there is no earlier point)."""
+    if len(xs) != len(perplexities):
+        raise ValueError(f"curve has {len(xs)} x values but {len(perplexities)} perplexities")
+    for i, (x, p) in enumerate(zip(xs, perplexities, strict=True)):
+        if p <= target:
+            if i == 0:
+                return float(x)
+            x0, p0 = xs[i - 1], perplexities[i - 1]
+            return float(x0 + (p0 - target) / (p0 - p) * (x - x0))
+    return None
+
+
+def speedup_at_equal_perplexity(baseline_x, baseline_ppl, candidate_x, candidate_ppl) -> dict:
+    """The paper's Table 3 measure: the baseline's cost (steps or time) for its final validation
+    perplexity over the candidate's cost to first reach that same perplexity (interpolated).
+
+    Returns {"target_perplexity", "baseline", "candidate", "speedup"}; candidate and speedup are
+    None when the candidate never reaches the target.
+    """
+    if not len(baseline_x) or not len(candidate_x):
+        raise ValueError("speed-up needs non-empty curves")
+    target = float(baseline_ppl[-1])
+    baseline_cost = float(baseline_x[-1])
+    candidate_cost = first_reach(candidate_x, candidate_ppl, target)
+    return {
+        "target_perplexity": target,
+        "baseline": baseline_cost,
+        "candidate": candidate_cost,
+        "speedup": None if not candidate_cost else baseline_cost / candidate_cost,
+    }
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def model_config(model: str, setting: str, args) -> object:
+    config = replicate.get_config(f"{model},{setting}")
+    t = config.train
+    for key in ("num_steps", "eval_every", "eval_batches", "log_every"):
+        value = getattr(args, key)
+        if value is not None:
+            t[key] = value
+    if args.num_steps is not None:
+        t.checkpoint_every = args.num_steps
+        t.warmup_steps = min(t.warmup_steps, max(args.num_steps // 10, 0))
+    return config
+
+
+def count_params(config) -> int:
+    from flax import nnx
+
+    from flash_jax import models
+
+    abstract = nnx.eval_shape(lambda: models.create(config.model, rngs=nnx.Rngs(0)))
+    return models.count_params(abstract)
+
+
+def run(args) -> dict:
+    from flash_jax.train import loop
+
+    results = {}
+    for model in args.models:
+        config = model_config(model, args.setting, args)
+        workdir = os.path.join(args.workdir, model)
+        print(f"== {LABELS.get(model, model)}: training in {workdir}", flush=True)
+        summary = loop.train_and_evaluate(config, workdir, reference=base.get_config())
+        if summary["status"] != "done":
+            raise RuntimeError(f"{model}: training stopped early ({summary['status']})")
+        curve = read_curve(workdir)
+        results[model] = {
+            "label": LABELS.get(model, model),
+            "workdir": workdir,
+            "num_params": count_params(config),
+            "num_layers": int(config.model.num_layers),
+            "final_eval_perplexity": curve["eval_perplexity"][-1],
+            "train_time_s": curve["train_time_s"][-1],
+            "curve": curve,
+        }
+    return results
+
+
+def speedups(results: dict, baseline: str) -> dict:
+    if baseline not in results:
+        return {}
+    base_curve = results[baseline]["curve"]
+    out = {}
+    for model, result in results.items():
+        if model == baseline:
+            continue
+        curve = result["curve"]
+        out[model] = {
+            key: speedup_at_equal_perplexity(
+                base_curve[key], base_curve["eval_perplexity"], curve[key], curve["eval_perplexity"]
+            )
+            for key in ("step", "train_time_s")
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _fmt_speedup(entry: dict, unit: str) -> str:
+    if entry["candidate"] is None:
+        return "not reached"
+    fmt = "{:.0f}" if unit == "steps" else "{:.0f} s"
+    return (
+        f"{entry['speedup']:.2f}x ({fmt.format(entry['baseline'])} vs "
+        f"{fmt.format(entry['candidate'])})"
+    )
+
+
+def markdown(report: dict) -> str:
+    results, info = report["models"], report["setup"]
+    models = list(results)
+    lines = [
+        f"# Replication: {', '.join(results[m]['label'] for m in models)}",
+        "",
+        f"Setting `{info['setting']}`: {info['tokens_per_step']:,} tokens per step "
+        f"({info['batch_size']} x {info['seq_len']}), {info['num_steps']} steps per model, "
+        f"eval every {info['eval_every']} steps on {info['eval_batches']} validation batches of "
+        f"the shipped corpus ({info['dataset']}, {info['data_source']}).",
+        "",
+        benchmark.machine_line(report["machine"]),
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| model | layers | parameters | final val. perplexity | training time | s / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        r = results[m]
+        lines.append(
+            f"| {r['label']} | {r['num_layers']} | {r['num_params'] / 1e6:.2f}M | "
+            f"{r['final_eval_perplexity']:.2f} | {r['train_time_s']:.0f} s | "
+            f"{r['curve']['mean_step_time_s']:.2f} |"
+        )
+    if report["speedup"]:
+        base_label = results[report["baseline"]]["label"]
+        lines += [
+            "",
+            f"Speed-up at equal perplexity (paper's Table 3 measure): {base_label}'s cost for its "
+            f"final validation perplexity over the model's cost to first reach it (linear "
+            f"interpolation between eval points).",
+            "",
+            "| model | target perplexity | speed-up in steps | speed-up in training time |",
+            "|---|---|---|---|",
+        ]
+        for m, entry in report["speedup"].items():
+            lines.append(
+                f"| {results[m]['label']} | {entry['step']['target_perplexity']:.2f} | "
+                f"{_fmt_speedup(entry['step'], 'steps')} | "
+                f"{_fmt_speedup(entry['train_time_s'], 'time')} |"
+            )
+    lines += [
+        "",
+        "Validation perplexity (training time in seconds in brackets):",
+        "",
+        "| step | " + " | ".join(results[m]["label"] for m in models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    steps = sorted({s for m in models for s in results[m]["curve"]["step"]})
+    for s in steps:
+        cells = []
+        for m in models:
+            curve = results[m]["curve"]
+            if s in curve["step"]:
+                i = curve["step"].index(s)
+                cells.append(f"{curve['eval_perplexity'][i]:.2f} ({curve['train_time_s'][i]:.0f})")
+            else:
+                cells.append("")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
+    for r in report["models"].values():
+        curve = r["curve"]
+        label = f"{r['label']} ({r['num_params'] / 1e6:.1f}M)"
+        ax_steps.plot(curve["step"], curve["eval_perplexity"], marker=".", label=label)
+        ax_time.plot(curve["train_time_s"], curve["eval_perplexity"], marker=".", label=label)
+    for ax, xlabel in ((ax_steps, "training step"), (ax_time, "training wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_steps.set_ylabel("validation perplexity")
+    ax_steps.legend(fontsize=8)
+    fig.suptitle(
+        f"Replication ({report['setup']['setting']}): {benchmark.device_name(report['machine'])}"
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", default="cpu", choices=sorted(replicate.SETTINGS))
+    parser.add_argument(
+        "--models", default=",".join(replicate.MODELS), help="comma-separated model names"
+    )
+    parser.add_argument("--baseline", default=BASELINE)
+    parser.add_argument("--workdir", default="runs/replicate", help="one sub-folder per model")
+    parser.add_argument("--out_dir", default="docs/results")
+    parser.add_argument("--name", default="replicate_cpu", help="output file name stem")
+    parser.add_argument("--num_steps", type=int, default=None, help="override the setting's")
+    parser.add_argument("--eval_every", type=int, default=None)
+    parser.add_argument("--eval_batches", type=int, default=None)
+    parser.add_argument("--log_every", type=int, default=None)
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    bad = [m for m in args.models if m not in replicate.MODELS]
+    if bad or not args.models:
+        parser.error(f"--models: choose from {replicate.MODELS}, got {args.models}")
+    for key in ("num_steps", "eval_every", "eval_batches", "log_every"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key} must be >= 1, got {value}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
+    config = model_config(args.models[0], args.setting, args)
+    report = {
+        "command": " ".join(
+            ["python scripts/replicate.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": benchmark.machine_info(),
+        "setup": {
+            "setting": args.setting,
+            "seq_len": int(config.data.seq_len),
+            "batch_size": int(config.data.batch_size),
+            "tokens_per_step": int(config.data.seq_len * config.data.batch_size),
+            "num_steps": int(config.train.num_steps),
+            "eval_every": int(config.train.eval_every),
+            "eval_batches": int(config.train.eval_batches),
+            "learning_rate": float(config.train.learning_rate),
+            "dataset": config.data.dataset,
+            "data_source": os.path.basename(str(config.data.data_dir)),
+        },
+        "baseline": args.baseline,
+        "models": results,
+        "speedup": speedups(results, args.baseline),
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, args.name)
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2, allow_nan=False, default=_json_default)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    plot(report, stem + ".png")
+    print(markdown(report))
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return report
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+if __name__ == "__main__":
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO)  # the loop's progress lines (loss, s/step, ETA)
+    main()
