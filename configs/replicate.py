@@ -8,8 +8,8 @@ corpus (the default data config of configs/base.py), evaluated on the validation
 The argument is `<model>[,<setting>]`: model one of MODELS, setting one of SETTINGS (default "cpu").
 
 - "cpu": ~1.9M-parameter models (width 128, vocabulary 4k; 4 Transformer++ layers, 8 GAU layers),
-  256-token context, 8 x 256 = 2,048 tokens per step, 300 steps each (0.7-1.2 s per step on
-  2 CPU cores, measured): the three runs take about 20-30 minutes there.
+  256-token context, 8 x 256 = 2,048 tokens per step, 300 steps each (0.6-1.0 s per step on
+  2 shared CPU cores, measured): the three runs took 15 minutes there.
 - "accelerator": the `small` preset of flash_jax.models (width 512, 6 Transformer++ / 12 GAU
   layers, ~25M parameters with the 4k vocabulary), 1,024-token context, 32 x 1,024 tokens per step,
   bf16 compute, 10k steps. A documented setting for one GPU / TPU host, not run here.

@@ -7,7 +7,7 @@ workdir per model, periodic eval on the validation split). Then reports validati
 against steps and against training wall time (markdown table, JSON, PNG plot) and the paper's
 Table 3 measure: the speed-up at equal perplexity.
 
-    python scripts/replicate.py                          # CPU setting: ~30 min on 2 shared cores
+    python scripts/replicate.py                          # CPU setting: ~15 min on 2 shared cores
     python scripts/replicate.py --setting=accelerator --workdir=runs/replicate_acc \
         --name=replicate_accelerator                     # one GPU / TPU host (see the config)
 
