@@ -5,7 +5,7 @@ For each model and context length T: the project's own jitted train step (flash_
 forward, backward and optimizer update, remat as configured) on synthetic batches of uniformly
 random tokens (one document per row), batch = tokens_per_step / T. Reports the median step time over
 `--repeats` timed steps after `--warmup` untimed ones, tokens/s, achieved TFLOP/s from the compiled
-program's cost analysis and from the analytic count (`analytic_flops`), model FLOPs utilisation
+program's cost analysis and from the analytic count (`flash_jax.flops`), model FLOPs utilisation
 against the device's peak where known, and peak device memory (`device.memory_stats()`, n/a where
 the backend has none, e.g. CPU; the compiled program's own memory estimate is given too).
 
@@ -43,6 +43,8 @@ import time
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # `python scripts/benchmark.py` from anywhere
     sys.path.insert(0, _REPO)
+
+from flash_jax import flops  # noqa: E402 - pure arithmetic: starts no backend
 
 MODELS = ("flash", "flash_quad", "transformer_pp", "transformer_plus")
 LABELS = {
@@ -126,56 +128,6 @@ def machine_line(info: dict) -> str:
 # ----------------------------------------------------------------------------- FLOP counts
 
 
-def analytic_flops(model_config, context: int, tokens: int, num_params: int) -> dict:
-    """Training FLOPs of one step (forward + backward = 3 x forward; remat recompute not counted,
-    as usual for model FLOPs utilisation).
-
-    dense:     6 * N * tokens, N = parameters that multiply activations (all but the input
-               embedding table(s); norm scales and biases are counted too, a negligible excess)
-    attention, per layer and token (forward; x 3 for training), with T the context, d the width,
-    e the expansion width, s the shared key width, C the chunk size:
-      Transformer(+/++):  4 * T * d              q.k over T keys and a.v, full T x T computed
-      FLASH-Quad:         2 * T * (s + e)        relu^2 scores (s) and a.v (e), full T x T
-      FLASH (causal):     2 * C' * (s + e)       in-chunk scores and a.v, C' = C * ceil(T/C) * C / T
-                        + 4 * s * e              chunk sums k^T v and the query read-out q.S
-      FLASH (bidirect.):  2 * C' * (2s + e) + 6 * s * e   (own chunk's linear block, both carries)
-    The full T x T products are counted although the causal half is masked: the XLA
-    implementations compute them.
-    position bias (GAU models whose relative bias has the RoPE form, i.e. spans over 512 tokens):
-    bias = (R a)(R b)^T is one [span, span] x s matmul per layer and step, shared by the batch:
-    3 * L * 2 * span^2 * s, span = T (FLASH-Quad) or C (FLASH). The Toeplitz form is a gather.
-    """
-    cfg = model_config
-    T, d, e, s, L = context, cfg.d_model, cfg.expansion_dim, cfg.qk_dim, cfg.num_layers
-    embedding = cfg.vocab_size * d if not cfg.tie_embeddings else 0
-    if cfg.name == "transformer":
-        embedding += cfg.max_len * d  # learned absolute positions: a lookup
-    n_matmul = num_params - embedding
-    if cfg.is_transformer:
-        attention_fwd = 4 * T * d
-    elif cfg.name == "flash_quad":
-        attention_fwd = 2 * T * (s + e)
-    else:
-        C = cfg.chunk_size
-        padded_over_t = math.ceil(T / C) * C / T  # padding of the last chunk is computed too
-        if cfg.causal:
-            attention_fwd = 2 * C * padded_over_t * (s + e) + 4 * s * e
-        else:
-            attention_fwd = 2 * C * padded_over_t * (2 * s + e) + 6 * s * e
-    position_bias = 0
-    if not cfg.is_transformer and cfg.rel_pos_kind == "rope":
-        span = T if cfg.name == "flash_quad" else cfg.chunk_size
-        position_bias = 3 * L * 2 * span**2 * s
-    dense = 6 * n_matmul * tokens
-    attention = 3 * L * attention_fwd * tokens
-    return {
-        "dense": float(dense),
-        "attention": float(attention),
-        "position_bias": float(position_bias),
-        "total": float(dense + attention + position_bias),
-    }
-
-
 def cost_flops(compiled) -> float | None:
     """FLOPs of a compiled program per device from XLA's cost analysis; None if unavailable."""
     try:
@@ -184,8 +136,8 @@ def cost_flops(compiled) -> float | None:
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
+    value = (cost or {}).get("flops")
+    return float(value) if value and value > 0 else None
 
 
 def layer_flops(config, mesh, batch_size: int, context: int) -> float | None:
@@ -324,7 +276,9 @@ def measure(args, model: str, context: int) -> dict:
             if raw is None or one_layer is None
             else (raw + (model_config.num_layers - 1) * one_layer) * num_devices
         )
-        row["flops_analytic"] = analytic_flops(model_config, T, B * T, fns.num_params)["total"]
+        row["flops_analytic"] = flops.analytic_flops(model_config, T, B * T, fns.num_params)[
+            "total"
+        ]
 
         for _ in range(args.warmup):
             state, metrics = train_step(state, rest, batch)
@@ -609,13 +563,13 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
             continue
         config = bench_config(argparse.Namespace(**setup), row["model"], row["context"])
         model_config = ModelConfig.from_config(config.model)
-        flops = analytic_flops(
+        total = flops.analytic_flops(
             model_config, row["context"], row["tokens_per_step"], row["num_params"]
         )["total"]
         median = row["step_time_median_s"]
-        row["flops_analytic"] = flops
-        row["tflops_analytic"] = flops / median / 1e12
-        row["mfu"] = None if peak is None else flops / median / (peak * machine["num_devices"])
+        row["flops_analytic"] = total
+        row["tflops_analytic"] = total / median / 1e12
+        row["mfu"] = None if peak is None else total / median / (peak * machine["num_devices"])
     report["flash_flatness"] = flatness(report["rows"])
     write_outputs(report, out_dir, name)
     return report

@@ -11,6 +11,7 @@ import pytest
 # pytest does not put the repository root on sys.path; the scripts import `configs.*`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from flash_jax import flops  # noqa: E402
 from flash_jax.config import ModelConfig  # noqa: E402
 from scripts import benchmark, replicate  # noqa: E402
 
@@ -96,29 +97,29 @@ def test_analytic_flops_formulas_by_hand():
     embed = 10 * 8  # vocab x d: a lookup, no FLOPs
     dense = 6 * (params - embed) * tokens
     # Transformer++: 3 (fwd + bwd) * L * 4 T d per token.
-    got = benchmark.analytic_flops(_cfg("transformer_pp"), 16, tokens, params)
+    got = flops.analytic_flops(_cfg("transformer_pp"), 16, tokens, params)
     assert got["dense"] == dense
     assert got["attention"] == 3 * 2 * (4 * 16 * 8) * tokens
     # Vanilla Transformer: the position table (max_len x d) is a lookup too.
-    got = benchmark.analytic_flops(_cfg("transformer"), 16, tokens, params)
+    got = flops.analytic_flops(_cfg("transformer"), 16, tokens, params)
     assert got["dense"] == 6 * (params - embed - 16 * 8) * tokens
     # FLASH-Quad: 3 * L * 2 T (s + e).
-    got = benchmark.analytic_flops(_cfg("flash_quad"), 16, tokens, params)
+    got = flops.analytic_flops(_cfg("flash_quad"), 16, tokens, params)
     assert got["attention"] == 3 * 2 * (2 * 16 * (4 + 16)) * tokens
     # FLASH: 3 * L * (2 C (s + e) + 4 s e), independent of T when C divides T.
     for T in (8, 16):
-        got = benchmark.analytic_flops(_cfg("flash"), T, tokens, params)
+        got = flops.analytic_flops(_cfg("flash"), T, tokens, params)
         assert got["attention"] == 3 * 2 * (2 * 4 * (4 + 16) + 4 * 4 * 16) * tokens
     # A padded last chunk is computed: T = 6 with C = 4 runs 8 positions.
-    got = benchmark.analytic_flops(_cfg("flash"), 6, tokens, params)
+    got = flops.analytic_flops(_cfg("flash"), 6, tokens, params)
     assert got["attention"] == pytest.approx(3 * 2 * (2 * 4 * 8 / 6 * 20 + 4 * 4 * 16) * tokens)
     # Bidirectional FLASH: own chunk's linear block (2 C s) and both carries (6 s e).
-    got = benchmark.analytic_flops(_cfg("flash", causal=False), 16, tokens, params)
+    got = flops.analytic_flops(_cfg("flash", causal=False), 16, tokens, params)
     assert got["attention"] == 3 * 2 * (2 * 4 * (8 + 16) + 6 * 4 * 16) * tokens
     assert got["total"] == got["dense"] + got["attention"]
     assert got["position_bias"] == 0  # Toeplitz bias (span <= 512): a gather, no FLOPs
     # FLASH-Quad over 512 tokens: the RoPE-form bias, one [T, T] x s matmul per layer and step.
-    got = benchmark.analytic_flops(_cfg("flash_quad", max_len=1024), 1024, 1024, params)
+    got = flops.analytic_flops(_cfg("flash_quad", max_len=1024), 1024, 1024, params)
     assert got["position_bias"] == 3 * 2 * (2 * 1024 * 1024 * 4)
     assert got["total"] == got["dense"] + got["attention"] + got["position_bias"]
 

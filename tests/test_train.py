@@ -16,13 +16,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding
 
 # pytest does not put the repository root on sys.path; the config files import `configs.*`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import base  # noqa: E402
-from flash_jax import data, sharding
+from flash_jax import data, flops, models, sharding
+from flash_jax.config import ModelConfig
 from flash_jax.train import checkpoint, loop, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,11 +154,15 @@ def sigterm_at(step_to_stop):
     return hook
 
 
+FAKE_PEAK_FLOPS = 1e12
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     """6 steps in one go (shared by the tests that need a finished run)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(data, "InputPipeline", SyntheticPipeline)
+    mp.setattr(loop, "peak_flops_per_device", lambda: FAKE_PEAK_FLOPS)  # so MFU is reported
     workdir = str(tmp_path_factory.mktemp("straight"))
     summary = loop.train_and_evaluate(tiny_config(), workdir, reference=base.get_config())
     mp.undo()
@@ -174,6 +180,17 @@ def test_run_trains_logs_and_checkpoints(straight_run):
     for key in ("perplexity", "learning_rate", "grad_norm", "tokens_per_sec", "step_time"):
         assert key in train_record
     assert train_record["perplexity"] == pytest.approx(np.exp(train_record["loss"]), rel=1e-6)
+    # MFU: the analytic model FLOPs of a step (not XLA's count, which sees the scanned layer body
+    # once) over step time and the peak of every device.
+    config = tiny_config()
+    model_flops = flops.analytic_flops(
+        ModelConfig.from_config(config.model),
+        config.data.seq_len,
+        config.data.batch_size * config.data.seq_len,
+        models.count_params(nnx.eval_shape(lambda: models.create(config.model, rngs=nnx.Rngs(0)))),
+    )["total"]
+    want_mfu = model_flops / train_record["step_time"] / (FAKE_PEAK_FLOPS * jax.device_count())
+    assert train_record["mfu"] == pytest.approx(want_mfu, rel=1e-6)
     # Step times exclude checkpoint saves and evals, and are never negative (saves every 2 steps).
     step_times = [r["step_time"] for r in records if r.get("step_time") is not None]
     assert len(step_times) >= 4 and all(t > 0 for t in step_times), step_times

@@ -1,0 +1,59 @@
+"""Analytic FLOP counts of a training step, for model FLOPs utilisation (MFU) and benchmarks.
+
+XLA's cost analysis counts the body of a `scan` once, and the layers are one scanned body, so
+it undercounts the model by about num_layers; these closed forms count what the model computes.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def analytic_flops(model_config, context: int, tokens: int, num_params: int) -> dict:
+    """Training FLOPs of one step (forward + backward = 3 x forward; remat recompute not counted,
+    as usual for model FLOPs utilisation).
+
+    dense:     6 * N * tokens, N = parameters that multiply activations (all but the input
+               embedding table(s); norm scales and biases are counted too, a negligible excess)
+    attention, per layer and token (forward; x 3 for training), with T the context, d the width,
+    e the expansion width, s the shared key width, C the chunk size:
+      Transformer(+/++):  4 * T * d              q.k over T keys and a.v, full T x T computed
+      FLASH-Quad:         2 * T * (s + e)        relu^2 scores (s) and a.v (e), full T x T
+      FLASH (causal):     2 * C' * (s + e)       in-chunk scores and a.v, C' = C * ceil(T/C) * C / T
+                        + 4 * s * e              chunk sums k^T v and the query read-out q.S
+      FLASH (bidirect.):  2 * C' * (2s + e) + 6 * s * e   (own chunk's linear block, both carries)
+    The full T x T products are counted although the causal half is masked: the XLA
+    implementations compute them.
+    position bias (GAU models whose relative bias has the RoPE form, i.e. spans over 512 tokens):
+    bias = (R a)(R b)^T is one [span, span] x s matmul per layer and step, shared by the batch:
+    3 * L * 2 * span^2 * s, span = T (FLASH-Quad) or C (FLASH). The Toeplitz form is a gather.
+    """
+    cfg = model_config
+    T, d, e, s, L = context, cfg.d_model, cfg.expansion_dim, cfg.qk_dim, cfg.num_layers
+    embedding = cfg.vocab_size * d if not cfg.tie_embeddings else 0
+    if cfg.name == "transformer":
+        embedding += cfg.max_len * d  # learned absolute positions: a lookup
+    n_matmul = num_params - embedding
+    if cfg.is_transformer:
+        attention_fwd = 4 * T * d
+    elif cfg.name == "flash_quad":
+        attention_fwd = 2 * T * (s + e)
+    else:
+        C = cfg.chunk_size
+        padded_over_t = math.ceil(T / C) * C / T  # padding of the last chunk is computed too
+        if cfg.causal:
+            attention_fwd = 2 * C * padded_over_t * (s + e) + 4 * s * e
+        else:
+            attention_fwd = 2 * C * padded_over_t * (2 * s + e) + 6 * s * e
+    position_bias = 0
+    if not cfg.is_transformer and cfg.rel_pos_kind == "rope":
+        span = T if cfg.name == "flash_quad" else cfg.chunk_size
+        position_bias = 3 * L * 2 * span**2 * s
+    dense = 6 * n_matmul * tokens
+    attention = 3 * L * attention_fwd * tokens
+    return {
+        "dense": float(dense),
+        "attention": float(attention),
+        "position_bias": float(position_bias),
+        "total": float(dense + attention + position_bias),
+    }
