@@ -10,6 +10,14 @@ import jax.numpy as jnp
 from flash_jax.sharding import DEFAULT_RULES
 
 MODEL_NAMES = ("flash", "flash_quad", "transformer", "transformer_plus", "transformer_pp")
+# How tables and plots name the models (the paper's names).
+DISPLAY_NAMES = {
+    "flash": "FLASH",
+    "flash_quad": "FLASH-Quad",
+    "transformer": "Transformer",
+    "transformer_plus": "Transformer+",
+    "transformer_pp": "Transformer++",
+}
 NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
 REMAT = ("none", "full", "save_proj")

@@ -31,10 +31,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from flash_jax import decoding, models  # noqa: E402
-from flash_jax.config import ModelConfig  # noqa: E402
-
-NAMES = {"flash": "FLASH", "flash_quad": "FLASH-Quad", "transformer_pp": "Transformer++"}
-NAMES.update(transformer="Transformer", transformer_plus="Transformer+")
+from flash_jax.config import DISPLAY_NAMES, ModelConfig  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
 _LENGTHS = flags.DEFINE_list(
@@ -131,7 +128,7 @@ def fmt_bytes(n: int) -> str:
 
 def table(rows: list[dict], names: list[str], lengths: list[int]) -> str:
     header = "| context | " + " | ".join(
-        f"{NAMES.get(n, n)} tok/s | {NAMES.get(n, n)} cache" for n in names
+        f"{DISPLAY_NAMES.get(n, n)} tok/s | {DISPLAY_NAMES.get(n, n)} cache" for n in names
     )
     lines = [header + " |", "|---:|" + "---:|---:|" * len(names)]
     by = {(r["model"], r["context"]): r for r in rows}
@@ -157,8 +154,12 @@ def plot(rows: list[dict], names: list[str], path: str, title: str) -> None:
     for n in names:
         rs = sorted((r for r in rows if r["model"] == n), key=lambda r: r["context"])
         xs = [r["context"] for r in rs]
-        ax_speed.plot(xs, [r["tokens_per_sec"] for r in rs], marker="o", label=NAMES.get(n, n))
-        ax_mem.plot(xs, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=NAMES.get(n, n))
+        ax_speed.plot(
+            xs, [r["tokens_per_sec"] for r in rs], marker="o", label=DISPLAY_NAMES.get(n, n)
+        )
+        ax_mem.plot(
+            xs, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=DISPLAY_NAMES.get(n, n)
+        )
     for ax, ylabel in ((ax_speed, "decode tokens/s"), (ax_mem, "decoding state (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -202,7 +203,7 @@ def main(argv):
             r = bench_one(n, length, max(lengths))
             rows.append(r)
             print(
-                f"{NAMES.get(n, n)} L={length}: {r['tokens_per_sec']:,.0f} tok/s, "
+                f"{DISPLAY_NAMES.get(n, n)} L={length}: {r['tokens_per_sec']:,.0f} tok/s, "
                 f"{r['ms_per_step']:.2f} ms/step, cache {fmt_bytes(r['cache_bytes'])}, "
                 f"first run {r['first_run_s']:.1f} s",
                 file=sys.stderr,

@@ -45,15 +45,10 @@ if _REPO not in sys.path:  # `python scripts/benchmark.py` from anywhere
     sys.path.insert(0, _REPO)
 
 from flash_jax import flops  # noqa: E402 - pure arithmetic: starts no backend
+from flash_jax.config import DISPLAY_NAMES  # noqa: E402
 
 MODELS = ("flash", "flash_quad", "transformer_pp", "transformer_plus")
-LABELS = {
-    "flash": "FLASH",
-    "flash_quad": "FLASH-Quad",
-    "transformer_pp": "Transformer++",
-    "transformer_plus": "Transformer+",
-    "transformer": "Transformer",
-}
+LABELS = DISPLAY_NAMES
 ROW_KEYS = (
     "model",
     "label",

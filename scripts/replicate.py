@@ -32,16 +32,11 @@ if _REPO not in sys.path:  # `python scripts/replicate.py` from the repository r
 import numpy as np  # noqa: E402
 
 from configs import base, replicate  # noqa: E402
+from flash_jax.config import DISPLAY_NAMES  # noqa: E402
 from scripts import benchmark  # noqa: E402 - machine description and plotting helpers
 
 BASELINE = "transformer_pp"
-LABELS = {
-    "flash": "FLASH",
-    "flash_quad": "FLASH-Quad",
-    "transformer_pp": "Transformer++",
-    "transformer_plus": "Transformer+",
-    "transformer": "Transformer",
-}
+LABELS = DISPLAY_NAMES
 
 
 # ----------------------------------------------------------------------------- curves

@@ -4,6 +4,7 @@ references) and that both run end to end at a tiny size into well-formed outputs
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -14,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flash_jax import flops  # noqa: E402
 from flash_jax.config import ModelConfig  # noqa: E402
 from scripts import benchmark, replicate  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -264,3 +267,37 @@ def test_replicate_end_to_end(tmp_path):
     assert "| FLASH | 8 |" in md and "| Transformer++ | 4 |" in md
     assert "| 2 |" in md  # the per-step perplexity table
     assert (tmp_path / "out" / "rep.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.slow
+def test_bench_decode_end_to_end(tmp_path):
+    """The decode benchmark runs at a tiny size and writes its table, JSON and plot."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "bench_decode.py"),
+            "--lengths=32,64",
+            "--steps=4",
+            "--repeats=1",
+            "--chunk_size=16",
+            f"--out_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_decode.json").read_text())
+    rows = report["results"]
+    assert {(r["model"], r["context"]) for r in rows} == {
+        (m, L) for m in ("flash", "transformer_pp", "flash_quad") for L in (32, 64)
+    }
+    flash = [r for r in rows if r["model"] == "flash"]
+    assert flash[0]["cache_bytes"] == flash[1]["cache_bytes"]  # constant-size state
+    quad = sorted((r for r in rows if r["model"] == "flash_quad"), key=lambda r: r["context"])
+    assert quad[1]["cache_bytes"] == 2 * quad[0]["cache_bytes"]  # keys and values grow
+    assert all(r["tokens_per_sec"] > 0 for r in rows)
+    assert (tmp_path / "bench_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| context |" in result.stdout
