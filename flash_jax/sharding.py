@@ -102,25 +102,34 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = D
     )
 
 
-def param_specs(tree, rules: Rules = DEFAULT_RULES, mesh_axis_names=None):
-    """PartitionSpecs for an nnx State / graph of Variables, from their `logical_axes` metadata."""
+def param_specs(tree, rules: Rules = DEFAULT_RULES, mesh_axis_names=None, *, strict: bool = True):
+    """PartitionSpecs for a tree of Variables, from their `logical_axes` metadata.
+
+    Anything without logical axes is replicated. With `strict=False`, a Variable whose rank differs
+    from its logical axes is replicated too: optimizer state made by `tx.init` keeps its
+    parameter's metadata, and Adafactor's factored rows / columns have another shape.
+    """
 
     def spec(x):
-        if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get(LOGICAL_AXES)
-            if axes is None:
+        if not isinstance(x, nnx.Variable):
+            return PartitionSpec()
+        axes = x.get_metadata().get(LOGICAL_AXES)
+        if axes is None:
+            return PartitionSpec()
+        if len(axes) != x.get_value().ndim:
+            if not strict:
                 return PartitionSpec()
-            if len(axes) != x.value.ndim:
-                raise ValueError(f"logical_axes {axes} do not match shape {x.value.shape}")
-            return logical_to_spec(axes, rules, mesh_axis_names)
-        return PartitionSpec()
+            raise ValueError(f"logical_axes {axes} do not match shape {x.get_value().shape}")
+        return logical_to_spec(axes, rules, mesh_axis_names)
 
     return jax.tree.map(spec, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def param_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
-    """NamedShardings for every Variable of `tree` on `mesh`."""
-    specs = param_specs(tree, rules, mesh.axis_names)
+def param_shardings(
+    tree, mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES, *, strict: bool = True
+):
+    """NamedShardings for every leaf of `tree` on `mesh` (see param_specs)."""
+    specs = param_specs(tree, rules, mesh.axis_names, strict=strict)
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )

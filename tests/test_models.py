@@ -362,6 +362,21 @@ def test_sharded_forward_matches_single_device(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_mismatched_logical_axes_error_or_replicate():
+    """Parameters must match their names; optimizer state with another shape (Adafactor's
+    factored statistics keep their parameter's metadata) is replicated when strict=False."""
+    factored = nnx.Param(jnp.zeros((4,)), logical_axes=("embed", "mlp"))
+    with pytest.raises(ValueError, match="logical_axes"):
+        sharding.param_specs({"v": factored})
+    loose = sharding.param_specs(
+        {"v": factored, "w": nnx.Param(jnp.zeros((4, 2)), logical_axes=("embed", "mlp"))},
+        mesh_axis_names=("data", "fsdp", "tensor"),
+        strict=False,
+    )
+    P = jax.sharding.PartitionSpec
+    assert loose["v"] == P() and loose["w"] == P("fsdp", "tensor")
+
+
 def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="mesh.shape"):
         sharding.make_mesh((3, -1, 1), ("data", "fsdp", "tensor"))

@@ -1,9 +1,6 @@
 """scripts/sample.py: text from a trained checkpoint through incremental decoding, checked against
 greedy decoding by repeated full forward passes."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -11,20 +8,7 @@ from flax import nnx
 from test_eval import base, train_tiny_run
 
 from flash_jax import evaluation
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_sample_script():
-    spec = importlib.util.spec_from_file_location(
-        "_sample_script", os.path.join(REPO, "scripts", "sample.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sample = _load_sample_script()
+from scripts import sample
 
 
 @pytest.fixture(scope="module")

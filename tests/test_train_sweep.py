@@ -1,22 +1,13 @@
 """scripts/sweep.py expands a config's sweep() into train.py commands."""
 
-import importlib.util
 import os
+
+from scripts import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "_sweep", os.path.join(REPO, "scripts", "sweep.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_print_gives_one_command_per_run(capsys, monkeypatch):
-    sweep = load_script()
     monkeypatch.chdir(REPO)
     rc = sweep.main(
         ["configs/quickstart.py", "--workdir=runs/s", "--print", "--", "--config.train.num_steps=5"]
@@ -31,7 +22,6 @@ def test_print_gives_one_command_per_run(capsys, monkeypatch):
 
 
 def test_run_names_and_values():
-    sweep = load_script()
     assert sweep.run_name({"model.chunk_size": 64, "train.learning_rate": 1e-3}) == (
         "chunk_size=64,learning_rate=0.001"
     )
@@ -41,5 +31,5 @@ def test_run_names_and_values():
 
 def test_config_without_sweep_is_an_error(capsys, monkeypatch):
     monkeypatch.chdir(REPO)
-    assert load_script().main(["configs/base.py", "--workdir=x", "--print"]) == 2
+    assert sweep.main(["configs/base.py", "--workdir=x", "--print"]) == 2
     assert "has no sweep() function" in capsys.readouterr().err

@@ -56,23 +56,6 @@ def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def _shardings_from_metadata(tree, mesh, rules):
-    """NamedShardings from each Variable's logical axes; anything else is replicated.
-
-    Optimizer state made by `tx.init` on Variables keeps the parameter's metadata; a state whose
-    shape differs from its parameter (Adafactor's factored rows / columns) is replicated.
-    """
-
-    def one(x):
-        axes = x.get_metadata().get(sharding.LOGICAL_AXES) if isinstance(x, nnx.Variable) else None
-        value = x.get_value() if isinstance(x, nnx.Variable) else x
-        if axes is None or len(axes) != len(value.shape):
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, sharding.logical_to_spec(axes, rules, mesh.axis_names))
-
-    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def _reseed(model, key) -> None:
     """Gives every RNG stream of the model (dropout, if any) a key derived from `key`."""
     tags = sorted(
@@ -144,7 +127,7 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         "opt_state": jax.eval_shape(tx.init, abs_params),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
     }
-    state_shardings = _shardings_from_metadata(abs_state_vars, mesh, rules)
+    state_shardings = sharding.param_shardings(abs_state_vars, mesh, rules, strict=False)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         nnx.as_pure(abs_state_vars),
