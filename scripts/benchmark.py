@@ -199,6 +199,8 @@ def bench_config(args, model: str, context: int):
     m.chunk_size = args.chunk_size
     if args.qk_dim:
         m.qk_dim = args.qk_dim
+    if getattr(args, "transformer_layers", 0):  # FLASH-family models: twice the layers
+        m.num_layers = args.transformer_layers * (1 if model.startswith("transformer") else 2)
     m.vocab_size = args.vocab_size
     m.dtype = args.dtype
     m.param_dtype = args.param_dtype
@@ -229,13 +231,21 @@ def measure(args, model: str, context: int) -> dict:
     """Compiles and times the train step of one model at one context length (in this process)."""
     import jax
 
-    from configs import base
-    from flash_jax.train import loop, report, step
+    from flash_jax import sharding
+    from flash_jax.config import ModelConfig
+    from flash_jax.train import report, step
 
+    # Only the model and the step: the data stack (TensorFlow, seqio) is never imported, so the
+    # benchmark runs on accelerator machines that have JAX and Flax alone.
     config = bench_config(args, model, context)
-    model_config = loop.validate_config(config, base.get_config())  # ValueError names the key
-    mesh = loop.make_mesh(config)
-    loop.check_mesh_fit(config, mesh)
+    model_config = ModelConfig.from_config(config.model)  # ValueError names the key
+    mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+    data_parallel = step.data_parallel_size(mesh, config.mesh.rules)
+    if config.data.batch_size % data_parallel:
+        raise ValueError(
+            f"data.batch_size ({config.data.batch_size}) must be divisible by the "
+            f"data-parallel size ({data_parallel})"
+        )
     B, T = config.data.batch_size, context
     row = {
         "model": model,
@@ -344,6 +354,7 @@ _PASSED_FLAGS = (
     "remat",
     "chunk_size",
     "qk_dim",
+    "transformer_layers",
     "vocab_size",
     "warmup",
     "repeats",
@@ -376,7 +387,8 @@ def run_isolated(args, model: str, context: int) -> tuple[dict, dict | None]:
     return result["row"], result["machine"]
 
 
-def run_all(args) -> tuple[list[dict], dict]:
+def run_all(args, on_row=None) -> tuple[list[dict], dict]:
+    """Every model x context; `on_row(row)` is called as each row is done."""
     rows, machine = [], None
     for model in args.models:
         for context in args.contexts:
@@ -396,6 +408,8 @@ def run_all(args) -> tuple[list[dict], dict]:
                     row = error_row(model, context, args.tokens_per_step, why[:300])
             rows.append(row)
             print("   " + _row_summary(row), flush=True)
+            if on_row is not None:
+                on_row(row)
     if machine is None:  # not isolated, or no child succeeded: describe this process
         machine = machine_info()
     return rows, machine
@@ -600,6 +614,12 @@ def parse_args(argv=None):
     parser.add_argument("--remat", default="none", choices=REMAT)
     parser.add_argument("--chunk_size", type=int, default=256, help="FLASH's C (paper: 256)")
     parser.add_argument("--qk_dim", type=int, default=0, help="s; 0 keeps the size preset's")
+    parser.add_argument(
+        "--transformer_layers",
+        type=int,
+        default=0,
+        help="depth of the Transformers (FLASH-family: twice that); 0 keeps the size preset's",
+    )
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
@@ -654,7 +674,16 @@ def main(argv=None) -> dict | None:
         report = rerender(args.render_only, args.out_dir, args.name)
         print(markdown(report))
         return report
-    rows, machine = run_all(args)
+    # Rows are also appended to <name>.rows.jsonl as they come: a run stopped early keeps them.
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows_path = os.path.join(args.out_dir, f"{args.name}.rows.jsonl")
+    with open(rows_path, "w") as rows_file:
+
+        def on_row(row):
+            rows_file.write(json.dumps(row) + "\n")
+            rows_file.flush()
+
+        rows, machine = run_all(args, on_row)
     report = {
         "command": " ".join(
             ["python scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]

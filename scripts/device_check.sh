@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The accelerator check, as one command: FLASH and Transformer++ (cuDNN) train-step speed at
+# contexts 1K-32K, d_model 1024, bf16, 65,536 tokens per step, forward + backward with remat, in
+# one process; JSON, a markdown table and a plot under OUT_DIR. Under 8 minutes on one H100.
+#
+#   bash scripts/device_check.sh                      # writes runs/device_check/
+#   OUT_DIR=/some/dir CONTEXTS=1024,4096 bash scripts/device_check.sh
+#
+# On a machine without the project's pinned Flax / ml_collections, put their wheels in .whl/
+# (see DEVELOPERS.md) and they are installed to /tmp/site first. The data stack (TensorFlow,
+# seqio) is not needed: the benchmark feeds synthetic tokens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${OUT_DIR:-runs/device_check}
+CONTEXTS=${CONTEXTS:-1024,2048,4096,8192,16384,32768}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 FLASH_JAX_BENCH_SHARED=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv || true
+"$PYTHON" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+
+# d_model 1024 (size `large`'s width) with 4 Transformer++ layers against 8 FLASH layers (equal
+# parameters); the paper's C = 256 and s = 128; T5's vocabulary size.
+"$PYTHON" scripts/benchmark.py --no-isolate --models=flash,transformer_pp \
+  --size=large --transformer_layers=4 --dtype=bfloat16 --remat=full --attention_impl=cudnn \
+  --vocab_size=32128 --tokens_per_step=65536 --contexts="$CONTEXTS" \
+  --warmup=1 --repeats=5 --out_dir="$OUT_DIR" --name=device_check
