@@ -46,7 +46,9 @@ def get_config():
     m.remat = (
         "none"  # none | full | save_proj (keep the tagged projection outputs, recompute the rest)
     )
-    m.attention_impl = "xla"  # Transformer MHSA: xla | cudnn (jax.nn.dot_product_attention)
+    # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
+    # else XLA) | xla | cudnn | splash
+    m.attention_impl = "auto"
     m.tie_embeddings = False
 
     # ---- data (flash_jax.data) ----

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flash_jax.ops.dot_product import IMPLS as ATTENTION_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
 MODEL_NAMES = ("flash", "flash_quad", "transformer", "transformer_plus", "transformer_pp")
@@ -21,7 +22,6 @@ DISPLAY_NAMES = {
 NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
 REMAT = ("none", "full", "save_proj")
-ATTENTION_IMPLS = ("xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 TOEPLITZ_MAX_LEN = 512  # the paper's switch from a Toeplitz bias to the RoPE-form bias
 
@@ -44,7 +44,7 @@ class ModelConfig:
     norm: str = "scale_norm"
     rel_pos: str = "auto"
     remat: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints; set by create() from config.mesh.rules.
     sharding_rules: tuple = DEFAULT_RULES

@@ -102,6 +102,29 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = D
     )
 
 
+def per_shard(fn, in_axes, out_axes, rules: Rules = DEFAULT_RULES):
+    """`fn` run on each device's shard (`jax.shard_map`) when a mesh of several devices is active.
+
+    For kernels XLA cannot partition (Pallas calls): without this, GSPMD would gather their
+    inputs onto every device. `in_axes` (one tuple of logical names per positional argument, None
+    for an argument passed whole) and `out_axes` give the layout; `fn` must be correct on any
+    shard of it (e.g. per batch row). Without a mesh, or on one device, `fn` itself.
+    """
+    mesh = _active_mesh()
+    if mesh is None or mesh.size == 1:
+        return fn
+
+    def spec(axes):
+        return PartitionSpec() if axes is None else logical_to_spec(axes, rules, mesh.axis_names)
+
+    return jax.shard_map(
+        fn,
+        in_specs=tuple(spec(a) for a in in_axes),
+        out_specs=spec(out_axes),
+        check_vma=False,
+    )
+
+
 def param_specs(tree, rules: Rules = DEFAULT_RULES, mesh_axis_names=None, *, strict: bool = True):
     """PartitionSpecs for a tree of Variables, from their `logical_axes` metadata.
 

@@ -610,7 +610,7 @@ def parse_args(argv=None):
     parser.add_argument("--size", default="tiny", choices=sorted(models.SIZES))
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--param_dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--attention_impl", default="xla", choices=ATTENTION_IMPLS)
+    parser.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS)
     parser.add_argument("--remat", default="none", choices=REMAT)
     parser.add_argument("--chunk_size", type=int, default=256, help="FLASH's C (paper: 256)")
     parser.add_argument("--qk_dim", type=int, default=0, help="s; 0 keeps the size preset's")

@@ -11,19 +11,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from flash_jax import ops, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers.basic import Dense, make_norm
 from flash_jax.layers.positions import apply_rope
 from flash_jax.sharding import constrain
-
-
-def attention_mask(segment_ids_BT: jax.Array, causal: bool) -> jax.Array:
-    """[B, 1, T, T]: same segment (padding attends to padding, so no row is empty) and causal."""
-    mask = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    if causal:
-        T = segment_ids_BT.shape[1]
-        mask &= jnp.tril(jnp.ones((T, T), dtype=bool))
-    return mask[:, None]
 
 
 class MultiHeadAttention(nnx.Module):
@@ -47,14 +39,23 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x_BTD, segment_ids_BT, positions_BT):
         q, k, v = self.project(x_BTD, positions_BT)
-        impl = self.cfg.attention_impl
-        if segment_ids_BT is None:
-            attended = jax.nn.dot_product_attention(
-                q, k, v, is_causal=self.cfg.causal, implementation=impl
+        cfg = self.cfg
+        impl = cfg.attention_impl
+        if impl == "auto":
+            impl = ops.dot_product.auto_impl(q.shape[1], q.shape[-1], q.dtype)
+
+        def attend(q, k, v, segment_ids_BT):
+            return ops.dot_product_attention(
+                q, k, v, causal=cfg.causal, segment_ids=segment_ids_BT, impl=impl
             )
-        else:
-            mask = attention_mask(segment_ids_BT, self.cfg.causal)
-            attended = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+        if impl == "splash":  # a Pallas kernel: run per device on its rows and heads
+            heads = ("batch", "length", "act_heads", None)
+            segments = None if segment_ids_BT is None else ("batch", "length")
+            attend = sharding.per_shard(
+                attend, (heads, heads, heads, segments), heads, cfg.sharding_rules
+            )
+        attended = attend(q, k, v, segment_ids_BT)
         return checkpoint_name(self.out(attended), "proj_out")
 
     def decode(self, x_B1D, t, cache):
@@ -68,8 +69,7 @@ class MultiHeadAttention(nnx.Module):
             q,
             keys.astype(q.dtype),
             values.astype(q.dtype),
-            mask=mask,
-            implementation=self.cfg.attention_impl,
+            mask=mask,  # one query row: JAX picks the backend's kernel (None)
         )
         return self.out(attended), {"k": keys, "v": values}
 
