@@ -200,7 +200,7 @@ def test_bfloat16_matches_xla_within_operand_rounding(causal):
     assert np.all(np.asarray(got[0], np.float32)[PACKED == 0] == 0)
 
 
-@pytest.mark.slow  # 9 to 13 s: the TPU interpreter simulates every DMA and memory access
+@pytest.mark.slow  # 9 s alone, 25 s on a busy CPU: the TPU interpreter simulates every access
 def test_interpreter_with_two_cores_finds_no_race(capsys):
     """The TPU interpreter: two simulated cores share the parallel grid axes (batch, E tiles),
     memory starts as NaN, reads out of bounds raise, and the race detector watches every access."""
