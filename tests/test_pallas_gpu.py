@@ -39,8 +39,10 @@ SCALE_TOL = 8 * 2.0**-9  # ~1.6% of max |reference|
 S, E, C = 64, 128, 128  # two query blocks, two key blocks and two E tiles of 64 per chunk
 T = 300  # 3 chunks, the last one padded (T is not a multiple of C)
 SEGMENTS = np.zeros((2, T), np.int32)
-SEGMENTS[0, :40], SEGMENTS[0, 40:170], SEGMENTS[0, 170:290] = 1, 2, 3  # padding at the end
-SEGMENTS[1, :128], SEGMENTS[1, 128:] = 1, 2  # a document boundary exactly on a chunk boundary
+# Row 0: documents starting and ending inside chunks, one boundary exactly on a chunk boundary
+# (128), padding at the end. Row 1: a document over all three chunks (a two-chunk prefix).
+SEGMENTS[0, :40], SEGMENTS[0, 40:128], SEGMENTS[0, 128:170], SEGMENTS[0, 170:290] = 1, 2, 3, 4
+SEGMENTS[1, :20], SEGMENTS[1, 20:] = 1, 2
 
 
 def _inputs(dtype, seed=0):
