@@ -33,9 +33,10 @@ own chunk). G = T / C chunks; K' = S (causal) or 2S (bidirectional).
   states' share of dv); XLA for the states' backward (dX = qlx^T dO / N, the [G, G] prefix
   transposed, d lin_k's state share = v dA^T).
 
-Precision: matmul operands are bf16 (float32 inputs are rounded to bf16 first, as cuDNN flash
-attention does; f32 x f32 wgmma would be TF32 and needs K-major operands), accumulation, scores,
-masks, counts and the states' sums are float32. The result is cast to v's dtype.
+Precision: the kernels' matmul operands are bf16 (float32 inputs are rounded to bf16 first: an
+f32 wgmma is TF32 and needs K-major operands, which the transposed blocks here are not);
+accumulation, scores, masks, counts and the states' sums are float32. The result and the
+gradients are cast to the inputs' dtype.
 
 Interpret mode (`interpret=True`) runs the same kernel bodies on a CPU through Mosaic GPU's
 interpreter (`InterpretGPUParams`, a private class in jax 0.10.2 / 0.11: imported only then). That
@@ -50,8 +51,9 @@ Block sizes: `block_q` (query rows per program, and key rows per key-side progra
 paper's shapes (S = 128, C = 256, E = 2048 or 1536) fits with the defaults (64, 64, 64).
 
 Known costs left for tuning on hardware: causal blocks above the diagonal are computed and masked
-(not skipped); one warpgroup per program (no warp specialisation); the bias gradient writes a
-float32 [C, C] block per chunk.
+(not skipped); one warpgroup per program (no warp specialisation); every query block re-reads its
+chunk's v (from L2 when the blocks of a chunk run together); the bias gradient writes a float32
+[C, C] block per chunk; the states' backward reads dO and v again in XLA.
 """
 
 from __future__ import annotations
