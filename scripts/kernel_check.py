@@ -1,0 +1,256 @@
+"""The Mosaic GPU kernels of mixed chunk attention against the XLA op, on one GPU (issue 10).
+
+For each context T (B = tokens / T rows of packed random documents with trailing padding; S = 128,
+E = 2048, C = 256, bf16, quad_bias):
+  1. accuracy: the kernel's output and all six gradients (of sum(out * cotangent)) against a
+     float32 reference (the XLA op on the same bf16 inputs upcast, matmuls at "highest"
+     precision), next to the XLA op's own bf16 errors; every result finite, padding rows and
+     padding tokens' gradients exactly 0, and two runs of the kernel bit-identical (a race or a
+     read of uninitialised shared memory would show there; Pallas's buffer poisoning is not
+     implemented for Mosaic GPU);
+  2. speed of the op alone: forward, and forward + backward, XLA against the kernel, the median of
+     `--repeats` runs after a warm-up (jax.block_until_ready).
+Every case runs in its own try/except: a failure (a Mosaic compile error, say) is recorded with its
+full message in the JSON and the script goes on. Cases that would start after `--max_seconds` are
+recorded as skipped. Prints a markdown table; writes <out_dir>/kernel_check.json and .md.
+
+    python scripts/kernel_check.py --out_dir=runs/kernel_check          # on an H100: ~2-3 min
+    python scripts/kernel_check.py --interpret --tokens=128 --contexts=128 --S=64 --E=64 --C=64 \
+        --bidir_contexts= --repeats=1 --out_dir=/tmp/kc                  # CPU, the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # `python scripts/kernel_check.py` from anywhere
+    sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from flash_jax import ops  # noqa: E402
+from flash_jax.ops import pallas_gpu  # noqa: E402
+
+GRAD_NAMES = ("quad_q", "quad_k", "lin_q", "lin_k", "v", "quad_bias")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--tokens", type=int, default=65536, help="B * T per case")
+    p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--bidir_contexts", default="4096", help="non-causal cases (may be empty)")
+    p.add_argument("--S", type=int, default=128)
+    p.add_argument("--E", type=int, default=2048)
+    p.add_argument("--C", type=int, default=256)
+    p.add_argument("--block_q", type=int, default=64)
+    p.add_argument("--block_k", type=int, default=64)
+    p.add_argument("--block_e", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max_seconds", type=float, default=165.0, help="start no case after this")
+    p.add_argument("--interpret", action="store_true", help="run the kernels interpreted (CPU)")
+    args = p.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    args.contexts, args.bidir_contexts = ints(args.contexts), ints(args.bidir_contexts)
+    for T in args.contexts + args.bidir_contexts:
+        if T <= 0 or args.tokens % T:
+            p.error(f"--tokens {args.tokens} must be a positive multiple of every context, got {T}")
+    return args
+
+
+def make_inputs(B, T, S, E, C, seed):
+    """bf16 inputs, packed segment ids (documents of random length, ~10% trailing padding)."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, T), np.int32)
+    for row in seg:
+        t, doc = 0, 1
+        while t < int(0.9 * T):
+            length = int(rng.integers(1, max(2, T // 3)))
+            row[t : min(t + length, int(0.9 * T))] = doc
+            t, doc = t + length, doc + 1
+    xs = [rng.normal(size=(B, T, S)) for _ in range(4)] + [rng.normal(size=(B, T, E))]
+    xs = [jnp.asarray(x, jnp.bfloat16) for x in xs]
+    bias = jnp.asarray(0.1 * rng.normal(size=(C, C)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(B, T, E)), jnp.bfloat16)
+    return xs, jnp.asarray(seg), bias, cotangent
+
+
+def _functions(args, T, causal, seg):
+    """Jitted forward and forward + backward of the XLA op and of the kernel."""
+    common = dict(chunk_size=args.C, causal=causal, segment_ids=seg)
+    blocks = dict(block_q=args.block_q, block_k=args.block_k, block_e=args.block_e)
+
+    def xla(*a):
+        return ops.mixed_chunk_attention(*a[:5], quad_bias=a[5], **common)
+
+    def kernel(*a):
+        return pallas_gpu.mixed_chunk_attention_gpu(
+            *a[:5], quad_bias=a[5], interpret=args.interpret, **common, **blocks
+        )
+
+    def fwd_bwd(fn):
+        def run(*a):
+            out, vjp = jax.vjp(fn, *a[:6])
+            return out, vjp(a[6].astype(out.dtype))
+
+        return jax.jit(run)
+
+    return {
+        "xla_fwd": jax.jit(xla),
+        "kernel_fwd": jax.jit(kernel),
+        "xla_fwd_bwd": fwd_bwd(xla),
+        "kernel_fwd_bwd": fwd_bwd(kernel),
+    }
+
+
+def _errors(results, reference):
+    """Norm-wise and scale-wise relative errors of out and each gradient."""
+    out, grads = results
+    out_ref, grads_ref = reference
+    errs = {}
+    for name, x, r in zip(("out",) + GRAD_NAMES, (out, *grads), (out_ref, *grads_ref), strict=True):
+        x, r = np.asarray(x, np.float64), np.asarray(r, np.float64)
+        errs[name] = {
+            "norm": float(np.linalg.norm(x - r) / max(np.linalg.norm(r), 1e-30)),
+            "scale": float(np.max(np.abs(x - r)) / max(np.max(np.abs(r)), 1e-30)),
+        }
+    return errs
+
+
+def _median_ms(fn, inputs, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*inputs))
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def run_case(args, T, causal):
+    B = args.tokens // T
+    row = {"T": T, "B": B, "causal": causal, "errors": {}}
+    xs, seg, bias, cotangent = make_inputs(B, T, args.S, args.E, args.C, seed=T)
+    inputs = (*xs, bias, cotangent)
+    fns = _functions(args, T, causal, seg)
+
+    # Accuracy against float32 (the first kernel call also compiles it).
+    try:
+        with jax.default_matmul_precision("highest"):  # float32 inputs: a separate compile
+            reference = fns["xla_fwd_bwd"](*(x.astype(jnp.float32) for x in xs), bias, cotangent)
+        start = time.perf_counter()
+        got = jax.block_until_ready(fns["kernel_fwd_bwd"](*inputs))
+        row["kernel_first_call_s"] = time.perf_counter() - start
+        again = jax.block_until_ready(fns["kernel_fwd_bwd"](*inputs))
+        row["kernel_error"] = _errors(got, reference)
+        row["xla_error"] = _errors(fns["xla_fwd_bwd"](*inputs), reference)
+        leaves, leaves_again = jax.tree.leaves(got), jax.tree.leaves(again)
+        pad = np.asarray(seg) == 0
+        row["finite"] = all(bool(np.all(np.isfinite(np.asarray(x, np.float32)))) for x in leaves)
+        row["deterministic"] = all(
+            bool(np.array_equal(np.asarray(a), np.asarray(b)))
+            for a, b in zip(leaves, leaves_again, strict=True)
+        )
+        row["padding_zero"] = all(
+            bool(np.all(np.asarray(x, np.float32)[pad] == 0.0)) for x in [got[0], *got[1][:5]]
+        )
+    except Exception:  # noqa: BLE001 - recorded with its full message, the script goes on
+        row["errors"]["accuracy"] = traceback.format_exc()
+
+    # Speed of the op alone.
+    for name, fn in fns.items():
+        fn_inputs = inputs if name.endswith("fwd_bwd") else inputs[:6]
+        try:
+            jax.block_until_ready(fn(*fn_inputs))  # compile and warm up
+            row[f"{name}_ms"] = _median_ms(fn, fn_inputs, args.repeats)
+        except Exception:  # noqa: BLE001
+            row["errors"][name] = traceback.format_exc()
+    if "kernel_fwd_bwd_ms" in row:
+        row["kernel_fwd_bwd_tokens_per_s"] = args.tokens / (row["kernel_fwd_bwd_ms"] / 1e3)
+    return row
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _worst(errors):
+    return None if errors is None else max(e["norm"] for e in errors.values())
+
+
+def markdown(rows, device):
+    lines = [
+        f"Mixed chunk attention, op alone, on {device}: ms (median), errors vs float32 "
+        "(norm-wise, worst of out and the six gradients).",
+        "",
+        "| T | B | causal | xla fwd | kernel fwd | xla fwd+bwd | kernel fwd+bwd | speedup fwd+bwd "
+        "| kernel err | xla err | checks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['T']} | {r['B']} | {r['causal']} | skipped: {r['skipped']} |")
+            continue
+        worst = {k: _worst(r.get(k)) for k in ("kernel_error", "xla_error")}
+        xla_fb, ker_fb = r.get("xla_fwd_bwd_ms"), r.get("kernel_fwd_bwd_ms")
+        speedup = xla_fb / ker_fb if xla_fb and ker_fb else None
+        checks = [k for k in ("finite", "deterministic", "padding_zero") if r.get(k) is False]
+        checks = "FAILED: " + ", ".join(checks) if checks else ("ok" if "finite" in r else "-")
+        if r["errors"]:
+            checks += " (errors: " + ", ".join(r["errors"]) + ")"
+        lines.append(
+            f"| {r['T']} | {r['B']} | {r['causal']} | {_fmt(r.get('xla_fwd_ms'), '.2f')} "
+            f"| {_fmt(r.get('kernel_fwd_ms'), '.2f')} | {_fmt(xla_fb, '.2f')} "
+            f"| {_fmt(ker_fb, '.2f')} | {_fmt(speedup, '.2f')} "
+            f"| {_fmt(worst['kernel_error'], '.2e')} | {_fmt(worst['xla_error'], '.2e')} "
+            f"| {checks} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = str(jax.devices()[0].device_kind)
+    print(f"jax {jax.__version__} on {device}", flush=True)
+    cases = [(T, True) for T in args.contexts] + [(T, False) for T in args.bidir_contexts]
+    rows = []
+    for T, causal in cases:
+        if time.perf_counter() - start > args.max_seconds:
+            rows.append({"T": T, "B": args.tokens // T, "causal": causal, "skipped": "time budget"})
+            continue
+        case_start = time.perf_counter()
+        rows.append(run_case(args, T, causal))
+        rows[-1]["case_s"] = time.perf_counter() - case_start
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
+        for stage, message in rows[-1]["errors"].items():
+            print(f"T={T} causal={causal} {stage} FAILED:\n{message}", flush=True)
+    table = markdown(rows, device)
+    print(table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    summary = {
+        "device": device,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "args": vars(args),
+        "total_s": time.perf_counter() - start,
+        "rows": rows,
+    }
+    with open(os.path.join(args.out_dir, "kernel_check.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out_dir, "kernel_check.md"), "w") as f:
+        f.write(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
