@@ -6,7 +6,8 @@ Two pure functions, the seam where faster kernels can plug in:
 - `mixed_chunk_attention`: FLASH's quadratic attention inside chunks of C tokens plus a
   normalised linear attention across chunks, O(T * C) memory and time, no `[T, T]` array.
 
-Shapes: B batch, T tokens, S query/key width (s), E value width (e), G chunks, C chunk size.
+Shapes: B batch, T tokens, S query/key width (s), E value width (e), G chunks, C chunk size,
+D directions of the cross-chunk states (1 causal, 2 bidirectional), X = D * S.
 
 Packed documents: `segment_ids[b, t]` numbers the documents of a row, 0 marks padding. Documents
 must be contiguous runs of equal ids (what packing produces); `mixed_chunk_attention` relies on it
@@ -14,16 +15,40 @@ must be contiguous runs of equal ids (what packing produces); `mixed_chunk_atten
 it is not checked (ids are traced values). Padding tokens (any run of 0s) get output exactly 0 and
 never enter any sum or count.
 
-Scores and all sums are computed in float32 (squared ReLU scores are unbounded); the result is cast
-back to v's dtype.
+Precision policy (forward and backward alike). The compute dtype is the promoted dtype of the
+inputs: bf16 when the model computes in bf16, float32 for float32 inputs (then everything below
+is float32 and nothing is rounded beyond float32).
+
+- Every large matmul takes its operands in the compute dtype and accumulates in float32
+  (`preferred_element_type=float32`): q k^T, the `[C, C]` weights times v, the per-chunk sums
+  k_lin^T v, the `[G, G]` state passing, the linear queries times the states, and every matmul of
+  the hand-written backward (the backward is written by hand, `jax.custom_vjp`, because autodiff
+  of a bf16 x bf16 -> float32 dot emits float32 x float32 cotangent dots).
+- Scores, the squared ReLU and its derivative are float32 (squared scores are unbounded). The
+  `[C, C]` weights are cast to the compute dtype right before their matmul with v, as
+  FlashAttention casts its probabilities; the score cotangents likewise before theirs.
+- Sums of states and counts accumulate in float32: each chunk's k_lin^T v is a float32-accumulated
+  matmul, rounded once to the compute dtype as the operand of the state-passing matmul, which
+  accumulates the chunks in float32 again; counts are exact float32 integers. The passed state,
+  divided by its count, is rounded once more as the operand of the linear queries' matmul. So a
+  state carries at most two roundings of the compute dtype, however many chunks it spans.
+- Outputs and input gradients are rounded to the compute dtype once, at the end (the output in
+  v's dtype; `quad_bias`'s gradient, a float32 sum of score cotangents, in quad_bias's dtype).
+
+Nothing of size `[C, C]` (or `[T, T]`) is saved for the backward: it recomputes the score blocks
+from the inputs. Saved: the inputs and, for `mixed_chunk_attention`, the passed states
+(`[B, G, X, E]` in the compute dtype, 2 KiB per token in bf16 at S = 128, E = 2048, C = 256).
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 _F32 = jnp.float32
 
@@ -56,16 +81,39 @@ def quadratic_attention(q, k, v, *, n, causal: bool, segment_ids=None, bias=None
                 f"bias must have shape [T, T] = {(T, T)} or [B, T, T] = {(B, T, T)}, "
                 f"got {bias.shape}"
             )
-
-    scores_BTT = jnp.einsum("bis,bjs->bij", q, k, preferred_element_type=_F32) / n
-    if bias is not None:
-        scores_BTT = scores_BTT + bias.astype(_F32)
-    mask_BTT = _same_segment(seg_BT)
-    if causal:
-        mask_BTT = mask_BTT & jnp.tril(jnp.ones((T, T), dtype=bool))
-    weights_BTT = jnp.where(mask_BTT, jnp.square(jax.nn.relu(scores_BTT)), 0.0)
-    out_BTE = jnp.einsum("bij,bje->bie", weights_BTT, v.astype(_F32))
+    dtype = jnp.result_type(q, k, v)
+    out_BTE = _quadratic(q.astype(dtype), k.astype(dtype), v.astype(dtype), seg_BT, bias, n, causal)
     return out_BTE.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _quadratic(q_BTS, k_BTS, v_BTE, seg_BT, bias, n, causal):
+    """`quadratic_attention` on inputs of one dtype; the result in float32."""
+    weights_BTT, _ = _relu2_weights(q_BTS, k_BTS, bias, _quadratic_mask(seg_BT, causal), n)
+    return _dot("bij,bje->bie", weights_BTT, v_BTE, v_BTE.dtype)
+
+
+def _quadratic_fwd(q_BTS, k_BTS, v_BTE, seg_BT, bias, n, causal):
+    out_BTE = _quadratic(q_BTS, k_BTS, v_BTE, seg_BT, bias, n, causal)
+    return out_BTE, (q_BTS, k_BTS, v_BTE, seg_BT, bias)
+
+
+def _quadratic_bwd(n, causal, residuals, d_out_BTE):
+    q_BTS, k_BTS, v_BTE, seg_BT, bias = residuals
+    dtype = v_BTE.dtype
+    # In the transposed frame (rows are keys j, columns queries i; see `_dot`).
+    mask_BJI = _swap(_quadratic_mask(seg_BT, causal))
+    bias_T = None if bias is None else _swap(bias)
+    weights_BJI, relu_BJI = _relu2_weights(k_BTS, q_BTS, bias_T, mask_BJI, n)
+    d_weights_BJI = _dot("bje,bie->bji", v_BTE, d_out_BTE, dtype)
+    d_scores_BJI = jnp.where(mask_BJI, 2.0 * relu_BJI * d_weights_BJI, 0.0)
+    d_q, d_k = _score_grads(d_scores_BJI / n, q_BTS, k_BTS)
+    d_v = _dot("bji,bie->bje", weights_BJI, d_out_BTE, dtype)
+    d_bias = _bias_grad(d_scores_BJI, bias)
+    return d_q.astype(dtype), d_k.astype(dtype), d_v.astype(dtype), None, d_bias
+
+
+_quadratic.defvjp(_quadratic_fwd, _quadratic_bwd)
 
 
 def mixed_chunk_attention(
@@ -93,9 +141,12 @@ def mixed_chunk_attention(
     included (non-causal); N_i = |L(i)|.
 
     Precondition: documents are contiguous runs of equal `segment_ids` (what packing produces).
-    The cross-chunk sums use it: the tokens of i's document before chunk g are exactly those of the
-    document of token g*C - 1 when the ids match, so carries over chunks suffice and no `[T, T]`
-    array is ever built (only `[B, G, C, C]` blocks and `[B, G, S, E]` sums).
+    The cross-chunk sums use it (`_chunk_links`): the tokens of i's document before chunk g are
+    exactly those of the document of token g*C - 1 when the ids match, so per-chunk sums and one
+    masked `[G, G]` matmul give every token's state and no `[T, T]` array is ever built (only
+    `[B, G, C, C]` blocks and `[B, G, X, E]` sums). The backward is written by hand
+    (`jax.custom_vjp`, precision policy in the module docstring) and recomputes the `[C, C]`
+    blocks instead of saving them.
 
     Args:
       quad_q, quad_k: `[B, T, S]` queries/keys of the quadratic (within-chunk) part.
@@ -128,124 +179,318 @@ def mixed_chunk_attention(
             )
 
     G = -(-T // C)
-    pad = G * C - T
+    dtype = jnp.result_type(quad_q, quad_k, lin_q, lin_k, v)
 
     def chunked(x):  # [B, T, ...] -> [B, G, C, ...], padding with zeros (= segment 0)
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        if G * C != T:  # no copy of the big arrays when chunks tile T
+            x = jnp.pad(x, [(0, 0), (0, G * C - T)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape((B, G, C) + x.shape[2:])
 
-    qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE = (
-        chunked(x) for x in (quad_q, quad_k, lin_q, lin_k, v)
+    inputs = [chunked(x.astype(dtype)) for x in (quad_q, quad_k, lin_q, lin_k, v)]
+    out_BGCE = _mixed_chunks(*inputs, chunked(seg_BT), quad_bias, causal)
+    return out_BGCE.reshape(B, G * C, -1)[:, :T].astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _mixed_chunks(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, causal):
+    """`mixed_chunk_attention` on chunked inputs of one dtype: `[B, G, C, E]` in float32."""
+    args = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias)
+    return _mixed_fwd(*args, causal)[0]
+
+
+def _mixed_fwd(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, causal):
+    dtype = v_BGCE.dtype
+    links = _chunk_links(seg_BGC, causal)
+    states_BGXE = checkpoint_name(_chunk_states(links, kl_BGCS, v_BGCE), "attn_states")
+    weights_BGCC, _ = _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links)
+    # Both parts in one matmul over K = C + X: out = [W | ql_X] [v ; states]. One float32
+    # [C, E] result instead of two that are added afterwards.
+    left_BGCK = _columns(weights_BGCC, _per_direction(ql_BGCS, links.use_BGCD), dtype)
+    right_BGKE = _rows(v_BGCE, states_BGXE, dtype)
+    out_BGCE = _dot("bgik,bgke->bgie", left_BGCK, right_BGKE, dtype)
+    residuals = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias)
+    return out_BGCE, (residuals, states_BGXE)
+
+
+def _mixed_bwd(causal, residuals, d_out_BGCE):
+    (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias), states_BGXE = residuals
+    dtype = v_BGCE.dtype
+    C = seg_BGC.shape[-1]
+    links = _chunk_links(seg_BGC, causal)
+
+    # The states' side: out += ql_X states, states = (link A) / N, A = kl_X^T v per chunk.
+    d_ql_BGCX = _dot("bgce,bgxe->bgcx", d_out_BGCE, states_BGXE, dtype)
+    ql_BGXC = _per_direction(ql_BGCS, links.use_BGCD, transposed=True)
+    d_states_BGXE = _dot("bgxc,bgce->bgxe", ql_BGXC, d_out_BGCE, dtype)
+    d_passed_BGXE = d_states_BGXE * _per_state_row(links.norm_BGD, d_states_BGXE.shape[2])
+    d_sums_BGXE = _pass_states(links.link_BDHG, d_passed_BGXE, dtype)
+
+    # v's cotangents through W v and through A, together (K = C + X), in the transposed frame
+    # (rows = keys j): [dW^T | d kl_X] = v [dO ; dA]^T and dv = [W^T | kl_X] [dO ; dA].
+    weights_BGJI, block = _chunk_weights(
+        qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, transposed=True
     )
-    seg_BGC = chunked(seg_BT)
-    valid_BGC = seg_BGC != 0
-    v32_BGCE = v_BGCE.astype(_F32)
+    right_BGKE = _rows(d_out_BGCE, d_sums_BGXE, dtype)
+    left_BGJK = _columns(weights_BGJI, _per_direction(kl_BGCS, links.member_BGCD), dtype)
+    d_v = _dot("bgjk,bgke->bgje", left_BGJK, right_BGKE, dtype)
+    d_left_BGJK = _dot("bgje,bgke->bgjk", v_BGCE, right_BGKE, dtype)
+    d_weights_BGJI, d_kl_BGCX = d_left_BGJK[..., :C], d_left_BGJK[..., C:]
 
-    # ---- quadratic part, within each chunk ----
-    same_BGCC = _same_segment(seg_BGC)  # same non-zero segment, within the chunk
-    quad_mask_BGCC = same_BGCC
-    if causal:
-        quad_mask_BGCC = quad_mask_BGCC & jnp.tril(jnp.ones((C, C), dtype=bool))
-    scores_BGCC = jnp.einsum("bgis,bgjs->bgij", qq_BGCS, kq_BGCS, preferred_element_type=_F32) / C
-    if quad_bias is not None:
-        scores_BGCC = scores_BGCC + quad_bias.astype(_F32)
-    weights_BGCC = jnp.where(quad_mask_BGCC, jnp.square(jax.nn.relu(scores_BGCC)), 0.0)
-
-    # ---- linear part: carries over chunks ----
-    # Forward: P_g = sum of kl_j v_j^T (and count) over tokens j < (g+1)C of the document of the
-    # chunk's last token: P_g = [doc continues from chunk g-1] * P_{g-1} + (its part in chunk g).
-    seg_last_BG = seg_BGC[:, :, -1]
-    fwd_link_BG = jnp.pad(seg_last_BG[:, 1:] == seg_last_BG[:, :-1], [(0, 0), (1, 0)])
-    fwd_kv_BGSE, fwd_cnt_BG = _doc_scan(
-        fwd_link_BG, seg_BGC == seg_last_BG[:, :, None], valid_BGC, kl_BGCS, v_BGCE, reverse=False
-    )
-    # Token i of chunk g uses P_{g-1} (the tokens before chunk g) iff its document is the one of
-    # token gC - 1; a document that starts inside chunk g has no earlier tokens. Chunk 0 has none.
-    prev_kv_BGSE = _shift(fwd_kv_BGSE, +1)
-    prev_cnt_BG = _shift(fwd_cnt_BG, +1)
-    prev_seg_BG = _shift(seg_last_BG, +1)  # 0 for chunk 0: never matches a real token
-    use_prev_BGC = (seg_BGC == prev_seg_BG[:, :, None]) & valid_BGC
-
-    # Rows of the within-chunk matrix that multiplies v, and the carry term per token.
-    num_BGCE = jnp.where(
-        use_prev_BGC[..., None],
-        jnp.einsum("bgcs,bgse->bgce", ql_BGCS.astype(_F32), prev_kv_BGSE),
-        0.0,
-    )
-    count_BGC = jnp.where(use_prev_BGC, prev_cnt_BG[:, :, None], 0.0)
-
-    if causal:
-        mix_BGCC = weights_BGCC
-        norm_BGC = 1.0 / jnp.maximum(count_BGC, 1.0)  # count 0 -> sum is 0 -> lin 0, no 0/0
-    else:
-        # Backward: Q_g = sum over tokens j >= gC of the document of the chunk's first token.
-        seg_first_BG = seg_BGC[:, :, 0]
-        bwd_link_BG = jnp.pad(seg_first_BG[:, :-1] == seg_first_BG[:, 1:], [(0, 0), (0, 1)])
-        bwd_kv_BGSE, bwd_cnt_BG = _doc_scan(
-            bwd_link_BG, seg_BGC == seg_first_BG[:, :, None], valid_BGC, kl_BGCS, v_BGCE, True
-        )
-        next_kv_BGSE = _shift(bwd_kv_BGSE, -1)
-        next_cnt_BG = _shift(bwd_cnt_BG, -1)
-        next_seg_BG = _shift(seg_first_BG, -1)  # 0 after the last chunk
-        use_next_BGC = (seg_BGC == next_seg_BG[:, :, None]) & valid_BGC
-        num_BGCE = num_BGCE + jnp.where(
-            use_next_BGC[..., None],
-            jnp.einsum("bgcs,bgse->bgce", ql_BGCS.astype(_F32), next_kv_BGSE),
-            0.0,
-        )
-        count_BGC = (
-            count_BGC
-            + jnp.where(use_next_BGC, next_cnt_BG[:, :, None], 0.0)
-            + jnp.sum(same_BGCC, axis=-1, dtype=_F32)
-        )
-        norm_BGC = 1.0 / jnp.maximum(count_BGC, 1.0)
-        # The own chunk's share of the linear part: a plain (no ReLU) kernel block, folded into
-        # the within-chunk matrix so that one matmul with v serves both parts.
-        lin_BGCC = jnp.einsum("bgis,bgjs->bgij", ql_BGCS, kl_BGCS, preferred_element_type=_F32)
-        mix_BGCC = weights_BGCC + jnp.where(same_BGCC, lin_BGCC * norm_BGC[..., None], 0.0)
-
-    out_BGCE = jnp.einsum("bgij,bgje->bgie", mix_BGCC, v32_BGCE) + num_BGCE * norm_BGC[..., None]
-    out_BTE = out_BGCE.reshape(B, G * C, -1)[:, :T]
-    return out_BTE.astype(v.dtype)
+    # Within chunks: W = relu(s)^2 on the quadratic mask [+ ql kl^T / N, bidirectional].
+    d_scores_BGJI = jnp.where(block.quad_mask, 2.0 * block.relu * d_weights_BGJI, 0.0)
+    d_qq, d_kq = _score_grads(d_scores_BGJI / C, qq_BGCS, kq_BGCS)
+    d_ql = _merge_directions(d_ql_BGCX, links.use_BGCD)
+    d_kl = _merge_directions(d_kl_BGCX, links.member_BGCD)
+    if not causal:
+        d_lin_BGJI = jnp.where(block.same, d_weights_BGJI * block.norm, 0.0)
+        d_ql_own, d_kl_own = _score_grads(d_lin_BGJI, ql_BGCS, kl_BGCS)
+        d_ql, d_kl = d_ql + d_ql_own, d_kl + d_kl_own
+    grads = (d_qq, d_kq, d_ql, d_kl, d_v)
+    return (*(g.astype(dtype) for g in grads), None, _bias_grad(d_scores_BGJI, bias))
 
 
-def _doc_scan(link_BG, member_BGC, valid_BGC, k_BGCS, v_BGCE, reverse):
-    """x_g = [link_g] * x_{g-1} + sum_{j in chunk g, member} k_j v_j^T (and counts), in float32.
+_mixed_chunks.defvjp(_mixed_fwd, _mixed_bwd)
 
-    With reverse=True the recurrence runs from the last chunk back (x_{g+1} feeds x_g).
+
+class _Block(NamedTuple):
+    """Float32 / boolean `[B, G, C, C]` arrays of the within-chunk part, in the frame asked."""
+
+    relu: jax.Array  # relu(s), s = qq kq^T / C + bias
+    quad_mask: jax.Array  # same document (and j <= i when causal)
+    same: jax.Array  # same document
+    norm: jax.Array  # 1 / N_i of the query i, broadcastable to [B, G, C, C]
+
+
+def _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, transposed=False):
+    """The within-chunk matrix that multiplies v, float32: relu(s)^2 on the quadratic mask, plus
+    (bidirectional) the own chunk's share of the linear part, ql_i . kl_j / N_i on the same
+    document (a plain kernel block, folded in so that one matmul with v serves both parts).
+    `[B, G, i, j]`, or `[B, G, j, i]` when transposed (the backward's frame, see `_dot`); also the
+    `_Block` of that frame."""
+    C = seg_BGC.shape[-1]
+    causal = links.link_BDGH.shape[1] == 1
+    same = _same_segment(seg_BGC)  # symmetric
+    quad_mask = _quadratic_mask(seg_BGC, causal)
+    norm = links.norm_BGC[..., :, None]
+    rows_q, cols_k, rows_ql, cols_kl = qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS
+    if transposed:
+        quad_mask, norm = _swap(quad_mask), _swap(norm)
+        bias = None if bias is None else _swap(bias)
+        rows_q, cols_k, rows_ql, cols_kl = kq_BGCS, qq_BGCS, kl_BGCS, ql_BGCS
+    weights, relu = _relu2_weights(rows_q, cols_k, bias, quad_mask, C)
+    if not causal:
+        lin = _dot("bgis,bgjs->bgij", rows_ql, cols_kl, ql_BGCS.dtype)
+        weights = weights + jnp.where(same, lin * norm, 0.0)
+    return weights, _Block(relu, quad_mask, same, norm)
+
+
+# ---------------------------------------------------------------- state passing across chunks ----
+
+
+class _ChunkLinks(NamedTuple):
+    """Which tokens and chunks exchange linear-attention sums; see `_chunk_links`.
+
+    Direction d = 0 passes sums forward (to later chunks); d = 1, bidirectional only, backward.
     """
-    take_BGC = member_BGC & valid_BGC  # padding never counts
-    kv_BGSE = jnp.einsum(
-        "bgcs,bgce->bgse",
-        jnp.where(take_BGC[..., None], k_BGCS, 0),
-        v_BGCE,
-        preferred_element_type=_F32,
-    )
-    cnt_BG = jnp.sum(take_BGC, axis=-1, dtype=_F32)
 
-    def combine(earlier, later):
-        link_a, kv_a, cnt_a = earlier
-        link_b, kv_b, cnt_b = later
-        return (
-            link_a & link_b,
-            jnp.where(link_b[..., None, None], kv_a, 0.0) + kv_b,
-            jnp.where(link_b, cnt_a, 0.0) + cnt_b,
+    member_BGCD: jax.Array  # bool: token c of chunk h is in its chunk's sum A[h, d]
+    use_BGCD: jax.Array  # bool: token c of chunk g reads the state passed to chunk g
+    link_BDGH: jax.Array  # bool: chunk g receives A[h, d]
+    link_BDHG: jax.Array  # the same, transposed (built as such: see `_dot`)
+    norm_BGC: jax.Array  # float32 1 / max(N_i, 1) of every token, N_i = |L(i)|
+    norm_BGD: jax.Array  # float32: that of the tokens with use_BGCD (1 where none)
+
+
+def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
+    """The cross-chunk structure of `mixed_chunk_attention`, from the chunked segment ids alone.
+
+    Direction 0 (both modes): chunk h sums `A[h] = sum kl v^T` over its tokens of the document of
+    its last token (`member`), and token c of chunk g reads
+
+        P[g] = sum_h link[g, h] A[h],   link[g, h] = [h < g] [run[h] == run[g - 1]]
+
+    when its document is that of token gC - 1 (`use`), divided by its count N (counts pass like
+    the sums). run[g] numbers the maximal runs of chunks whose last tokens share an id, so the
+    document of token gC - 1 reaches back through exactly the chunks of run[g - 1]. This is the
+    carry `P[g] = [same document continues] P[g - 1] + A[g]` unrolled: one masked `[G, G]` matmul
+    (`_pass_states`) replaces any scan over chunks, and it is token-exact for packed documents
+    under the contiguity precondition (the tokens of a document before chunk g are those of the
+    document of token gC - 1 when the ids match). Direction 1 (bidirectional) mirrors it: the
+    chunks' first tokens, h > g, run[g + 1], token (g + 1)C. Padding (id 0) is in no sum and
+    reads nothing.
+
+    Built from `[B, G, C]` ids and `[B, G, G]` comparisons only: no scan, no `[B, T, E]` work.
+    With `_chunk_states` (the sums and the `[G, G]` matmul) and `_per_direction` (which queries
+    read which state), it is what a kernel that passes states "as the XLA path does" reuses.
+    """
+    B, G, _ = seg_BGC.shape
+    valid_BGC = seg_BGC != 0
+    h_1H, g_G1 = jnp.arange(G)[None, :], jnp.arange(G)[:, None]
+    ends = [(seg_BGC[:, :, -1], 1)] + ([] if causal else [(seg_BGC[:, :, 0], -1)])
+    members, uses, links, links_t, counts = [], [], [], [], []
+    for seg_end_BG, step in ends:
+        changes_BG = jnp.concatenate(
+            [jnp.ones((B, 1), bool), seg_end_BG[:, 1:] != seg_end_BG[:, :-1]], axis=1
         )
-
-    _, kv_BGSE, cnt_BG = jax.lax.associative_scan(
-        combine, (link_BG, kv_BGSE, cnt_BG), reverse=reverse, axis=1
+        run_BG = jnp.sum(changes_BG[:, None, :] & (h_1H <= g_G1), axis=-1)  # a cumsum, no scan
+        # The neighbour that sums come from: chunk g - 1 (forward) or g + 1 (backward); -1 and 0
+        # past the ends match no run and no token.
+        run_from_BG = _shift_chunks(run_BG, step, fill=-1)
+        seg_from_BG = _shift_chunks(seg_end_BG, step, fill=0)
+        member_BGC = (seg_BGC == seg_end_BG[:, :, None]) & valid_BGC
+        link_BGH = (h_1H < g_G1 if step == 1 else h_1H > g_G1) & (
+            run_BG[:, None, :] == run_from_BG[:, :, None]
+        )
+        link_BHG = (g_G1 < h_1H if step == 1 else g_G1 > h_1H) & (
+            run_BG[:, :, None] == run_from_BG[:, None, :]
+        )
+        members.append(member_BGC)
+        uses.append((seg_BGC == seg_from_BG[:, :, None]) & valid_BGC)
+        links.append(link_BGH)
+        links_t.append(link_BHG)
+        count_BH = jnp.sum(member_BGC, axis=-1, dtype=_F32)
+        counts.append(jnp.sum(jnp.where(link_BGH, count_BH[:, None, :], 0.0), axis=-1))
+    use_BGCD = jnp.stack(uses, axis=-1)
+    count_BGC = jnp.sum(jnp.where(use_BGCD, jnp.stack(counts, -1)[:, :, None, :], 0.0), axis=-1)
+    if not causal:  # L(i) also holds the own chunk's tokens of the document
+        count_BGC = count_BGC + jnp.sum(_same_segment(seg_BGC), axis=-1, dtype=_F32)
+    norm_BGC = 1.0 / jnp.maximum(count_BGC, 1.0)  # N_i = 0 -> the sum is 0 -> lin 0, no 0/0
+    # N_i depends on i only through its id, so the tokens that read one state share one N.
+    norm_BGD = jnp.max(jnp.where(use_BGCD, norm_BGC[..., None], 0.0), axis=2)
+    return _ChunkLinks(
+        member_BGCD=jnp.stack(members, axis=-1),
+        use_BGCD=use_BGCD,
+        link_BDGH=jnp.stack(links, axis=1),
+        link_BDHG=jnp.stack(links_t, axis=1),
+        norm_BGC=norm_BGC,
+        norm_BGD=jnp.where(norm_BGD > 0, norm_BGD, 1.0),
     )
-    return kv_BGSE, cnt_BG
 
 
-def _shift(x_BG, by):
-    """Shifts along the chunk axis (axis 1) by +1 (x_{g-1}) or -1 (x_{g+1}), filling zeros."""
-    widths = [(0, 0)] * x_BG.ndim
-    if by == 1:
-        widths[1] = (1, 0)
-        return jnp.pad(x_BG[:, :-1], widths)
-    widths[1] = (0, 1)
-    return jnp.pad(x_BG[:, 1:], widths)
+def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
+    """The states the chunks read, `[B, G, X, E]` in the compute dtype (v's): per direction d
+    (rows d * S ... (d + 1) * S - 1 of X), the passed sums of the float32 per-chunk sums
+    `A[h, d] = sum_{c: member[h, c, d]} kl_c v_c^T` (`_pass_states`), divided by the count N of
+    the tokens that read them. Token c of chunk g then gets its cross-chunk linear part as
+    `_per_direction(ql, use)[g, c] . states[g]`: one matmul."""
+    dtype = v_BGCE.dtype
+    kl_BGXC = _per_direction(kl_BGCS, links.member_BGCD, transposed=True)
+    sums_BGXE = _dot("bgxc,bgce->bgxe", kl_BGXC, v_BGCE, dtype)
+    passed_BGXE = _pass_states(links.link_BDGH, sums_BGXE, dtype)
+    return (passed_BGXE * _per_state_row(links.norm_BGD, passed_BGXE.shape[2])).astype(dtype)
+
+
+def _pass_states(link_BDGH, x_BGXE, dtype):
+    """y[g, d] = sum_h link[d, g, h] x[h, d] for each direction d (rows of X): one `[G, G]`
+    matmul per direction, operands in `dtype` (0/1 links are exact in any dtype), float32
+    accumulation. With the transposed links (`link_BDHG`) it is its own backward."""
+    D = link_BDGH.shape[1]
+    parts = jnp.split(x_BGXE, D, axis=2)
+    return jnp.concatenate(
+        [_dot("bgh,bhse->bgse", link_BDGH[:, d], parts[d], dtype) for d in range(D)], axis=2
+    )
+
+
+def _per_direction(x_BGCS, mask_BGCD, transposed=False):
+    """[B, G, C, S] -> [B, G, C, X]: x masked by each direction's mask, side by side along X;
+    transposed: [B, G, X, C] (built as such: see `_dot`)."""
+    B, G, C, _ = x_BGCS.shape
+    if transposed:
+        x_BGDSC = jnp.where(_swap(mask_BGCD)[:, :, :, None, :], _swap(x_BGCS)[:, :, None, :, :], 0)
+        return x_BGDSC.reshape(B, G, -1, C)
+    x_BGCDS = jnp.where(mask_BGCD[..., None], x_BGCS[:, :, :, None, :], 0)
+    return x_BGCDS.reshape(B, G, C, -1)
+
+
+def _merge_directions(g_BGCX, mask_BGCD):
+    """The transpose of `_per_direction`: [B, G, C, X] -> [B, G, C, S] (float32)."""
+    g_BGCDS = g_BGCX.reshape(mask_BGCD.shape + (-1,))
+    return jnp.sum(jnp.where(mask_BGCD[..., None], g_BGCDS, 0.0), axis=3)
+
+
+def _per_state_row(x_BGD, X):
+    """[B, G, D] -> [B, G, X, 1]: each direction's value on its S rows of X."""
+    return jnp.repeat(x_BGD, X // x_BGD.shape[-1], axis=2)[..., None]
+
+
+def _shift_chunks(x_BG, step, fill):
+    """x[:, g - step] (step 1: the previous chunk's value; -1: the next one's), `fill` past the
+    ends. Small `[B, G]` arrays only."""
+    edge = jnp.full_like(x_BG[:, :1], fill)
+    if step == 1:
+        return jnp.concatenate([edge, x_BG[:, :-1]], axis=1)
+    return jnp.concatenate([x_BG[:, 1:], edge], axis=1)
+
+
+# ---------------------------------------------------------------- shared pieces ----
+
+
+def _dot(spec, x, y, dtype):
+    """einsum with both operands in `dtype` and float32 accumulation (the precision policy).
+
+    Layout: every large matmul here contracts the minor (last) axis of its left operand; where
+    the math wants a transposed left operand (k_lin^T v, W^T dO, ...) it is built transposed by
+    the elementwise code that makes it anyway (a mask, the recomputed scores). XLA's CPU backend
+    keeps only such bf16 dots in bf16 and upcasts the others to float32 with materialised converts
+    (which its cost analysis counts); GPUs and TPUs take either form."""
+    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=_F32)
+
+
+def _columns(x, y, dtype):
+    """[x | y] along the last axis, in `dtype`: a left matmul operand whose x is elementwise
+    float32 work (the `[C, C]` weights). Built as the sum of the zero-padded halves so that XLA
+    writes it from the fusion that computes x (it rewrites a concatenate of converts into a
+    float32 concatenate and a convert: two more passes)."""
+    widths = [(0, 0)] * (x.ndim - 1)
+    x = jnp.pad(x.astype(_F32), widths + [(0, y.shape[-1])])
+    y = jnp.pad(y.astype(_F32), widths + [(x.shape[-1] - y.shape[-1], 0)])
+    return (x + y).astype(dtype)
+
+
+def _rows(x, y, dtype):
+    """[x ; y] along axis 2 (chunk rows), in `dtype`: a right matmul operand."""
+    return jnp.concatenate([x.astype(dtype), y.astype(dtype)], axis=2)
+
+
+def _swap(x):
+    """Swaps the last two axes."""
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _relu2_weights(q, k, bias, mask, scale):
+    """relu(q k^T / scale + bias)^2 where mask, else 0, and relu(...) itself: float32
+    `[..., I, J]` from `[..., I, S]` rows and `[..., J, S]` columns."""
+    scores = _dot("...is,...js->...ij", q, k, q.dtype) / scale
+    if bias is not None:
+        scores = scores + bias.astype(_F32)
+    relu = jax.nn.relu(scores)
+    return jnp.where(mask, jnp.square(relu), 0.0), relu
+
+
+def _score_grads(d_scores_JI, q, k):
+    """Cotangents (float32) of q `[..., I, S]` and k `[..., J, S]` for scores q k^T whose float32
+    cotangent is given transposed, `[..., J, I]` (cast to the compute dtype as an operand)."""
+    d_q = _dot("...ji,...js->...is", d_scores_JI, k, q.dtype)
+    d_k = _dot("...ji,...is->...js", d_scores_JI, q, q.dtype)
+    return d_q, d_k
+
+
+def _bias_grad(d_scores_JI, bias):
+    """The bias's cotangent from the transposed float32 score cotangents: summed over the axes
+    the bias broadcasts over, in the bias's dtype."""
+    if bias is None:
+        return None
+    lead = d_scores_JI.ndim - bias.ndim
+    return _swap(jnp.sum(d_scores_JI, axis=tuple(range(lead)))).astype(bias.dtype)
+
+
+def _quadratic_mask(seg_XT, causal):
+    """[..., T] ids -> [..., T, T]: same non-zero segment, and j <= i when causal."""
+    mask = _same_segment(seg_XT)
+    if causal:
+        T = seg_XT.shape[-1]
+        mask = mask & jnp.tril(jnp.ones((T, T), dtype=bool))
+    return mask
 
 
 def _same_segment(seg_XT):
