@@ -43,9 +43,9 @@ def get_config():
     m.param_dtype = "float32"
     m.norm = "scale_norm"  # scale_norm | layer_norm
     m.rel_pos = "auto"  # auto (toeplitz up to 512, rope beyond) | toeplitz | rope | none
-    m.remat = (
-        "none"  # none | full | save_proj (keep the tagged projection outputs, recompute the rest)
-    )
+    # none | full | save_proj (keep the tagged projection outputs, recompute the rest) |
+    # save_attn (save_proj + the attention outputs: the backward never reruns attention)
+    m.remat = "none"
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
     # else XLA) | xla | cudnn | splash
     m.attention_impl = "auto"

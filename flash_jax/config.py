@@ -21,7 +21,7 @@ DISPLAY_NAMES = {
 }
 NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
-REMAT = ("none", "full", "save_proj")
+REMAT = ("none", "full", "save_proj", "save_attn")
 DTYPES = ("float32", "bfloat16", "float16")
 TOEPLITZ_MAX_LEN = 512  # the paper's switch from a Toeplitz bias to the RoPE-form bias
 

@@ -33,9 +33,15 @@ LAYER_TYPES = {
 
 
 def remat_policy(name: str):
-    """`save_proj` keeps the projection outputs tagged by checkpoint_name; `full` keeps nothing."""
+    """What the backward keeps of a layer's forward (by checkpoint_name) instead of recomputing:
+    `full` nothing; `save_proj` the projection outputs; `save_attn` those and the attention
+    output with FLASH's cross-chunk states, so that the backward never reruns attention."""
     if name == "save_proj":
         return jax.checkpoint_policies.save_only_these_names("proj_in", "proj_out")
+    if name == "save_attn":
+        return jax.checkpoint_policies.save_only_these_names(
+            "proj_in", "proj_out", "attn", "attn_states"
+        )
     return None
 
 

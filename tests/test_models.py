@@ -224,12 +224,12 @@ def test_remat_gives_the_same_loss_and_gradients(name):
     seg = packed_segments()
     tokens = random_tokens(0, seg.shape)
     results = {}
-    for remat in ("none", "full", "save_proj"):
+    for remat in ("none", "full", "save_proj", "save_attn"):
         model = models.create(tiny_config(name, remat=remat), rngs=nnx.Rngs(0))
         loss, grads = jax.jit(nnx.value_and_grad(loss_fn))(model, tokens, seg)
         results[remat] = (loss, jax.tree.leaves(nnx.state(grads)))
     base_loss, base_grads = results["none"]
-    for remat in ("full", "save_proj"):
+    for remat in ("full", "save_proj", "save_attn"):
         loss, grads = results[remat]
         np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
         for g, g0 in zip(grads, base_grads, strict=True):

@@ -60,8 +60,9 @@ class _GatedUnit(nnx.Module):
     def project(self, x_BTD: jax.Array, positions_BT: jax.Array):
         """u, v [B, T, e] and the RoPE-rotated query/key heads [B, T, s] of the input."""
         e = self.cfg.expansion_dim
-        uvz = jax.nn.silu(self.proj_in(self.norm(x_BTD)))
-        uvz = checkpoint_name(uvz, "proj_in")
+        # Tagged before the SiLU: its backward needs the pre-activation, so a remat policy that
+        # keeps this tag recomputes no projection.
+        uvz = jax.nn.silu(checkpoint_name(self.proj_in(self.norm(x_BTD)), "proj_in"))
         u, v, z = jnp.split(uvz, [e, 2 * e], axis=-1)
         u = constrain(u, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
         v = constrain(v, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
@@ -69,6 +70,7 @@ class _GatedUnit(nnx.Module):
         return u, v, heads
 
     def output(self, x_BTD: jax.Array, u_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
+        attended_BTE = checkpoint_name(attended_BTE, "attn")  # kept by remat `save_attn`
         gated = checkpoint_name(u_BTE * attended_BTE.astype(u_BTE.dtype), "gated")
         out = checkpoint_name(self.proj_out(gated), "proj_out")
         return constrain(
