@@ -202,7 +202,9 @@ def _mixed_fwd(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, causal
     dtype = v_BGCE.dtype
     links = _chunk_links(seg_BGC, causal)
     states_BGXE = checkpoint_name(_chunk_states(links, kl_BGCS, v_BGCE), "attn_states")
-    weights_BGCC, _ = _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links)
+    weights_BGCC, _ = _chunk_weights(
+        qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, causal, transposed=False
+    )
     # Both parts in one matmul over K = C + X: out = [W | ql_X] [v ; states]. One float32
     # [C, E] result instead of two that are added afterwards.
     left_BGCK = _columns(weights_BGCC, _per_direction(ql_BGCS, links.use_BGCD), dtype)
@@ -220,15 +222,15 @@ def _mixed_bwd(causal, residuals, d_out_BGCE):
 
     # The states' side: out += ql_X states, states = (link A) / N, A = kl_X^T v per chunk.
     d_ql_BGCX = _dot("bgce,bgxe->bgcx", d_out_BGCE, states_BGXE, dtype)
-    ql_BGXC = _per_direction(ql_BGCS, links.use_BGCD, transposed=True)
-    d_states_BGXE = _dot("bgxc,bgce->bgxe", ql_BGXC, d_out_BGCE, dtype)
+    ql_BGCX = _per_direction(ql_BGCS, links.use_BGCD)
+    d_states_BGXE = _dot("bgcx,bgce->bgxe", ql_BGCX, d_out_BGCE, dtype)
     d_passed_BGXE = d_states_BGXE * _per_state_row(links.norm_BGD, d_states_BGXE.shape[2])
     d_sums_BGXE = _pass_states(links.link_BDHG, d_passed_BGXE, dtype)
 
     # v's cotangents through W v and through A, together (K = C + X), in the transposed frame
     # (rows = keys j): [dW^T | d kl_X] = v [dO ; dA]^T and dv = [W^T | kl_X] [dO ; dA].
     weights_BGJI, block = _chunk_weights(
-        qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, transposed=True
+        qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, causal, transposed=True
     )
     right_BGKE = _rows(d_out_BGCE, d_sums_BGXE, dtype)
     left_BGJK = _columns(weights_BGJI, _per_direction(kl_BGCS, links.member_BGCD), dtype)
@@ -261,14 +263,13 @@ class _Block(NamedTuple):
     norm: jax.Array  # 1 / N_i of the query i, broadcastable to [B, G, C, C]
 
 
-def _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, transposed=False):
+def _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, causal, transposed):
     """The within-chunk matrix that multiplies v, float32: relu(s)^2 on the quadratic mask, plus
     (bidirectional) the own chunk's share of the linear part, ql_i . kl_j / N_i on the same
     document (a plain kernel block, folded in so that one matmul with v serves both parts).
     `[B, G, i, j]`, or `[B, G, j, i]` when transposed (the backward's frame, see `_dot`); also the
     `_Block` of that frame."""
     C = seg_BGC.shape[-1]
-    causal = links.link_BDGH.shape[1] == 1
     same = _same_segment(seg_BGC)  # symmetric
     quad_mask = _quadratic_mask(seg_BGC, causal)
     norm = links.norm_BGC[..., :, None]
@@ -296,7 +297,7 @@ class _ChunkLinks(NamedTuple):
     member_BGCD: jax.Array  # bool: token c of chunk h is in its chunk's sum A[h, d]
     use_BGCD: jax.Array  # bool: token c of chunk g reads the state passed to chunk g
     link_BDGH: jax.Array  # bool: chunk g receives A[h, d]
-    link_BDHG: jax.Array  # the same, transposed (built as such: see `_dot`)
+    link_BDHG: jax.Array  # the same, transposed (compared as such: see `_dot`)
     norm_BGC: jax.Array  # float32 1 / max(N_i, 1) of every token, N_i = |L(i)|
     norm_BGD: jax.Array  # float32: that of the tokens with use_BGCD (1 where none)
 
@@ -374,8 +375,8 @@ def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
     the tokens that read them. Token c of chunk g then gets its cross-chunk linear part as
     `_per_direction(ql, use)[g, c] . states[g]`: one matmul."""
     dtype = v_BGCE.dtype
-    kl_BGXC = _per_direction(kl_BGCS, links.member_BGCD, transposed=True)
-    sums_BGXE = _dot("bgxc,bgce->bgxe", kl_BGXC, v_BGCE, dtype)
+    kl_BGCX = _per_direction(kl_BGCS, links.member_BGCD)
+    sums_BGXE = _dot("bgcx,bgce->bgxe", kl_BGCX, v_BGCE, dtype)
     passed_BGXE = _pass_states(links.link_BDGH, sums_BGXE, dtype)
     return (passed_BGXE * _per_state_row(links.norm_BGD, passed_BGXE.shape[2])).astype(dtype)
 
@@ -391,15 +392,10 @@ def _pass_states(link_BDGH, x_BGXE, dtype):
     )
 
 
-def _per_direction(x_BGCS, mask_BGCD, transposed=False):
-    """[B, G, C, S] -> [B, G, C, X]: x masked by each direction's mask, side by side along X;
-    transposed: [B, G, X, C] (built as such: see `_dot`)."""
-    B, G, C, _ = x_BGCS.shape
-    if transposed:
-        x_BGDSC = jnp.where(_swap(mask_BGCD)[:, :, :, None, :], _swap(x_BGCS)[:, :, None, :, :], 0)
-        return x_BGDSC.reshape(B, G, -1, C)
+def _per_direction(x_BGCS, mask_BGCD):
+    """[B, G, C, S] -> [B, G, C, X]: x masked by each direction's mask, side by side along X."""
     x_BGCDS = jnp.where(mask_BGCD[..., None], x_BGCS[:, :, :, None, :], 0)
-    return x_BGCDS.reshape(B, G, C, -1)
+    return x_BGCDS.reshape(x_BGCS.shape[:3] + (-1,))
 
 
 def _merge_directions(g_BGCX, mask_BGCD):
@@ -428,11 +424,12 @@ def _shift_chunks(x_BG, step, fill):
 def _dot(spec, x, y, dtype):
     """einsum with both operands in `dtype` and float32 accumulation (the precision policy).
 
-    Layout: every large matmul here contracts the minor (last) axis of its left operand; where
-    the math wants a transposed left operand (k_lin^T v, W^T dO, ...) it is built transposed by
-    the elementwise code that makes it anyway (a mask, the recomputed scores). XLA's CPU backend
-    keeps only such bf16 dots in bf16 and upcasts the others to float32 with materialised converts
-    (which its cost analysis counts); GPUs and TPUs take either form."""
+    Where the math has a transposed left operand, the code builds it transposed when it is
+    cheap to: the backward recomputes W^T (rows are keys: scores k q^T) and compares ids into
+    the transposed `[G, G]` links, so that its big matmuls take the plain and right-transposed
+    forms. XLA's CPU backend runs those in bf16 and upcasts a bf16 matmul with a transposed left
+    operand to float32 with materialised converts (k_lin^T v and q_lin^T dO still are, on
+    CPUs); GPUs and TPUs run every form in bf16."""
     return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=_F32)
 
 

@@ -1,0 +1,76 @@
+"""scripts/op_cost.py: its HLO matmul count against hand-made programs, and a run end to end at a
+tiny size (compiles only; nothing is timed)."""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+# pytest does not put the repository root on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts import op_cost  # noqa: E402
+
+
+def test_dot_flops_by_dtype_counts_each_dot_by_its_operand_dtypes():
+    def program(a_bf16, b_bf16, c_f32):
+        ab = jnp.einsum("bij,bjk->bik", a_bf16, b_bf16, preferred_element_type=jnp.float32)
+        return ab @ c_f32  # [2, 3, 5] x [5, 7]: float32 x float32
+
+    args = (
+        jax.ShapeDtypeStruct((2, 3, 4), jnp.bfloat16),
+        jax.ShapeDtypeStruct((2, 4, 5), jnp.bfloat16),
+        jax.ShapeDtypeStruct((5, 7), jnp.float32),
+    )
+    text = jax.jit(program).lower(*args).as_text("hlo")
+    flops = op_cost.dot_flops_by_dtype(text)
+    # 2 x (output elements) x (contracted length)
+    assert flops == {"bf16 x bf16": 2 * (2 * 3 * 5) * 4, "f32 x f32": 2 * (2 * 3 * 7) * 5}
+
+
+def test_dot_flops_reads_names_per_computation():
+    # The same instruction name in two computations: each dot uses its own computation's shapes.
+    dims = "lhs_contracting_dims={1}, rhs_contracting_dims={1}"
+    text = "\n".join(
+        [
+            "HloModule m",
+            "",
+            "inner {",
+            "  x = f32[2,8]{1,0} parameter(0)",
+            f"  ROOT d = f32[2,2]{{1,0}} dot(x, x), {dims}",
+            "}",
+            "",
+            "ENTRY main {",
+            "  x = bf16[4,3]{1,0} parameter(0)",
+            f"  ROOT d = f32[4,4]{{1,0}} dot(x, x), {dims}",
+            "}",
+        ]
+    )
+    assert op_cost.dot_flops_by_dtype(text) == {"f32 x f32": 2 * 4 * 8, "bf16 x bf16": 2 * 16 * 3}
+
+
+def test_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    path = tmp_path / "op_cost.json"
+    tiny = ["--tokens=32", "--qk_dim=8", "--value_dim=16", "--chunk_size=4"]
+    rows = op_cost.main(["--contexts=8,16", *tiny, f"--json={path}", "--remat=save_attn"])
+    assert [row["context"] for row in rows] == [8, 16]
+    for row in rows:
+        for part in ("op", "layer"):
+            cost = row[part]
+            assert cost["bytes_per_token"] > 0 and cost["flops_per_token"] > 0
+            assert cost["matmul_flops_per_token"]["bf16 x bf16"] > 0
+        assert row["op"]["f32_matmul_share"] == 0.0  # bf16 inputs: bf16 matmuls only
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == rows and saved["setup"]["remat"] == "save_attn"
+    table = capsys.readouterr().out
+    assert "| 8 |" in table and "| 16 |" in table
+
+
+def test_bad_arguments_name_the_flag():
+    with pytest.raises(SystemExit):
+        op_cost.parse_args(["--tokens=100", "--contexts=64"])  # 64 does not divide 100
+    with pytest.raises(SystemExit):
+        op_cost.parse_args(["--value_dim=15"])
