@@ -5,6 +5,7 @@
 #
 #   bash scripts/device_check.sh                      # writes runs/device_check/
 #   OUT_DIR=/some/dir CONTEXTS=1024,4096 bash scripts/device_check.sh
+#   REMAT=save_attn bash scripts/device_check.sh      # keep attention outputs (more memory)
 #
 # On a machine without the project's pinned Flax / ml_collections, put their wheels in .whl/
 # (see DEVELOPERS.md) and they are installed to /tmp/site first. The data stack (TensorFlow,
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT_DIR:-runs/device_check}
 CONTEXTS=${CONTEXTS:-1024,2048,4096,8192,16384,32768}
+REMAT=${REMAT:-full}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 
@@ -31,6 +33,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 # d_model 1024 (size `large`'s width) with 4 Transformer++ layers against 8 FLASH layers (equal
 # parameters); the paper's C = 256 and s = 128; T5's vocabulary size.
 "$PYTHON" scripts/benchmark.py --no-isolate --models=flash,transformer_pp \
-  --size=large --transformer_layers=4 --dtype=bfloat16 --remat=full --attention_impl=cudnn \
+  --size=large --transformer_layers=4 --dtype=bfloat16 --remat="$REMAT" --attention_impl=cudnn \
   --vocab_size=32128 --tokens_per_step=65536 --contexts="$CONTEXTS" \
   --warmup=1 --repeats=5 --out_dir="$OUT_DIR" --name=device_check

@@ -336,12 +336,12 @@ def test_mixed_forward_and_gradients_match_float64_reference(layout, causal, dty
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_quadratic_forward_and_gradients_match_float64_reference(causal, dtype):
+@pytest.mark.parametrize("causal, bias_rank", [(True, 2), (False, 3)])
+def test_quadratic_forward_and_gradients_match_float64_reference(causal, bias_rank, dtype):
     T, _, B, seg, seg_ref = _layout("packed")
     rng = np.random.default_rng(32)
     q, k, v = (jnp.asarray(x, dtype) for x in _inputs(B, T, seed=33, num=3))
-    bias = jnp.asarray(rng.normal(size=(T, T)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(B, T, T)[-bias_rank:]), jnp.float32)
     d_out = jnp.asarray(rng.normal(size=(B, T, E)), dtype)
     n = 16
 
