@@ -7,6 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from flash_jax.ops.attention import FLASH_IMPLS
 from flash_jax.ops.dot_product import IMPLS as ATTENTION_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
@@ -45,6 +46,7 @@ class ModelConfig:
     rel_pos: str = "auto"
     remat: str = "none"
     attention_impl: str = "auto"
+    flash_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints; set by create() from config.mesh.rules.
     sharding_rules: tuple = DEFAULT_RULES
@@ -69,6 +71,7 @@ class ModelConfig:
         _check_choice("rel_pos", self.rel_pos, REL_POS)
         _check_choice("remat", self.remat, REMAT)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("flash_impl", self.flash_impl, FLASH_IMPLS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
         if self.is_transformer and self.d_model % self.num_heads:

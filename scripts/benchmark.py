@@ -182,10 +182,24 @@ def layer_flops(config, mesh, batch_size: int, context: int) -> float | None:
 # ----------------------------------------------------------------------------- one measurement
 
 
+def split_variant(model: str) -> tuple[str, str | None]:
+    """'flash@pallas_gpu' -> ('flash', 'pallas_gpu'): a model with its attention implementation
+    (model.flash_impl for FLASH, model.attention_impl for the Transformers); 'flash' -> None."""
+    name, _, impl = model.partition("@")
+    return name, impl or None
+
+
+def label(model: str) -> str:
+    name, impl = split_variant(model)
+    return LABELS.get(name, name) + (f" ({impl})" if impl else "")
+
+
 def bench_config(args, model: str, context: int):
     """The training config of one model x context (base config + size preset + flags)."""
     from configs import base
     from flash_jax import models
+
+    model, impl = split_variant(model)
 
     if args.tokens_per_step % context:
         raise ValueError(
@@ -206,6 +220,9 @@ def bench_config(args, model: str, context: int):
     m.param_dtype = args.param_dtype
     m.remat = args.remat
     m.attention_impl = args.attention_impl
+    m.flash_impl = getattr(args, "flash_impl", "auto")  # absent from older benchmark JSONs
+    if impl:
+        m["attention_impl" if model.startswith("transformer") else "flash_impl"] = impl
     config.data.seq_len = context
     config.data.batch_size = args.tokens_per_step // context
     config.train.warmup_steps = 0  # the learning rate does not change the cost
@@ -249,7 +266,7 @@ def measure(args, model: str, context: int) -> dict:
     B, T = config.data.batch_size, context
     row = {
         "model": model,
-        "label": LABELS.get(model, model),
+        "label": label(model),
         "context": T,
         "batch_size": B,
         "tokens_per_step": B * T,
@@ -272,7 +289,7 @@ def measure(args, model: str, context: int) -> dict:
         row["compile_s"] = time.perf_counter() - t0
 
         # Cost analysis is per device (the SPMD program); totals are x the number of devices.
-        raw = cost_flops(train_step)
+        raw = cost_flops(train_step) if getattr(args, "compiled_flops", True) else None
         one_layer = layer_flops(config, mesh, B, T) if raw is not None else None
         num_devices = mesh.size
         row["flops_compiled_raw"] = None if raw is None else raw * num_devices
@@ -332,7 +349,7 @@ def error_row(model: str, context: int, tokens_per_step: int, message: str) -> d
     row = dict.fromkeys(ROW_KEYS)
     row.update(
         model=model,
-        label=LABELS.get(model, model),
+        label=label(model),
         context=context,
         batch_size=tokens_per_step // context,
         tokens_per_step=tokens_per_step,
@@ -351,6 +368,7 @@ _PASSED_FLAGS = (
     "dtype",
     "param_dtype",
     "attention_impl",
+    "flash_impl",
     "remat",
     "chunk_size",
     "qk_dim",
@@ -360,7 +378,14 @@ _PASSED_FLAGS = (
     "repeats",
     "seed",
     "max_quadratic_context",
+    "compiled_flops",
 )
+
+
+def _flag(key: str, value) -> str:
+    if isinstance(value, bool):  # argparse.BooleanOptionalAction
+        return f"--{key}" if value else f"--no-{key}"
+    return f"--{key}={value}"
 
 
 def run_isolated(args, model: str, context: int) -> tuple[dict, dict | None]:
@@ -373,7 +398,7 @@ def run_isolated(args, model: str, context: int) -> tuple[dict, dict | None]:
             f"--only={model}:{context}",
             f"--row_out={out}",
             f"--contexts={context}",
-            *(f"--{key}={getattr(args, key)}" for key in _PASSED_FLAGS),
+            *(_flag(key, getattr(args, key)) for key in _PASSED_FLAGS),
         ]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not os.path.isfile(out):
@@ -392,8 +417,8 @@ def run_all(args, on_row=None) -> tuple[list[dict], dict]:
     rows, machine = [], None
     for model in args.models:
         for context in args.contexts:
-            print(f"{LABELS.get(model, model)} at context {context} ...", flush=True)
-            if model != "flash" and 0 < args.max_quadratic_context < context:
+            print(f"{label(model)} at context {context} ...", flush=True)
+            if split_variant(model)[0] != "flash" and 0 < args.max_quadratic_context < context:
                 why = f"skipped: above --max_quadratic_context={args.max_quadratic_context}"
                 row = error_row(model, context, args.tokens_per_step, why)
             elif args.isolate:
@@ -425,6 +450,11 @@ def _row_summary(row: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
+
+
+def first_flash(rows: list[dict]) -> str:
+    """The first FLASH variant measured ('flash', or e.g. 'flash@xla')."""
+    return next((r["model"] for r in rows if split_variant(r["model"])[0] == "flash"), "flash")
 
 
 def flatness(rows: list[dict], model: str = "flash", low: int = 512, high: int = 8192) -> dict:
@@ -579,7 +609,7 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
         row["flops_analytic"] = total
         row["tflops_analytic"] = total / median / 1e12
         row["mfu"] = None if peak is None else total / median / (peak * machine["num_devices"])
-    report["flash_flatness"] = flatness(report["rows"])
+    report["flash_flatness"] = flatness(report["rows"], first_flash(report["rows"]))
     write_outputs(report, out_dir, name)
     return report
 
@@ -601,7 +631,7 @@ def _int_list(text: str) -> list[int]:
 
 def parse_args(argv=None):
     from flash_jax import models
-    from flash_jax.config import ATTENTION_IMPLS, DTYPES, REMAT
+    from flash_jax.config import ATTENTION_IMPLS, DTYPES, FLASH_IMPLS, REMAT
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
@@ -611,6 +641,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--param_dtype", default="float32", choices=DTYPES)
     parser.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS)
+    parser.add_argument("--flash_impl", default="auto", choices=FLASH_IMPLS)
     parser.add_argument("--remat", default="none", choices=REMAT)
     parser.add_argument("--chunk_size", type=int, default=256, help="FLASH's C (paper: 256)")
     parser.add_argument("--qk_dim", type=int, default=0, help="s; 0 keeps the size preset's")
@@ -621,6 +652,12 @@ def parse_args(argv=None):
         help="depth of the Transformers (FLASH-family: twice that); 0 keeps the size preset's",
     )
     parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument(
+        "--compiled_flops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also count FLOPs with XLA's cost analysis (compiles one layer more per row)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -647,9 +684,12 @@ def parse_args(argv=None):
     parser.add_argument("--row_out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
-    bad = [m for m in args.models if m not in models.LAYER_TYPES]
+    bad = [m for m in args.models if split_variant(m)[0] not in models.LAYER_TYPES]
     if bad or not args.models:
-        parser.error(f"--models: unknown {bad}; choose from {sorted(models.LAYER_TYPES)}")
+        parser.error(
+            f"--models: unknown {bad}; choose from {sorted(models.LAYER_TYPES)}, each optionally "
+            "with @impl (e.g. flash@pallas_gpu, transformer_pp@cudnn)"
+        )
     for key, low in (("tokens_per_step", 1), ("chunk_size", 1), ("repeats", 1), ("warmup", 0)):
         if getattr(args, key) < low:
             parser.error(f"--{key} must be >= {low}, got {getattr(args, key)}")
@@ -692,7 +732,7 @@ def main(argv=None) -> dict | None:
         "setup": {key: getattr(args, key) for key in (*_PASSED_FLAGS, "models", "contexts")},
         "data": "synthetic: uniformly random tokens, one document per row",
         "rows": rows,
-        "flash_flatness": flatness(rows),
+        "flash_flatness": flatness(rows, first_flash(rows)),
     }
     stem = write_outputs(report, args.out_dir, args.name)
     print(markdown(report))

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The accelerator check, as one command: FLASH and Transformer++ (cuDNN) train-step speed at
-# contexts 1K-32K, d_model 1024, bf16, 65,536 tokens per step, forward + backward with remat, in
-# one process; JSON, a markdown table and a plot under OUT_DIR. Under 8 minutes on one H100.
+# The accelerator check, as one command: train-step speed of FLASH on the XLA path and on the
+# fused Mosaic GPU kernel, and of Transformer++ on cuDNN, at contexts 1K-32K, d_model 1024, bf16,
+# 65,536 tokens per step, forward + backward with remat `save_attn` (the backward reruns no
+# matmul), in one process; JSON, a markdown table and a plot under OUT_DIR. About 6 minutes on
+# one H100.
 #
 #   bash scripts/device_check.sh                      # writes runs/device_check/
 #   OUT_DIR=/some/dir CONTEXTS=1024,4096 bash scripts/device_check.sh
-#   REMAT=save_attn bash scripts/device_check.sh      # keep attention outputs (more memory)
+#   REMAT=full bash scripts/device_check.sh           # recompute every layer (least memory)
+#   MODELS=flash@xla,flash@pallas_tpu,transformer_pp@splash bash scripts/device_check.sh  # TPU
 #
 # On a machine without the project's pinned Flax / ml_collections, put their wheels in .whl/
 # (see DEVELOPERS.md) and they are installed to /tmp/site first. The data stack (TensorFlow,
@@ -15,7 +18,8 @@ cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT_DIR:-runs/device_check}
 CONTEXTS=${CONTEXTS:-1024,2048,4096,8192,16384,32768}
-REMAT=${REMAT:-full}
+MODELS=${MODELS:-flash@xla,flash@pallas_gpu,transformer_pp@cudnn}
+REMAT=${REMAT:-save_attn}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 
@@ -31,8 +35,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 "$PYTHON" -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 
 # d_model 1024 (size `large`'s width) with 4 Transformer++ layers against 8 FLASH layers (equal
-# parameters); the paper's C = 256 and s = 128; T5's vocabulary size.
-"$PYTHON" scripts/benchmark.py --no-isolate --models=flash,transformer_pp \
-  --size=large --transformer_layers=4 --dtype=bfloat16 --remat="$REMAT" --attention_impl=cudnn \
-  --vocab_size=32128 --tokens_per_step=65536 --contexts="$CONTEXTS" \
-  --warmup=1 --repeats=5 --out_dir="$OUT_DIR" --name=device_check
+# parameters); the paper's C = 256 and s = 128; T5's vocabulary size. FLASH on the XLA path and on
+# the fused kernel of this backend, Transformer++ on cuDNN (TPU: MODELS=...@pallas_tpu,...@splash).
+"$PYTHON" scripts/benchmark.py --no-isolate --models="$MODELS" \
+  --size=large --transformer_layers=4 --dtype=bfloat16 --remat="$REMAT" \
+  --vocab_size=32128 --tokens_per_step=65536 --contexts="$CONTEXTS" --no-compiled_flops \
+  --warmup=1 --repeats=4 --out_dir="$OUT_DIR" --name=device_check

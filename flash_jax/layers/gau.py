@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flash_jax import ops
+from flash_jax import ops, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers.basic import Dense, make_norm, param
 from flash_jax.layers.positions import RelativePositionBias, apply_rope
@@ -141,17 +141,35 @@ class FlashLayer(_GatedUnit):
         super().__init__(cfg, rngs=rngs)
 
     def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+        cfg = self.cfg
         u, v, (quad_q, quad_k, lin_q, lin_k) = self.project(x_BTD, positions_BT)
-        attended = ops.mixed_chunk_attention(
-            quad_q,
-            quad_k,
-            lin_q,
-            lin_k,
-            v,
-            chunk_size=self.cfg.chunk_size,
-            causal=self.cfg.causal,
-            segment_ids=segment_ids_BT,
-            quad_bias=self.bias(self.cfg.chunk_size),
+        impl = cfg.flash_impl
+        if impl == "auto":  # by the shapes each device sees (E may be split over `tensor`)
+            local_e = cfg.expansion_dim // sharding.shard_count("act_mlp", cfg.sharding_rules)
+            impl = ops.attention.flash_impl_for(cfg.qk_dim, local_e, cfg.chunk_size, v.dtype)
+
+        def attend(quad_q, quad_k, lin_q, lin_k, v, segment_ids_BT, quad_bias):
+            return ops.mixed_chunk_attention(
+                quad_q,
+                quad_k,
+                lin_q,
+                lin_k,
+                v,
+                chunk_size=cfg.chunk_size,
+                causal=cfg.causal,
+                segment_ids=segment_ids_BT,
+                quad_bias=quad_bias,
+                impl=impl,
+            )
+
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones(x_BTD.shape[:2], jnp.int32)
+        if impl != "xla":  # a Pallas kernel: each device runs it on its own rows (and E slice)
+            keys, values = ("batch", "length", None), ("batch", "length", "act_mlp")
+            in_axes = (keys, keys, keys, keys, values, ("batch", "length"), None)
+            attend = sharding.per_shard(attend, in_axes, values, cfg.sharding_rules)
+        attended = attend(
+            quad_q, quad_k, lin_q, lin_k, v, segment_ids_BT, self.bias(cfg.chunk_size)
         )
         return self.output(x_BTD, u, attended)
 

@@ -55,7 +55,7 @@ class MultiHeadAttention(nnx.Module):
             attend = sharding.per_shard(
                 attend, (heads, heads, heads, segments), heads, cfg.sharding_rules
             )
-        attended = attend(q, k, v, segment_ids_BT)
+        attended = checkpoint_name(attend(q, k, v, segment_ids_BT), "attn")  # kept by save_attn
         return checkpoint_name(self.out(attended), "proj_out")
 
     def decode(self, x_B1D, t, cache):

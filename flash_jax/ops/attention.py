@@ -127,6 +127,8 @@ def mixed_chunk_attention(
     causal: bool,
     segment_ids=None,
     quad_bias=None,
+    impl: str = "xla",
+    interpret: bool | None = None,
 ):
     """FLASH mixed chunk attention (token-exact for packed documents).
 
@@ -157,11 +159,37 @@ def mixed_chunk_attention(
       segment_ids: int `[B, T]`, 0 = padding; None = one document without padding.
       quad_bias: None or `[C, C]`, the relative bias of the quadratic part (the same in every
         chunk).
+      impl: `xla` (this function, every backend), `pallas_tpu` / `pallas_gpu` (the fused
+        kernels of flash_jax/ops/pallas_tpu.py and pallas_gpu.py, same contract), or `auto`
+        (`flash_impl_for`: the backend's kernel where it serves the shapes, else XLA). A kernel
+        asked for by name that cannot serve the shapes raises a ValueError saying why.
+      interpret: run a Pallas kernel in interpret mode; None = exactly when the default
+        backend is a CPU (kernels there are for tests: slow, but the same kernel bodies).
 
     Returns:
       `[B, T, E]` in v's dtype; padding rows are exactly 0.
     """
     quad_q, quad_k, lin_q, lin_k, v = (jnp.asarray(x) for x in (quad_q, quad_k, lin_q, lin_k, v))
+    if impl not in FLASH_IMPLS:
+        raise ValueError(f"mixed_chunk_attention impl must be one of {FLASH_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = flash_impl_for(quad_q.shape[2], v.shape[2], chunk_size, v.dtype)
+    if impl != "xla":
+        if interpret is None:
+            interpret = jax.default_backend() == "cpu"
+        kernel = _kernel(impl)
+        return kernel(
+            quad_q,
+            quad_k,
+            lin_q,
+            lin_k,
+            v,
+            chunk_size=chunk_size,
+            causal=causal,
+            segment_ids=segment_ids,
+            quad_bias=quad_bias,
+            interpret=interpret,
+        )
     if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if chunk_size <= 0:
@@ -189,6 +217,48 @@ def mixed_chunk_attention(
     inputs = [chunked(x.astype(dtype)) for x in (quad_q, quad_k, lin_q, lin_k, v)]
     out_BGCE = _mixed_chunks(*inputs, chunked(seg_BT), quad_bias, causal)
     return out_BGCE.reshape(B, G * C, -1)[:, :T].astype(v.dtype)
+
+
+FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+def flash_impl_for(S: int, E: int, chunk_size: int, dtype) -> str:
+    """`impl="auto"`: the fused kernel of the default backend when it serves these shapes (the
+    TPU kernel on TPUs; the Mosaic GPU kernel on Hopper-class GPUs, for bf16 inputs: it rounds
+    float32 operands to bf16), else `xla`."""
+    device = jax.devices()[0]
+    if device.platform == "tpu":
+        from flash_jax.ops import pallas_tpu
+
+        def shape(width):
+            return jax.ShapeDtypeStruct((1, chunk_size, width), dtype)
+
+        if pallas_tpu.supported(
+            shape(S), shape(S), shape(S), shape(S), shape(E), chunk_size=chunk_size, causal=True
+        ):
+            return "pallas_tpu"
+    if device.platform == "gpu" and jnp.dtype(dtype) == jnp.bfloat16:
+        from flash_jax.ops import pallas_gpu
+
+        hopper = float(getattr(device, "compute_capability", "0")) >= 9.0
+        try:
+            pallas_gpu.check_supported(S=S, E=E, chunk_size=chunk_size, dtype=dtype)
+        except ValueError:
+            return "xla"
+        if hopper:
+            return "pallas_gpu"
+    return "xla"
+
+
+def _kernel(impl: str):
+    """The kernel function of a Pallas impl (imported on first use)."""
+    if impl == "pallas_tpu":
+        from flash_jax.ops import pallas_tpu
+
+        return pallas_tpu.mixed_chunk_attention_tpu
+    from flash_jax.ops import pallas_gpu
+
+    return pallas_gpu.mixed_chunk_attention_gpu
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

@@ -19,7 +19,7 @@ from flash_jax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
 # Keys that change how the model is computed, not what it is: a resumed run may change them.
-RESUMABLE_MODEL_KEYS = ("remat", "attention_impl")
+RESUMABLE_MODEL_KEYS = ("remat", "attention_impl", "flash_impl")
 
 
 def model_config_dict(model_config) -> dict:

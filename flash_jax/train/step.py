@@ -51,9 +51,7 @@ class StepFns:
 
 def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
     """How many ways the batch dimension is split on `mesh` under the logical `rules`."""
-    spec = sharding.logical_to_spec(("batch",), rules, mesh.axis_names)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return int(np.prod([mesh.shape[a] for a in axes]))
+    return sharding.shard_count("batch", rules, mesh)
 
 
 def _reseed(model, key) -> None:
