@@ -20,7 +20,7 @@ from flash_jax.layers import (
     document_positions,
     make_norm,
 )
-from flash_jax.layers.basic import param
+from flash_jax.layers.basic import float32_logits, param
 from flash_jax.sharding import DEFAULT_RULES, LAYER_AXIS_METADATA, constrain
 
 LAYER_TYPES = {
@@ -122,8 +122,7 @@ class LanguageModel(nnx.Module):
         x = self.final_norm(x_BTD)
         if self.cfg.tie_embeddings:
             return self.embed.attend(x)
-        kernel = self.head.kernel.value.astype(x.dtype)
-        return jnp.einsum("btd,dv->btv", x, kernel, preferred_element_type=jnp.float32)
+        return float32_logits(x, self.head.kernel.value.astype(x.dtype))
 
     def init_cache(self, batch_size: int, length: int | None = None) -> dict:
         """Decoding state of every layer, stacked on a leading layer axis. `length` bounds the

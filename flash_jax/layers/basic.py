@@ -80,12 +80,35 @@ class Embed(nnx.Module):
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Logits against the table, in float32."""
-        return jnp.einsum(
-            "btd,vd->btv",
-            x_BTD,
-            self.table.value.astype(x_BTD.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        return float32_logits(x_BTD, self.table.value.astype(x_BTD.dtype).T)
+
+
+@jax.custom_vjp
+def float32_logits(x_BTD: jax.Array, kernel_DV: jax.Array) -> jax.Array:
+    """x @ W with float32 results (the loss wants them) from operands of x's dtype.
+
+    Autodiff of a bf16 x bf16 -> float32 matmul makes the backward's two matmuls (the logits'
+    cotangent times W and times x) float32 x float32: at a 32k vocabulary the largest matmuls of
+    the step, at half the bf16 rate or less. Here the cotangent is rounded to x's dtype first, as
+    attention kernels round their probabilities, and both matmuls accumulate in float32. With
+    float32 operands this is exactly autodiff.
+    """
+    return jnp.einsum("btd,dv->btv", x_BTD, kernel_DV, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_fwd(x_BTD, kernel_DV):
+    return float32_logits(x_BTD, kernel_DV), (x_BTD, kernel_DV)
+
+
+def _float32_logits_bwd(residuals, d_logits_BTV):
+    x_BTD, kernel_DV = residuals
+    d_logits_BTV = d_logits_BTV.astype(x_BTD.dtype)
+    d_x = jnp.einsum("btv,dv->btd", d_logits_BTV, kernel_DV, preferred_element_type=jnp.float32)
+    d_kernel = jnp.einsum("btd,btv->dv", x_BTD, d_logits_BTV, preferred_element_type=jnp.float32)
+    return d_x.astype(x_BTD.dtype), d_kernel.astype(kernel_DV.dtype)
+
+
+float32_logits.defvjp(_float32_logits_fwd, _float32_logits_bwd)
 
 
 class ScaleNorm(nnx.Module):
