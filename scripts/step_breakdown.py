@@ -1,0 +1,198 @@
+"""Where a FLASH train step's time goes: its parts timed alone, forward + backward, on one device.
+
+The parts of `flash_jax.train.step`'s step at one context (the benchmark's configuration: size
+preset, `--transformer_layers`, bf16, remat, vocabulary, tokens per step):
+
+  attention op   `ops.mixed_chunk_attention` alone, per FLASH impl
+  layer          one FLASH layer (projections, attention, gate), per FLASH impl, remat as set
+  layer, no attn the same layer with attention replaced by v itself (what is not attention)
+  head + loss    final norm, float32 logits and the cross-entropy
+  optimizer      the AdamW update of every parameter
+  step           the whole train step, for the sum to be checked against
+
+Each is the median of `--repeats` calls after a warm-up, on random inputs (bf16 activations of
+the model's shapes). `num_layers x layer + head + optimizer` should come close to `step`.
+
+    python scripts/step_breakdown.py                          # CPU, tiny: checks it runs
+    python scripts/step_breakdown.py --size=large --transformer_layers=4 --dtype=bfloat16 \
+        --remat=save_attn --vocab_size=32128 --tokens_per_step=65536 --context=4096 \
+        --impls=xla,pallas_gpu                                # one H100: about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # `python scripts/step_breakdown.py` from anywhere
+    sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from flash_jax import metrics, models, ops, sharding  # noqa: E402
+from flash_jax.config import ModelConfig  # noqa: E402
+from flash_jax.layers import FlashLayer  # noqa: E402
+from flash_jax.train import step  # noqa: E402
+from scripts import benchmark  # noqa: E402
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def fwd_bwd(loss_fn, argnums):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(loss_fn(*a).astype(jnp.float32)), argnums))
+
+
+def layer_ms(cfg, x, seg, pos, repeats, attention=True):
+    layer = FlashLayer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+
+    def apply(params, x):
+        layer = nnx.merge(graphdef, params)
+        if not attention:  # identity attention: everything of the layer but the attention op
+            u, v, _ = layer.project(x, pos)
+            return layer.output(x, u, v)
+        return layer(x, seg, pos)
+
+    if cfg.remat != "none":
+        apply = jax.checkpoint(apply, policy=models.remat_policy(cfg.remat))
+    return median_ms(fwd_bwd(apply, (0, 1)), params, x, repeats=repeats)
+
+
+def measure(args) -> dict:
+    config = benchmark.bench_config(args, "flash", args.context)
+    cfg = ModelConfig.from_config(config.model)
+    B, T = config.data.batch_size, args.context
+    dtype = cfg.compute_dtype
+    keys = jax.random.split(jax.random.key(0), 8)
+    x = jax.random.normal(keys[0], (B, T, cfg.d_model), dtype)
+    seg = jnp.ones((B, T), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    parts = {}
+
+    def record(name, ms):  # printed as measured: a run stopped early keeps what it has
+        parts[name] = ms
+        print(f"{name}: {ms:.2f} ms", flush=True)
+
+    S, E, C = cfg.qk_dim, cfg.expansion_dim, cfg.chunk_size
+    qk = [jax.random.normal(k, (B, T, S), dtype) for k in keys[1:5]]
+    v = jax.random.normal(keys[5], (B, T, E), dtype)
+    for impl in args.impls:
+
+        def attend(*a, impl=impl):
+            return ops.mixed_chunk_attention(*a, chunk_size=C, causal=cfg.causal, impl=impl)
+
+        grad_fn = fwd_bwd(attend, (0, 1, 2, 3, 4))
+        record(f"attention op ({impl})", median_ms(grad_fn, *qk, v, repeats=args.repeats))
+        impl_cfg = dataclasses.replace(cfg, flash_impl=impl)
+        record(f"layer ({impl})", layer_ms(impl_cfg, x, seg, pos, args.repeats))
+    record("layer, attention replaced by v", layer_ms(cfg, x, seg, pos, args.repeats, False))
+
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    head_graph, head_params = nnx.split(model)
+    targets = jax.random.randint(keys[6], (B, T), 0, cfg.vocab_size, jnp.int32)
+    weights = jnp.ones((B, T), jnp.float32)
+
+    def head_loss(params, x):
+        logits = nnx.merge(head_graph, params).logits(x)
+        return metrics.cross_entropy(logits, targets, weights)[0]
+
+    head_grad = jax.jit(jax.grad(head_loss, (0, 1)))
+    record("head + loss", median_ms(head_grad, head_params, x, repeats=args.repeats))
+
+    mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        fns = step.build(config, mesh)
+        state, rest = fns.init_state(), fns.init_rest()
+        batch = step.put_batch(benchmark.synthetic_batch(B, T, cfg.vocab_size), fns.batch_sharding)
+        grads = jax.tree.map(jnp.ones_like, state["params"])
+        tx, _ = step.optim.make_optimizer(config.train, step.optim.decay_mask(state["params"]))
+        update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+        opt_args = (grads, state["opt_state"], state["params"])
+        record("optimizer", median_ms(update, *opt_args, repeats=args.repeats))
+        times = []
+        for i in range(args.repeats + 1):
+            start = time.perf_counter()
+            state, out = fns.train_step(state, rest, batch)
+            jax.block_until_ready(out)
+            if i:
+                times.append(time.perf_counter() - start)
+        record("step", statistics.median(times) * 1e3)
+    return {
+        "device": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "context": T,
+        "batch": B,
+        "num_layers": cfg.num_layers,
+        "remat": cfg.remat,
+        "parts_ms": parts,
+    }
+
+
+def markdown(result: dict) -> str:
+    parts = result["parts_ms"]
+    lines = [
+        f"FLASH train step parts on {result['device']} (jax {result['jax']}), context "
+        f"{result['context']}, batch {result['batch']}, {result['num_layers']} layers, remat "
+        f"{result['remat']}; forward + backward, median ms:",
+        "",
+        "| part | ms |",
+        "|---|---:|",
+        *(f"| {name} | {ms:.2f} |" for name, ms in parts.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    """The benchmark's model flags (see scripts/benchmark.py) and the context."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--tokens_per_step", type=int, default=1024)
+    parser.add_argument("--size", default="tiny", choices=sorted(models.SIZES))
+    parser.add_argument("--transformer_layers", type=int, default=0)
+    parser.add_argument("--chunk_size", type=int, default=64)
+    parser.add_argument("--qk_dim", type=int, default=0)
+    parser.add_argument("--vocab_size", type=int, default=4096)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--param_dtype", default="float32")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--impls", default="xla", help="FLASH attention impls, comma-separated")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out_dir", default="runs/step_breakdown")
+    parser.add_argument("--name", default="step_breakdown")
+    args = parser.parse_args(argv)
+    args.attention_impl, args.flash_impl = "auto", "auto"
+    args.impls = [i for i in args.impls.split(",") if i]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = measure(args)
+    text = markdown(result)
+    print(text)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
+        f.write(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
