@@ -1,8 +1,17 @@
 """The paper's experiments (Hua et al., 2022, "Transformer Quality in Linear Time") in one helper.
 
 Each `configs/<dataset>_<model>.py` file is one line over `paper_config(model, dataset, arg)`.
-The argument is the context length (512 ... 8192), optionally followed by ",large" for the bigger
-PG-19 scale: `--config=configs/pg19_flash.py:8192` or `--config=configs/pg19_flash.py:8192,large`.
+The argument is comma-separated: the context length (512 ... 8192; default 512), a model size
+(flash_jax.models.SIZES: tiny, small, base, large; default base) and `smoke`:
+
+    --config=configs/pg19_flash.py:8192          the paper's PG-19 run at 8192 tokens
+    --config=configs/pg19_flash.py:8192,large    the bigger PG-19 scale (a guess, see below)
+    --config=configs/pg19_flash.py:512,tiny      the paper's data and schedule, the tiny model
+    --config=configs/pg19_flash.py:smoke         runs anywhere: see `smoke_scale`
+
+`smoke` (size tiny unless one is given) keeps the model family, the context length and the
+objective, and swaps in what a laptop CPU can run: the shipped corpus and vocabulary (no download),
+a small batch, a short warm-up and few steps; the loss falls visibly within about a minute.
 
 What comes from the paper (see shared/docs/paper-notes.md) and what is a guess is said per line.
 """
@@ -13,12 +22,15 @@ from flash_jax import models
 CONTEXTS = (512, 1024, 2048, 4096, 8192)  # the paper's context lengths
 MODELS = ("flash", "flash_quad", "transformer_plus", "transformer_pp")
 DATASETS = ("pg19", "wiki40b", "c4")
-SCALES = ("base", "large")
+SMOKE = "smoke"
 # Tokens per batch, held fixed across context lengths (paper); the value 2^18 is a documented guess.
 TOKENS_PER_BATCH = 2**18
 # T5's 32k SentencePiece vocabulary, padded to a multiple of 128 (as T5 does: 32128) so that
 # sentinel / mask ids fit and the vocab dimension shards evenly.
 T5_VOCAB_SIZE = 32128
+# The smoke scale's batch: 4 rows of 512 tokens (at least one row at longer contexts).
+SMOKE_TOKENS_PER_BATCH = 2048
+SHIPPED_VOCAB_SIZE = 4096  # flash_jax/data/vocabs/austen_spm_4k.model
 
 # Model sizes come from flash_jax.models.SIZES (one place): "base" (~110M parameters, BERT-Base
 # shape) is the paper's speed-comparison scale: 12 Transformer layers of width 768, twice as many
@@ -26,23 +38,28 @@ T5_VOCAB_SIZE = 32128
 # says ~500M): NOT verified, a guess (24 Transformer layers of width 1024) keeping the 2x rule.
 
 
-def parse_arg(arg) -> tuple[int, str]:
-    """'8192' -> (8192, 'base'); '8192,large' -> (8192, 'large'); None -> (512, 'base')."""
-    if arg is None or arg == "":
-        return 512, "base"
-    parts = str(arg).split(",")
-    try:
-        context = int(parts[0])
-    except ValueError:
-        raise ValueError(
-            f"config argument {arg!r}: the context length must be one of {CONTEXTS}"
-        ) from None
-    if context not in CONTEXTS:
-        raise ValueError(f"config argument {arg!r}: context length must be one of {CONTEXTS}")
-    scale = parts[1] if len(parts) > 1 else "base"
-    if scale not in SCALES or len(parts) > 2:
-        raise ValueError(f"config argument {arg!r}: the scale after ',' must be one of {SCALES}")
-    return context, scale
+def parse_arg(arg) -> tuple[int, str, bool]:
+    """'8192' -> (8192, 'base', False); '8192,large' -> (8192, 'large', False);
+    'smoke' -> (512, 'tiny', True); '1024,small,smoke' -> (1024, 'small', True);
+    None -> (512, 'base', False)."""
+    context, size, smoke = None, None, False
+    for part in str(arg).split(",") if arg else []:
+        if part == SMOKE and not smoke:
+            smoke = True
+        elif part in models.SIZES and size is None:
+            size = part
+        elif part.isdigit() and int(part) in CONTEXTS and context is None:
+            context = int(part)
+        else:
+            raise ValueError(
+                f"config argument {arg!r}: the context length must be one of {CONTEXTS}, the "
+                f"scale one of {tuple(models.SIZES)}, and {SMOKE!r} may be added (each once)"
+            )
+    return (
+        512 if context is None else context,
+        size or ("tiny" if smoke else "base"),
+        smoke,
+    )
 
 
 def paper_config(model: str, dataset: str, arg=None):
@@ -50,7 +67,7 @@ def paper_config(model: str, dataset: str, arg=None):
         raise ValueError(f"paper_config: model must be one of {MODELS}, got {model!r}")
     if dataset not in DATASETS:
         raise ValueError(f"paper_config: dataset must be one of {DATASETS}, got {dataset!r}")
-    context, scale = parse_arg(arg)
+    context, scale, smoke = parse_arg(arg)
     config = base.get_config()
 
     m = config.model
@@ -90,4 +107,34 @@ def paper_config(model: str, dataset: str, arg=None):
     t.eval_batches = 16  # 16 x 2^18 = ~4M validation tokens per eval
     t.checkpoint_every = 5000
     t.keep_checkpoints = 3
+    if smoke:
+        smoke_scale(config)
     return config
+
+
+def smoke_scale(config) -> None:
+    """The `smoke` setting: the same model family, context and objective, sized for a laptop CPU.
+
+    The shipped corpus and 4k vocabulary stand in for the dataset (whichever it is) and T5's
+    vocabulary; float32 compute (bfloat16 is slower on CPUs); 4 rows of 512 tokens; a warm-up of
+    10 steps (the paper's 10,000 would keep the loss flat for hours) and 200 steps at a high peak
+    rate; logged every 10 steps. Measured for pg19_flash.py:smoke on this project's 2-core CPU,
+    shared with other jobs: 0.8-1.3 s a step after a 10 s compile; loss 8.66 at step 10, 6.09 at
+    step 30, 5.61 at step 60.
+    """
+    m, d, t = config.model, config.data, config.train
+    m.vocab_size = SHIPPED_VOCAB_SIZE
+    m.dtype = "float32"
+    d.source = "local"
+    d.data_dir = base.SHIPPED_CORPUS
+    d.vocab = base.SHIPPED_VOCAB
+    d.batch_size = max(1, SMOKE_TOKENS_PER_BATCH // d.seq_len)
+    d.shuffle_buffer = 256
+    t.num_steps = 200
+    t.warmup_steps = 10
+    t.learning_rate = 3e-3
+    t.log_every = 10
+    t.eval_every = 100
+    t.eval_batches = 2
+    t.checkpoint_every = 100
+    t.keep_checkpoints = 2

@@ -2,7 +2,9 @@
 
 import glob
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,7 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import base, paper  # noqa: E402
+from flash_jax import data, models  # noqa: E402
 from flash_jax.config import ModelConfig  # noqa: E402
+from flash_jax.data import sources  # noqa: E402
 from flash_jax.train import loop  # noqa: E402
 
 HELPER_MODULES = ("__init__.py", "paper.py")  # shared code, not runnable configs
@@ -89,3 +93,119 @@ def test_quickstart_sweep_overrides_existing_keys():
             assert name in config[section], key
             config[section][name] = value
         loop.validate_config(config, reference=base.get_config())
+
+
+# ----------------------------------------------------------------------------- sizes and smoke
+
+
+def test_paper_config_argument_takes_every_size_and_smoke():
+    assert paper.parse_arg(None) == (512, "base", False)
+    assert paper.parse_arg("smoke") == (512, "tiny", True)
+    assert paper.parse_arg("2048,smoke") == (2048, "tiny", True)
+    assert paper.parse_arg("small,1024,smoke") == (1024, "small", True)
+    for size, (layers, d_model, _) in models.SIZES.items():
+        config = paper.paper_config("flash", "pg19", f"512,{size}")
+        assert (config.model.num_layers, config.model.d_model) == (2 * layers, d_model)
+        assert config.data.source == "tfds"  # a size alone keeps the paper's data
+        loop.validate_config(config, reference=base.get_config())
+    for bad in ("512,512", "smoke,smoke", "tiny,small", "512,", "huge", "8192,large,x"):
+        with pytest.raises(ValueError, match="context length must be one of"):
+            paper.parse_arg(bad)
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
+def test_smoke_scale_runs_on_the_shipped_corpus(path):
+    dataset, model = os.path.basename(path)[:-3].split("_", 1)
+    config = load(path).get_config("smoke")
+    m, d, t = config.model, config.data, config.train
+    # The experiment stays itself: model family, context length, objective.
+    assert m.name == model and d.dataset == dataset and d.seq_len == m.max_len == 512
+    assert (d.objective == "mlm") == (dataset == "c4") == (not m.causal)
+    assert (m.num_layers, m.d_model) == (models.preset(model, "tiny")["num_layers"], 128)
+    # ...on what a laptop has: the shipped corpus and vocabulary, float32, a small batch.
+    assert (d.source, d.data_dir, d.vocab) == ("local", base.SHIPPED_CORPUS, base.SHIPPED_VOCAB)
+    assert data.get_vocabulary(d).vocab_size <= m.vocab_size == 4096
+    assert m.dtype == "float32" and d.batch_size * d.seq_len == paper.SMOKE_TOKENS_PER_BATCH
+    assert t.warmup_steps <= t.num_steps // 10 and t.num_steps <= 200
+    loop.validate_config(config, reference=base.get_config())
+    data.check_reachable(d)
+    assert load(path).get_config("8192,smoke").data.batch_size == 1
+
+
+@pytest.mark.slow
+def test_smoke_scale_trains_and_its_loss_falls(tmp_path):
+    """The documented command, a few steps: one CPU device, the shipped corpus, nothing else."""
+    workdir = tmp_path / "smoke"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/pg19_flash.py:smoke",
+            f"--workdir={workdir}",
+            "--config.train.num_steps=16",
+            "--config.train.log_every=4",
+            "--config.train.eval_every=0",
+        ],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(workdir / "metrics.jsonl") as f:
+        losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    assert sorted(losses) == [4, 8, 12, 16]
+    assert losses[16] < losses[4] - 0.5, losses  # measured: 8.80 -> 7.75
+
+
+# ----------------------------------------------------------------------------- unreachable data
+
+
+def headline_config_offline(tmp_path):
+    """configs/pg19_flash.py as an offline machine sees it, without touching the network: a
+    vocabulary whose file system cannot be reached, and TFDS data never prepared."""
+    config = load(os.path.join(REPO, "configs", "pg19_flash.py")).get_config()
+    config.data.vocab = "nope://t5-data/vocabs/sentencepiece.model"  # as gs:// offline: an error
+    config.data.tfds_data_dir = str(tmp_path / "tensorflow_datasets")
+    return config
+
+
+def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path):
+    config = headline_config_offline(tmp_path)
+    with pytest.raises(ValueError) as error:
+        data.check_reachable(config.data)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "data.vocab 'nope://t5-data/vocabs/sentencepiece.model' (" in message
+    shown = message.split("--config.data.vocab=")[1].split(" ")[0]  # relative to the cwd
+    assert os.path.abspath(shown) == base.SHIPPED_VOCAB
+    assert "TFDS pg19:0.1.* is not prepared in " + str(tmp_path) in message
+    assert "--config.data.tfds_data_dir=<" in message and "--config.data.source=local " in message
+    assert "configs/pg19_flash.py:smoke" in message
+
+    config.data.update(source="local", data_dir=str(tmp_path / "missing"), vocab="byte")
+    with pytest.raises(ValueError, match=r"data.data_dir '.*missing' \(does not exist\) -> "):
+        data.check_reachable(config.data)
+
+
+def test_training_on_unreachable_data_stops_before_writing(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="cannot reach the config's data"):
+        loop.train_and_evaluate(
+            headline_config_offline(tmp_path), str(workdir), reference=base.get_config()
+        )
+    assert not workdir.exists()
+
+
+def test_prepared_tfds_data_and_local_data_are_reachable(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = paper.paper_config("flash", "pg19")
+    config.data.update(vocab="byte", tfds_data_dir=str(tmp_path))
+    # A prepared dataset's metadata (what is_prepared looks for), written by the builder itself.
+    builder = tfds.builder(sources.TFDS_DATASETS["pg19"]["name"], data_dir=str(tmp_path))
+    os.makedirs(builder.data_dir)
+    builder.info.write_to_directory(builder.data_dir)
+    data.check_reachable(config.data)
+    data.check_reachable(base.get_config().data)  # the shipped corpus and vocabulary

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flash_jax import models, sharding
+from flash_jax import export, models, numpy_model, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
+from flash_jax.train import checkpoint
 from tests.tiny_models import TINY, tiny_config
 
 ALL_MODELS = list(models.LAYER_TYPES)
@@ -36,61 +37,20 @@ def first_layer(model):
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent float64 numpy reference of one GAU / FLASH layer, written from the spec.
+# The independent float64 numpy reference of the layers, written from the spec:
+# flash_jax.numpy_model (tests/test_export.py holds whole models to it).
 
 
-def np_rope(x, pos):
-    """Rotates (x_k, x_{k + w/2}) by pos * 10000^(-2k/w), as complex numbers."""
-    w = x.shape[-1]
-    freq = 10000.0 ** (-np.arange(0, w, 2) / w)
-    z = (x[..., : w // 2] + 1j * x[..., w // 2 :]) * np.exp(1j * pos[..., None] * freq)
-    return np.concatenate([z.real, z.imag], axis=-1)
-
-
-def np_rel_bias(layer, L):
-    i = np.arange(L)
-    if layer.rel_bias is None:
-        return np.zeros((L, L))
-    if layer.rel_bias.kind == "toeplitz":
-        w = np.asarray(layer.rel_bias.weight.value, np.float64)
-        return w[i[:, None] - i[None, :] + layer.rel_bias.span - 1]
-    a = np_rope(np.asarray(layer.rel_bias.a.value, np.float64)[None], i * 1.0)
-    b = np_rope(np.asarray(layer.rel_bias.b.value, np.float64)[None], i * 1.0)
-    return a @ b.T
+def np_params(module):
+    """A module's parameters under the exported names (`proj_in.kernel`, ...), in float64."""
+    tensors = export.parameter_tensors(nnx.state(module, nnx.Param))
+    return {name: t.astype(np.float64) for name, t in tensors.items()}
 
 
 def np_layer(layer, x, seg, pos, cfg, flash):
-    p = lambda v: np.asarray(v.value, np.float64)  # noqa: E731
-    x = np.asarray(x, np.float64)
-    seg, pos = np.asarray(seg), np.asarray(pos, np.float64)
-    h = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-5) * p(layer.norm.scale)
-    pre = h @ p(layer.proj_in.kernel) + p(layer.proj_in.bias)
-    uvz = pre / (1 + np.exp(-pre))
-    e = cfg.expansion_dim
-    u, v, z = uvz[..., :e], uvz[..., e : 2 * e], uvz[..., 2 * e :]
-    gamma, beta = p(layer.heads.gamma), p(layer.heads.beta)
-    heads = [np_rope(z * gamma[i] + beta[i], pos) for i in range(gamma.shape[0])]
-    B, T, _ = x.shape
-    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    attn = np.zeros((B, T, e))
-    for b in range(B):
-        same = (seg[b][:, None] == seg[b][None, :]) & (seg[b][:, None] != 0)
-        order = (j <= i) if cfg.causal else np.ones((T, T), bool)
-        if flash:
-            C = cfg.chunk_size
-            ci, cj = i // C, j // C
-            bias = np_rel_bias(layer, C)[i % C, j % C]
-            s = heads[0][b] @ heads[1][b].T / C + bias
-            quad = np.where(same & order & (ci == cj), np.maximum(s, 0) ** 2, 0) @ v[b]
-            lin_set = same & ((cj < ci) if cfg.causal else True)
-            count = lin_set.sum(-1, keepdims=True)
-            lin = np.where(lin_set, heads[2][b] @ heads[3][b].T, 0) @ v[b]
-            attn[b] = quad + np.where(count > 0, lin / np.maximum(count, 1), 0)
-        else:
-            bias = np_rel_bias(layer, cfg.max_len)[:T, :T]
-            s = heads[0][b] @ heads[1][b].T / cfg.max_len + bias
-            attn[b] = np.where(same & order, np.maximum(s, 0) ** 2, 0) @ v[b]
-    return x + (u * attn) @ p(layer.proj_out.kernel) + p(layer.proj_out.bias)
+    layer_fn = numpy_model.flash_layer if flash else numpy_model.flash_quad_layer
+    x, seg, pos = np.asarray(x, np.float64), np.asarray(seg), np.asarray(pos, np.float64)
+    return layer_fn(np_params(layer), x, seg, pos, checkpoint.model_config_dict(cfg))
 
 
 def randomise(layer, seed):
@@ -284,22 +244,15 @@ def test_multi_head_attention_matches_softmax_reference():
     x = jax.random.normal(jax.random.key(0), seg.shape + (cfg.d_model,))
     got = np.asarray(mha(x, seg, pos), np.float64)
 
-    p = lambda v: np.asarray(v.value, np.float64)  # noqa: E731
-    xs, posn = np.asarray(x, np.float64), np.asarray(pos, np.float64)[..., None]
-
-    def project(dense):
-        return np.einsum("btd,dhk->bthk", xs, p(dense.kernel)) + p(dense.bias)
-
-    q, k, v = np_rope(project(mha.query), posn), np_rope(project(mha.key), posn), project(mha.value)
-    s = np.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(q.shape[-1])
-    T = seg.shape[1]
+    p = {f"attention.{name}": t for name, t in np_params(mha).items()}
     segn = np.asarray(seg)
-    mask = (segn[:, None, :, None] == segn[:, None, None, :]) & np.tril(np.ones((T, T), bool))
-    s = np.where(mask, s, -np.inf)
-    w = np.exp(s - s.max(-1, keepdims=True))
-    w /= w.sum(-1, keepdims=True)
-    o = np.einsum("bhij,bjhk->bihk", w, v)
-    want = np.einsum("bthk,hkd->btd", o, p(mha.out.kernel)) + p(mha.out.bias)
+    want = numpy_model.multi_head_attention(
+        p,
+        np.asarray(x, np.float64),
+        segn,
+        np.asarray(pos, np.float64),
+        checkpoint.model_config_dict(cfg),
+    )
     real = segn != 0
     np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
 
@@ -316,7 +269,7 @@ def test_rope_and_document_positions():
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-2)
     np.testing.assert_allclose(
         apply_rope(q, jnp.array([[5]])),
-        np_rope(np.asarray(q, np.float64), np.array([[5.0]])),
+        numpy_model.rope(np.asarray(q, np.float64), np.array([[5.0]])),
         rtol=1e-5,
         atol=1e-6,
     )

@@ -10,7 +10,13 @@ Importing registers the standard seqio tasks (see tasks.register_standard_tasks)
 """
 
 from flash_jax.data.pipeline import FEATURES, InputPipeline, split_statistics
-from flash_jax.data.tasks import SHIPPED_CORPUS, check_config, get_task, task_name
+from flash_jax.data.tasks import (
+    SHIPPED_CORPUS,
+    check_config,
+    check_reachable,
+    get_task,
+    task_name,
+)
 from flash_jax.data.tasks import register_standard_tasks as _register_standard_tasks
 from flash_jax.data.vocabularies import (
     SHIPPED_VOCAB,
@@ -29,6 +35,7 @@ __all__ = [
     "STANDARD_TASKS",
     "T5_VOCAB",
     "check_config",
+    "check_reachable",
     "get_task",
     "get_vocabulary",
     "mlm_mask_spec",

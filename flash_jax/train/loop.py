@@ -199,6 +199,7 @@ def train_and_evaluate(
     """
     # ---- everything that can fail on bad input, before any compile or write
     model_config = validate_config(config, reference)
+    data.check_reachable(config.data)  # vocabulary, corpus, TFDS data: one line if unreachable
     mesh = make_mesh(config)
     check_mesh_fit(config, mesh)
     check_vocabulary(config)

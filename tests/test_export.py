@@ -1,0 +1,310 @@
+"""Weights out of JAX: scripts/export.py, flash_jax.export, the safetensors file (read back by the
+`safetensors` package, an independent reader) and flash_jax.numpy_model against the JAX logits of
+every model family and of the quickstart model trained by the project's own loop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from flax import nnx
+
+from flash_jax import export, models, numpy_model, safetensors_file
+from flash_jax.train import checkpoint
+from tests.test_models import packed_segments, random_tokens, randomise
+from tests.tiny_models import TINY, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_MODELS = list(models.LAYER_TYPES)
+
+# float32 JAX against float64 numpy. The numpy side is exact to ~1e-16, so the difference is JAX's
+# float32 rounding (unit 2^-24 = 6e-8). A float32 sum of K products carries a relative error of
+# about sqrt(K) * 2^-24 (rounding errors add like a random walk; K * 2^-24 at worst); K <= 256 in
+# these models (256 = the quickstart's e), so ~1e-6 per contraction. A logit goes through about
+# three contractions per layer (projection in, attention, projection out; the squared ReLU doubles
+# a relative error) in at most 4 layers, then the head: ~15 in series, ~1.5e-5 if all of them
+# erred the same way. Allowed: 2e-5 of the largest |logit|. (Measured: below 1e-6.)
+TOLERANCE = 2e-5
+
+
+def assert_logits_match(got, want, real=None):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if real is not None:  # logits at padding positions carry no meaning
+        got, want = got[real], want[real]
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE * np.abs(want).max())
+
+
+def save_and_load(tmp_path, model, cfg, dtype="float32"):
+    export.save(str(tmp_path), nnx.state(model, nnx.Param), cfg, dtype)
+    return numpy_model.load(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the file format
+
+
+def test_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "matrix": rng.normal(size=(3, 5)).astype(np.float32),
+        "scalar": np.array(1.5, np.float32),
+        "stack": rng.normal(size=(2, 3, 4)).astype(np.float32),
+        "transposed": rng.normal(size=(4, 3)).astype(np.float32).T,  # not C-contiguous
+        "half": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
+    }
+    path = str(tmp_path / "t.safetensors")
+    safetensors_file.write(path, tensors, metadata={"source": "flash_jax", "step": 3})
+
+    theirs = safetensors.numpy.load_file(path)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        metadata = f.metadata()
+    header = {
+        name: info["dtype"] for name, info in safetensors.deserialize(open(path, "rb").read())
+    }
+    ours, our_metadata = safetensors_file.read(path)
+    assert metadata == our_metadata == {"source": "flash_jax", "step": "3"}
+    assert header == {"matrix": "F32", "scalar": "F32", "stack": "F32", "transposed": "F32"} | {
+        "half": "BF16"
+    }
+    assert set(theirs) == set(ours) == set(tensors)
+    for name, want in tensors.items():
+        assert theirs[name].dtype == want.dtype and theirs[name].shape == want.shape, name
+        np.testing.assert_array_equal(theirs[name], want)
+        # bfloat16 is read back widened to float32, exactly.
+        np.testing.assert_array_equal(ours[name], want.astype(np.float32))
+
+
+def test_reading_a_file_that_is_not_safetensors_is_named(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        safetensors_file.read(str(path))
+
+
+# ----------------------------------------------------------------------------- names and shapes
+
+
+def documented_shapes(name, cfg):
+    """scripts/export.py's table of names and shapes, for a 2-layer model."""
+    d, e, s, H = cfg.d_model, cfg.expansion_dim, cfg.qk_dim, cfg.num_heads
+    V, n, C, m, k = cfg.vocab_size, cfg.max_len, cfg.chunk_size, cfg.mlp_dim, d // H
+    shapes = {"embed.table": (V, d), "final_norm.scale": (), "head.kernel": (d, V)}
+    if name.startswith("transformer"):
+        hidden = m * 2 // 3 if name == "transformer_pp" else m
+        layer = {"attention_norm.scale": (), "mlp_norm.scale": ()}
+        for proj in ("query", "key", "value"):
+            layer |= {f"attention.{proj}.kernel": (d, H, k), f"attention.{proj}.bias": (H, k)}
+        layer |= {"attention.out.kernel": (H, k, d), "attention.out.bias": (d,)}
+        mlp = ("wi", "wg") if name == "transformer_pp" else ("wi",)
+        layer |= {f"mlp.{w}.kernel": (d, hidden) for w in mlp}
+        layer |= {f"mlp.{w}.bias": (hidden,) for w in mlp}
+        layer |= {"mlp.wo.kernel": (hidden, d), "mlp.wo.bias": (d,)}
+        if name == "transformer":
+            shapes["position_embed"] = (n, d)
+    else:
+        h, span = (4, C) if name == "flash" else (2, n)
+        layer = {
+            "norm.scale": (),
+            "proj_in.kernel": (d, 2 * e + s),
+            "proj_in.bias": (2 * e + s,),
+            "heads.gamma": (h, s),
+            "heads.beta": (h, s),
+            "rel_bias.weight": (2 * span - 1,),
+            "proj_out.kernel": (e, d),
+            "proj_out.bias": (d,),
+        }
+    for i in range(cfg.num_layers):
+        shapes |= {f"layers.{i}.{key}": shape for key, shape in layer.items()}
+    return shapes
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_parameter_names_and_shapes_are_the_documented_ones(name):
+    cfg = tiny_config(name)
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    tensors = export.parameter_tensors(nnx.state(model, nnx.Param))
+    assert {k: v.shape for k, v in tensors.items()} == documented_shapes(name, cfg)
+    assert all(v.dtype == np.float32 for v in tensors.values())
+    # One tensor per layer: layer i of the file is slice i of the scanned stack.
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)["layers"]):
+        for i in range(cfg.num_layers):
+            name = f"layers.{i}." + ".".join(path)
+            np.testing.assert_array_equal(tensors[name], np.asarray(param.value[i]))
+
+
+def test_layer_norm_rope_bias_and_tied_embeddings_change_the_names():
+    cfg = tiny_config("flash", norm="layer_norm", rel_pos="rope", tie_embeddings=True)
+    names = export.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    assert names["final_norm.scale"].shape == names["final_norm.bias"].shape == (cfg.d_model,)
+    assert names["layers.1.rel_bias.a"].shape == names["layers.1.rel_bias.b"].shape == (16,)
+    assert "head.kernel" not in names and "layers.0.rel_bias.weight" not in names
+    cfg = tiny_config("flash_quad", rel_pos="none")
+    names = export.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    assert not any("rel_bias" in name for name in names)
+
+
+# ----------------------------------------------------------------------------- numpy model
+
+
+VARIANTS = {
+    "default": {},  # scale norm, Toeplitz bias, causal, untied
+    "layer_norm-rope_bias-tied": dict(norm="layer_norm", rel_pos="rope", tie_embeddings=True),
+    "bidirectional": dict(causal=False),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_numpy_model_matches_jax(tmp_path, name, variant):
+    cfg = tiny_config(name, **VARIANTS[variant])
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    randomise(model, 1)  # larger than the init, so that every term matters
+    seg = packed_segments()  # documents inside and across chunks of 8, then padding
+    tokens = random_tokens(0, seg.shape)
+    want = model(tokens, segment_ids=seg)
+    got = numpy_model.forward(save_and_load(tmp_path, model, cfg), tokens, seg)
+    assert got.dtype == np.float64
+    assert_logits_match(got, want, real=np.asarray(seg) != 0)
+
+
+def test_swapped_layers_are_far_outside_the_tolerance(tmp_path):
+    """The tolerance is tight enough to see the layers out of order (what a wrong unstacking of
+    the scanned [num_layers, ...] arrays would give)."""
+    cfg = tiny_config("flash")
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    randomise(model, 1)
+    tokens = random_tokens(0, (2, 24))
+    loaded = save_and_load(tmp_path, model, cfg)
+    swapped = {
+        name.replace("layers.0.", "layers.X.")
+        .replace("layers.1.", "layers.0.")
+        .replace("layers.X.", "layers.1."): value
+        for name, value in loaded.params.items()
+    }
+    want = np.asarray(model(tokens), np.float64)
+    got = numpy_model.forward(numpy_model.Model(loaded.config, swapped), tokens)
+    assert np.abs(got - want).max() > 100 * TOLERANCE * np.abs(want).max()
+
+
+def test_bfloat16_export_rounds_each_parameter_once(tmp_path):
+    cfg = tiny_config("flash_quad")
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    randomise(model, 1)
+    loaded = save_and_load(tmp_path, model, cfg, dtype="bfloat16")
+    theirs = safetensors.numpy.load_file(str(tmp_path / numpy_model.WEIGHTS_FILE))
+    assert all(t.dtype == ml_dtypes.bfloat16 for t in theirs.values())
+    assert json.loads((tmp_path / numpy_model.CONFIG_FILE).read_text())["export"] == {
+        "dtype": "bfloat16"
+    }
+    # The same model with every parameter rounded to bfloat16 (and computed in float32).
+    nnx.update(
+        model,
+        jax.tree.map(
+            lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), nnx.state(model, nnx.Param)
+        ),
+    )
+    for name, value in export.parameter_tensors(nnx.state(model, nnx.Param)).items():
+        np.testing.assert_array_equal(loaded.params[name], value)
+        np.testing.assert_array_equal(theirs[name].astype(np.float32), value)
+    tokens = random_tokens(0, (2, 24))
+    assert_logits_match(numpy_model.forward(loaded, tokens), model(tokens))
+
+
+def test_numpy_model_names_what_it_cannot_run():
+    model = numpy_model.Model({**TINY, "name": "performer"}, {})
+    with pytest.raises(ValueError, match="no numpy forward pass for model 'performer'"):
+        numpy_model.forward(model, np.zeros((1, 4), np.int32))
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        export.parameter_tensors(
+            nnx.state(models.create(tiny_config("flash"), rngs=nnx.Rngs(0))), "float16"
+        )
+
+
+# ----------------------------------------------------------------------------- the quickstart
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """configs/quickstart.py trained for one step by the project's own loop."""
+    from configs import quickstart
+    from flash_jax.train import loop
+
+    workdir = str(tmp_path_factory.mktemp("quickstart") / "run")
+    config = quickstart.get_config()
+    config.train.update(num_steps=1, eval_every=0, checkpoint_every=1, log_every=1)
+    config.data.update(shuffle_buffer=16)
+    assert loop.train_and_evaluate(config, workdir)["status"] == "done"
+    return workdir
+
+
+def _export_cli(*args):
+    # This checkout's flash_jax, whichever one the environment has installed.
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "export.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.mark.slow
+def test_exported_quickstart_model_gives_the_jax_logits(quickstart_run, tmp_path):
+    from flash_jax import data, evaluation
+
+    out = tmp_path / "export"
+    result = _export_cli(f"--workdir={quickstart_run}", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "sentencepiece.model"]
+    assert result.stdout.split() == [
+        str(out / name) for name in ("model.safetensors", "config.json", "sentencepiece.model")
+    ]
+
+    run = evaluation.restore(quickstart_run, single_device=True)
+    config = json.loads((out / "config.json").read_text())
+    exported = config.pop("export")
+    assert config == checkpoint.model_config_dict(run.model_config)
+    assert exported["step"] == run.step == 1 and exported["dtype"] == "float32"
+    assert exported["vocabulary"] == dict(
+        kind="sentencepiece",
+        file="sentencepiece.model",
+        size=4096,
+        extra_ids=0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+    )
+    shipped = data.get_vocabulary(run.config.data).sentencepiece_model_file
+    assert (out / "sentencepiece.model").read_bytes() == open(shipped, "rb").read()
+
+    loaded = numpy_model.load(str(out))
+    tokens = random_tokens(0, (2, run.model_config.max_len), vocab=4096)
+    seg = np.ones(tokens.shape, np.int32)
+    seg[1, 50:] = 2  # two documents in the second row
+    want = run.model()(tokens, segment_ids=jnp.asarray(seg))
+    assert_logits_match(numpy_model.forward(loaded, tokens, seg), want)
+    assert_logits_match(numpy_model.forward(loaded, tokens[:1]), run.model()(tokens[:1]))
+
+
+@pytest.mark.slow
+def test_export_cli_errors_are_one_line_and_write_nothing(quickstart_run, tmp_path):
+    out = tmp_path / "never"
+    bad_step = _export_cli(f"--workdir={quickstart_run}", "--step=7", f"--out={out}")
+    assert bad_step.returncode == 1
+    assert bad_step.stderr.strip().splitlines()[-1].startswith("export.py: error: no checkpoint")
+    assert "Traceback" not in bad_step.stderr
+    bad_dtype = _export_cli(f"--workdir={quickstart_run}", "--dtype=float16", f"--out={out}")
+    assert bad_dtype.returncode == 2
+    assert bad_dtype.stderr.strip().splitlines()[-1] == (
+        "export.py: error: --dtype must be one of ('float32', 'bfloat16'), got 'float16'"
+    )
+    assert not out.exists()
