@@ -49,8 +49,8 @@ def get_config():
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
     # else XLA) | xla | cudnn | splash
     m.attention_impl = "auto"
-    # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (the fused Pallas
-    # kernel on TPUs and Hopper GPUs in bf16 where it serves the shapes, else XLA) | xla |
+    # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
+    # fused kernel is measured faster on hardware; see ops.attention.flash_impl_for) | xla |
     # pallas_tpu | pallas_gpu
     m.flash_impl = "auto"
     m.tie_embeddings = False

@@ -102,13 +102,9 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Rules = D
     )
 
 
-def shard_count(logical_axis: str, rules: Rules = DEFAULT_RULES, mesh=None) -> int:
-    """Into how many pieces `mesh` (default: the active one; 1 without) splits a dimension of
-    this logical name: e.g. the data-parallel size for "batch", or what a kernel run per shard
-    sees of a width."""
-    mesh = _active_mesh() if mesh is None else mesh
-    if mesh is None:
-        return 1
+def shard_count(mesh: jax.sharding.Mesh, logical_axis: str, rules: Rules = DEFAULT_RULES) -> int:
+    """Into how many pieces `mesh` splits a dimension of this logical name (e.g. the
+    data-parallel size for "batch")."""
     spec = logical_to_spec((logical_axis,), rules, mesh.axis_names)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     return int(np.prod([mesh.shape[a] for a in axes]))

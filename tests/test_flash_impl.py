@@ -40,8 +40,8 @@ def packed_batch(B=4, T=256):
     return tokens, jnp.asarray(seg)
 
 
-def test_auto_is_xla_on_a_cpu():
-    assert ops.attention.flash_impl_for(128, 2048, 256, jnp.bfloat16) == "xla"
+def test_auto_is_xla_until_a_kernel_is_measured_faster():
+    assert ops.attention.flash_impl_for() == "xla"
 
 
 def test_a_kernel_by_name_runs_interpreted_on_a_cpu_and_equals_xla():

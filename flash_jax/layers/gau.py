@@ -144,9 +144,8 @@ class FlashLayer(_GatedUnit):
         cfg = self.cfg
         u, v, (quad_q, quad_k, lin_q, lin_k) = self.project(x_BTD, positions_BT)
         impl = cfg.flash_impl
-        if impl == "auto":  # by the shapes each device sees (E may be split over `tensor`)
-            local_e = cfg.expansion_dim // sharding.shard_count("act_mlp", cfg.sharding_rules)
-            impl = ops.attention.flash_impl_for(cfg.qk_dim, local_e, cfg.chunk_size, v.dtype)
+        if impl == "auto":
+            impl = ops.attention.flash_impl_for()
 
         def attend(quad_q, quad_k, lin_q, lin_k, v, segment_ids_BT, quad_bias):
             return ops.mixed_chunk_attention(

@@ -51,7 +51,7 @@ class StepFns:
 
 def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
     """How many ways the batch dimension is split on `mesh` under the logical `rules`."""
-    return sharding.shard_count("batch", rules, mesh)
+    return sharding.shard_count(mesh, "batch", rules)
 
 
 def _reseed(model, key) -> None:
