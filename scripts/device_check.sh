@@ -2,8 +2,8 @@
 # The accelerator check, as one command: train-step speed of FLASH on the XLA path and on the
 # fused Mosaic GPU kernel, and of Transformer++ on cuDNN, at contexts 1K-32K, d_model 1024, bf16,
 # 65,536 tokens per step, forward + backward with remat `save_attn` (the backward reruns no
-# matmul), in one process; JSON, a markdown table and a plot under OUT_DIR. About 6 minutes on
-# one H100.
+# matmul), in one process; JSON, a markdown table and a plot under OUT_DIR. About 4 minutes on
+# one H100 (3.5 measured).
 #
 #   bash scripts/device_check.sh                      # writes runs/device_check/
 #   OUT_DIR=/some/dir CONTEXTS=1024,4096 bash scripts/device_check.sh
