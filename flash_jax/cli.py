@@ -54,7 +54,8 @@ def _last_line(error: BaseException) -> str:
 
 class QuietLibraries(logging.Filter):
     """At absl INFO verbosity: our INFO lines and everyone's warnings, not the libraries' INFO
-    chatter (Orbax's per-save and per-restore lines, JAX's backend probing)."""
+    chatter (Orbax's per-save and per-restore lines, JAX's backend probing), nor Orbax's
+    tracebacks of a failed save or restore: flash_jax reports each of those in one line."""
 
     def __init__(self, own_files: Sequence[str] = ()):
         super().__init__()
@@ -63,11 +64,28 @@ class QuietLibraries(logging.Filter):
     def filter(self, record):
         if "flash_jax" in record.pathname or record.pathname.endswith(self.own_files):
             return True
-        if f"{os.sep}orbax{os.sep}" in record.pathname and "read only" in record.getMessage():
+        if f"{os.sep}orbax{os.sep}" in record.pathname and (
+            record.exc_info or "read only" in record.getMessage()
+        ):
             return False
         return record.levelno >= logging.WARNING
 
 
 def quiet_library_logs(*own_files: str) -> None:
-    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names."""
+    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names.
+
+    Also silences one harmless error that Python would print with a traceback: when a TensorStore
+    write or read fails, its pending callbacks find the event loop of Orbax's call already closed
+    ("Event loop is closed", reported through `sys.unraisablehook`, dozens of times on a full
+    disk). The failure itself is reported by flash_jax.
+    """
     logging.getLogger("absl").addFilter(QuietLibraries(own_files))
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
