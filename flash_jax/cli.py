@@ -71,21 +71,33 @@ class QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
+def _echo_of_a_reported_failure(unraisable) -> bool:
+    """Errors Python would print after flash_jax has reported an Orbax failure in one line:
+    coroutines of the same failed save or restore, garbage-collected with their exceptions, and
+    TensorStore callbacks that find the event loop of Orbax's call closed ("Event loop is closed",
+    dozens of times on a full disk)."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def quiet_library_logs(*own_files: str) -> None:
     """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names.
 
-    Also silences one harmless error that Python would print with a traceback: when a TensorStore
-    write or read fails, its pending callbacks find the event loop of Orbax's call already closed
-    ("Event loop is closed", reported through `sys.unraisablehook`, dozens of times on a full
-    disk). The failure itself is reported by flash_jax.
+    Also keeps `sys.unraisablehook` from printing the tracebacks that echo an Orbax failure
+    flash_jax has already reported (`_echo_of_a_reported_failure`).
     """
     logging.getLogger("absl").addFilter(QuietLibraries(own_files))
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _echo_of_a_reported_failure(unraisable):
+            previous(unraisable)
 
     sys.unraisablehook = hook

@@ -89,16 +89,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 def _reason(error: BaseException, limit: int = 300) -> str:
     """One line about an exception: its root cause, which says what is wrong (Orbax wraps
-    TensorStore's "OUT_OF_RANGE: ..." in a page-long message), cut to `limit` characters."""
+    TensorStore's "OUT_OF_RANGE: ..." in a page-long message), cut to about `limit` characters."""
     seen = {id(error)}
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
-        if id(error) in seen:
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
             break
+        error = inner
         seen.add(id(error))
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else ""
-    text = text if len(text) <= limit else text[:limit] + " ..."
+    # Long messages name the path first and the cause ("No space left on device") last.
+    text = text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 

@@ -219,199 +219,201 @@ def train_and_evaluate(
         resolved = config_to_dict(config)
         if is_main:
             (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
-        stack.enter_context(jax.set_mesh(mesh))
-        fns = step.build(config, mesh)
-        logging.info(
-            "model %s: %s parameters; mesh %s",
-            model_config.name,
-            f"{fns.num_params:,}",
-            dict(mesh.shape),
-        )
-        rest = fns.init_rest()
-        if latest is None:
-            state, position = fns.init_state(), 0
-        else:
-            state, meta, restored = ckpts.restore_newest(fns.abstract_state, model_config)
-            position = int(meta["data_position"])
-            logging.info("resuming from step %d (data position %d)", restored, position)
-        start = int(jax.device_get(state["step"]))
-        # Records of the steps this run replays are dropped (a step is never logged twice).
-        reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, start_step=start)
-        stack.callback(reporter.close)
-        pipe = data.InputPipeline(
-            config.data,
-            split="train",
-            mesh=mesh,
-            seed=config.seed,
-            shuffle=True,
-            repeat=True,
-            start_batch=position,
-            rules=config.mesh.rules,
-        )
-        stack.callback(pipe.close)
-
-        # Compile ahead of time: one compile, before the first batch is needed.
-        t0 = time.time()
-        batch_abstract = {
-            k: jax.ShapeDtypeStruct(
-                (config.data.batch_size, config.data.seq_len),
-                jnp.float32 if k == "weights" else jnp.int32,
-                sharding=fns.batch_sharding,
+        with jax.set_mesh(mesh):
+            fns = step.build(config, mesh)
+            logging.info(
+                "model %s: %s parameters; mesh %s",
+                model_config.name,
+                f"{fns.num_params:,}",
+                dict(mesh.shape),
             )
-            for k in step.BATCH_KEYS
-        }
-        train_step = fns.train_step.lower(fns.abstract_state, rest, batch_abstract).compile()
-        logging.info("compiled the train step in %.1f s", time.time() - t0)
-        # Model FLOPs (analytic: XLA's cost analysis counts the scanned layer body once).
-        model_flops = flops.analytic_flops(
-            model_config, config.data.seq_len, tokens_per_step, fns.num_params
-        )["total"]
-        peak = peak_flops_per_device()
-        peak_total = peak * jax.device_count() if peak else None
-
-        def meta(done):
-            return {
-                "step": done,
-                "data_position": pipe.position,
-                "model_config": checkpoint.model_config_dict(model_config),
-                "config": resolved,
-            }
-
-        # Metrics are fetched one step late: step k's scalars are read after step k + 1 has
-        # been dispatched, so the device always has queued work.
-        pending = None
-        window = {"losses": [], "time": None, "step": None}  # since the last console line
-        last_logged: dict = {}
-
-        def check_loss(done, loss, grad_norm=None):
-            """Step `done`'s loss is the loss of the state after step done - 1: it decides
-            whether that state's checkpoint (if any) is kept."""
-            if math.isfinite(loss):
-                ckpts.confirm(done - 1)
-                if grad_norm is None or math.isfinite(grad_norm):
-                    return
-                problem = f"non-finite gradient norm ({grad_norm}) at step {done}"
+            rest = fns.init_rest()
+            if latest is None:
+                state, position = fns.init_state(), 0
             else:
-                removed = ckpts.discard(done - 1)
-                problem = (
-                    f"non-finite loss ({loss}) at step {done}, computed from the state after "
-                    f"step {done - 1}" + ("; its checkpoint was removed" if removed else "")
-                )
-            good = ckpts.latest_good_step()
-            kept = (
-                f"the newest checkpoint with a finite loss is step {good} in {ckpts.directory}"
-                if good is not None
-                else f"no checkpoint with a finite loss is kept in {ckpts.directory}"
+                state, meta, restored = ckpts.restore_newest(fns.abstract_state, model_config)
+                position = int(meta["data_position"])
+                logging.info("resuming from step %d (data position %d)", restored, position)
+            start = int(jax.device_get(state["step"]))
+            # Records of the steps this run replays are dropped (a step is never logged twice).
+            reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, start_step=start)
+            stack.callback(reporter.close)
+            pipe = data.InputPipeline(
+                config.data,
+                split="train",
+                mesh=mesh,
+                seed=config.seed,
+                shuffle=True,
+                repeat=True,
+                start_batch=position,
+                rules=config.mesh.rules,
             )
-            raise NonFiniteLossError(f"{problem}; stopped, nothing more saved; {kept}")
+            stack.callback(pipe.close)
 
-        def drain():
-            nonlocal pending
-            if pending is None:
-                return
-            done, device_metrics = pending
-            pending = None
-            host = jax.device_get(device_metrics)
-            loss, grad_norm = float(host["loss"]), float(host["grad_norm"])
-            check_loss(done, loss, grad_norm)
-            now = time.time()
-            window["losses"].append(loss)
-            if window["time"] is None:  # timing starts after the first step (warm-up)
-                window.update(time=now, step=done)
-            if done % t.log_every and done != t.num_steps:
-                return
-            steps = done - window["step"]
-            step_time = (now - window["time"]) / steps if steps else None
-            mean_loss = sum(window["losses"]) / len(window["losses"])
-            scalars = {
-                "loss": mean_loss,
-                "perplexity": metrics.perplexity(mean_loss, 1.0),
-                "learning_rate": float(host["learning_rate"]),
-                "grad_norm": grad_norm,
-                "step_time": step_time,
-                "tokens_per_sec": tokens_per_step / step_time if step_time else None,
-                "mfu": model_flops / step_time / peak_total if step_time and peak_total else None,
+            # Compile ahead of time: one compile, before the first batch is needed.
+            t0 = time.time()
+            batch_abstract = {
+                k: jax.ShapeDtypeStruct(
+                    (config.data.batch_size, config.data.seq_len),
+                    jnp.float32 if k == "weights" else jnp.int32,
+                    sharding=fns.batch_sharding,
+                )
+                for k in step.BATCH_KEYS
             }
-            reporter.write(done, scalars)
-            reporter.console(done, scalars, step_time)
-            last_logged.clear()
-            last_logged.update(scalars, step=done)
-            window.update(losses=[], time=now, step=done)
+            train_step = fns.train_step.lower(fns.abstract_state, rest, batch_abstract).compile()
+            logging.info("compiled the train step in %.1f s", time.time() - t0)
+            # Model FLOPs (analytic: XLA's cost analysis counts the scanned layer body once).
+            model_flops = flops.analytic_flops(
+                model_config, config.data.seq_len, tokens_per_step, fns.num_params
+            )["total"]
+            peak = peak_flops_per_device()
+            peak_total = peak * jax.device_count() if peak else None
 
-        def save(done):
-            drain()  # never save a state whose loss has not been checked
-            ckpts.save(done, state, meta(done))  # "checkpoint saved" is logged on commit
+            def meta(done):
+                return {
+                    "step": done,
+                    "data_position": pipe.position,
+                    "model_config": checkpoint.model_config_dict(model_config),
+                    "config": resolved,
+                }
 
-        def check_final_state(done):
-            """The last state's own loss: one forward pass on the batch step done + 1 would
-            take (no later step computes it)."""
-            batch = step.put_batch(next(pipe), fns.batch_sharding)
-            nll, weight = jax.device_get(fns.eval_step(state["params"], rest, batch))
-            check_loss(done + 1, float(nll) / max(float(weight), 1.0))
+            # Metrics are fetched one step late: step k's scalars are read after step k + 1 has
+            # been dispatched, so the device always has queued work.
+            pending = None
+            window = {"losses": [], "time": None, "step": None}  # since the last console line
+            last_logged: dict = {}
 
-        status = "done"
-        done = start
-        for _ in range(start, t.num_steps):
-            if stop.is_set():  # asked before the first step (e.g. while compiling)
-                status = "preempted"
-                break
-            batch = step.put_batch(next(pipe), fns.batch_sharding)
-            state, step_metrics = train_step(state, rest, batch)
-            drain()
-            ckpts.poll()  # a save that committed or failed since the last step
-            done += 1
-            pending = (done, step_metrics)
-            for hook in hooks:
-                hook(done)
-            preempted = stop.is_set() or (
-                jax.process_count() > 1 and ckpts.manager.reached_preemption(done)
-            )
-            paused = time.time()
-            if done % t.checkpoint_every == 0 or preempted:
-                save(done)
-            if (
-                t.eval_every
-                and t.eval_batches
-                and (done % t.eval_every == 0 or done == t.num_steps)
-            ):
-                drain()
-                scalars = evaluate(config, fns, state["params"], rest)
-                reporter.write(done, scalars)
-                logging.info(
-                    "eval at step %d: loss %.4f, perplexity %.2f",
-                    done,
-                    scalars["eval_loss"],
-                    scalars["eval_perplexity"],
+            def check_loss(done, loss, grad_norm=None):
+                """Step `done`'s loss is the loss of the state after step done - 1: it decides
+                whether that state's checkpoint (if any) is kept."""
+                if math.isfinite(loss):
+                    ckpts.confirm(done - 1)
+                    if grad_norm is None or math.isfinite(grad_norm):
+                        return
+                    problem = f"non-finite gradient norm ({grad_norm}) at step {done}"
+                else:
+                    removed = ckpts.discard(done - 1)
+                    problem = (
+                        f"non-finite loss ({loss}) at step {done}, computed from the state after "
+                        f"step {done - 1}" + ("; its checkpoint was removed" if removed else "")
+                    )
+                good = ckpts.latest_good_step()
+                kept = (
+                    f"the newest checkpoint with a finite loss is step {good} in {ckpts.directory}"
+                    if good is not None
+                    else f"no checkpoint with a finite loss is kept in {ckpts.directory}"
                 )
-            if window["time"] is not None:
-                # Eval and saving do not count as step time. drain() may have restarted the
-                # window during the pause: then only the rest of the pause is excluded.
-                window["time"] += time.time() - max(paused, window["time"])
-            if preempted:
-                status = "preempted"
-                break
-        drain()
-        if done > start:
-            save(done)
-            if ckpts.unverified == done:
-                check_final_state(done)
-        ckpts.finish()  # CheckpointSaveError if the last save did not commit
-        saved = done if done > start else None
-        if status == "preempted":
-            logging.warning(
-                "stopped by %s at step %d; %s",
-                stop.reason or "preemption",
-                done,
-                f"checkpoint saved in {ckpts.directory}" if saved else "nothing new to save",
-            )
-        return {
-            "status": status,
-            "step": done,
-            "last": dict(last_logged),
-            "checkpoint_dir": ckpts.directory,
-            "stopped_by": stop.reason or ("preemption" if status == "preempted" else None),
-            "saved": saved,
-        }
+                raise NonFiniteLossError(f"{problem}; stopped, nothing more saved; {kept}")
+
+            def drain():
+                nonlocal pending
+                if pending is None:
+                    return
+                done, device_metrics = pending
+                pending = None
+                host = jax.device_get(device_metrics)
+                loss, grad_norm = float(host["loss"]), float(host["grad_norm"])
+                check_loss(done, loss, grad_norm)
+                now = time.time()
+                window["losses"].append(loss)
+                if window["time"] is None:  # timing starts after the first step (warm-up)
+                    window.update(time=now, step=done)
+                if done % t.log_every and done != t.num_steps:
+                    return
+                steps = done - window["step"]
+                step_time = (now - window["time"]) / steps if steps else None
+                mean_loss = sum(window["losses"]) / len(window["losses"])
+                scalars = {
+                    "loss": mean_loss,
+                    "perplexity": metrics.perplexity(mean_loss, 1.0),
+                    "learning_rate": float(host["learning_rate"]),
+                    "grad_norm": grad_norm,
+                    "step_time": step_time,
+                    "tokens_per_sec": tokens_per_step / step_time if step_time else None,
+                    "mfu": model_flops / step_time / peak_total
+                    if step_time and peak_total
+                    else None,
+                }
+                reporter.write(done, scalars)
+                reporter.console(done, scalars, step_time)
+                last_logged.clear()
+                last_logged.update(scalars, step=done)
+                window.update(losses=[], time=now, step=done)
+
+            def save(done):
+                drain()  # never save a state whose loss has not been checked
+                ckpts.save(done, state, meta(done))  # "checkpoint saved" is logged on commit
+
+            def check_final_state(done):
+                """The last state's own loss: one forward pass on the batch step done + 1 would
+                take (no later step computes it)."""
+                batch = step.put_batch(next(pipe), fns.batch_sharding)
+                nll, weight = jax.device_get(fns.eval_step(state["params"], rest, batch))
+                check_loss(done + 1, float(nll) / max(float(weight), 1.0))
+
+            status = "done"
+            done = start
+            for _ in range(start, t.num_steps):
+                if stop.is_set():  # asked before the first step (e.g. while compiling)
+                    status = "preempted"
+                    break
+                batch = step.put_batch(next(pipe), fns.batch_sharding)
+                state, step_metrics = train_step(state, rest, batch)
+                drain()
+                ckpts.poll()  # a save that committed or failed since the last step
+                done += 1
+                pending = (done, step_metrics)
+                for hook in hooks:
+                    hook(done)
+                preempted = stop.is_set() or (
+                    jax.process_count() > 1 and ckpts.manager.reached_preemption(done)
+                )
+                paused = time.time()
+                if done % t.checkpoint_every == 0 or preempted:
+                    save(done)
+                if (
+                    t.eval_every
+                    and t.eval_batches
+                    and (done % t.eval_every == 0 or done == t.num_steps)
+                ):
+                    drain()
+                    scalars = evaluate(config, fns, state["params"], rest)
+                    reporter.write(done, scalars)
+                    logging.info(
+                        "eval at step %d: loss %.4f, perplexity %.2f",
+                        done,
+                        scalars["eval_loss"],
+                        scalars["eval_perplexity"],
+                    )
+                if window["time"] is not None:
+                    # Eval and saving do not count as step time. drain() may have restarted the
+                    # window during the pause: then only the rest of the pause is excluded.
+                    window["time"] += time.time() - max(paused, window["time"])
+                if preempted:
+                    status = "preempted"
+                    break
+            drain()
+            if done > start:
+                save(done)
+                if ckpts.unverified == done:
+                    check_final_state(done)
+            ckpts.finish()  # CheckpointSaveError if the last save did not commit
+            saved = done if done > start else None
+            if status == "preempted":
+                logging.warning(
+                    "stopped by %s at step %d; %s",
+                    stop.reason or "preemption",
+                    done,
+                    f"checkpoint saved in {ckpts.directory}" if saved else "nothing new to save",
+                )
+            return {
+                "status": status,
+                "step": done,
+                "last": dict(last_logged),
+                "checkpoint_dir": ckpts.directory,
+                "stopped_by": stop.reason or ("preemption" if status == "preempted" else None),
+                "saved": saved,
+            }
 
 
 def peak_flops_per_device() -> float | None:
