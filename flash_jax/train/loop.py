@@ -209,7 +209,9 @@ def train_and_evaluate(
     with contextlib.ExitStack() as stack:
         if lock is not None:
             stack.callback(lock.release)
-        stop = stack.enter_context(signals.stop_requests())
+        # Several processes stop together at the preemption sync point, never on a local signal.
+        several = jax.process_count() > 1
+        stop = stack.enter_context(signals.stop_requests(enabled=not several))
         if lock is not None:
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
@@ -354,7 +356,7 @@ def train_and_evaluate(
             status = "done"
             done = start
             for _ in range(start, t.num_steps):
-                if stop.is_set():  # asked before the first step (e.g. while compiling)
+                if stop.is_set() and not several:  # asked before the first step (compiling)
                     status = "preempted"
                     break
                 batch = step.put_batch(next(pipe), fns.batch_sharding)
@@ -365,9 +367,7 @@ def train_and_evaluate(
                 pending = (done, step_metrics)
                 for hook in hooks:
                     hook(done)
-                preempted = stop.is_set() or (
-                    jax.process_count() > 1 and ckpts.manager.reached_preemption(done)
-                )
+                preempted = ckpts.manager.reached_preemption(done) if several else stop.is_set()
                 paused = time.time()
                 if done % t.checkpoint_every == 0 or preempted:
                     save(done)
@@ -399,10 +399,12 @@ def train_and_evaluate(
                     check_final_state(done)
             ckpts.finish()  # CheckpointSaveError if the last save did not commit
             saved = done if done > start else None
+            stopped_by = None
             if status == "preempted":
+                stopped_by = "preemption" if several else stop.reason
                 logging.warning(
                     "stopped by %s at step %d; %s",
-                    stop.reason or "preemption",
+                    stopped_by,
                     done,
                     f"checkpoint saved in {ckpts.directory}" if saved else "nothing new to save",
                 )
@@ -411,7 +413,7 @@ def train_and_evaluate(
                 "step": done,
                 "last": dict(last_logged),
                 "checkpoint_dir": ckpts.directory,
-                "stopped_by": stop.reason or ("preemption" if status == "preempted" else None),
+                "stopped_by": stopped_by,
                 "saved": saved,
             }
 

@@ -13,8 +13,9 @@ handler's C half also writes the signal number to a pipe (`signal.set_wakeup_fd`
 thread reads.
 
 train.py installs it before parsing flags (the config files import JAX), so that no Ctrl-C ever
-turns into a KeyboardInterrupt traceback. Only in the main thread of a single-process run: pod
-slices use the coordination service's preemption sync point instead (`reached_preemption`).
+turns into a KeyboardInterrupt traceback. A run of several processes (a pod slice) stops at the
+coordination service's preemption sync point instead, so that every host stops at the same step:
+the loop ignores a local request there (a second Ctrl-C still exits at once).
 """
 
 from __future__ import annotations
@@ -110,14 +111,18 @@ def _watch(read_fd: int, stop: StopRequest) -> None:
 
 
 @contextlib.contextmanager
-def stop_requests(program: str = "train.py"):
-    """Installs the SIGTERM / SIGINT handling for the duration (or shares the installed one)."""
+def stop_requests(program: str = "train.py", *, enabled: bool = True):
+    """Installs the SIGTERM / SIGINT handling for the duration (or shares the installed one).
+
+    Not `enabled` (several processes: JAX's preemption notifier owns SIGTERM there), or outside
+    the main thread, it yields a request that no signal sets.
+    """
     global _active
     if _active is not None:
         yield _active
         return
     stop = StopRequest(program)
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop  # signals only reach the main thread's handlers
         return
     read_fd, write_fd = os.pipe()
