@@ -16,8 +16,10 @@ printed is the last JSON object), also appended to `<workdir>/eval/results.jsonl
 `--all_steps`, a PNG of perplexity against step (and training time, from metrics.jsonl) with one
 line per workdir: `<workdir>/eval/perplexity_<split>.png` for one workdir, the first workdir's
 `eval/compare_<split>.png` for several, or `--plot=PATH`. Bad input (no checkpoint, unknown step,
-a config of another model, a split the dataset lacks) gives one line on stderr and exit code 1,
-and leaves every workdir unchanged.
+a config of another model, a split the dataset lacks, a damaged checkpoint asked for by --step)
+gives one line on stderr and exit code 1, and leaves every workdir unchanged. A damaged latest
+checkpoint is reported in one line and the newest intact one is evaluated; --all_steps skips
+damaged ones (see flash_jax/train/checkpoint.py for what is checked).
 """
 
 import os
@@ -122,14 +124,9 @@ def main(argv):
     try:
         for workdir in workdirs:
             ckpts = evaluation.ReadOnlyCheckpoints(workdir)
-            if _ALL_STEPS.value:
-                steps = sorted(ckpts.all_steps())
-                if not steps:
-                    raise ValueError(f"no checkpoints in {ckpts.directory}")
-            else:
-                steps = [ckpts.resolve_step(_STEP.value)]
-            for s in steps:
-                evaluation.run_config(ckpts, s, _CONFIG.value)
+            steps = evaluation.steps_to_evaluate(
+                ckpts, _STEP.value, _ALL_STEPS.value, _CONFIG.value
+            )
             jobs.append((workdir, ckpts, steps))
         configs = [evaluation.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
         for config in configs:
@@ -141,9 +138,23 @@ def main(argv):
     curves = []
     try:
         for workdir, ckpts, steps in jobs:
+            result = None
             for s in steps:
-                run = evaluation.restore(workdir, s, config=_CONFIG.value, ckpts=ckpts)
-                label = f"{workdir} step {s} {_SPLIT.value}"
+                try:
+                    # The latest: an earlier step if this one's arrays turn out damaged.
+                    run = evaluation.restore(
+                        workdir,
+                        s,
+                        config=_CONFIG.value,
+                        ckpts=ckpts,
+                        fall_back=_STEP.value is None and not _ALL_STEPS.value,
+                    )
+                except evaluation.DamagedCheckpointError as e:
+                    if not _ALL_STEPS.value:
+                        raise
+                    logging.warning("%s; skipped", e)
+                    continue
+                label = f"{workdir} step {run.step} {_SPLIT.value}"
                 result = evaluation.evaluate_split(
                     run, _SPLIT.value, max_batches=_MAX_BATCHES.value, progress=_progress(label)
                 )
@@ -152,6 +163,8 @@ def main(argv):
                 print(evaluation.result_json(result), flush=True)
                 logging.info("appended to %s", path)
             ckpts.close()
+            if result is None:  # --all_steps, and every step turned out damaged
+                raise ValueError(f"no intact checkpoint in {ckpts.directory}")
             if _ALL_STEPS.value:
                 points = evaluation.curve(
                     workdir, _SPLIT.value, result["seq_len"], _MAX_BATCHES.value

@@ -5,7 +5,10 @@
         --config.train.num_steps=1000
 
 Everything a run writes goes under --workdir (checkpoints/, metrics.jsonl, tensorboard/,
-config.json); a run started on a workdir with checkpoints resumes from the latest one.
+config.json, and LOCK while it runs); a run started on a workdir with checkpoints resumes from the
+newest intact one. SIGTERM or Ctrl-C save a checkpoint at the next step and exit 0; a second
+Ctrl-C exits at once. Errors (bad input, a workdir in use, divergence, a failed save) are one line
+on stderr and exit code 1.
 """
 
 import sys
@@ -13,9 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs import base
 from flash_jax import cli
-from flash_jax.train import loop
+from flash_jax.train import signals  # light: JAX and TensorFlow are imported in main()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -34,23 +36,35 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("train.py")
+    from configs import base
+    from flash_jax.train import checkpoint, loop
+
     loop.initialize_distributed()
     try:
         summary = loop.train_and_evaluate(
             _CONFIG.value, _WORKDIR.value, reference=base.get_config()
         )
-    except (ValueError, loop.NonFiniteLossError) as e:
-        # One clear line instead of a traceback: these are the user's input or a diverged run.
+    except (ValueError, loop.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
+        # One clear line instead of a traceback: the user's input, a workdir in use or damaged,
+        # a diverged run, a checkpoint that could not be saved.
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     if summary["status"] == "preempted":
+        where = (
+            f"at step {summary['step']}; checkpoint saved in {summary['checkpoint_dir']}"
+            if summary["saved"] is not None
+            else f"before its first step (at step {summary['step']}); nothing new to save"
+        )
         print(
-            f"train.py: stopped by SIGTERM at step {summary['step']}; checkpoint saved in "
-            f"{summary['checkpoint_dir']}; rerun the same command to resume",
+            f"train.py: stopped by {summary['stopped_by']} {where}; rerun the same command to "
+            "resume",
             file=sys.stderr,
         )
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "train.py"))
+    # Before anything slow (the config files import JAX): a Ctrl-C or SIGTERM from here on stops
+    # the run cleanly, never with a KeyboardInterrupt traceback (flash_jax/train/signals.py).
+    with signals.stop_requests("train.py"):
+        app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "train.py"))

@@ -54,7 +54,8 @@ def _last_line(error: BaseException) -> str:
 
 class QuietLibraries(logging.Filter):
     """At absl INFO verbosity: our INFO lines and everyone's warnings, not the libraries' INFO
-    chatter (Orbax's per-save and per-restore lines, JAX's backend probing)."""
+    chatter (Orbax's per-save and per-restore lines, JAX's backend probing), nor Orbax's
+    tracebacks of a failed save or restore: flash_jax reports each of those in one line."""
 
     def __init__(self, own_files: Sequence[str] = ()):
         super().__init__()
@@ -63,11 +64,40 @@ class QuietLibraries(logging.Filter):
     def filter(self, record):
         if "flash_jax" in record.pathname or record.pathname.endswith(self.own_files):
             return True
-        if f"{os.sep}orbax{os.sep}" in record.pathname and "read only" in record.getMessage():
+        if f"{os.sep}orbax{os.sep}" in record.pathname and (
+            record.exc_info or "read only" in record.getMessage()
+        ):
             return False
         return record.levelno >= logging.WARNING
 
 
+def _echo_of_a_reported_failure(unraisable) -> bool:
+    """Errors Python would print after flash_jax has reported an Orbax failure in one line:
+    coroutines of the same failed save or restore, garbage-collected with their exceptions, and
+    TensorStore callbacks that find the event loop of Orbax's call closed ("Event loop is closed",
+    dozens of times on a full disk)."""
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def quiet_library_logs(*own_files: str) -> None:
-    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names."""
+    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names.
+
+    Also keeps `sys.unraisablehook` from printing the tracebacks that echo an Orbax failure
+    flash_jax has already reported (`_echo_of_a_reported_failure`).
+    """
     logging.getLogger("absl").addFilter(QuietLibraries(own_files))
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _echo_of_a_reported_failure(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -56,53 +56,9 @@ WORD_LEVEL_DATASETS = ("pg19",)
 # ----------------------------------------------------------------------------- checkpoints
 
 
-class ReadOnlyCheckpoints(checkpoint.Checkpoints):
-    """`Checkpoints` opened for reading: never creates, deletes or cleans anything in the run.
-
-    (The training `Checkpoints` creates the directory and removes unfinished saves on open, which
-    is right for a run resuming, wrong for an evaluator that may look at a live run.)
-    """
-
-    def __init__(self, workdir: str):
-        self.directory = checkpoint.checkpoint_dir(workdir)
-        if not epath.Path(self.directory).is_dir():
-            raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
-
-    def save(self, *args, **kwargs):
-        raise RuntimeError("ReadOnlyCheckpoints cannot save")
-
-    def resolve_step(self, step: int | None) -> int:
-        """`step`, or the latest one; ValueError naming the steps there are."""
-        steps = sorted(self.all_steps())
-        if not steps:
-            raise ValueError(f"no checkpoints in {self.directory}")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise ValueError(
-                f"no checkpoint for step {step} in {self.directory}; it has steps {steps}"
-            )
-        return step
-
-    def restore_params(self, abstract_params: Any, step: int) -> tuple[Any, dict]:
-        """Only the parameters of the saved train state (no optimizer state is read)."""
-        item = {"params": abstract_params}
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=item,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True,
-                ),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        return restored["state"]["params"], dict(restored["meta"])
+# Opened for reading only, checked on restore: see flash_jax/train/checkpoint.py.
+ReadOnlyCheckpoints = checkpoint.ReadOnlyCheckpoints
+DamagedCheckpointError = checkpoint.DamagedCheckpointError
 
 
 # ----------------------------------------------------------------------------- configs
@@ -127,6 +83,7 @@ def run_config(ckpts: ReadOnlyCheckpoints, step: int, config=None) -> ml_collect
     Without `config`: the run config saved in the checkpoint (falling back to the run's
     config.json). With `config`: that one, after checking that its model is the checkpoint's
     (keys that change only how the model is computed, e.g. remat, may differ).
+    DamagedCheckpointError if the checkpoint's meta JSON does not read.
     """
     meta = ckpts.read_meta(step)
     saved_model = meta.get("model_config")
@@ -177,6 +134,36 @@ class Restored:
         return nnx.merge(self.fns.graphdef, self.params, self.rest)
 
 
+def steps_to_evaluate(
+    ckpts: ReadOnlyCheckpoints, step: int | None, all_steps: bool, config=None
+) -> list[int]:
+    """The checkpoints eval.py evaluates, each checked for its config (see `run_config`).
+
+    `all_steps`: every step (a damaged one is skipped with one warning line); `step`: that one (a
+    damaged one is an error); neither: the newest whose meta reads (falling back over damaged
+    ones, one warning line each). ValueError (one line) when there is nothing to evaluate.
+    """
+    if all_steps:
+        steps = []
+        for s in ckpts.all_steps():
+            try:
+                run_config(ckpts, s, config)
+            except DamagedCheckpointError as e:
+                logging.warning("%s; skipped", e)
+                continue
+            steps.append(s)
+        if not steps:
+            raise ValueError(f"no intact checkpoint in {ckpts.directory}")
+        return steps
+    if step is not None:
+        run_config(ckpts, ckpts.resolve_step(step), config)
+        return [step]
+    newest = ckpts.resolve_step(None)
+    candidates = [s for s in reversed(ckpts.all_steps()) if s <= newest]
+    found, _ = ckpts.first_intact(candidates, lambda s: run_config(ckpts, s, config))
+    return [found]
+
+
 def restore(
     workdir: str,
     step_number: int | None = None,
@@ -185,32 +172,46 @@ def restore(
     mesh: jax.sharding.Mesh | None = None,
     single_device: bool = False,
     ckpts: ReadOnlyCheckpoints | None = None,
+    fall_back: bool | None = None,
 ) -> Restored:
     """Restores the parameters of checkpoint `step_number` (the latest by default) of a run.
 
     `config` defaults to the one saved with the checkpoint (see `run_config`); `mesh` to the
     config's, or with `single_device` to the first device alone (sampling). ValueError (one
     line, naming the path or key) for a workdir without checkpoints, a step that does not exist
-    or a config whose model differs from the checkpoint's.
+    or a config whose model differs from the checkpoint's. The parameters are checked (see
+    flash_jax/train/checkpoint.py): a damaged checkpoint, or one holding non-finite parameters,
+    is a DamagedCheckpointError, unless `fall_back` (the default when no step is given): then
+    the newest intact checkpoint up to `step_number` is restored, with one warning line per
+    damaged one.
     """
     from flash_jax.train import loop
 
+    fall_back = step_number is None if fall_back is None else fall_back
     own = ckpts is None
     ckpts = ReadOnlyCheckpoints(workdir) if own else ckpts
-    try:
-        step_number = ckpts.resolve_step(step_number)
-        config = run_config(ckpts, step_number, config)
-        model_config = loop.validate_config(config)
-        if mesh is None:
-            mesh = single_device_mesh(config) if single_device else loop.make_mesh(config)
-        with jax.set_mesh(mesh):
-            fns = _build(config, mesh)
-            params, meta = ckpts.restore_params(fns.abstract_state["params"], step_number)
+
+    def restore_step(s: int) -> Restored:
+        run_cfg = run_config(ckpts, s, config)
+        model_config = loop.validate_config(run_cfg)
+        run_mesh = mesh
+        if run_mesh is None:
+            run_mesh = single_device_mesh(run_cfg) if single_device else loop.make_mesh(run_cfg)
+        with jax.set_mesh(run_mesh):
+            fns = _build(run_cfg, run_mesh)
+            params, meta = ckpts.restore_params(fns.abstract_state["params"], s)
             rest = fns.init_rest()
+        return Restored(workdir, s, run_cfg, model_config, fns, params, rest, meta)
+
+    try:
+        first = ckpts.resolve_step(step_number)
+        if not fall_back:
+            return restore_step(first)
+        candidates = [s for s in reversed(ckpts.all_steps()) if s <= first]
+        return ckpts.first_intact(candidates, restore_step)[1]
     finally:
         if own:
             ckpts.close()
-    return Restored(workdir, step_number, config, model_config, fns, params, rest, meta)
 
 
 # StepFns per (config, mesh): checkpoints of one run share their jitted eval step (one compile).
@@ -237,7 +238,7 @@ def check_split(data_config, split: str) -> None:
     """ValueError now (before any restore or compile) if the dataset lacks `split`."""
     from flash_jax import data
 
-    data.InputPipeline(data_config, split, shuffle=False, repeat=False).close()
+    data.check_split(data_config, split)
 
 
 # Batches per (task, split, seq_len, batch size), learned from a finished pass: later passes in the

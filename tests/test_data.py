@@ -425,19 +425,46 @@ def test_missing_vocabulary_is_an_error(tmp_path):
         data.get_vocabulary(make_cfg(vocab=str(bad), objective="mlm"))
 
 
-def test_non_utf8_document_is_skipped_with_a_logged_warning(tmp_path, caplog):
+def test_every_document_is_trained_on_or_named(tmp_path, caplog, monkeypatch):
+    """Latin-1 / cp1252 text is decoded (counted in the log), not dropped; empty and binary files
+    are named in a warning; a split without readable text is an error naming its files."""
+    monkeypatch.setattr(sources, "_reported", set())
+    monkeypatch.setattr(sources, "_decoded_count", 0)
     root = tmp_path / "corpus"
     (root / "validation").mkdir(parents=True)
-    (root / "validation" / "1.txt").write_text("good text\n", encoding="utf-8")
-    (root / "validation" / "2.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    files = {
+        "1.txt": b"good text\n",
+        "2.txt": "caf\xe9 na\xefve\n".encode("latin-1"),
+        "3.txt": "\u201cquoted\u201d\n".encode("cp1252"),  # cp1252's curly quotes
+        "4.txt": b"",
+        "5.txt": b"\x89PNG\r\n\x1a\n\0\0\0",
+    }
+    for name, content in files.items():
+        (root / "validation" / name).write_bytes(content)
     cfg = byte_cfg(root)
     with caplog.at_level(logging.WARNING):
         rows, _ = collect(eval_pipe(cfg, "validation"))
-    assert rows["weights"].sum() == len("good text\n") + 1
-    assert any(
-        "2.txt" in r.getMessage() and "expected UTF-8" in r.getMessage() for r in caplog.records
-    )
-    # Nothing readable at all: an error naming the file, not an empty dataset or a hang.
-    (root / "validation" / "1.txt").write_bytes(b"\xff\xfe")
-    with pytest.raises(Exception, match="none of the 2 documents could be read"):
-        collect(eval_pipe(make_cfg(**{**cfg.to_dict(), "seq_len": 32}), "validation"))
+    trained = ["good text\n", "caf\xe9 na\xefve\n", "\u201cquoted\u201d\n"]
+    assert rows["weights"].sum() == sum(len(t.encode()) + 1 for t in trained)  # + EOS each
+    text = bytes(np.concatenate(segments(rows)).astype(np.uint8) - 3).decode(errors="replace")
+    assert "caf\xe9" in text and "\u201cquoted\u201d" in text
+    log = [r.getMessage() for r in caplog.records]
+    assert any("2.txt is not UTF-8: decoded as cp1252 (1 non-UTF-8" in m for m in log)
+    assert any("3.txt is not UTF-8: decoded as cp1252 (2 non-UTF-8" in m for m in log)
+    assert any("4.txt is empty: not trained on" in m for m in log)
+    assert any("5.txt is not text (it holds NUL bytes): not trained on" in m for m in log)
+    # Nothing readable at all: found when the pipeline is built, naming the files.
+    bad = tmp_path / "bad"
+    (bad / "validation").mkdir(parents=True)
+    (bad / "validation" / "4.txt").write_bytes(files["4.txt"])
+    (bad / "validation" / "5.txt").write_bytes(files["5.txt"])
+    with pytest.raises(
+        ValueError, match=r"split 'validation' .* no readable text: .*4.txt is empty; .*5.txt is"
+    ):
+        data.check_split(byte_cfg(bad), "validation")
+
+
+def test_bytes_cp1252_leaves_undefined_fall_back_to_latin1(tmp_path):
+    path = tmp_path / "1.txt"
+    path.write_bytes(b"a\x81b")  # 0x81 has no cp1252 character
+    assert sources.decode_document(str(path)) == ("a\x81b", "is not UTF-8: decoded as latin-1")

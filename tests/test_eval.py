@@ -8,6 +8,7 @@ layout that has no test/ folder (the "split the dataset lacks").
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -208,9 +209,30 @@ def _error_line(proc):
     return lines[-1]
 
 
+def _damaged_copy(trained_run, tmp_path, damage_meta=False):
+    """A copy of the run whose step 2 is damaged: a data file cut in half, or its meta emptied."""
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(trained_run[0], workdir)
+    step_dir = os.path.join(workdir, "checkpoints", "2")
+    if damage_meta:
+        with open(os.path.join(step_dir, "meta", "metadata"), "w"):
+            pass
+        return workdir
+    data_files = [
+        os.path.join(where, name)
+        for where, _, names in os.walk(os.path.join(step_dir, "state"))
+        for name in names
+        if f"{os.sep}d{os.sep}" in os.path.join(where, name)
+    ]
+    for path in data_files:
+        os.truncate(path, os.path.getsize(path) // 2)
+    return workdir
+
+
 BAD_INPUTS = {
     "no_checkpoint": ([], "no checkpoints in"),
     "missing_step": (["--step=7"], "no checkpoint for step 7"),
+    "damaged_step": (["--step=2"], "checkpoint step 2 in "),
     "other_model": (["--config=configs/quickstart.py"], "different model config (model.chunk_size"),
     "missing_split": (["--split=test"], "has no test/ folder"),
 }
@@ -221,6 +243,7 @@ BAD_INPUTS = {
     [
         "no_checkpoint",
         "missing_step",
+        pytest.param("damaged_step", marks=pytest.mark.slow),  # restores: ~15 s
         "other_model",
         pytest.param("missing_split", marks=pytest.mark.slow),  # imports TensorFlow: ~15 s
     ],
@@ -231,11 +254,15 @@ def test_bad_input_one_line_nonzero_exit_workdir_unchanged(trained_run, tmp_path
     if case == "no_checkpoint":
         workdir = str(tmp_path / "empty")
         os.makedirs(os.path.join(workdir, "something"))
+    if case == "damaged_step":
+        workdir = _damaged_copy(trained_run, tmp_path)
     before = _snapshot(workdir)
     proc = _eval_cli(f"--workdir={workdir}", *args)
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = _error_line(proc)
     assert line.startswith("eval.py: error: ") and message in line, line
+    if case == "damaged_step":
+        assert "/checkpoints/2 is damaged: " in line
     assert proc.stdout == ""
     assert _snapshot(workdir) == before
 
@@ -264,6 +291,28 @@ def test_all_steps_over_two_workdirs_writes_results_and_a_png(trained_run, valid
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # Progress against the total, known after the first pass.
     assert f"batch {here['batches']}/{here['batches']}," in proc.stderr
+
+
+# Orbax's coroutines of a failed read are garbage-collected with their errors (reported already).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage_meta", [False, True], ids=["arrays", "meta"])
+def test_a_damaged_latest_checkpoint_falls_back_with_one_warning(
+    trained_run, tmp_path, caplog, damage_meta
+):
+    workdir = _damaged_copy(trained_run, tmp_path, damage_meta)
+    with caplog.at_level(logging.WARNING):
+        run = evaluation.restore(workdir)  # the latest, i.e. the newest intact one
+        with pytest.raises(evaluation.DamagedCheckpointError, match="step 2 in .* is damaged"):
+            evaluation.restore(workdir, 2)  # asked for by number: an error
+        ckpts = evaluation.ReadOnlyCheckpoints(workdir)
+        assert evaluation.steps_to_evaluate(ckpts, None, all_steps=False) == [
+            1 if damage_meta else 2  # a damaged meta is seen before anything is restored
+        ]
+        ckpts.close()
+    assert run.step == 1
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert f"checkpoint step 2 in {workdir}/checkpoints/2 is damaged" in warnings[0]
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))  # nothing deleted
 
 
 # ----------------------------------------------------------------------------- files and plots

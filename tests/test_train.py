@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # noqa: E402
 from flash_jax import data, flops, models, sharding
 from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, loop, step
+from flash_jax.train import checkpoint, loop, signals, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -239,16 +239,16 @@ def test_resume_after_crash_replays_from_checkpoint_without_duplicate_records(
 
 def test_sigterm_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with loop._sigterm_flag() as flag:
+    with signals.stop_requests() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.is_set()
+        assert stop.is_set() and stop.reason == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(SyntheticPipeline, "nan_from", 4)  # the 5th batch: step 5 is nan
     workdir = str(tmp_path)
-    with pytest.raises(loop.NonFiniteLossError, match="non-finite loss .* at step 5"):
+    with pytest.raises(loop.NonFiniteLossError, match="non-finite gradient norm .* at step 5"):
         loop.train_and_evaluate(tiny_config(), workdir)
     assert checkpoint.Checkpoints(workdir, 5).all_steps() == [2, 4]
     state, _ = restore_params(workdir, tiny_config())

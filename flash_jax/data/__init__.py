@@ -9,7 +9,7 @@
 Importing registers the standard seqio tasks (see tasks.register_standard_tasks).
 """
 
-from flash_jax.data.pipeline import FEATURES, InputPipeline, split_statistics
+from flash_jax.data.pipeline import FEATURES, InputPipeline, check_split, split_statistics
 from flash_jax.data.tasks import (
     SHIPPED_CORPUS,
     check_config,
@@ -36,6 +36,7 @@ __all__ = [
     "T5_VOCAB",
     "check_config",
     "check_reachable",
+    "check_split",
     "get_task",
     "get_vocabulary",
     "mlm_mask_spec",

@@ -61,9 +61,12 @@ def _check_split(cfg, split: str) -> None:
 
 
 def _num_documents(task: seqio.Task, split: str) -> int | None:
-    """Documents in a split; None when the source cannot tell (TFDS without split info)."""
+    """Documents in a split; None when the source cannot tell (TFDS without split info).
+
+    A local split is also checked to hold readable text (ValueError naming the folder)."""
     source = task.source
     if isinstance(source, sources.LocalTextSource):
+        source.corpus.check_readable(split)
         return len(source.corpus.files(split))
     try:
         source.list_shards(split)  # seqio needs the file list to shard by document
@@ -263,6 +266,13 @@ class InputPipeline:
         stop = getattr(self, "_stop", None)  # absent when __init__ raised
         if stop is not None:
             stop.set()
+
+
+def check_split(data_config, split: str) -> None:
+    """ValueError (one line, naming the key or path) now, before a run writes or compiles
+    anything, if `split` cannot be read: a missing folder or dataset, a bad metadata.csv, a split
+    without readable text. Builds the split's pipeline without reading a batch."""
+    InputPipeline(data_config, split, shuffle=False, repeat=False).close()
 
 
 def split_statistics(data_config, split: str) -> dict[str, int]:

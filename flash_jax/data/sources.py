@@ -11,8 +11,10 @@ Local corpora (`config.data.source = "local"`, `config.data.data_dir`):
   name, stable across machines and runs: 90% train, 5% validation, 5% test (`split_of_file`).
 
 Each file is one document. Paths go through `tf.io.gfile`, so `gs://` folders work too (e.g. the
-public PG-19 copy `gs://deepmind-gutenberg`). A file that cannot be read or is not UTF-8 is skipped
-with a logged warning naming it; a split with no documents is an error.
+public PG-19 copy `gs://deepmind-gutenberg`). Every document is trained on or named in a warning:
+text that is not UTF-8 is decoded as cp1252 / Latin-1 (logged with a count); an empty, unreadable
+or binary file is skipped with a warning naming it. A split with no readable text is an error
+found before training starts (`LocalCorpus.check_readable`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,10 @@ def extract_archive(archive: str) -> str:
     return target
 
 
+def _few(items: Sequence[str], n: int = 2) -> str:
+    return "; ".join(items[:n]) + (f"; and {len(items) - n} more" if len(items) > n else "")
+
+
 def split_of_file(filename: str) -> str:
     """The split of a file in a flat folder: a stable hash of its base name."""
     bucket = int(hashlib.sha1(os.path.basename(filename).encode()).hexdigest(), 16) % 100
@@ -187,6 +193,23 @@ class LocalCorpus:
             raise ValueError(f"data.data_dir: no .txt documents for split {split!r} in {where}")
         return tuple(sorted(paths))
 
+    def check_readable(self, split: str) -> None:
+        """ValueError naming the folder unless the split has a document with text in it.
+
+        Reads documents in order until one has text: usually just the first.
+        """
+        paths = self.files(split)
+        problems = []
+        for path in paths:
+            text, note = decode_document(path)
+            if text:
+                return
+            problems.append(f"{path} {note or 'holds no text'}")
+        raise ValueError(
+            f"data.data_dir: split {split!r} of {self.data_dir!r} has no readable text: "
+            f"{_few(problems)}"
+        )
+
     def total_bytes(self) -> int | None:
         """Total size of the corpus's .txt files, or None for remote corpora (slow to list)."""
         if "://" in self.root:
@@ -199,19 +222,61 @@ class LocalCorpus:
         return total
 
 
-def read_text_file(path: str) -> str | None:
-    """A document's text, or None (logged) when it cannot be read or is not UTF-8."""
+# Text that is not UTF-8 is decoded as cp1252 (Windows' superset of Latin-1's printable range);
+# the five byte values cp1252 leaves undefined fall back to Latin-1, which decodes any byte.
+FALLBACK_ENCODINGS = ("cp1252", "latin-1")
+_reported: set[str] = set()  # documents already reported by this process (once, not per epoch)
+_decoded_count = 0
+
+
+def decode_document(path: str) -> tuple[str | None, str]:
+    """(text, note) of one document: text None when it cannot be trained on, and why.
+
+    The note is "" for UTF-8 text, else says what happened ("decoded as cp1252", "is empty",
+    "is not text", "cannot be read (...)").
+    """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             raw = f.read()
     except (OSError, tf.errors.OpError) as e:
-        logging.warning("flash_jax.data: skipping %s: cannot be read (%s)", path, e)
-        return None
+        return None, f"cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if not raw:
+        return None, "is empty"
+    if b"\0" in raw:  # no text encoding we read has NUL bytes: an image, an archive, UTF-16
+        return None, "is not text (it holds NUL bytes)"
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        logging.warning("flash_jax.data: skipping %s: expected UTF-8 text (%s)", path, e)
-        return None
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        pass
+    for encoding in FALLBACK_ENCODINGS:
+        try:
+            return raw.decode(encoding), f"is not UTF-8: decoded as {encoding}"
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes every byte")
+
+
+def read_text_file(path: str) -> str | None:
+    """A document's text, or None when it cannot be trained on; either is logged once.
+
+    Every document is trained on or named in a warning: a non-UTF-8 one is decoded (with a
+    running count), an empty, unreadable or binary one is skipped.
+    """
+    global _decoded_count
+    text, note = decode_document(path)
+    if note and path not in _reported:
+        _reported.add(path)
+        if text is None:
+            logging.warning("flash_jax.data: %s %s: not trained on", path, note)
+        else:
+            _decoded_count += 1
+            logging.warning(
+                "flash_jax.data: %s %s (%d non-UTF-8 document(s) so far)",
+                path,
+                note,
+                _decoded_count,
+            )
+    return text
 
 
 def read_documents(paths: Sequence[str]):
@@ -225,7 +290,7 @@ def read_documents(paths: Sequence[str]):
         yield text
     if paths and not count:
         raise ValueError(
-            f"none of the {len(paths)} documents could be read as UTF-8 text "
+            f"none of the {len(paths)} documents could be read as text "
             f"(first: {paths[0]}); see the logged warnings"
         )
 

@@ -1,8 +1,26 @@
-"""Orbax checkpoints of a run: asynchronous, atomic, the last K kept, resumable exactly.
+"""Orbax checkpoints of a run: asynchronous, atomic, checked on restore, resumable exactly.
 
 Each step directory holds two items:
   state: the train state (params, optimizer state, step, RNG key data) as sharded arrays
-  meta:  JSON: step, data position (`pipe.position`), the model config, the resolved run config
+  meta:  JSON: step, data position (`pipe.position`), the model config, the resolved run config,
+         and `checksums`: per array of the state, the sum of its 32-bit words modulo 2^32
+
+Which steps are kept. A saved state is *unverified* until the loop has computed a loss from it (the
+next step's loss): `confirm` keeps it, `discard` removes it (its loss was not finite), so no kept
+checkpoint ever has a non-finite loss. A state holding non-finite values is never written. The
+newest `keep` confirmed steps are kept, plus the newest while it is being verified.
+
+What a restore checks (`restore`, `ReadOnlyCheckpoints.restore_params`): the meta JSON parses;
+Orbax reads every array (missing or truncated files, a missing `_METADATA`, ... fail here); every
+array matches its checksum (a flipped bit anywhere in the data); every float is finite. Any
+failure is a `DamagedCheckpointError` naming the step and its path. `first_intact` falls back from
+a damaged step to the newest intact one (one warning line per damaged step; nothing is deleted).
+A train state of another layout (other arrays than the meta's checksums name, e.g. another
+optimizer's) is a config error, not damage.
+
+Saving is asynchronous: `poll` (called at every step boundary) reports a save that has committed
+("checkpoint saved") or failed (one warning line; training goes on, the next save retries);
+`finish` waits for the last one and raises `CheckpointSaveError` if it failed.
 """
 
 from __future__ import annotations
@@ -10,16 +28,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from flash_jax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
+# A damaged step is moved here (never deleted) when the run is about to save that step again.
+DAMAGED_DIR = "damaged_checkpoints"
 # Keys that change how the model is computed, not what it is: a resumed run may change them.
 RESUMABLE_MODEL_KEYS = ("remat", "attention_impl", "flash_impl")
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint that does not read back as it was written; the message names step and path."""
+
+    def __init__(self, step: int, path: str, reason: str):
+        self.step, self.path, self.reason = step, path, reason
+        super().__init__(f"checkpoint step {step} in {path} is damaged: {reason}")
+
+
+class CheckpointSaveError(RuntimeError):
+    """The run's last checkpoint could not be saved (full disk, lost storage); one line."""
 
 
 def model_config_dict(model_config) -> dict:
@@ -49,80 +87,443 @@ def checkpoint_dir(workdir: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
+def _reason(error: BaseException, limit: int = 300) -> str:
+    """One line about an exception: its root cause, which says what is wrong (Orbax wraps
+    TensorStore's "OUT_OF_RANGE: ..." in a page-long message), cut to about `limit` characters."""
+    seen = {id(error)}
+    while True:
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or id(inner) in seen:
+            break
+        error = inner
+        seen.add(id(error))
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    # Long messages name the path first and the cause ("No space left on device") last.
+    text = text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------- array checks
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def leaf_paths(tree) -> dict[str, Any]:
+    """{"params/embed/embedding": leaf, ...}: the same names for a state, its abstract twin and
+    Orbax's metadata of it (which stores named tuples as dicts)."""
+    return {
+        "/".join(_key_name(k) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as unsigned integers (8-byte values become two 32-bit words)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned)
+
+
+@jax.jit
+def _checksums_and_finite(tree):
+    # Integer sums wrap modulo 2^32 and are exact in any reduction order, so the checksum does not
+    # depend on the mesh or device; any single flipped bit changes it.
+    sums = jax.tree.map(lambda x: jnp.sum(_words(x), dtype=jnp.uint32), tree)
+    finite = jax.tree.map(
+        lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else True,
+        tree,
+    )
+    return sums, finite
+
+
+def inspect_arrays(tree) -> tuple[dict[str, int], list[str]]:
+    """Per-array checksums ({path: int}) and the paths of arrays holding nan or inf."""
+    sums, finite = jax.device_get(_checksums_and_finite(tree))
+    checksums = {p: int(v) for p, v in leaf_paths(sums).items()}
+    return checksums, [p for p, ok in leaf_paths(finite).items() if not ok]
+
+
+def check_arrays(step: int, path: str, tree, checksums: dict | None) -> None:
+    """DamagedCheckpointError unless every array matches its saved checksum and is finite."""
+    sums, non_finite = inspect_arrays(tree)
+    if checksums:  # checkpoints written before checksums existed have none
+        bad = [p for p, s in sums.items() if p in checksums and checksums[p] != s]
+        if bad:
+            raise DamagedCheckpointError(
+                step, path, f"array data differs from the checksum saved with it ({_few(bad)})"
+            )
+    if non_finite:
+        raise DamagedCheckpointError(step, path, f"non-finite values in {_few(non_finite)}")
+
+
+def layout_differences(saved_paths: Iterable[str], abstract) -> list[str]:
+    """Arrays of `abstract` that a checkpoint lacks, or has and `abstract` does not.
+
+    `saved_paths` are the keys of the checkpoint's `checksums`; only the top-level groups of
+    `abstract` are compared (a partial restore of "params" compares the parameters).
+    """
+    wanted = set(leaf_paths(abstract))
+    groups = {p.split("/")[0] for p in wanted}
+    saved = {p for p in saved_paths if p.split("/")[0] in groups}
+    return [f"{p} is not in the checkpoint" for p in sorted(wanted - saved)] + [
+        f"{p} is not in this config's state" for p in sorted(saved - wanted)
+    ]
+
+
+def check_model_config(directory: str, step: int, meta: dict, model_config) -> None:
+    """ValueError if checkpoint `step` was written by another model config."""
+    saved = meta.get("model_config")
+    if saved is None:
+        return
+    current = model_config_dict(model_config)
+    diff = differing_keys(saved, current)
+    if diff:
+        details = ", ".join(
+            f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diff
+        )
+        raise ValueError(
+            f"the checkpoints in {directory} (step {step}) come from a different model "
+            f"config ({details}); use another --workdir or the checkpoint's config"
+        )
+
+
+# ----------------------------------------------------------------------------- the manager
+
+
 class Checkpoints:
-    """The run's `CheckpointManager` under `workdir/checkpoints`."""
+    """The run's `CheckpointManager` under `workdir/checkpoints` (see the module docstring)."""
 
     def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
+        self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
+        self.keep = keep
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=keep),
+            # No max_to_keep: `_prune` removes old steps, counting only verified ones.
             enable_async_checkpointing=async_save,
             # A save killed half-way leaves a temporary directory, never a half checkpoint
-            # (orbax renames on commit); clean such leftovers when the run restarts.
+            # (orbax renames on commit); clean such leftovers when the run restarts. Safe because
+            # the workdir is locked (flash_jax.train.workdir): no other trainer is saving here.
             cleanup_tmp_directories=True,
             create=True,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
+        self._init_bookkeeping()
+
+    def _init_bookkeeping(self) -> None:
+        self.unverified: int | None = None  # newest saved state whose loss is not yet known
+        self.damaged: dict[int, str] = {}  # step -> reason, found by `first_intact`
+        self._in_flight: int | None = None  # saving, commit not yet seen
+        self._failed: int | None = None  # the step of the last save that failed
+
+    # ---- steps
+    def step_path(self, step: int) -> str:
+        return str(epath.Path(self.directory) / str(step))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
+    def latest_good_step(self) -> int | None:
+        """The newest step that is neither damaged nor awaiting its loss check."""
+        good = [s for s in self.all_steps() if s not in self.damaged and s != self.unverified]
+        return good[-1] if good else None
+
+    # ---- reading
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+            meta = restored["meta"]
+        except Exception as e:  # noqa: BLE001 - any failure to read it back is damage
+            raise DamagedCheckpointError(
+                step, self.step_path(step), f"its meta JSON cannot be read ({_reason(e)})"
+            ) from e
+        if not isinstance(meta, dict):
+            raise DamagedCheckpointError(
+                step, self.step_path(step), "its meta is not a JSON object"
+            )
+        return dict(meta)
 
     def check_compatible(self, model_config) -> int | None:
-        """Refuses (ValueError) a workdir whose latest checkpoint has another model config.
+        """Refuses (ValueError) a workdir whose newest readable checkpoint has another model config.
 
-        Returns the latest step (None for a fresh workdir). Reads only the small JSON item.
+        Returns the latest step (None for a fresh workdir). Reads only the small JSON items; a
+        damaged one is skipped here and reported by `restore_newest`.
         """
-        step = self.latest_step()
-        if step is None:
-            return None
-        saved = self.read_meta(step).get("model_config", {})
-        current = model_config_dict(model_config)
-        diff = differing_keys(saved, current)
-        if diff:
-            details = ", ".join(
-                f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diff
-            )
-            raise ValueError(
-                f"the checkpoints in {self.directory} (step {step}) come from a different model "
-                f"config ({details}); use another --workdir or the checkpoint's config"
-            )
-        return step
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.read_meta(step)
+            except DamagedCheckpointError:
+                continue
+            check_model_config(self.directory, step, meta, model_config)
+            break
+        return self.latest_step()
 
+    def _damage_or_layout_error(
+        self, step: int, abstract, meta: dict, error: Exception
+    ) -> Exception:
+        """A failed restore is damage, unless the arrays saved (the names in the meta's
+        checksums) are not the ones this config's state has: then the config differs."""
+        diffs = layout_differences(meta.get("checksums") or (), abstract)
+        if meta.get("checksums") and diffs:
+            return ValueError(
+                f"checkpoint step {step} in {self.step_path(step)} holds a train state laid out "
+                f"differently from this config's ({_few(diffs, 2)}); a train.* setting such as "
+                "the optimizer or gradient clipping differs: use the run's own config or another "
+                "--workdir"
+            )
+        return DamagedCheckpointError(step, self.step_path(step), _reason(error))
+
+    def restore(
+        self, abstract_state: Any, step: int | None = None, model_config=None
+    ) -> tuple[Any, dict]:
+        """The state laid out as `abstract_state` (ShapeDtypeStructs with shardings) + meta.
+
+        DamagedCheckpointError if anything does not read back as written; ValueError for another
+        model config (`model_config`) or another state layout.
+        """
+        step = self.latest_step() if step is None else step
+        meta = self.read_meta(step)
+        if model_config is not None:
+            check_model_config(self.directory, step, meta, model_config)
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )
+        except Exception as e:  # noqa: BLE001 - classified below
+            raise self._damage_or_layout_error(step, abstract_state, meta, e) from e
+        state = restored["state"]
+        check_arrays(step, self.step_path(step), state, meta.get("checksums"))
+        # Its loss is checked again by the first step (`confirm` / `discard`).
+        self.unverified = step
+        return state, meta
+
+    def first_intact(self, steps: Iterable[int], restore_one: Callable[[int], Any]):
+        """(step, restore_one(step)) for the first of `steps` that is intact.
+
+        Each damaged step is reported in one warning line and remembered in `damaged`; nothing is
+        deleted. ValueError (one line) when every step is damaged.
+        """
+        tried = []
+        for step in steps:
+            try:
+                return step, restore_one(step)
+            except DamagedCheckpointError as e:
+                logging.warning("%s; trying an earlier checkpoint (nothing was deleted)", e)
+                self.damaged[step] = e.reason
+                tried.append(step)
+        raise ValueError(
+            f"no intact checkpoint in {self.directory}: steps {tried} are damaged (see the "
+            f"warnings); move {self.directory} away to start afresh"
+        )
+
+    def restore_newest(self, abstract_state: Any, model_config=None) -> tuple[Any, dict, int]:
+        """(state, meta, step) of the newest intact checkpoint (see `first_intact`)."""
+        step, (state, meta) = self.first_intact(
+            reversed(self.all_steps()),
+            lambda s: self.restore(abstract_state, s, model_config),
+        )
+        return state, meta, step
+
+    # ---- saving
     def save(self, step: int, state: Any, meta: dict) -> bool:
-        """Starts an asynchronous save of `state` + `meta` at `step` (no-op if it exists)."""
+        """Starts an asynchronous save of `state` + `meta` at `step`; False if nothing was started.
+
+        Nothing is written for a step that exists, or a state holding non-finite values; a failure
+        is reported in one warning line (`_save_failed`).
+        """
+        self._settle(block=True)
+        self._prune()
+        if step in self.damaged:
+            self._set_aside(step)
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(
+        checksums, non_finite = inspect_arrays(state)
+        if non_finite:
+            logging.warning("not saving step %d: non-finite values in %s", step, _few(non_finite))
+            return False
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({**meta, "checksums": checksums}),
+                ),
+                force=True,
+            )
+        except Exception as e:  # noqa: BLE001 - a full disk, lost storage, ...
+            self._save_failed(step, e)
+            return False
+        self._in_flight = self.unverified = step
+        return True
+
+    def poll(self) -> None:
+        """At a step boundary: reports a save that has committed or failed since the last call."""
+        self._settle(block=False)
+
+    def finish(self) -> None:
+        """Waits for the last save; CheckpointSaveError (one line) if it did not commit."""
+        last = self._in_flight
+        self._settle(block=True)
+        if last is not None and self._failed == last:
+            raise CheckpointSaveError(
+                f"the checkpoint of step {last} could not be saved in {self.directory} (see the "
+                f"warning above); the newest committed checkpoint is step "
+                f"{self.latest_good_step()}"
+            )
+        self._prune()
+
+    def confirm(self, step: int) -> None:
+        """A finite loss was computed from the state saved at `step`: it is good."""
+        if step == self.unverified:
+            self.unverified = None
+
+    def discard(self, step: int) -> bool:
+        """The loss computed from the state saved at `step` is not finite: removes that step.
+
+        Returns whether a checkpoint was removed.
+        """
+        if step != self.unverified:
+            return False
+        self.unverified = None
+        self._settle(block=True)
+        if step not in self.manager.all_steps():
+            return False
+        self.manager.delete(step)
+        return True
+
+    def _settle(self, *, block: bool) -> None:
+        if self._in_flight is None or (not block and self.manager.is_saving_in_progress()):
+            return
+        step, self._in_flight = self._in_flight, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - the background commit failed
+            self._save_failed(step, e)
+            return
+        logging.info("checkpoint saved at step %d in %s", step, self.directory)
+
+    def _save_failed(self, step: int, error: Exception) -> None:
+        self._failed = step
+        if self.unverified == step:
+            self.unverified = None
+        logging.warning(
+            "checkpoint step %d could not be saved in %s (%s); training goes on and the next "
+            "checkpoint tries again; the newest committed checkpoint is step %s",
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
+            self.directory,
+            _reason(error),
+            self.latest_good_step(),
         )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """The state laid out as `abstract_state` (ShapeDtypeStructs with shardings) + meta."""
-        step = self.latest_step() if step is None else step
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return restored["state"], dict(restored["meta"])
+    def _prune(self) -> None:
+        """Keeps the newest `keep` verified steps (damaged and unverified ones are not counted).
+
+        Called only where every process is (saves, the end), after the last save has settled.
+        """
+        good = [s for s in self.all_steps() if s not in self.damaged and s != self.unverified]
+        for step in good[: -self.keep]:
+            self.manager.delete(step)
+
+    def _set_aside(self, step: int) -> None:
+        """Moves damaged `step` to `workdir/damaged_checkpoints/`, so that it can be saved anew."""
+        source = epath.Path(self.step_path(step))
+        target = epath.Path(self.workdir) / DAMAGED_DIR / str(step)
+        if target.exists():
+            target = target.with_name(f"{step}-{int(time.time())}")
+        if jax.process_index() == 0:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
+            except Exception as e:  # noqa: BLE001 - e.g. a directory rename on GCS
+                raise CheckpointSaveError(
+                    f"the damaged checkpoint {source} could not be moved out of the way of a new "
+                    f"step {step} ({_reason(e)}); move it by hand and rerun"
+                ) from e
+        multihost_utils.sync_global_devices(f"flash_jax_set_aside_{step}")
+        self.manager.reload()
+        del self.damaged[step]
+        logging.warning("moved the damaged checkpoint step %d to %s", step, target)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Waits for a save still in flight (reporting its failure in one line) and closes."""
+        try:
+            self._settle(block=True)
+        finally:
+            self.manager.close()
+
+
+class ReadOnlyCheckpoints(Checkpoints):
+    """`Checkpoints` opened for reading: never creates, deletes or cleans anything in the run.
+
+    (The training `Checkpoints` creates the directory and removes unfinished saves on open, which
+    is right for a run resuming, wrong for an evaluator that may look at a live run.)
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.directory = checkpoint_dir(workdir)
+        if not epath.Path(self.directory).is_dir():
+            raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+        self._init_bookkeeping()
+
+    def save(self, *args, **kwargs):
+        raise RuntimeError("ReadOnlyCheckpoints cannot save")
+
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, or the latest one; ValueError naming the steps there are."""
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no checkpoints in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(
+                f"no checkpoint for step {step} in {self.directory}; it has steps {steps}"
+            )
+        return step
+
+    def restore_params(self, abstract_params: Any, step: int) -> tuple[Any, dict]:
+        """Only the parameters of the saved train state (no optimizer state is read), checked."""
+        meta = self.read_meta(step)
+        item = {"params": abstract_params}
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=item,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - classified below
+            raise self._damage_or_layout_error(step, item, meta, e) from e
+        params = restored["state"]["params"]
+        check_arrays(step, self.step_path(step), {"params": params}, meta.get("checksums"))
+        return params, meta

@@ -6,8 +6,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,13 +16,15 @@ from etils import epath
 
 from flash_jax import data, flops, metrics, sharding
 from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, optim, report, step
+from flash_jax.train import checkpoint, optim, report, signals, step
+from flash_jax.train import workdir as workdir_lib
 
 CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became nan / inf; the run stopped without saving."""
+    """The loss (or gradient norm) became nan / inf; the run stopped, keeping only checkpoints
+    whose own loss is finite."""
 
 
 # ----------------------------------------------------------------------------- validation
@@ -112,6 +112,15 @@ def check_vocabulary(config) -> int:
     return vocab_size
 
 
+def check_data(config) -> None:
+    """Every split the run reads exists and holds readable text (ValueError naming the path)."""
+    splits = ["train"]
+    if config.train.eval_every and config.train.eval_batches:
+        splits.append(config.train.eval_split)
+    for split in splits:
+        data.check_split(config.data, split)
+
+
 def make_mesh(config):
     return sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
 
@@ -139,26 +148,6 @@ def initialize_distributed() -> bool:
 
 def config_to_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
-
-
-@contextlib.contextmanager
-def _sigterm_flag():
-    """Yields a threading.Event set by SIGTERM (a preemption notice); restores the old handler."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-        # Multi-host runs use the coordination service's preemption sync point instead.
-        yield event
-        return
-
-    def handler(signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
-        event.set()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate(config, fns, params, rest) -> dict:
@@ -192,10 +181,15 @@ def train_and_evaluate(
 ) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    Returns a summary: {"status": "done" | "preempted", "step", "last": last logged metrics}.
-    Raises ValueError for a bad config or an incompatible workdir (before anything is written or
-    compiled) and NonFiniteLossError when the loss diverges (the last good checkpoint is kept).
-    `hooks` are called with the number of completed steps after each step (tests use them).
+    Returns a summary: {"status": "done" | "preempted", "step", "last": last logged metrics,
+    "stopped_by": the signal for "preempted", "saved": the step of the checkpoint it saved}.
+    Raises ValueError for a bad config, data or workdir (before anything is written or compiled),
+    for a workdir another trainer holds, or when no checkpoint of the workdir is intact;
+    NonFiniteLossError when the loss diverges (only checkpoints whose own loss is finite are kept);
+    checkpoint.CheckpointSaveError when the last checkpoint could not be saved.
+    SIGTERM or Ctrl-C stop the run at the next step boundary with a checkpoint (see
+    flash_jax/train/signals.py). `hooks` are called with the number of completed steps after each
+    step (tests use them).
     """
     # ---- everything that can fail on bad input, before any compile or write
     model_config = validate_config(config, reference)
@@ -203,23 +197,31 @@ def train_and_evaluate(
     mesh = make_mesh(config)
     check_mesh_fit(config, mesh)
     check_vocabulary(config)
+    check_data(config)
     t = config.train
     is_main = jax.process_index() == 0
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # local or gs://
-    ckpts = checkpoint.Checkpoints(workdir, t.keep_checkpoints)
-    try:
-        latest = ckpts.check_compatible(model_config)
-    except Exception:
-        ckpts.close()
-        raise
-    resolved = config_to_dict(config)
-    if is_main:
-        (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
-
-    reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, resume_step=latest)
+    workdir_lib.prepare(workdir)  # local or gs://
+    # Before the checkpoint manager, which removes unfinished saves: they could be another run's.
+    lock = workdir_lib.lock(workdir) if is_main else None
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    try:
-        with contextlib.ExitStack() as stack, jax.set_mesh(mesh), _sigterm_flag() as sigterm:
+    # Clean-ups run in reverse order, each even if another fails: the pipeline stops, metrics
+    # are flushed, the last save commits, signals are handed back, then the lock is released.
+    with contextlib.ExitStack() as stack:
+        if lock is not None:
+            stack.callback(lock.release)
+        # Several processes stop together at the preemption sync point, never on a local signal.
+        several = jax.process_count() > 1
+        stop = stack.enter_context(signals.stop_requests(enabled=not several))
+        if lock is not None:
+            stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
+            stack.callback(stop.at_exit.remove, lock.release)
+        ckpts = checkpoint.Checkpoints(workdir, t.keep_checkpoints)
+        stack.callback(ckpts.close)
+        latest = ckpts.check_compatible(model_config)
+        resolved = config_to_dict(config)
+        if is_main:
+            (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+        with jax.set_mesh(mesh):
             fns = step.build(config, mesh)
             logging.info(
                 "model %s: %s parameters; mesh %s",
@@ -231,10 +233,13 @@ def train_and_evaluate(
             if latest is None:
                 state, position = fns.init_state(), 0
             else:
-                state, meta = ckpts.restore(fns.abstract_state, latest)
+                state, meta, restored = ckpts.restore_newest(fns.abstract_state, model_config)
                 position = int(meta["data_position"])
-                logging.info("resuming from step %d (data position %d)", latest, position)
+                logging.info("resuming from step %d (data position %d)", restored, position)
             start = int(jax.device_get(state["step"]))
+            # Records of the steps this run replays are dropped (a step is never logged twice).
+            reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, start_step=start)
+            stack.callback(reporter.close)
             pipe = data.InputPipeline(
                 config.data,
                 split="train",
@@ -280,6 +285,28 @@ def train_and_evaluate(
             window = {"losses": [], "time": None, "step": None}  # since the last console line
             last_logged: dict = {}
 
+            def check_loss(done, loss, grad_norm=None):
+                """Step `done`'s loss is the loss of the state after step done - 1: it decides
+                whether that state's checkpoint (if any) is kept."""
+                if math.isfinite(loss):
+                    ckpts.confirm(done - 1)
+                    if grad_norm is None or math.isfinite(grad_norm):
+                        return
+                    problem = f"non-finite gradient norm ({grad_norm}) at step {done}"
+                else:
+                    removed = ckpts.discard(done - 1)
+                    problem = (
+                        f"non-finite loss ({loss}) at step {done}, computed from the state after "
+                        f"step {done - 1}" + ("; its checkpoint was removed" if removed else "")
+                    )
+                good = ckpts.latest_good_step()
+                kept = (
+                    f"the newest checkpoint with a finite loss is step {good} in {ckpts.directory}"
+                    if good is not None
+                    else f"no checkpoint with a finite loss is kept in {ckpts.directory}"
+                )
+                raise NonFiniteLossError(f"{problem}; stopped, nothing more saved; {kept}")
+
             def drain():
                 nonlocal pending
                 if pending is None:
@@ -288,13 +315,7 @@ def train_and_evaluate(
                 pending = None
                 host = jax.device_get(device_metrics)
                 loss, grad_norm = float(host["loss"]), float(host["grad_norm"])
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    ckpts.wait()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {done}; "
-                        f"stopped without saving. The last good checkpoint is step "
-                        f"{ckpts.latest_step()} in {ckpts.directory}"
-                    )
+                check_loss(done, loss, grad_norm)
                 now = time.time()
                 window["losses"].append(loss)
                 if window["time"] is None:  # timing starts after the first step (warm-up)
@@ -306,7 +327,7 @@ def train_and_evaluate(
                 mean_loss = sum(window["losses"]) / len(window["losses"])
                 scalars = {
                     "loss": mean_loss,
-                    "perplexity": math.exp(min(mean_loss, 700.0)),
+                    "perplexity": metrics.perplexity(mean_loss, 1.0),
                     "learning_rate": float(host["learning_rate"]),
                     "grad_norm": grad_norm,
                     "step_time": step_time,
@@ -323,22 +344,30 @@ def train_and_evaluate(
 
             def save(done):
                 drain()  # never save a state whose loss has not been checked
-                if ckpts.save(done, state, meta(done)):
-                    logging.info("checkpoint saved (async) at step %d", done)
+                ckpts.save(done, state, meta(done))  # "checkpoint saved" is logged on commit
+
+            def check_final_state(done):
+                """The last state's own loss: one forward pass on the batch step done + 1 would
+                take (no later step computes it)."""
+                batch = step.put_batch(next(pipe), fns.batch_sharding)
+                nll, weight = jax.device_get(fns.eval_step(state["params"], rest, batch))
+                check_loss(done + 1, float(nll) / max(float(weight), 1.0))
 
             status = "done"
             done = start
             for _ in range(start, t.num_steps):
+                if stop.is_set() and not several:  # asked before the first step (compiling)
+                    status = "preempted"
+                    break
                 batch = step.put_batch(next(pipe), fns.batch_sharding)
                 state, step_metrics = train_step(state, rest, batch)
                 drain()
+                ckpts.poll()  # a save that committed or failed since the last step
                 done += 1
                 pending = (done, step_metrics)
                 for hook in hooks:
                     hook(done)
-                preempted = sigterm.is_set() or (
-                    jax.process_count() > 1 and ckpts.manager.reached_preemption(done)
-                )
+                preempted = ckpts.manager.reached_preemption(done) if several else stop.is_set()
                 paused = time.time()
                 if done % t.checkpoint_every == 0 or preempted:
                     save(done)
@@ -364,24 +393,29 @@ def train_and_evaluate(
                     status = "preempted"
                     break
             drain()
-            if done > start or latest is None:
+            if done > start:
                 save(done)
-            ckpts.wait()
+                if ckpts.unverified == done:
+                    check_final_state(done)
+            ckpts.finish()  # CheckpointSaveError if the last save did not commit
+            saved = done if done > start else None
+            stopped_by = None
             if status == "preempted":
+                stopped_by = "preemption" if several else stop.reason
                 logging.warning(
-                    "preempted: checkpoint at step %d saved in %s; exiting cleanly",
+                    "stopped by %s at step %d; %s",
+                    stopped_by,
                     done,
-                    ckpts.directory,
+                    f"checkpoint saved in {ckpts.directory}" if saved else "nothing new to save",
                 )
             return {
                 "status": status,
                 "step": done,
                 "last": dict(last_logged),
                 "checkpoint_dir": ckpts.directory,
+                "stopped_by": stopped_by,
+                "saved": saved,
             }
-    finally:
-        ckpts.close()
-        reporter.close()
 
 
 def peak_flops_per_device() -> float | None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 
+import numpy as np
 from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Dense bf16 peak FLOP/s per chip, matched against `jax.devices()[0].device_kind` (lowercased;
 # first match wins, so the more specific names come first). Vendor data sheets; the H100 and H200
@@ -46,33 +49,55 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _record_step(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut by a crash, or not a record
+        return None
+
+
 def _drop_records_after(path: epath.Path, step: int) -> None:
-    """A resumed run replays the steps after its checkpoint: drop their old records."""
+    """A run that starts at `step` replays the steps after it: drop their old records."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
+    kept = []
+    for line in lines:
+        record_step = _record_step(line)
+        if record_step is not None and record_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if kept != lines:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
 
 
-class Reporter:
-    """Writes scalars for one run; only the main process writes files."""
+def loggable(value: float) -> float:
+    """A finite value beyond float32's range (TensorBoard's) becomes +-inf, in both outputs."""
+    if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+        return math.copysign(math.inf, value)
+    return value
 
-    def __init__(
-        self, workdir: str, num_steps: int, *, is_main: bool = True, resume_step: int | None = None
-    ):
+
+class Reporter:
+    """Writes scalars for one run; only the main process writes files.
+
+    Records of steps after `start_step` (those the run is about to replay, or all of them for a
+    run from scratch) are removed from metrics.jsonl first, so no step is logged twice. Failing
+    to write (a full disk, a TensorBoard error) is one warning line; the run goes on.
+    """
+
+    def __init__(self, workdir: str, num_steps: int, *, is_main: bool = True, start_step: int = 0):
         self.num_steps = num_steps
         self.is_main = is_main
         self._writer = None
         self._jsonl = None
+        self._failed: set[str] = set()
         # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
         workdir = epath.Path(workdir)
-        if is_main and resume_step is not None:
-            _drop_records_after(workdir / METRICS_FILE, resume_step)
         if is_main:
+            _drop_records_after(workdir / METRICS_FILE, start_step)
             # Imported here: clu's TF summary writer pulls in TensorFlow.
             from clu import metric_writers
 
@@ -81,20 +106,31 @@ class Reporter:
             )
             self._jsonl = (workdir / METRICS_FILE).open("a")
 
+    def _safely(self, what: str, write: Callable[[], object]) -> None:
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - metrics must never stop training
+            if what not in self._failed:
+                self._failed.add(what)
+                logging.warning("could not write %s (%s); training goes on", what, e)
+
+    def _write_line(self, line: str) -> None:
+        self._jsonl.write(line)
+        self._jsonl.flush()
+
     def write(self, step: int, scalars: dict) -> None:
         """One record: TensorBoard scalars and one JSON line {"step": ..., **scalars}."""
-        scalars = {k: float(v) for k, v in scalars.items() if v is not None}
+        scalars = {k: loggable(float(v)) for k, v in scalars.items() if v is not None}
         if not self.is_main:
             return
-        self._writer.write_scalars(step, scalars)
+        self._safely("TensorBoard events", lambda: self._writer.write_scalars(step, scalars))
         record = {"step": step, "time": time.time(), **scalars}
         # JSON has no nan/inf literals; write them as strings so every line parses.
         record = {
             k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
             for k, v in record.items()
         }
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._safely(METRICS_FILE, lambda: self._write_line(json.dumps(record) + "\n"))
 
     def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
         parts = [f"step {step}/{self.num_steps}"]
@@ -115,7 +151,7 @@ class Reporter:
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
+            self._safely("TensorBoard events", self._writer.flush)
+            self._safely("TensorBoard events", self._writer.close)
         if self._jsonl is not None:
-            self._jsonl.close()
+            self._safely(METRICS_FILE, self._jsonl.close)
