@@ -28,14 +28,17 @@ def get_config():
 
     # ---- model (flash_jax.config.ModelConfig is built from this) ----
     config.model = m = ml_collections.ConfigDict()
-    m.name = "flash"  # flash | flash_quad | transformer | transformer_plus | transformer_pp
+    # flash | flash_quad | transformer | transformer_plus | transformer_pp | performer | combiner
+    m.name = "flash"
     m.num_layers = 4
     m.d_model = 256
     m.expansion_dim = 512  # e = 2d
     m.qk_dim = 128  # s
-    m.chunk_size = 128  # C (FLASH only); the paper uses 256
+    # C: FLASH's chunk (the paper uses 256), Combiner's span, Performer's prefix-sum chunk
+    m.chunk_size = 128
     m.num_heads = 4  # Transformer baselines only
     m.mlp_dim = 1024  # Transformer FFN hidden width (4d; SwiGLU uses 2/3 of it per branch)
+    m.random_features = 256  # Performer only: FAVOR+ random features per head (m ~ d log d)
     m.vocab_size = 4096  # must be >= the data vocabulary's size
     m.max_len = 512  # the training length: also FLASH-Quad's fixed score scale n
     m.causal = True  # False: bidirectional (masked LM)

@@ -11,7 +11,15 @@ from flash_jax.ops.attention import FLASH_IMPLS
 from flash_jax.ops.dot_product import IMPLS as ATTENTION_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
-MODEL_NAMES = ("flash", "flash_quad", "transformer", "transformer_plus", "transformer_pp")
+MODEL_NAMES = (
+    "flash",
+    "flash_quad",
+    "transformer",
+    "transformer_plus",
+    "transformer_pp",
+    "performer",
+    "combiner",
+)
 # How tables and plots name the models (the paper's names).
 DISPLAY_NAMES = {
     "flash": "FLASH",
@@ -19,7 +27,14 @@ DISPLAY_NAMES = {
     "transformer": "Transformer",
     "transformer_plus": "Transformer+",
     "transformer_pp": "Transformer++",
+    "performer": "Performer",
+    "combiner": "Combiner",
 }
+# Models built from Transformer blocks (multi-head attention + FFN). Performer and Combiner are
+# Transformer++ blocks (RoPE, SwiGLU) whose attention is FAVOR+ or Combiner's factorised softmax.
+TRANSFORMER_BLOCKS = ("transformer", "transformer_plus", "transformer_pp", "performer", "combiner")
+# Models whose decoding state does not grow with the context: they decode past model.max_len.
+CONSTANT_STATE = ("flash", "performer")
 NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
 REMAT = ("none", "full", "save_proj", "save_attn")
@@ -34,9 +49,10 @@ class ModelConfig:
     d_model: int = 256
     expansion_dim: int = 512
     qk_dim: int = 128
-    chunk_size: int = 128
+    chunk_size: int = 128  # FLASH's chunk, Combiner's span, Performer's prefix-sum chunk
     num_heads: int = 4
     mlp_dim: int = 1024
+    random_features: int = 256  # Performer: FAVOR+ random features per head (m)
     vocab_size: int = 4096
     max_len: int = 512
     causal: bool = True
@@ -61,6 +77,7 @@ class ModelConfig:
             "chunk_size",
             "num_heads",
             "mlp_dim",
+            "random_features",
             "vocab_size",
             "max_len",
         ):
@@ -94,7 +111,19 @@ class ModelConfig:
 
     @property
     def is_transformer(self) -> bool:
-        return self.name.startswith("transformer")
+        """Built from Transformer blocks (multi-head attention + FFN), Performer and Combiner
+        included."""
+        return self.name in TRANSFORMER_BLOCKS
+
+    @property
+    def uses_glu(self) -> bool:
+        """SwiGLU FFN: Transformer++ and the Transformer++ blocks of Performer and Combiner."""
+        return self.name in ("transformer_pp", "performer", "combiner")
+
+    @property
+    def constant_state(self) -> bool:
+        """Decodes with a state that does not grow with the context (past model.max_len)."""
+        return self.name in CONSTANT_STATE
 
     @property
     def uses_rope(self) -> bool:
@@ -119,6 +148,12 @@ class ModelConfig:
     @property
     def weight_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+
+def depth_factor(name: str) -> int:
+    """Layers per Transformer layer at equal size: 2 for the GAU models (two GAU layers, 3de
+    parameters each with e = 2d, match one Transformer layer's 12d^2), 1 for Transformer blocks."""
+    return 1 if name in TRANSFORMER_BLOCKS else 2
 
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:

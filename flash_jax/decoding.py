@@ -1,8 +1,10 @@
 """Incremental decoding and sampling for the causal models.
 
 Each layer keeps a decoding state (`LanguageModel.init_cache`): keys and values for the Transformer
-baselines and FLASH-Quad (it grows with the context), and for FLASH the constant-size state of the
-spec: running sums and counts over completed chunks plus the current chunk's keys and values.
+baselines and FLASH-Quad (it grows with the context), the current span and one summary per
+completed span for Combiner (grows C times slower), and constant-size states for FLASH (the
+spec's running sums and counts over completed chunks plus the current chunk's keys and values) and
+Performer (the running sums of phi(k) [v, 1]^T).
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ def generate(
         raise ValueError(f"top_k must be in [0, {model.cfg.vocab_size}], got {top_k}")
     B, P = prompt_BP.shape
     total = P + num_new_tokens
-    if model.cfg.name != "flash" and total > model.cfg.max_len:
+    if not model.cfg.constant_state and total > model.cfg.max_len:
         raise ValueError(
             f"prompt + new tokens = {total} exceeds model.max_len {model.cfg.max_len}"
-            " (only FLASH decodes past it, with its constant-size state)"
+            " (only FLASH and Performer decode past it, with their constant-size states)"
         )
     graphdef, state = nnx.split(model)
     return _generate(

@@ -22,6 +22,18 @@ def analytic_flops(model_config, context: int, tokens: int, num_params: int) -> 
       FLASH (causal):     2 * C' * (s + e)       in-chunk scores and a.v, C' = C * ceil(T/C) * C / T
                         + 4 * s * e              chunk sums k^T v and the query read-out q.S
       FLASH (bidirect.):  2 * C' * (2s + e) + 6 * s * e   (own chunk's linear block, both carries)
+      Performer (causal): 4 * M * d x 2/3            random features of q and k (M per head);
+                                                     W is not trained, so the backward only
+                                                     needs the input gradient (2x, not 3x)
+                        + 2 * C' * (H M + d + H)     in-chunk phi(q) phi(k)^T and its product
+                                                     with [v, 1] (H heads of width d / H)
+                        + 4 * M * (d + H)            chunk sums phi(k)^T [v, 1] and the read-out
+      Performer (bidir.): the same with 8 * M * (d + H) (sums and read-outs in both directions)
+      Combiner:           4 * d * (C' + n * (G + 1))  direct logits and weights over the own
+                                                     span, logits and weights over G = ceil(T/C)
+                                                     span summaries, and the summaries' own
+                                                     softmax over their span; n = 1 (causal) or
+                                                     2 (bidirectional: head and tail summaries)
     The full T x T products are counted although the causal half is masked: the XLA
     implementations compute them.
     position bias (GAU models whose relative bias has the RoPE form, i.e. spans over 512 tokens):
@@ -34,17 +46,23 @@ def analytic_flops(model_config, context: int, tokens: int, num_params: int) -> 
     if cfg.name == "transformer":
         embedding += cfg.max_len * d  # learned absolute positions: a lookup
     n_matmul = num_params - embedding
-    if cfg.is_transformer:
+    C = cfg.chunk_size
+    padded_over_t = math.ceil(T / C) * C / T  # padding of the last chunk is computed too
+    if cfg.name == "performer":
+        H, M = cfg.num_heads, cfg.random_features
+        attention_fwd = 4 * M * d * 2 / 3 + 2 * C * padded_over_t * (H * M + d + H)
+        attention_fwd += (4 if cfg.causal else 8) * M * (d + H)
+    elif cfg.name == "combiner":
+        sides = 1 if cfg.causal else 2
+        attention_fwd = 4 * d * (C * padded_over_t + sides * (math.ceil(T / C) + 1))
+    elif cfg.is_transformer:
         attention_fwd = 4 * T * d
     elif cfg.name == "flash_quad":
         attention_fwd = 2 * T * (s + e)
+    elif cfg.causal:  # FLASH
+        attention_fwd = 2 * C * padded_over_t * (s + e) + 4 * s * e
     else:
-        C = cfg.chunk_size
-        padded_over_t = math.ceil(T / C) * C / T  # padding of the last chunk is computed too
-        if cfg.causal:
-            attention_fwd = 2 * C * padded_over_t * (s + e) + 4 * s * e
-        else:
-            attention_fwd = 2 * C * padded_over_t * (2 * s + e) + 6 * s * e
+        attention_fwd = 2 * C * padded_over_t * (2 * s + e) + 6 * s * e
     position_bias = 0
     if not cfg.is_transformer and cfg.rel_pos_kind == "rope":
         span = T if cfg.name == "flash_quad" else cfg.chunk_size

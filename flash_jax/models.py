@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flash_jax.config import ModelConfig
+from flash_jax.config import ModelConfig, depth_factor
 from flash_jax.layers import (
     Dense,
     Embed,
@@ -29,6 +29,8 @@ LAYER_TYPES = {
     "transformer": TransformerBlock,
     "transformer_plus": TransformerBlock,
     "transformer_pp": TransformerBlock,
+    "performer": TransformerBlock,  # Transformer++ blocks with FAVOR+ attention
+    "combiner": TransformerBlock,  # Transformer++ blocks with Combiner-Fixed attention
 }
 
 
@@ -126,10 +128,10 @@ class LanguageModel(nnx.Module):
 
     def init_cache(self, batch_size: int, length: int | None = None) -> dict:
         """Decoding state of every layer, stacked on a leading layer axis. `length` bounds the
-        context for the models whose state grows with it (default model.max_len); FLASH's state
-        has a constant size."""
+        context for the models whose state grows with it (default model.max_len); FLASH's and
+        Performer's states have a constant size."""
         length = self.cfg.max_len if length is None else length
-        if self.cfg.name != "flash" and length > self.cfg.max_len:
+        if not self.cfg.constant_state and length > self.cfg.max_len:
             raise ValueError(f"cache length {length} exceeds model.max_len {self.cfg.max_len}")
         one_layer = LAYER_TYPES[self.cfg.name].init_cache(self.cfg, batch_size, length)
         return jax.tree.map(
@@ -199,8 +201,9 @@ def count_params(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-# Size presets mirroring the paper's scales. The Transformer baselines use the listed depth; FLASH
-# and FLASH-Quad use twice as many layers at the same width, since two GAU layers (3de parameters
+# Size presets mirroring the paper's scales. The Transformer baselines (Performer and Combiner
+# included: Transformer++ blocks with the same parameters) use the listed depth; FLASH and
+# FLASH-Quad use twice as many layers at the same width, since two GAU layers (3de parameters
 # each with e = 2d) match one Transformer layer (12d^2). `base` is the paper's ~110M-parameter
 # setting (BERT-Base shape, fairly sure); `large` is a documented guess for its bigger PG-19 scale.
 SIZES = {
@@ -219,10 +222,9 @@ def preset(name: str, size: str) -> dict:
     if name not in LAYER_TYPES:
         raise ValueError(f"unknown model name {name!r}; choose one of {sorted(LAYER_TYPES)}")
     layers, d_model, heads = SIZES[size]
-    gau = not name.startswith("transformer")
     return dict(
         name=name,
-        num_layers=2 * layers if gau else layers,
+        num_layers=depth_factor(name) * layers,
         d_model=d_model,
         expansion_dim=2 * d_model,
         qk_dim=min(128, d_model),

@@ -40,19 +40,27 @@ def test_top_k_keeps_only_the_k_largest():
     assert set(np.unique(draws)) == {1, 2}
 
 
-def test_flash_state_does_not_grow_with_the_context():
-    flash, quad = tiny_model("flash"), tiny_model("flash_quad")
-    assert decoding.cache_bytes(flash.init_cache(1, 16)) == decoding.cache_bytes(
-        flash.init_cache(1, 4096)
+@pytest.mark.parametrize("name", ["flash", "performer"])
+def test_constant_states_do_not_grow_with_the_context(name):
+    model, quad = tiny_model(name), tiny_model("flash_quad")
+    assert decoding.cache_bytes(model.init_cache(1, 16)) == decoding.cache_bytes(
+        model.init_cache(1, 4096)
     )
     assert decoding.cache_bytes(quad.init_cache(1, 64)) == 4 * decoding.cache_bytes(
         quad.init_cache(1, 16)
     )
-    # FLASH decodes past max_len (64 here); the others refuse with a message.
-    tokens, _ = decoding.generate(flash, jnp.ones((1, 4), jnp.int32), 70, key=jax.random.key(0))
+    # FLASH and Performer decode past max_len (64 here); the others refuse with a message.
+    tokens, _ = decoding.generate(model, jnp.ones((1, 4), jnp.int32), 70, key=jax.random.key(0))
     assert tokens.shape == (1, 74)
     with pytest.raises(ValueError, match="model.max_len"):
         decoding.generate(quad, jnp.ones((1, 4), jnp.int32), 70, key=jax.random.key(0))
+
+
+def test_combiner_state_grows_one_summary_per_span():
+    combiner = tiny_model("combiner")  # spans of 8: one summary per 8 tokens of context
+    small, large = (decoding.cache_bytes(combiner.init_cache(1, n)) for n in (16, 64))
+    per_span = decoding.cache_bytes(combiner.init_cache(1, 24)) - small
+    assert per_span > 0 and large - small == 6 * per_span
 
 
 def test_decoding_rejects_bidirectional_models_and_bad_prompts():

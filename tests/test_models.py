@@ -135,12 +135,20 @@ def test_packed_documents_are_isolated(name, causal):
 
 @pytest.mark.parametrize(
     "name, first_length",
-    [("flash_quad", 11), ("transformer_plus", 11), ("transformer", 11), ("flash", 16)],
+    [
+        ("flash_quad", 11),
+        ("transformer_plus", 11),
+        ("transformer", 11),
+        ("performer", 11),
+        ("flash", 16),
+        ("combiner", 16),
+    ],
 )
 def test_packed_row_equals_separate_documents(name, first_length):
     """A document packed after another gives the logits it has alone (positions restart, the
-    scale n is fixed, isolation is exact). FLASH chunks by row position, so a document has the
-    same chunks only when it starts on a chunk boundary (16 = 2 chunks of 8)."""
+    scale n is fixed, isolation is exact). FLASH and Combiner chunk by row position, so a document
+    has the same chunks (spans) only when it starts on a chunk boundary (16 = 2 chunks of 8);
+    Performer's chunks are a cost choice only."""
     model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
     doc_a, doc_b = random_tokens(0, (1, first_length)), random_tokens(1, (1, 13))
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
@@ -198,7 +206,7 @@ def test_remat_gives_the_same_loss_and_gradients(name):
             np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["flash", "flash_quad", "transformer"])
+@pytest.mark.parametrize("name", ["flash", "flash_quad", "transformer", "performer"])
 def test_jit_and_eager_agree(name):
     model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
     seg = packed_segments()
@@ -279,7 +287,7 @@ def test_rope_and_document_positions():
 # Sharding on 8 simulated devices.
 
 
-@pytest.mark.parametrize("name", ["flash", "transformer_pp"])
+@pytest.mark.parametrize("name", ["flash", "transformer_pp", "performer", "combiner"])
 def test_sharded_forward_matches_single_device(name):
     assert jax.device_count() == 8
     mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
@@ -383,9 +391,12 @@ def test_presets_pair_flash_with_a_transformer_of_about_the_same_size():
         abstract = nnx.eval_shape(lambda: models.create(cfg, rngs=nnx.Rngs(0)))
         return models.count_params(abstract)
 
-    flash, tpp = count("flash", "base"), count("transformer_pp", "base")
     assert models.preset("flash", "base")["num_layers"] == 24
-    assert abs(flash - tpp) / tpp < 0.1, (flash, tpp)
-    assert 100e6 < tpp < 160e6, tpp
+    assert 100e6 < count("transformer_pp", "base") < 160e6
+    # Every model within 10% of Transformer++ at every size (the paper's equal-size comparison).
+    for size in models.SIZES:
+        tpp = count("transformer_pp", size)
+        for name in models.LAYER_TYPES:
+            assert abs(count(name, size) - tpp) / tpp < 0.1, (name, size, count(name, size), tpp)
     with pytest.raises(ValueError, match="model size"):
         models.preset("flash", "huge")

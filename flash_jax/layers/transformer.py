@@ -2,6 +2,8 @@
 
 Transformer: absolute positions (added in the model wrapper) and a GELU FFN.
 Transformer+: RoPE.  Transformer++: RoPE and a SwiGLU FFN (two-thirds width, same parameters).
+Performer and Combiner: Transformer++ blocks whose attention is FAVOR+ (`PerformerAttention`) or
+Combiner-Fixed (`CombinerAttention`); same parameters as Transformer++.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from flash_jax import ops, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers.basic import Dense, make_norm
 from flash_jax.layers.positions import apply_rope
-from flash_jax.sharding import constrain
+from flash_jax.sharding import LOGICAL_AXES, constrain
 
 
 class MultiHeadAttention(nnx.Module):
+    """Softmax attention over the document (flash_jax.ops.dot_product); decodes with a key/value
+    cache. Subclasses change `attend` and the decoding state, nothing else."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         H, dh, d = cfg.num_heads, cfg.d_model // cfg.num_heads, cfg.d_model
@@ -39,6 +44,11 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(self, x_BTD, segment_ids_BT, positions_BT):
         q, k, v = self.project(x_BTD, positions_BT)
+        attended = checkpoint_name(self.attend(q, k, v, segment_ids_BT), "attn")  # save_attn keeps
+        return checkpoint_name(self.out(attended), "proj_out")
+
+    def attend(self, q, k, v, segment_ids_BT):
+        """[B, T, H, dh] queries, keys, values -> [B, T, H, dh]."""
         cfg = self.cfg
         impl = cfg.attention_impl
         if impl == "auto":
@@ -55,13 +65,22 @@ class MultiHeadAttention(nnx.Module):
             attend = sharding.per_shard(
                 attend, (heads, heads, heads, segments), heads, cfg.sharding_rules
             )
-        attended = checkpoint_name(attend(q, k, v, segment_ids_BT), "attn")  # kept by save_attn
-        return checkpoint_name(self.out(attended), "proj_out")
+        return attend(q, k, v, segment_ids_BT)
 
     def decode(self, x_B1D, t, cache):
-        """One token at position t with a key/value cache of every earlier token."""
+        """One token at position t (a scalar) of a single document; returns (output, cache)."""
         B = x_B1D.shape[0]
         q, k, v = self.project(x_B1D, jnp.full((B, 1), t, jnp.int32))
+        attended, cache = self.decode_attend(q, k, v, t, cache)
+        return self.out(attended.astype(v.dtype)), cache
+
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+        """Keys and values of every earlier token: grows with the context."""
+        shape = (batch_size, length, cfg.num_heads, cfg.d_model // cfg.num_heads)
+        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+    def decode_attend(self, q, k, v, t, cache):
         keys = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), t, 1)
         values = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), t, 1)
         mask = (jnp.arange(keys.shape[1]) <= t)[None, None, None, :]
@@ -71,7 +90,98 @@ class MultiHeadAttention(nnx.Module):
             values.astype(q.dtype),
             mask=mask,  # one query row: JAX picks the backend's kernel (None)
         )
-        return self.out(attended), {"k": keys, "v": values}
+        return attended, {"k": keys, "v": values}
+
+
+class RandomFeatures(nnx.Variable):
+    """Non-trained model state: drawn once at init from the seed, never updated by training."""
+
+
+class PerformerAttention(MultiHeadAttention):
+    """FAVOR+ attention (flash_jax.ops.performer) with `model.random_features` features per head.
+
+    Redraw policy: none. The features W `[M, dh]` are drawn once per layer (one W shared by the
+    layer's heads, as in the Performer's own code; layers draw independently) from the init seed
+    and kept as non-trained state, so training, evaluation and decoding all use the same kernel:
+    decoding equals the forward pass, and a trained model is one deterministic function. The
+    train step and evaluation rebuild them from `config.seed` with the rest of the non-trained
+    state (flash_jax.train.step), so checkpoints need not store them. Periodic redrawing (an
+    option in the Performer paper) would make the trained weights depend on a schedule of
+    kernels and the evaluated model differ from every trained one.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        width = cfg.d_model // cfg.num_heads
+        features = ops.performer.orthogonal_random_features(
+            rngs.params(), cfg.random_features, width
+        )
+        self.features = RandomFeatures(features, **{LOGICAL_AXES: (None, "kv")})
+
+    def attend(self, q, k, v, segment_ids_BT):
+        return ops.favor_attention(
+            q,
+            k,
+            v,
+            self.features.value,
+            causal=self.cfg.causal,
+            chunk_size=self.cfg.chunk_size,
+            segment_ids=segment_ids_BT,
+        )
+
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:
+        """sum phi(k) [v, 1]^T over earlier tokens: a constant size, whatever the context."""
+        del length
+        shape = (batch_size, cfg.num_heads, cfg.random_features, cfg.d_model // cfg.num_heads + 1)
+        return {"state": jnp.zeros(shape, jnp.float32)}
+
+    def decode_attend(self, q, k, v, t, cache):
+        del t
+        W = self.features.value
+        phi_q = ops.performer.favor_features(q[:, 0], W, query=True)
+        phi_k = ops.performer.favor_features(k[:, 0], W, query=False)
+        out, state = ops.performer.decode_step(phi_q, phi_k, v[:, 0], cache["state"])
+        return out[:, None], {"state": state}
+
+
+class CombinerAttention(MultiHeadAttention):
+    """Combiner-Fixed attention (flash_jax.ops.combiner) over spans of `model.chunk_size` tokens;
+    no parameters beyond the projections (max-pooled span summaries)."""
+
+    def attend(self, q, k, v, segment_ids_BT):
+        return ops.combiner_attention(
+            q,
+            k,
+            v,
+            causal=self.cfg.causal,
+            span_size=self.cfg.chunk_size,
+            segment_ids=segment_ids_BT,
+        )
+
+    @staticmethod
+    def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+        return ops.combiner.init_state(
+            batch_size,
+            cfg.num_heads,
+            cfg.d_model // cfg.num_heads,
+            cfg.chunk_size,
+            length,
+            cfg.compute_dtype,
+        )
+
+    def decode_attend(self, q, k, v, t, cache):
+        out, state = ops.combiner.decode_step(
+            q[:, 0], k[:, 0], v[:, 0], t, cache, self.cfg.chunk_size
+        )
+        return out[:, None], state
+
+
+ATTENTION_TYPES = {"performer": PerformerAttention, "combiner": CombinerAttention}
+
+
+def attention_type(cfg: ModelConfig) -> type[MultiHeadAttention]:
+    return ATTENTION_TYPES.get(cfg.name, MultiHeadAttention)
 
 
 class FeedForward(nnx.Module):
@@ -79,7 +189,7 @@ class FeedForward(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.glu = cfg.name == "transformer_pp"
+        self.glu = cfg.uses_glu
         d = cfg.d_model
         # SwiGLU has three matrices: two-thirds of the hidden width keeps the parameter count.
         hidden = cfg.mlp_dim * 2 // 3 if self.glu else cfg.mlp_dim
@@ -102,7 +212,7 @@ class TransformerBlock(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.attention_norm = make_norm(cfg, rngs=rngs)
-        self.attention = MultiHeadAttention(cfg, rngs=rngs)
+        self.attention = attention_type(cfg)(cfg, rngs=rngs)
         self.mlp_norm = make_norm(cfg, rngs=rngs)
         self.mlp = FeedForward(cfg, rngs=rngs)
 
@@ -113,8 +223,7 @@ class TransformerBlock(nnx.Module):
 
     @staticmethod
     def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
-        shape = (batch_size, length, cfg.num_heads, cfg.d_model // cfg.num_heads)
-        return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+        return attention_type(cfg).init_cache(cfg, batch_size, length)
 
     def decode(self, x_B1D, t, cache):
         attended, cache = self.attention.decode(self.attention_norm(x_B1D), t, cache)
