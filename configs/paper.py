@@ -20,7 +20,7 @@ from configs import base
 from flash_jax import models
 
 CONTEXTS = (512, 1024, 2048, 4096, 8192)  # the paper's context lengths
-MODELS = ("flash", "flash_quad", "transformer_plus", "transformer_pp")
+MODELS = ("flash", "flash_quad", "transformer_plus", "transformer_pp", "performer", "combiner")
 DATASETS = ("pg19", "wiki40b", "c4")
 SMOKE = "smoke"
 # Tokens per batch, held fixed across context lengths (paper); the value 2^18 is a documented guess.
@@ -74,8 +74,14 @@ def paper_config(model: str, dataset: str, arg=None):
     m.name = model
     # Two GAU layers ~ one Transformer layer (3de with e = 2d vs 12d^2); e = 2d, s = 128: paper.
     m.update(models.preset(model, scale))
-    if model in ("flash", "flash_quad"):
-        m.chunk_size = 256  # C = 256: paper default
+    if model in ("flash", "flash_quad", "performer"):
+        m.chunk_size = 256  # C = 256: paper default (Performer: a cost choice, see ops.performer)
+    if model == "combiner":
+        # Spans of 128: the Combiner authors' Wiki-40B LM config (google-research combiner,
+        # `max_seg_len = 128`); the FLASH paper does not say which it used (guess).
+        m.chunk_size = 128
+    # Performer: m = 256 FAVOR+ features per head (base.py), ~ d log d at head width 64 (guess:
+    # the FLASH paper does not give it).
     m.vocab_size = T5_VOCAB_SIZE
     m.max_len = context  # also FLASH-Quad's fixed score scale n = the training length
     m.causal = dataset != "c4"  # C4 is the paper's masked-LM task (bidirectional)

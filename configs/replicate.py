@@ -1,15 +1,22 @@
-"""The replication run (scripts/replicate.py): FLASH, FLASH-Quad and Transformer++ of about the
-same parameter count, trained under one budget (same steps, same tokens per step) on the shipped
-corpus (the default data config of configs/base.py), evaluated on the validation split.
+"""The replication runs (scripts/replicate.py): models of about the same parameter count, trained
+under one budget (same steps, same tokens per step) on the shipped corpus (the default data
+config of configs/base.py), evaluated on the validation split.
 
     python train.py --config=configs/replicate.py:flash --workdir=runs/replicate/flash
+    python train.py --config=configs/replicate.py:performer,long --workdir=...
     python train.py --config=configs/replicate.py:transformer_pp,accelerator --workdir=...
 
 The argument is `<model>[,<setting>]`: model one of MODELS, setting one of SETTINGS (default "cpu").
+Each setting lists the models scripts/replicate.py trains by default.
 
 - "cpu": ~1.9M-parameter models (width 128, vocabulary 4k; 4 Transformer++ layers, 8 GAU layers),
   256-token context, 8 x 256 = 2,048 tokens per step, 300 steps each (0.6-1.0 s per step on
   2 shared CPU cores, measured): the three runs took 15 minutes there.
+- "long": the paper's long-context claim on a CPU: FLASH, FLASH-Quad, Transformer++, Performer
+  and Combiner at the "cpu" setting's width and depth, at 2,048-token contexts (C = 256: 8 chunks
+  per sequence; Combiner spans of 128 as in paper.py), 1 x 2,048 tokens per step, 250 steps
+  each, evaluated every 25 steps on 8 validation windows of 2,048 tokens. Sized to finish in
+  under an hour on 2 shared CPU cores (measured time in docs/results/replicate_long_cpu.md).
 - "accelerator": the `small` preset of flash_jax.models (width 512, 6 Transformer++ / 12 GAU
   layers, ~25M parameters with the 4k vocabulary), 1,024-token context, 32 x 1,024 tokens per step,
   bf16 compute, 10k steps. A documented setting for one GPU / TPU host, not run here.
@@ -20,8 +27,9 @@ and shared/docs/flash-spec.md: two GAU layers ~ one Transformer layer in paramet
 
 from configs import base
 from flash_jax import models
+from flash_jax.config import depth_factor
 
-MODELS = ("flash", "flash_quad", "transformer_pp")
+MODELS = ("flash", "flash_quad", "transformer_pp", "performer", "combiner")
 SETTINGS = {
     # setting: model size preset knobs and the training budget
     "cpu": dict(
@@ -38,6 +46,23 @@ SETTINGS = {
         eval_every=20,
         eval_batches=6,
         dtype="float32",  # CPU: no bf16 speed-up
+        models=("flash", "flash_quad", "transformer_pp"),
+    ),
+    "long": dict(
+        transformer_layers=4,
+        d_model=128,
+        num_heads=2,
+        qk_dim=64,
+        chunk_size=256,  # C = 256: paper default (Combiner: spans of 128, see get_config)
+        seq_len=2048,
+        batch_size=1,
+        num_steps=250,
+        warmup_steps=25,
+        learning_rate=3e-3,
+        eval_every=25,
+        eval_batches=8,
+        dtype="float32",
+        models=("flash", "flash_quad", "transformer_pp", "performer", "combiner"),
     ),
     "accelerator": dict(
         transformer_layers=models.SIZES["small"][0],
@@ -53,6 +78,7 @@ SETTINGS = {
         eval_every=500,
         eval_batches=32,
         dtype="bfloat16",
+        models=MODELS,
     ),
 }
 
@@ -77,12 +103,13 @@ def get_config(arg=None):
 
     m = config.model
     m.name = model
-    gau = not model.startswith("transformer")
-    m.num_layers = 2 * s["transformer_layers"] if gau else s["transformer_layers"]
+    m.num_layers = depth_factor(model) * s["transformer_layers"]
     m.d_model = s["d_model"]
     m.expansion_dim = 2 * s["d_model"]  # e = 2d
     m.qk_dim = s["qk_dim"]
-    m.chunk_size = s["chunk_size"]
+    # Combiner's spans: 128 at contexts of 2,048 and more (the Combiner authors' LM config, as in
+    # configs/paper.py), at most the setting's chunk.
+    m.chunk_size = min(128, s["chunk_size"]) if model == "combiner" else s["chunk_size"]
     m.num_heads = s["num_heads"]
     m.mlp_dim = 4 * s["d_model"]  # SwiGLU uses 2/3 of it per branch: same parameters
     m.vocab_size = 4096  # the shipped 4k SentencePiece vocabulary

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pytest does not put the repository root on sys.path; the config files import `configs.*`.
 sys.path.insert(0, REPO)
 
-from configs import base, paper  # noqa: E402
+from configs import base, paper, replicate  # noqa: E402
 from flash_jax import data, models  # noqa: E402
 from flash_jax.config import ModelConfig  # noqa: E402
 from flash_jax.data import sources  # noqa: E402
@@ -209,3 +209,20 @@ def test_prepared_tfds_data_and_local_data_are_reachable(tmp_path):
     builder.info.write_to_directory(builder.data_dir)
     data.check_reachable(config.data)
     data.check_reachable(base.get_config().data)  # the shipped corpus and vocabulary
+
+
+@pytest.mark.parametrize("setting", sorted(replicate.SETTINGS))
+def test_replicate_settings_compare_models_of_equal_size(setting):
+    from flax import nnx
+
+    counts = {}
+    for model in replicate.SETTINGS[setting]["models"]:
+        config = replicate.get_config(f"{model},{setting}")
+        loop.validate_config(config, reference=base.get_config())
+        abstract = nnx.eval_shape(lambda c=config: models.create(c.model, rngs=nnx.Rngs(0)))
+        counts[model] = models.count_params(abstract)
+        assert config.data.seq_len * config.data.batch_size == (
+            replicate.SETTINGS[setting]["seq_len"] * replicate.SETTINGS[setting]["batch_size"]
+        )
+    for model, count in counts.items():
+        assert abs(count - counts["transformer_pp"]) / counts["transformer_pp"] < 0.1, model
