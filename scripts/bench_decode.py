@@ -31,7 +31,7 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from flash_jax import decoding, models  # noqa: E402
-from flash_jax.config import DISPLAY_NAMES, ModelConfig  # noqa: E402
+from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig, depth_factor  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
 _LENGTHS = flags.DEFINE_list(
@@ -51,7 +51,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "runs/bench_decode", "Where the JSON a
 
 def model_config(name: str, length: int, max_length: int) -> ModelConfig:
     values = models.preset(name, _SIZE.value)
-    layers = values["num_layers"] // (1 if name.startswith("transformer") else 2)
+    layers = values["num_layers"] // depth_factor(name)
     if _NUM_LAYERS.value is not None:
         layers = _NUM_LAYERS.value
     if _D_MODEL.value is not None:
@@ -63,13 +63,14 @@ def model_config(name: str, length: int, max_length: int) -> ModelConfig:
             mlp_dim=4 * d,
             num_heads=max(1, d // 64),
         )
-    values["num_layers"] = layers * (1 if name.startswith("transformer") else 2)
+    values["num_layers"] = layers * depth_factor(name)
     return ModelConfig(
         **values,
         chunk_size=_CHUNK.value,
         vocab_size=_VOCAB.value,
-        # FLASH's state does not depend on the context: one config (one compile) for every L.
-        max_len=max_length if name == "flash" else length,
+        # FLASH's and Performer's states do not depend on the context: one config (one
+        # compile) for every L.
+        max_len=max_length if name in CONSTANT_STATE else length,
         dtype=_DTYPE.value,
         param_dtype="float32",
     )

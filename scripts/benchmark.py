@@ -1,5 +1,5 @@
-"""Training-step speed of FLASH, FLASH-Quad, Transformer++ and Transformer+ against context length
-at a fixed number of tokens per step (GitHub issue #6).
+"""Training-step speed of the paper's six models (FLASH, FLASH-Quad, Transformer, Transformer++,
+Performer, Combiner) against context length at a fixed number of tokens per step (issues #6, #12).
 
 For each model and context length T: the project's own jitted train step (flash_jax.train.step:
 forward, backward and optimizer update, remat as configured) on synthetic batches of uniformly
@@ -45,9 +45,12 @@ if _REPO not in sys.path:  # `python scripts/benchmark.py` from anywhere
     sys.path.insert(0, _REPO)
 
 from flash_jax import flops  # noqa: E402 - pure arithmetic: starts no backend
-from flash_jax.config import DISPLAY_NAMES  # noqa: E402
+from flash_jax.config import DISPLAY_NAMES, depth_factor  # noqa: E402
 
-MODELS = ("flash", "flash_quad", "transformer_pp", "transformer_plus")
+MODELS = ("flash", "flash_quad", "transformer", "transformer_pp", "performer", "combiner")
+# Models whose cost per token does not grow (or grows slowly) with the context: never skipped by
+# --max_quadratic_context, and checked for a flat step time.
+SUBQUADRATIC = ("flash", "performer", "combiner")
 LABELS = DISPLAY_NAMES
 ROW_KEYS = (
     "model",
@@ -214,7 +217,7 @@ def bench_config(args, model: str, context: int):
     if args.qk_dim:
         m.qk_dim = args.qk_dim
     if getattr(args, "transformer_layers", 0):  # FLASH-family models: twice the layers
-        m.num_layers = args.transformer_layers * (1 if model.startswith("transformer") else 2)
+        m.num_layers = args.transformer_layers * depth_factor(model)
     m.vocab_size = args.vocab_size
     m.dtype = args.dtype
     m.param_dtype = args.param_dtype
@@ -418,7 +421,10 @@ def run_all(args, on_row=None) -> tuple[list[dict], dict]:
     for model in args.models:
         for context in args.contexts:
             print(f"{label(model)} at context {context} ...", flush=True)
-            if split_variant(model)[0] != "flash" and 0 < args.max_quadratic_context < context:
+            if (
+                split_variant(model)[0] not in SUBQUADRATIC
+                and 0 < args.max_quadratic_context < context
+            ):
                 why = f"skipped: above --max_quadratic_context={args.max_quadratic_context}"
                 row = error_row(model, context, args.tokens_per_step, why)
             elif args.isolate:
@@ -477,6 +483,13 @@ def flatness(rows: list[dict], model: str = "flash", low: int = 512, high: int =
     }
 
 
+def all_flatness(rows: list[dict]) -> dict:
+    """`flatness` of every sub-quadratic model (and attention variant, e.g. 'flash@xla') that
+    was measured, in the order measured."""
+    measured = dict.fromkeys(r["model"] for r in rows)
+    return {m: flatness(rows, m) for m in measured if split_variant(m)[0] in SUBQUADRATIC}
+
+
 def _fmt(value, fmt: str, missing: str = "n/a") -> str:
     return missing if value is None else fmt.format(value)
 
@@ -519,14 +532,15 @@ def markdown(report: dict) -> str:
             f"{_fmt(r['tflops_compiled'], '{:.4f}')} | {_fmt(r['mfu'], '{:.1%}')} | "
             f"{_gib(r['peak_memory_bytes'])} | {_gib(r['compiled_memory_bytes'])} |"
         )
-    flat = report["flash_flatness"]
-    if flat["ratios"]:
+    for flat in report.get("flatness", {"flash": report["flash_flatness"]}).values():
+        if not flat["ratios"]:
+            continue
         ratios = ", ".join(f"{T}: {ratio:.2f}" for T, ratio in flat["ratios"].items())
         verdict = "yes" if flat["within_20_percent"] else "no"
         lines += [
             "",
-            f"FLASH step time relative to context 512 ({ratios}); within 20% from 512 to 8192: "
-            f"**{verdict}**.",
+            f"{label(flat['model'])} step time relative to context 512 "
+            f"({ratios}); within 20% from 512 to 8192: **{verdict}**.",
         ]
     lines += [
         "",
@@ -610,6 +624,7 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
         row["tflops_analytic"] = total / median / 1e12
         row["mfu"] = None if peak is None else total / median / (peak * machine["num_devices"])
     report["flash_flatness"] = flatness(report["rows"], first_flash(report["rows"]))
+    report["flatness"] = all_flatness(report["rows"])
     write_outputs(report, out_dir, name)
     return report
 
@@ -733,6 +748,7 @@ def main(argv=None) -> dict | None:
         "data": "synthetic: uniformly random tokens, one document per row",
         "rows": rows,
         "flash_flatness": flatness(rows, first_flash(rows)),
+        "flatness": all_flatness(rows),
     }
     stem = write_outputs(report, args.out_dir, args.name)
     print(markdown(report))

@@ -1,13 +1,16 @@
-"""Replication of the paper's speed / quality comparison at a small scale (GitHub issue #6).
+"""Replication of the paper's speed / quality comparison at a small scale (GitHub issues #6, #12).
 
-Trains FLASH, FLASH-Quad and Transformer++ of about the same parameter count (configs/replicate.py:
-FLASH-family models have twice the Transformer's layers) under one budget (same steps and tokens
+Trains the setting's models (configs/replicate.py: FLASH, FLASH-Quad and Transformer++ for "cpu";
+also Performer and Combiner at 2,048-token contexts for "long") of about the same parameter count
+(FLASH-family models have twice the Transformer's layers) under one budget (same steps and tokens
 per step) on the shipped corpus, with the project's own training loop (`train_and_evaluate`, one
 workdir per model, periodic eval on the validation split). Then reports validation perplexity
 against steps and against training wall time (markdown table, JSON, PNG plot) and the paper's
 Table 3 measure: the speed-up at equal perplexity.
 
     python scripts/replicate.py                          # CPU setting: ~15 min on 2 shared cores
+    python scripts/replicate.py --setting=long --workdir=runs/replicate_long \
+        --name=replicate_long_cpu                        # long contexts, CPU: under an hour
     python scripts/replicate.py --setting=accelerator --workdir=runs/replicate_acc \
         --name=replicate_accelerator                     # one GPU / TPU host (see the config)
 
@@ -290,7 +293,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", default="cpu", choices=sorted(replicate.SETTINGS))
     parser.add_argument(
-        "--models", default=",".join(replicate.MODELS), help="comma-separated model names"
+        "--models", default=None, help="comma-separated model names (default: the setting's)"
     )
     parser.add_argument("--baseline", default=BASELINE)
     parser.add_argument("--workdir", default="runs/replicate", help="one sub-folder per model")
@@ -301,6 +304,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batches", type=int, default=None)
     parser.add_argument("--log_every", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = ",".join(replicate.SETTINGS[args.setting]["models"])
     args.models = [m for m in args.models.split(",") if m]
     bad = [m for m in args.models if m not in replicate.MODELS]
     if bad or not args.models:

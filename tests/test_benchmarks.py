@@ -127,6 +127,28 @@ def test_analytic_flops_formulas_by_hand():
     assert got["total"] == got["dense"] + got["attention"] + got["position_bias"]
 
 
+def test_analytic_flops_of_performer_and_combiner_by_hand():
+    tokens, params = 64, 1000
+    # Performer, d = 8 in 2 heads of 4, M = 16 features, C = 4: features 4 M d (forward and input
+    # gradient only: 2x), in-chunk 2 C (H M + d + H), sums and read-out 4 M (d + H) (both
+    # directions: 8 M (d + H)), these three times (forward and backward).
+    features = 2 * 2 * (4 * 16 * 8) * tokens
+    got = flops.analytic_flops(_cfg("performer", random_features=16), 16, tokens, params)
+    want = features + 3 * 2 * (2 * 4 * (32 + 8 + 2) + 4 * 16 * 10) * tokens
+    assert got["attention"] == pytest.approx(want, rel=1e-12)
+    got = flops.analytic_flops(
+        _cfg("performer", random_features=16, causal=False), 16, tokens, params
+    )
+    want = features + 3 * 2 * (2 * 4 * (32 + 8 + 2) + 8 * 16 * 10) * tokens
+    assert got["attention"] == pytest.approx(want, rel=1e-12)
+    # Combiner, spans of 4 over 16 tokens: 4 d (C + G + 1); bidirectional 4 d (C + 2 (G + 1)).
+    got = flops.analytic_flops(_cfg("combiner"), 16, tokens, params)
+    assert got["attention"] == 3 * 2 * 4 * 8 * (4 + 4 + 1) * tokens
+    got = flops.analytic_flops(_cfg("combiner", causal=False), 16, tokens, params)
+    assert got["attention"] == 3 * 2 * 4 * 8 * (4 + 2 * 5) * tokens
+    assert got["dense"] == 6 * (params - 10 * 8) * tokens and got["position_bias"] == 0
+
+
 def test_flatness_verdict():
     rows = [
         dict(model="flash", context=T, step_time_median_s=t, error=None)
