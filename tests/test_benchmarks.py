@@ -305,7 +305,8 @@ def test_bench_decode_end_to_end(tmp_path):
             f"--out_dir={tmp_path}",
         ],
         cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"),
+        # PYTHONPATH: this checkout's flash_jax, whatever copy of the package is installed.
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO),
         capture_output=True,
         text=True,
         timeout=300,
