@@ -194,7 +194,9 @@ def assert_no_T_by_T_array(attend, seed):
 
 
 def test_cost_is_linear():
-    W = projection(10, num_features=16)  # M < T: an [.., T, .., M] array is not [T, T]-sized
+    # H * 2M < T: the queries and keys of every head masked per direction of the passed states,
+    # `[.., T, .., H, 2M]`, are per-token arrays, not [T, T]-sized ones.
+    W = projection(10, num_features=8)
 
     def attend(q, k, v, causal, seg):
         return ops.favor_attention(q, k, v, W, causal=causal, chunk_size=8, segment_ids=seg)

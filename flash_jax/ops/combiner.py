@@ -30,8 +30,10 @@ Packed documents (token-exact, as FLASH's linear part): a span summary serves qu
 is taken over i's document. Documents are contiguous runs, so the tokens of i's document in an
 earlier span r are those of the document of r's last token, and in a later span those of the
 document of r's first token: each span has a "tail" summary (over the document of its last token)
-read by later spans when the ids match, and for bidirectional models a "head" summary (over the
-document of its first token) read by earlier spans. Padding (id 0) reads nothing and gets 0.
+read by later spans of that document, and for bidirectional models a "head" summary (over the
+document of its first token) read by earlier spans: the links of FLASH's linear part
+(`attention._chunk_links`, whose directions 0 and 1 are these tails and heads). Padding (id 0)
+reads nothing and gets 0.
 
 Logits, softmaxes and sums are float32; the result is cast back to v's dtype.
 Shapes: B batch, T tokens, H heads, D head width, G spans, C span size, R spans (as keys).
@@ -60,41 +62,36 @@ def combiner_attention(q, k, v, *, causal: bool, span_size: int, segment_ids=Non
       `[B, T, H, D]` in v's dtype; padding rows are exactly 0.
     """
     q, k, v, seg_BT = multihead.check_inputs(q, k, v, segment_ids)
+    seg_BGC = multihead.chunked(seg_BT, int(span_size))
+    links = attention._chunk_links(seg_BGC, causal)  # shared by the heads
 
     def one_head(q_BTD, k_BTD, v_BTD):
-        return _combiner_head(q_BTD, k_BTD, v_BTD, seg_BT, causal, int(span_size))
+        return _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal)
 
     return multihead.per_head(one_head, q, k, v).astype(v.dtype)
 
 
-def _combiner_head(q_BTD, k_BTD, v_BTD, seg_BT, causal, C):
+def _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal):
     B, T, D = q_BTD.shape
+    G, C = seg_BGC.shape[1:]
     q_BGCD = multihead.chunked(q_BTD.astype(_F32) * D**-0.5, C)
     k_BGCD, v_BGCD = (multihead.chunked(x.astype(_F32), C) for x in (k_BTD, v_BTD))
-    seg_BGC = multihead.chunked(seg_BT, C)
-    G = seg_BGC.shape[1]
-    valid_BGC = seg_BGC != 0
 
-    # Direct expectation: the own span's tokens of the document.
-    direct_mask_BGCC = attention._same_segment(seg_BGC)
-    if causal:
-        direct_mask_BGCC = direct_mask_BGCC & jnp.tril(jnp.ones((C, C), dtype=bool))
+    # Direct expectation: the own span's tokens of the document (j <= i when causal).
     logits = [jnp.einsum("bgid,bgjd->bgij", q_BGCD, k_BGCD)]
-    masks = [direct_mask_BGCC]
+    masks = [attention._quadratic_mask(seg_BGC, causal)]
 
-    # Local expectations: one summary per span and side, read where the document matches.
-    g_G1R = (jnp.arange(G)[:, None] - jnp.arange(G)[None, :])[None, :, None, :]  # g - r
-    sides = [(seg_BGC[:, :, -1], g_G1R > 0)]  # tail summaries, read by later spans
-    if not causal:
-        sides.append((seg_BGC[:, :, 0], g_G1R < 0))  # head summaries, read by earlier spans
+    # Local expectations: per span and direction d, a summary over `member_BGCD[..., d]` (tail:
+    # the document of the span's last token, d = 0; head: of its first token, d = 1), read by
+    # the tokens of span g that FLASH's linear part would pass it to (`attention._chunk_links`,
+    # the one home of the packed-document rule): i's document in earlier (d = 0) or later
+    # (d = 1) spans. Combiner reads each summary with its own softmax weight, so the summaries
+    # are not summed across spans (`_pass_states` does not apply): the link matrix is the mask.
     span_values = []
-    for seg_end_BR, order_1G1R in sides:
-        span_k_BRD, span_v_BRD = span_summaries(
-            q_BGCD, k_BGCD, v_BGCD, (seg_BGC == seg_end_BR[:, :, None]) & valid_BGC
-        )
+    for d in range(links.use_BGCD.shape[-1]):
+        span_k_BRD, span_v_BRD = span_summaries(q_BGCD, k_BGCD, v_BGCD, links.member_BGCD[..., d])
         logits.append(jnp.einsum("bgcd,brd->bgcr", q_BGCD, span_k_BRD))
-        same_doc_BGCR = seg_BGC[..., None] == seg_end_BR[:, None, None, :]
-        masks.append(order_1G1R & same_doc_BGCR & valid_BGC[..., None])
+        masks.append(links.use_BGCD[:, :, :, d, None] & links.link_BDGH[:, d, :, None, :])
         span_values.append(span_v_BRD)
 
     weights = masked_softmax(jnp.concatenate(logits, -1), jnp.concatenate(masks, -1))

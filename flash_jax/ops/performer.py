@@ -13,8 +13,9 @@ estimate stays unbiased, and orthogonality lowers its variance): `orthogonal_ran
 
 Computation (no token-level loop, no `[T, T]` array): chunks of C tokens; inside a chunk a masked
 `[C, C]` block phi(q) phi(k)^T; across chunks the sums of phi(k) [v, 1]^T over the document's
-tokens in other chunks, passed as FLASH passes its linear states (flash_jax.ops.attention). The
-column of ones carries the normaliser sum phi(k) in the same matmuls as the values.
+tokens in other chunks, passed by FLASH's own state passing (flash_jax.ops.attention: one masked
+`[G, G]` matmul per direction, no scan). The column of ones carries the normaliser sum phi(k) in
+the same matmuls as the values.
 
 Numerical stability, exact in real arithmetic (no approximation beyond FAVOR+'s own):
 - queries: a per-query constant (the max over features of the log-features) is subtracted before
@@ -107,9 +108,12 @@ def favor_attention(q, k, v, projection, *, causal: bool, chunk_size: int, segme
     phi_k = favor_features(k, projection, query=False)
     # One more value column of ones: its output is the normaliser sum_j phi(q_i) . phi(k_j).
     v1 = jnp.concatenate([v.astype(_F32), jnp.ones((B, T, H, 1), _F32)], axis=-1)
+    C = int(chunk_size)
+    seg_BGC = multihead.chunked(seg_BT, C)
+    links = attention._chunk_links(seg_BGC, causal)  # shared by the heads
 
     def one_head(phi_q_BTM, phi_k_BTM, v1_BTE):
-        return _normalised_linear(phi_q_BTM, phi_k_BTM, v1_BTE, seg_BT, causal, int(chunk_size))
+        return _kernel_sums(phi_q_BTM, phi_k_BTM, v1_BTE, seg_BGC, links, causal)
 
     return _normalise(multihead.per_head(one_head, phi_q, phi_k, v1)).astype(v.dtype)
 
@@ -124,49 +128,33 @@ def _normalise(out_XE):
     return (numerator / scale) / (safe / scale)
 
 
-def _normalised_linear(phi_q_BTM, phi_k_BTM, v_BTE, seg_BT, causal, C):
-    """sum_{j in L(i)} (phi_q_i . phi_k_j) v_j for one head, float32 `[B, T, E]`."""
+def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal):
+    """sum_{j in L(i)} (phi_q_i . phi_k_j) v_j for one head, float32 `[B, T, E]`.
+
+    Within chunk(i): a masked `[C, C]` kernel block. The other chunks: FLASH's linear-state
+    passing, reused from flash_jax.ops.attention (one home for the packed-document rule):
+    `links` (`_chunk_links`) say which tokens each chunk sums and which state each token reads,
+    `_pass_states` sums the per-chunk sums phi(k) v^T over the linked chunks with one masked
+    `[G, G]` matmul per direction (no scan), `_per_direction` picks each query's state. Its
+    L(i) outside chunk(i) is exactly Performer's: i's document in earlier chunks (and, when
+    bidirectional, later ones). `_chunk_states` itself does not fit: it divides the states by
+    FLASH's token counts and rounds them to the compute dtype, while Performer's normaliser is
+    the column of ones in v and every sum stays float32.
+    """
     B, T, _ = phi_q_BTM.shape
-    q_BGCM, k_BGCM, v_BGCE, seg_BGC = (
-        multihead.chunked(x, C) for x in (phi_q_BTM, phi_k_BTM, v_BTE, seg_BT)
-    )
-    mask_BGCC = attention._same_segment(seg_BGC)
-    if causal:
-        mask_BGCC = mask_BGCC & jnp.tril(jnp.ones((C, C), dtype=bool))
+    G, C = seg_BGC.shape[1:]
+    q_BGCM, k_BGCM, v_BGCE = (multihead.chunked(x, C) for x in (phi_q_BTM, phi_k_BTM, v_BTE))
+    mask_BGCC = attention._quadratic_mask(seg_BGC, causal)  # same document, j <= i if causal
     block_BGCC = jnp.where(mask_BGCC, jnp.einsum("bgim,bgjm->bgij", q_BGCM, k_BGCM), 0.0)
     out_BGCE = jnp.einsum("bgij,bgje->bgie", block_BGCC, v_BGCE)
-    out_BGCE = out_BGCE + _other_chunks(q_BGCM, k_BGCM, v_BGCE, seg_BGC, causal)
-    return out_BGCE.reshape(B, -1, out_BGCE.shape[-1])[:, :T]
 
-
-def _other_chunks(q_BGCM, k_BGCM, v_BGCE, seg_BGC, causal):
-    """sum over j of i's document in chunks before chunk(i) (and after it, bidirectional) of
-    (q_i . k_j) v_j, through per-chunk sums carried over chunks (see mixed_chunk_attention)."""
-    valid_BGC = seg_BGC != 0
-    seg_last_BG = seg_BGC[:, :, -1]
-    fwd_link_BG = jnp.pad(seg_last_BG[:, 1:] == seg_last_BG[:, :-1], [(0, 0), (1, 0)])
-    fwd_BGME, _ = attention._doc_scan(
-        fwd_link_BG, seg_BGC == seg_last_BG[:, :, None], valid_BGC, k_BGCM, v_BGCE, reverse=False
-    )
-    use_prev_BGC = (seg_BGC == attention._shift(seg_last_BG, +1)[:, :, None]) & valid_BGC
-    out_BGCE = jnp.einsum(
-        "bgcm,bgme->bgce",
-        jnp.where(use_prev_BGC[..., None], q_BGCM, 0.0),
-        attention._shift(fwd_BGME, +1),
-    )
-    if causal:
-        return out_BGCE
-    seg_first_BG = seg_BGC[:, :, 0]
-    bwd_link_BG = jnp.pad(seg_first_BG[:, :-1] == seg_first_BG[:, 1:], [(0, 0), (0, 1)])
-    bwd_BGME, _ = attention._doc_scan(
-        bwd_link_BG, seg_BGC == seg_first_BG[:, :, None], valid_BGC, k_BGCM, v_BGCE, reverse=True
-    )
-    use_next_BGC = (seg_BGC == attention._shift(seg_first_BG, -1)[:, :, None]) & valid_BGC
-    return out_BGCE + jnp.einsum(
-        "bgcm,bgme->bgce",
-        jnp.where(use_next_BGC[..., None], q_BGCM, 0.0),
-        attention._shift(bwd_BGME, -1),
-    )
+    # X = (directions) x M: the sums passed forward, and backward when bidirectional.
+    k_BGCX = attention._per_direction(k_BGCM, links.member_BGCD)
+    sums_BGXE = jnp.einsum("bgcx,bgce->bgxe", k_BGCX, v_BGCE)
+    passed_BGXE = attention._pass_states(links.link_BDGH, sums_BGXE, _F32)
+    q_BGCX = attention._per_direction(q_BGCM, links.use_BGCD)
+    out_BGCE = out_BGCE + jnp.einsum("bgcx,bgxe->bgce", q_BGCX, passed_BGXE)
+    return out_BGCE.reshape(B, G * C, -1)[:, :T]
 
 
 def decode_step(phi_q_BHM, phi_k_BHM, v_BHD, state_BHME):
