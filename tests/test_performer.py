@@ -16,7 +16,7 @@ import pytest
 
 from flash_jax import ops
 from flash_jax.ops import performer
-from tests.test_ops import _has_quadratic_array
+from tests.test_ops import _has_quadratic_array, _num_instructions
 
 favor_attention = jax.jit(ops.favor_attention, static_argnames=("causal", "chunk_size"))
 
@@ -202,6 +202,31 @@ def test_cost_is_linear():
         return ops.favor_attention(q, k, v, W, causal=causal, chunk_size=8, segment_ids=seg)
 
     assert_no_T_by_T_array(attend, seed=10)
+
+
+def _lowered_fwd_bwd(num_chunks, causal):
+    C = 8
+    seg = np.ones((1, num_chunks * C), np.int32)  # a traced argument: only its shape matters
+    q, k, v = (jnp.zeros((1, num_chunks * C, H, D), jnp.float32) for _ in "qkv")
+
+    def fwd_bwd(q, k, v, W, seg):
+        def attend(q, k, v):
+            return ops.favor_attention(q, k, v, W, causal=causal, chunk_size=C, segment_ids=seg)
+
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(out)
+
+    return jax.jit(fwd_bwd).lower(q, k, v, projection(), seg).as_text("hlo")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_no_loop_over_chunks(causal):
+    """The sums across chunks pass as FLASH's do (one masked [G, G] matmul): no loop in the
+    forward or backward program, and no scan in any form (an associative scan unrolls log2(G)
+    levels): the program is the same size at 4 and at 16 chunks."""
+    text = _lowered_fwd_bwd(16, causal)
+    assert " while(" not in text
+    assert _num_instructions(text) == _num_instructions(_lowered_fwd_bwd(4, causal))
 
 
 def test_decode_step_equals_the_causal_rows():
