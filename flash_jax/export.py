@@ -19,10 +19,14 @@ import numpy as np
 from flax import nnx
 
 from flash_jax import safetensors_file
+from flash_jax.layers.transformer import RandomFeatures
 from flash_jax.numpy_model import CONFIG_FILE, WEIGHTS_FILE
 from flash_jax.train import checkpoint
 
 DTYPES = ("float32", "bfloat16")
+# What the file holds of a model: its parameters, and Performer's fixed random features
+# (non-trained state drawn from the seed, but part of the function the model computes).
+EXPORTED = (nnx.Param, RandomFeatures)
 SENTENCEPIECE_FILE = "sentencepiece.model"
 
 
@@ -78,7 +82,8 @@ def vocabulary_entry(data_config) -> dict:
 
 def save(out_dir: str, params: nnx.State, model_config, dtype: str = "float32", **extra) -> list:
     """Writes model.safetensors and config.json (the model config, plus `extra` under "export")
-    into `out_dir`, created if needed; returns their paths."""
+    into `out_dir`, created if needed; returns their paths. `params`: `nnx.state(model,
+    EXPORTED)` (parameters, and random features where the model has them)."""
     tensors = parameter_tensors(params, dtype)
     config = checkpoint.model_config_dict(model_config)
     config["export"] = dict(dtype=dtype, **extra)
@@ -105,7 +110,7 @@ def export(run, out_dir: str, dtype: str = "float32") -> list[str]:
     vocabulary = vocabulary_entry(run.config.data)
     written = save(
         out_dir,
-        run.params,
+        nnx.state(run.model(), EXPORTED),
         run.model_config,
         dtype,
         workdir=str(run.workdir),

@@ -208,23 +208,84 @@ def flash_layer(p, x, segment_ids, positions, cfg):
 
 
 def multi_head_attention(p, h, segment_ids, positions, cfg):
-    """Softmax attention per head over the same document (j <= i when causal); RoPE on queries
-    and keys except in the vanilla Transformer. Kernels: query/key/value [d, H, dh], out
-    [H, dh, d]."""
+    """Attention per head over the same document (j <= i when causal); RoPE on queries and keys
+    except in the vanilla Transformer. Kernels: query/key/value [d, H, k], out [H, k, d]. The
+    weights are softmax attention's, or Performer's / Combiner's (`ATTENTION_WEIGHTS`)."""
     q, k, v = (dense(p, f"attention.{name}.", h) for name in ("query", "key", "value"))
     if cfg["name"] != "transformer":
         q, k = rope(q, positions[..., None]), rope(k, positions[..., None])
-    scores = np.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(q.shape[-1])
-    T = h.shape[1]
-    # Same segment id (padding attends to padding, so no row is empty) and causal order.
-    keep = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal_mask(T, cfg["causal"])
-    weights = softmax(np.where(keep[:, None], scores, -np.inf))
+    weights = ATTENTION_WEIGHTS.get(cfg["name"], softmax_weights)(p, q, k, segment_ids, cfg)
     return dense(p, "attention.out.", np.einsum("bhij,bjhk->bihk", weights, v))
 
 
+def softmax_weights(p, q, k, segment_ids, cfg):
+    """[B, H, T, T] softmax(q . k / sqrt(k)) over the same segment id (padding attends to padding,
+    so no row is empty) in causal order."""
+    scores = np.einsum("bihk,bjhk->bhij", q, k) / np.sqrt(q.shape[-1])
+    T = q.shape[1]
+    keep = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal_mask(T, cfg["causal"])
+    return softmax(np.where(keep[:, None], scores, -np.inf))
+
+
+def performer_weights(p, q, k, segment_ids, cfg):
+    """[B, H, T, T] FAVOR+ (Performer): phi(q_i) . phi(k_j), normalised over i's document (j <= i
+    when causal), with phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(M), x' = x / k^(1/4) and the
+    layer's fixed random features W = `attention.features` [M, k] (shared by the heads)."""
+    W = p["attention.features"]
+
+    def phi(x):
+        x = x / x.shape[-1] ** 0.25
+        return np.exp(x @ W.T - 0.5 * np.sum(x * x, -1, keepdims=True)) / np.sqrt(len(W))
+
+    keep = same_document(segment_ids) & causal_mask(q.shape[1], cfg["causal"])
+    kernel = np.einsum("bihm,bjhm->bhij", phi(q), phi(k)) * keep[:, None]
+    total = kernel.sum(-1, keepdims=True)
+    return kernel / np.where(total > 0, total, 1.0)  # padding rows: 0
+
+
+def combiner_weights(p, q, k, segment_ids, cfg):
+    """[B, H, T, T] Combiner-Fixed: spans of C = chunk_size positions. Query i (scaled by
+    1 / sqrt(k)) takes a softmax over the tokens j of its document in its own span (j <= i when
+    causal) and over one summary per other span r holding that document (earlier spans only
+    when causal), the summary's logit q_i . max-pool of the keys of those tokens O_r; a
+    summary's weight is shared among O_r by the softmax over O_r of (max-pool of their queries)
+    . k_j. Every token of the document gets a weight."""
+    B, T, H, _ = q.shape
+    q = q / np.sqrt(q.shape[-1])
+    span = np.arange(T) // cfg["chunk_size"]
+    document = same_document(segment_ids)
+    own_span = document & (span[:, None] == span[None, :]) & causal_mask(T, cfg["causal"])
+    # Logits of the own span's tokens and of the summaries (column T + r), -inf where not read.
+    logits = np.full((B, H, T, T + span[-1] + 1), -np.inf)
+    logits[..., :T] = np.where(own_span[:, None], np.einsum("bihk,bjhk->bhij", q, k), -np.inf)
+    summaries = []  # (b, readers, members, distribution over members [H, n])
+    for b, r in np.ndindex(B, span[-1] + 1):
+        for doc in set(segment_ids[b, span == r]) - {0}:
+            members = (span == r) & (segment_ids[b] == doc)
+            later = span > r if cfg["causal"] else span != r
+            readers = np.flatnonzero(later & (segment_ids[b] == doc))
+            key, query = k[b, members].max(0), q[b, members].max(0)  # [H, k]
+            # Indexed with b, readers and T + r around a slice: the result is [readers, H].
+            logits[b, :, readers, T + r] = np.einsum("ihk,hk->ih", q[b, readers], key)
+            local = softmax(np.einsum("hk,jhk->hj", query, k[b, members]))
+            summaries.append((b, r, readers, np.flatnonzero(members), local))
+    row_max = np.max(logits, -1, keepdims=True)
+    e = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
+    total = e.sum(-1, keepdims=True)
+    groups = e / np.where(total > 0, total, 1.0)  # padding rows: 0
+    weights = groups[..., :T].copy()
+    for b, r, readers, members, local in summaries:
+        share = groups[b, :, readers, T + r]  # [readers, H], as above
+        weights[b][np.ix_(range(H), readers, members)] += share.T[:, :, None] * local[:, None]
+    return weights
+
+
+ATTENTION_WEIGHTS = {"performer": performer_weights, "combiner": combiner_weights}
+
+
 def feed_forward(p, h, cfg):
-    """GELU MLP, or SwiGLU (silu(h . wg) * (h . wi)) in Transformer++."""
-    if cfg["name"] == "transformer_pp":
+    """GELU MLP, or SwiGLU (silu(h . wg) * (h . wi)) in Transformer++, Performer and Combiner."""
+    if cfg["name"] in ("transformer_pp", "performer", "combiner"):
         hidden = silu(dense(p, "mlp.wg.", h)) * dense(p, "mlp.wi.", h)
     else:
         hidden = gelu(dense(p, "mlp.wi.", h))
@@ -243,4 +304,6 @@ LAYERS = {
     "transformer": transformer_block,
     "transformer_plus": transformer_block,
     "transformer_pp": transformer_block,
+    "performer": transformer_block,
+    "combiner": transformer_block,
 }

@@ -38,13 +38,15 @@ and `<norm>.bias` [d].
           (R_i a) . (R_j b); neither with rel_pos=none
       layers.i.proj_out.kernel [e, d], .bias [d]
 
-    transformer, transformer_plus, transformer_pp, per layer:
+    transformer, transformer_plus, transformer_pp, performer, combiner, per layer:
       layers.i.attention_norm.*, layers.i.mlp_norm.*
       layers.i.attention.query / key / value .kernel [d, H, k], .bias [H, k]
       layers.i.attention.out.kernel [H, k, d], .bias [d]
       layers.i.mlp.wi.kernel [d, m], .bias [m]; layers.i.mlp.wo.kernel [m, d], .bias [d]
-      transformer_pp (SwiGLU, silu(x . wg) * (x . wi)): wg and wi [d, m'], wo [m', d] with
-          m' = floor(2m / 3)
+      transformer_pp, performer, combiner (SwiGLU, silu(x . wg) * (x . wi)): wg and wi [d, m'],
+          wo [m', d] with m' = floor(2m / 3)
+      performer: layers.i.attention.features [M, k], M = random_features: FAVOR+'s fixed random
+          features W (not trained: drawn from the seed at init), shared by the layer's heads
 
 A missing checkpoint, step or workdir gives one line on stderr and exit code 1, and writes
 nothing. Runs on one device (the first); the config defaults to the checkpoint's own.

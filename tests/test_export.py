@@ -42,7 +42,7 @@ def assert_logits_match(got, want, real=None):
 
 
 def save_and_load(tmp_path, model, cfg, dtype="float32"):
-    export.save(str(tmp_path), nnx.state(model, nnx.Param), cfg, dtype)
+    export.save(str(tmp_path), nnx.state(model, export.EXPORTED), cfg, dtype)
     return numpy_model.load(str(tmp_path))
 
 
@@ -95,18 +95,20 @@ def documented_shapes(name, cfg):
     d, e, s, H = cfg.d_model, cfg.expansion_dim, cfg.qk_dim, cfg.num_heads
     V, n, C, m, k = cfg.vocab_size, cfg.max_len, cfg.chunk_size, cfg.mlp_dim, d // H
     shapes = {"embed.table": (V, d), "final_norm.scale": (), "head.kernel": (d, V)}
-    if name.startswith("transformer"):
-        hidden = m * 2 // 3 if name == "transformer_pp" else m
+    if cfg.is_transformer:
+        hidden = m * 2 // 3 if cfg.uses_glu else m
         layer = {"attention_norm.scale": (), "mlp_norm.scale": ()}
         for proj in ("query", "key", "value"):
             layer |= {f"attention.{proj}.kernel": (d, H, k), f"attention.{proj}.bias": (H, k)}
         layer |= {"attention.out.kernel": (H, k, d), "attention.out.bias": (d,)}
-        mlp = ("wi", "wg") if name == "transformer_pp" else ("wi",)
+        mlp = ("wi", "wg") if cfg.uses_glu else ("wi",)
         layer |= {f"mlp.{w}.kernel": (d, hidden) for w in mlp}
         layer |= {f"mlp.{w}.bias": (hidden,) for w in mlp}
         layer |= {"mlp.wo.kernel": (hidden, d), "mlp.wo.bias": (d,)}
         if name == "transformer":
             shapes["position_embed"] = (n, d)
+        if name == "performer":  # the fixed random features (not trained, but exported)
+            layer["attention.features"] = (cfg.random_features, k)
     else:
         h, span = (4, C) if name == "flash" else (2, n)
         layer = {
@@ -128,11 +130,11 @@ def documented_shapes(name, cfg):
 def test_parameter_names_and_shapes_are_the_documented_ones(name):
     cfg = tiny_config(name)
     model = models.create(cfg, rngs=nnx.Rngs(0))
-    tensors = export.parameter_tensors(nnx.state(model, nnx.Param))
+    tensors = export.parameter_tensors(nnx.state(model, export.EXPORTED))
     assert {k: v.shape for k, v in tensors.items()} == documented_shapes(name, cfg)
     assert all(v.dtype == np.float32 for v in tensors.values())
     # One tensor per layer: layer i of the file is slice i of the scanned stack.
-    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)["layers"]):
+    for path, param in nnx.to_flat_state(nnx.state(model, export.EXPORTED)["layers"]):
         for i in range(cfg.num_layers):
             name = f"layers.{i}." + ".".join(path)
             np.testing.assert_array_equal(tensors[name], np.asarray(param.value[i]))
@@ -217,8 +219,8 @@ def test_bfloat16_export_rounds_each_parameter_once(tmp_path):
 
 
 def test_numpy_model_names_what_it_cannot_run():
-    model = numpy_model.Model({**TINY, "name": "performer"}, {})
-    with pytest.raises(ValueError, match="no numpy forward pass for model 'performer'"):
+    model = numpy_model.Model({**TINY, "name": "mamba"}, {})
+    with pytest.raises(ValueError, match="no numpy forward pass for model 'mamba'"):
         numpy_model.forward(model, np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="dtype must be one of"):
         export.parameter_tensors(
