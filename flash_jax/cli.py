@@ -54,8 +54,12 @@ def _last_line(error: BaseException) -> str:
 
 class QuietLibraries(logging.Filter):
     """At absl INFO verbosity: our INFO lines and everyone's warnings, not the libraries' INFO
-    chatter (Orbax's per-save and per-restore lines, JAX's backend probing), nor Orbax's
-    tracebacks of a failed save or restore: flash_jax reports each of those in one line."""
+    chatter (Orbax's per-save and per-restore lines, JAX's backend probing), nor the tracebacks
+    that echo an Orbax failure flash_jax reports in one line: Orbax's own error logs, and
+    asyncio's reports of the futures of that save or restore whose exceptions nobody retrieved
+    (flash_jax runs no asyncio code: every future in its processes is Orbax's or TensorStore's).
+    asyncio reports them when they are garbage-collected, at a moment that varies from run to run.
+    """
 
     def __init__(self, own_files: Sequence[str] = ()):
         super().__init__()
@@ -64,9 +68,10 @@ class QuietLibraries(logging.Filter):
     def filter(self, record):
         if "flash_jax" in record.pathname or record.pathname.endswith(self.own_files):
             return True
-        if f"{os.sep}orbax{os.sep}" in record.pathname and (
-            record.exc_info or "read only" in record.getMessage()
-        ):
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        if record.exc_info and (from_orbax or record.name == "asyncio"):
+            return False
+        if from_orbax and "read only" in record.getMessage():
             return False
         return record.levelno >= logging.WARNING
 
@@ -88,12 +93,14 @@ def _echo_of_a_reported_failure(unraisable) -> bool:
 
 
 def quiet_library_logs(*own_files: str) -> None:
-    """Installs `QuietLibraries` on absl's logger; `own_files`: the script's file names.
+    """Installs `QuietLibraries` on absl's logger and asyncio's; `own_files`: the script's file
+    names.
 
     Also keeps `sys.unraisablehook` from printing the tracebacks that echo an Orbax failure
     flash_jax has already reported (`_echo_of_a_reported_failure`).
     """
-    logging.getLogger("absl").addFilter(QuietLibraries(own_files))
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(QuietLibraries(own_files))
     previous = sys.unraisablehook
 
     def hook(unraisable):

@@ -517,6 +517,18 @@ def test_orbax_echoes_of_a_reported_failure_are_not_printed():
     assert quiet.filter(
         logging.LogRecord("absl", logging.WARNING, orbax_file, 1, "slow", None, None)
     )
+    # asyncio's report of a future of Orbax's failed save whose exception nobody retrieved
+    # (garbage-collected at a moment that varies from run to run; TensorStore's futures carry no
+    # traceback), and an asyncio line without an exception.
+    asyncio_file = os.path.join(os.sep, "lib", "asyncio", "base_events.py")
+    for error in (raised_in(orbax_file), ValueError("OUT_OF_RANGE")):
+        exc_info = (ValueError, error, error.__traceback__)
+        assert not quiet.filter(
+            logging.LogRecord("asyncio", logging.ERROR, asyncio_file, 1, "never", None, exc_info)
+        )
+    assert quiet.filter(
+        logging.LogRecord("asyncio", logging.WARNING, asyncio_file, 1, "slow", None, None)
+    )
 
 
 # ----------------------------------------------------------------------------- the CLI
