@@ -71,6 +71,9 @@ def get_config():
     d.mask_rate = 0.15  # mlm only
     d.shuffle_buffer = 1024
     d.prefetch = 2
+    # "" tokenizes on the fly; a folder (local or gs://) reads seqio's offline cache of the task
+    # there, built by scripts/cache_data.py (or seqio's cache_tasks_main; see the README)
+    d.use_cached = ""
 
     # ---- training (flash_jax.trainer) ----
     config.train = t = ml_collections.ConfigDict()

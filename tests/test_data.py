@@ -174,8 +174,15 @@ def test_windows_cover_every_token_once_in_order(cycle_length):
         assert len(windows) == -(-len(doc) // 8)
 
 
-def _reference_pack(lengths, seq_len):
-    """Next-fit greedy packing, written independently of seqio: rows of window indices."""
+def _reference_pack(lengths, seq_len, group=None):
+    """Next-fit greedy packing, written independently of seqio: rows of window indices. With a
+    group size, each group of windows is packed alone (its last row closed at its end)."""
+    if group is not None:
+        rows = []
+        for start in range(0, len(lengths), group):
+            part = _reference_pack(lengths[start : start + group], seq_len)
+            rows += [[start + i for i in row] for row in part]
+        return rows
     rows, row, used = [], [], 0
     for i, n in enumerate(lengths):
         if used + n > seq_len:
@@ -186,9 +193,13 @@ def _reference_pack(lengths, seq_len):
     return rows + [row]
 
 
-def test_packing_segment_ids_positions_and_shifted_inputs():
+# None: seqio's groups of seq_len windows; 3: the bounded groups of long windows (PACK_TOKENS)
+@pytest.mark.parametrize("group", [None, 3])
+def test_packing_segment_ids_positions_and_shifted_inputs(group, monkeypatch):
     seq_len = 8
-    lengths = [5, 3, 8, 2, 6, 1, 4, 4, 7]
+    lengths = [5, 3, 8, 2, 6, 1, 4, 4, 7]  # in groups of 3, windows 5 and 6 no longer share a row
+    if group is not None:
+        monkeypatch.setattr(preprocessors, "PACK_TOKENS", group * seq_len)
     rng = np.random.default_rng(2)
     windows = [rng.integers(3, 99, size=n).astype(np.int32) for n in lengths]
     ds = tf.data.Dataset.from_generator(
@@ -196,7 +207,7 @@ def test_packing_segment_ids_positions_and_shifted_inputs():
         output_signature={"targets": tf.TensorSpec([None], tf.int32)},
     )
     rows = list(preprocessors.pack_windows(ds, seq_len, "lm").as_numpy_iterator())
-    expected = _reference_pack(lengths, seq_len)
+    expected = _reference_pack(lengths, seq_len, group)
     assert len(rows) == len(expected)
     for row, members in zip(rows, expected, strict=True):
         want_targets, want_seg, want_pos, want_inputs = [], [], [], []

@@ -16,6 +16,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 # Windows are read round-robin from this many documents at once, so that the shuffle buffer
 # holds windows of many books instead of one book's consecutive windows.
 WINDOW_CYCLE_LENGTH = 16
+# seqio's packer takes its input seq_len windows at a time: seq_len^2 tokens per feature, held in
+# memory and in every saved pipeline state (256 MB at 8192). Past this many tokens, windows are
+# packed in groups of PACK_TOKENS // seq_len instead (a group's end closes the open row: at most
+# one row per group could have taken one more window).
+PACK_TOKENS = 2**20
 # Masked-LM flag values. seqio's packer treats 0 as padding, so real tokens need non-zero flags.
 NOT_SELECTED, SELECTED = 1, 2
 
@@ -129,15 +134,27 @@ def bert_mask(
 def pack_windows(dataset: tf.data.Dataset, seq_len: int, objective: str) -> tf.data.Dataset:
     """Packs windows into rows of `seq_len` and builds the model features (numpy-ready dicts).
 
-    seqio/T5 packing: windows are concatenated greedily into rows; each piece gets a segment id
-    (1, 2, ... within the row; 0 = padding) and positions counting from 0 within the piece. Full
-    windows fill a row alone. LM: `inputs` are the targets shifted right by one inside each
-    segment (0 at each segment start), weights 1 on every real token. MLM: inputs are the
-    corrupted tokens, weights 1 only where a token was selected for the loss.
+    seqio/T5 packing, seq_len windows at a time (fewer past PACK_TOKENS): windows are concatenated
+    greedily into rows; each piece gets a segment id (1, 2, ... within the row; 0 = padding) and
+    positions counting from 0 within the piece. Full windows fill a row alone. LM: `inputs` are
+    the targets shifted right by one inside each segment (0 at each segment start), weights 1 on
+    every real token. MLM: inputs are the corrupted tokens, weights 1 only where a token was
+    selected for the loss.
     """
     keys = ["targets"] + (["inputs", "mlm_flags"] if objective == "mlm" else [])
     dataset = dataset.map(lambda ex: {k: ex[k] for k in keys}, num_parallel_calls=AUTOTUNE)
-    packed = seqio.utils.trim_and_pack_dataset(dataset, {k: seq_len for k in keys})
+    lengths = {k: seq_len for k in keys}
+    group = PACK_TOKENS // seq_len
+    if group >= seq_len:  # seq_len <= 1024: seqio's own groups of seq_len windows
+        packed = seqio.utils.trim_and_pack_dataset(dataset, lengths)
+    else:
+        groups = dataset.padded_batch(group, padded_shapes={k: [seq_len] for k in keys})
+        packed = groups.flat_map(
+            # seqio's packer drops the zero padding (tokens and flags are never 0).
+            lambda windows: seqio.utils.trim_and_pack_dataset(
+                tf.data.Dataset.from_tensor_slices(windows), lengths
+            )
+        )
 
     def to_model_features(ex):
         targets = ex["targets"]

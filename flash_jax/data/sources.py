@@ -295,6 +295,16 @@ def read_documents(paths: Sequence[str]):
         )
 
 
+def _read_document(path: tf.Tensor) -> dict[str, tf.Tensor]:
+    """{"text": the document's text, or "" when it cannot be trained on} (see read_text_file)."""
+
+    def read(path: bytes) -> np.ndarray:
+        return np.array((read_text_file(path.decode()) or "").encode(), dtype=object)
+
+    text = tf.numpy_function(read, [path], tf.string, stateful=False)
+    return {"text": tf.ensure_shape(text, [])}
+
+
 class LocalTextSource(seqio.DataSource):
     """A seqio DataSource over a LocalCorpus: examples {"text": <one document>}.
 
@@ -334,10 +344,12 @@ class LocalTextSource(seqio.DataSource):
             paths = [paths[i] for i in order]
         if shard_info is not None:
             paths = paths[shard_info.index :: shard_info.num_shards]
-        return tf.data.Dataset.from_generator(
-            lambda: ({"text": text} for text in read_documents(paths)),
-            output_signature={"text": tf.TensorSpec([], tf.string)},
-        )
+        # Paths mapped by a stateless read rather than a Python generator: tf.data can then save
+        # the iterator's place in the list (a generator's is not saved), which resuming relies on.
+        documents = tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
+        documents = documents.map(_read_document)
+        # Unreadable and empty documents become "" (each named in a warning) and are dropped.
+        return documents.filter(lambda ex: tf.strings.length(ex["text"]) > 0)
 
     def __repr__(self) -> str:
         return f"LocalTextSource({self.corpus.data_dir!r})"

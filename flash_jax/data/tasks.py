@@ -52,6 +52,54 @@ def check_config(cfg) -> None:
         raise ValueError(f"data.mask_rate must be in (0, 1), got {cfg.mask_rate!r}")
     if cfg.source == "local" and not cfg.data_dir:
         raise ValueError("data.data_dir must name a local corpus when data.source is 'local'")
+    if not isinstance(cfg.get("use_cached", ""), str):
+        raise ValueError(
+            f"data.use_cached must be a folder of seqio's offline cache, or empty to tokenize on "
+            f"the fly; got {cfg.use_cached!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- offline cache
+
+
+def cache_dir(cfg) -> str:
+    """`data.use_cached`: the folder holding seqio's offline cache of the config's task, or "".
+
+    A config without the key (written before it existed) tokenizes on the fly."""
+    return cfg.get("use_cached", "") or ""
+
+
+def cached_task_dir(cfg) -> str:
+    """Where seqio's cache of the config's task is (or would be): <use_cached>/<task name>."""
+    return os.path.join(cache_dir(cfg), seqio.get_task_dir_from_name(task_name(cfg)))
+
+
+def cached_documents(cfg, split: str) -> int:
+    """Documents of `split` in the offline cache, after checking that seqio will read the task
+    from `data.use_cached` (ValueError, one line, naming the key and the command that builds it).
+    """
+    import tensorflow as tf
+
+    task = get_task(cfg)
+    where = cached_task_dir(cfg)
+    build = (
+        f"build it with: python scripts/cache_data.py --config=<this config> "
+        f"--output_dir={cache_dir(cfg)}"
+    )
+    if not tf.io.gfile.exists(os.path.join(where, "COMPLETED")):
+        raise ValueError(
+            f"data.use_cached: no finished seqio cache of {task.name} in {where}; {build}"
+        )
+    seqio.add_global_cache_dirs([cache_dir(cfg)])  # where seqio's Task looks for it
+    if task.cache_dir != where:
+        raise ValueError(
+            f"data.use_cached: this process already reads {task.name} from the cache in "
+            f"{task.cache_dir}, not {where} (seqio keeps one cache folder per task per process)"
+        )
+    try:
+        return int(task.get_cached_stats(split)["examples"])
+    except ValueError as e:
+        raise ValueError(f"data.use_cached: split {split!r} is not in {where}; {build}") from e
 
 
 def check_reachable(cfg) -> None:
