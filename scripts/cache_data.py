@@ -1,4 +1,4 @@
-"""Builds seqio's offline cache of a config's data task on this machine (no Apache Beam needed).
+r"""Builds seqio's offline cache of a config's data task on this machine (no Apache Beam needed).
 
     python scripts/cache_data.py --config=configs/quickstart.py --output_dir=/data/seqio_cache
     python train.py --config=configs/quickstart.py --workdir=runs/q \
@@ -13,16 +13,20 @@ shards, document i in shard i mod num_shards, in the corpus's file order), `info
 A run then reads token ids instead of tokenizing: windows, masks, shuffling and packing still
 happen at training time, from the run's sequence length and seed.
 
-One process writes everything: fine for the shipped corpus and corpora of a few GB. For PG-19 or C4
-at full size use seqio's own distributed pipeline (it needs `pip install apache-beam[gcp]`, which
-the project's pinned stack does not include), e.g. on Dataflow:
+One process writes everything: fine for the shipped corpus and corpora of a few GB. On the shipped
+corpus the result has the same documents, info and stats as seqio's own `cache_tasks_main` (whose
+Beam shuffle puts them in other shards). For PG-19 or C4 at full size run that distributed job,
+e.g. on Dataflow:
 
     python -m seqio.scripts.cache_tasks_main --module_import=flash_jax.data \
         --tasks=<task name, printed by this script with --dry_run> \
         --output_cache_dir=gs://BUCKET/seqio_cache --pipeline_options=--runner=DataflowRunner,...
 
-Tasks of a local corpus outside the shipped one are registered from a config, so seqio's script
-cannot find them by --module_import alone; this script can.
+It needs `apache-beam[gcp]` and `crcmod`, which the project's pinned stack does not include: Beam
+2.77 declares protobuf < 7, and pip's downgrade to 6.x breaks the pinned sentencepiece (its
+generated code needs protobuf >= 7.36.1); installed beside protobuf 7.36 it ran (DirectRunner).
+A task of a local corpus other than the shipped one is registered from a config, which seqio's
+script does not read; this script does.
 """
 
 from __future__ import annotations
