@@ -36,14 +36,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("train.py")
-    from configs import base
     from flash_jax.train import checkpoint, loop
 
     loop.initialize_distributed()
     try:
-        summary = loop.train_and_evaluate(
-            _CONFIG.value, _WORKDIR.value, reference=base.get_config()
-        )
+        summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, loop.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
         # One clear line instead of a traceback: the user's input, a workdir in use or damaged,
         # a diverged run, a checkpoint that could not be saved.

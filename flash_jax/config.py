@@ -1,11 +1,22 @@
-"""The frozen model configuration that model code receives (never the ConfigDict itself)."""
+"""The run's configuration, typed: frozen dataclasses built from the ConfigDict in one place.
+
+The ConfigDict (`configs/*.py`, `--config.section.key=value`) is the user interface; its keys and
+defaults are the fields of the dataclasses below (`configs/base.py` is `default_config_dict()`).
+`RunConfig.from_config(config)` builds the typed tree, rejecting unknown keys and bad values with
+one line naming the key; library code receives the typed pieces (the model `ModelConfig`, the data
+pipeline `DataConfig`, the optimizer `TrainConfig`), never the ConfigDict. Checks that need devices
+or data (the mesh against the devices, the vocabulary, the splits) run where those are: the loop
+and `flash_jax.data.check_data`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax.numpy as jnp
+import ml_collections
 
 from flash_jax.ops.attention import FLASH_IMPLS
 from flash_jax.ops.dot_product import IMPLS as ATTENTION_IMPLS
@@ -40,36 +51,105 @@ REL_POS = ("auto", "toeplitz", "rope", "none")
 REMAT = ("none", "full", "save_proj", "save_attn")
 DTYPES = ("float32", "bfloat16", "float16")
 TOEPLITZ_MAX_LEN = 512  # the paper's switch from a Toeplitz bias to the RoPE-form bias
+DATASETS = ("pg19", "wiki40b", "c4")
+OBJECTIVES = ("lm", "mlm")
+SOURCES = ("tfds", "local")
+OPTIMIZERS = ("adamw", "adafactor")
+DECAYS = ("cosine", "linear", "rsqrt", "constant")
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# The default corpus and vocabulary ship inside the package (no download needed).
+SHIPPED_CORPUS = os.path.join(_PACKAGE, "data", "corpora", "austen-pg19.tar.xz")
+SHIPPED_VOCAB = os.path.join(_PACKAGE, "data", "vocabs", "austen_spm_4k.model")
+# The paper-scale vocabulary: T5's 32k SentencePiece model (needs GCS access).
+T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_int(section: str, key: str, value: Any, low: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{section}.{key} must be an integer >= {low}, got {value!r}")
+
+
+def _check_choice(section: str, key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{key} must be one of {choices}, got {value!r}")
+
+
+def _tuples(value):
+    """Lists (from JSON: a saved run config) back to the tuples the config files write."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _from_mapping(cls, section: str, config: Any, **extra):
+    """`cls` from a ConfigDict or mapping (or `cls` itself); unknown keys are an error."""
+    if isinstance(config, cls):
+        return config
+    values = dict(config.items()) if hasattr(config, "items") else dict(config)
+    known = {f.name for f in dataclasses.fields(cls)} - set(extra)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        prefix = f"{section}." if section else ""
+        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)}")
+    return cls(**values, **extra)
+
+
+# ----------------------------------------------------------------------------- the sections
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """`config.model`: what model code receives."""
+
+    # flash | flash_quad | transformer | transformer_plus | transformer_pp | performer | combiner
     name: str = "flash"
     num_layers: int = 4
     d_model: int = 256
-    expansion_dim: int = 512
-    qk_dim: int = 128
-    chunk_size: int = 128  # FLASH's chunk, Combiner's span, Performer's prefix-sum chunk
-    num_heads: int = 4
-    mlp_dim: int = 1024
-    random_features: int = 256  # Performer: FAVOR+ random features per head (m)
-    vocab_size: int = 4096
-    max_len: int = 512
-    causal: bool = True
-    dtype: str = "float32"
+    expansion_dim: int = 512  # e = 2d
+    qk_dim: int = 128  # s
+    # C: FLASH's chunk (the paper uses 256), Combiner's span, Performer's prefix-sum chunk
+    chunk_size: int = 128
+    num_heads: int = 4  # Transformer baselines only
+    mlp_dim: int = 1024  # Transformer FFN hidden width (4d; SwiGLU uses 2/3 of it per branch)
+    random_features: int = 256  # Performer only: FAVOR+ random features per head (m ~ d log d)
+    vocab_size: int = 4096  # must be >= the data vocabulary's size
+    max_len: int = 512  # the training length: also FLASH-Quad's fixed score scale n
+    causal: bool = True  # False: bidirectional (masked LM)
+    dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
     param_dtype: str = "float32"
-    norm: str = "scale_norm"
-    rel_pos: str = "auto"
+    norm: str = "scale_norm"  # scale_norm | layer_norm
+    rel_pos: str = "auto"  # auto (toeplitz up to 512, rope beyond) | toeplitz | rope | none
+    # none | full | save_proj (keep the tagged projection outputs, recompute the rest) |
+    # save_attn (save_proj + the attention outputs: the backward never reruns attention)
     remat: str = "none"
+    # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
+    # else XLA) | xla | cudnn | splash
     attention_impl: str = "auto"
+    # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
+    # fused kernel is measured faster on hardware; see ops.attention.flash_impl_for) | xla |
+    # pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
     tie_embeddings: bool = False
-    # Logical axis -> mesh axes for activation constraints; set by create() from config.mesh.rules.
+    # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
     sharding_rules: tuple = DEFAULT_RULES
 
     def __post_init__(self):
-        _check_choice("name", self.name, MODEL_NAMES)
-        for field in (
+        for key, choices in (
+            ("name", MODEL_NAMES),
+            ("norm", NORMS),
+            ("rel_pos", REL_POS),
+            ("remat", REMAT),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("flash_impl", FLASH_IMPLS),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+        ):
+            _check_choice("model", key, getattr(self, key), choices)
+        for key in (
             "num_layers",
             "d_model",
             "expansion_dim",
@@ -81,16 +161,7 @@ class ModelConfig:
             "vocab_size",
             "max_len",
         ):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{field} must be a positive integer, got {value!r}")
-        _check_choice("norm", self.norm, NORMS)
-        _check_choice("rel_pos", self.rel_pos, REL_POS)
-        _check_choice("remat", self.remat, REMAT)
-        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _check_choice("flash_impl", self.flash_impl, FLASH_IMPLS)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("param_dtype", self.param_dtype, DTYPES)
+            _check_int("model", key, getattr(self, key))
         if self.is_transformer and self.d_model % self.num_heads:
             raise ValueError(
                 f"model.d_model ({self.d_model}) must be divisible by model.num_heads "
@@ -100,14 +171,20 @@ class ModelConfig:
             raise ValueError(f"RoPE needs an even width, got {self.rope_width}")
 
     @classmethod
-    def from_config(cls, config: Any) -> ModelConfig:
-        """Builds from a ConfigDict (or mapping); unknown keys are an error, naming the key."""
-        values = dict(config.items()) if hasattr(config, "items") else dict(config)
-        known = {f.name for f in dataclasses.fields(cls)} - {"sharding_rules"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**values)
+    def from_config(cls, config: Any, sharding_rules=None) -> ModelConfig:
+        """From `config.model` (a ConfigDict or mapping); the sharding rules are config.mesh's
+        (by default: those of a ModelConfig passed in, else DEFAULT_RULES)."""
+        if isinstance(config, cls):
+            rules = config.sharding_rules if sharding_rules is None else sharding_rules
+            return dataclasses.replace(config, sharding_rules=rules)
+        rules = DEFAULT_RULES if sharding_rules is None else sharding_rules
+        return _from_mapping(cls, "model", config, sharding_rules=rules)
+
+    def to_dict(self) -> dict:
+        """The `config.model` keys (the sharding rules belong to config.mesh)."""
+        values = dataclasses.asdict(self)
+        del values["sharding_rules"]
+        return values
 
     @property
     def is_transformer(self) -> bool:
@@ -150,12 +227,177 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`config.data`: what the input pipeline reads (flash_jax.data)."""
+
+    dataset: str = "pg19"  # pg19 | wiki40b | c4
+    objective: str = "lm"  # lm | mlm
+    source: str = "local"  # tfds | local
+    data_dir: str = SHIPPED_CORPUS  # local: PG-19-layout folder/.tar.xz or folder of .txt
+    tfds_data_dir: str = ""  # tfds: TFDS data dir ("" = TFDS default)
+    vocab: str = SHIPPED_VOCAB  # "byte" or a SentencePiece model path
+    seq_len: int = 512
+    batch_size: int = 8  # global, over all hosts
+    mask_rate: float = 0.15  # mlm only
+    shuffle_buffer: int = 1024
+    prefetch: int = 2
+    # "" tokenizes on the fly; a folder (local or gs://) reads seqio's offline cache of the task
+    # there, built by scripts/cache_data.py (or seqio's cache_tasks_main; see the README). A saved
+    # config without the key (written before it existed) gets "".
+    use_cached: str = ""
+
+    def __post_init__(self):
+        for key, choices in (("dataset", DATASETS), ("objective", OBJECTIVES), ("source", SOURCES)):
+            _check_choice("data", key, getattr(self, key), choices)
+        for key in ("seq_len", "batch_size", "shuffle_buffer"):
+            _check_int("data", key, getattr(self, key))
+        _check_int("data", "prefetch", self.prefetch, low=0)
+        if self.objective == "mlm" and not 0.0 < float(self.mask_rate) < 1.0:
+            raise ValueError(f"data.mask_rate must be in (0, 1), got {self.mask_rate!r}")
+        if self.source == "local" and not self.data_dir:
+            raise ValueError("data.data_dir must name a local corpus when data.source is 'local'")
+        if not isinstance(self.use_cached, str):
+            raise ValueError(
+                f"data.use_cached must be a folder of seqio's offline cache, or empty to tokenize "
+                f"on the fly; got {self.use_cached!r}"
+            )
+
+    @classmethod
+    def from_config(cls, config: Any) -> DataConfig:
+        return _from_mapping(cls, "data", config)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`config.train`: the schedule, the optimizer, logging, evaluation and checkpoints."""
+
+    num_steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 200  # 0: no periodic evaluation
+    eval_batches: int = 8
+    eval_split: str = "validation"  # the split periodic eval reads
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    optimizer: str = "adamw"  # adamw | adafactor
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | rsqrt | constant
+    end_learning_rate_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.98
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # 0: no clipping
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train", "decay", self.decay, DECAYS)
+        for key in (
+            "num_steps",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "grad_accum_steps",
+        ):
+            _check_int("train", key, getattr(self, key))
+        for key in ("eval_every", "eval_batches", "warmup_steps"):
+            _check_int("train", key, getattr(self, key), low=0)
+        for key in ("learning_rate", "weight_decay", "grad_clip", "end_learning_rate_fraction"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"train.learning_rate must be > 0, got {self.learning_rate!r}")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates periodically."""
+        return bool(self.eval_every and self.eval_batches)
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainConfig:
+        return _from_mapping(cls, "train", config)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """`config.mesh`: the device mesh and the logical-axis rules (flash_jax/sharding.py)."""
+
+    axis_names: tuple = ("data", "fsdp", "tensor")
+    shape: tuple = (-1, 1, 1)  # -1 fills an axis with the remaining devices
+    # Logical axis name -> mesh axes: parameters and activations are annotated with logical
+    # names; this table decides data / FSDP / tensor parallelism.
+    rules: tuple = DEFAULT_RULES
+
+    def __post_init__(self):
+        if len(self.shape) != len(self.axis_names):
+            raise ValueError(
+                f"mesh.shape {self.shape} needs one entry per axis of mesh.axis_names "
+                f"{self.axis_names}"
+            )
+
+    @classmethod
+    def from_config(cls, config: Any) -> MeshConfig:
+        mesh = _from_mapping(cls, "mesh", config)
+        return dataclasses.replace(  # tuples, also when the values come from JSON
+            mesh, **{f.name: _tuples(getattr(mesh, f.name)) for f in dataclasses.fields(cls)}
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The whole config of a run; `from_config` is where a ConfigDict becomes typed."""
+
+    seed: int = 0
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.data.seq_len > self.model.max_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_len ({self.model.max_len})"
+            )
+        if self.data.batch_size % self.train.grad_accum_steps:
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be divisible by "
+                f"train.grad_accum_steps ({self.train.grad_accum_steps})"
+            )
+
+    @classmethod
+    def from_config(cls, config: Any) -> RunConfig:
+        """From the ConfigDict (or a mapping: a saved config.json); ValueError names the key."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config.items()) if hasattr(config, "items") else dict(config)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+        mesh = MeshConfig.from_config(values.get("mesh", {}))
+        return cls(
+            seed=values.get("seed", 0),
+            model=ModelConfig.from_config(values.get("model", {}), sharding_rules=mesh.rules),
+            data=DataConfig.from_config(values.get("data", {})),
+            train=TrainConfig.from_config(values.get("train", {})),
+            mesh=mesh,
+        )
+
+    def to_dict(self) -> dict:
+        """The ConfigDict's keys and values (as `config.json` and checkpoints record them)."""
+        values = dataclasses.asdict(self)
+        values["model"] = self.model.to_dict()
+        return values
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+    """The base ConfigDict (configs/base.py): every key with its default."""
+    return ml_collections.ConfigDict(RunConfig().to_dict())
+
+
 def depth_factor(name: str) -> int:
     """Layers per Transformer layer at equal size: 2 for the GAU models (two GAU layers, 3de
     parameters each with e = 2d, match one Transformer layer's 12d^2), 1 for Transformer blocks."""
     return 1 if name in TRANSFORMER_BLOCKS else 2
-
-
-def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"model.{field} must be one of {choices}, got {value!r}")

@@ -37,7 +37,7 @@ from etils import epath
 from flax import nnx
 
 from flash_jax import metrics, sharding
-from flash_jax.config import ModelConfig
+from flash_jax.config import ModelConfig, RunConfig
 from flash_jax.train import checkpoint, step
 
 # `flash_jax.data` (and `train.loop`, which imports it) pull in TensorFlow, about 10 s of import:
@@ -193,7 +193,7 @@ def restore(
 
     def restore_step(s: int) -> Restored:
         run_cfg = run_config(ckpts, s, config)
-        model_config = loop.validate_config(run_cfg)
+        model_config = RunConfig.from_config(run_cfg).model
         run_mesh = mesh
         if run_mesh is None:
             run_mesh = single_device_mesh(run_cfg) if single_device else loop.make_mesh(run_cfg)

@@ -3,7 +3,6 @@ logits), its factory `create`, and named size presets mirroring the paper's scal
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -189,12 +188,10 @@ def create(config: Any, *, rngs: nnx.Rngs, sharding_rules=DEFAULT_RULES) -> Lang
     `sharding_rules` (config.mesh.rules) map the logical names of activation constraints to mesh
     axes; parameters carry logical names too (see flash_jax.sharding.param_shardings).
     """
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_config(config)
     rules = tuple(
         (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in sharding_rules
     )
-    cfg = dataclasses.replace(cfg, sharding_rules=rules)
-    return LanguageModel(cfg, rngs=rngs)
+    return LanguageModel(ModelConfig.from_config(config, sharding_rules=rules), rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -45,6 +45,7 @@ import tensorflow as tf  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from flash_jax import data  # noqa: E402
+from flash_jax.config import DataConfig  # noqa: E402
 from flash_jax.data import pipeline, tasks  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "run config")
@@ -123,8 +124,7 @@ def write_cache(
 
 def main(argv):
     del argv
-    cfg = _CONFIG.value.data
-    tasks.check_config(cfg)
+    cfg = DataConfig.from_config(_CONFIG.value.data)
     if _DRY_RUN.value:
         name = tasks.task_name(cfg)
         print(name, os.path.join("<output_dir>", seqio.get_task_dir_from_name(name)))

@@ -34,7 +34,7 @@ if _REPO not in sys.path:  # `python scripts/replicate.py` from the repository r
 
 import numpy as np  # noqa: E402
 
-from configs import base, replicate  # noqa: E402
+from configs import replicate  # noqa: E402
 from flash_jax.config import DISPLAY_NAMES  # noqa: E402
 from scripts import benchmark  # noqa: E402 - machine description and plotting helpers
 
@@ -153,7 +153,7 @@ def run(args) -> dict:
         config = model_config(model, args.setting, args)
         workdir = os.path.join(args.workdir, model)
         print(f"== {LABELS.get(model, model)}: training in {workdir}", flush=True)
-        summary = loop.train_and_evaluate(config, workdir, reference=base.get_config())
+        summary = loop.train_and_evaluate(config, workdir)
         if summary["status"] != "done":
             raise RuntimeError(f"{model}: training stopped early ({summary['status']})")
         curve = read_curve(workdir)

@@ -15,7 +15,7 @@ sys.path.insert(0, REPO)
 
 from configs import base, paper, replicate  # noqa: E402
 from flash_jax import data, models  # noqa: E402
-from flash_jax.config import ModelConfig  # noqa: E402
+from flash_jax.config import ModelConfig, RunConfig  # noqa: E402
 from flash_jax.data import sources  # noqa: E402
 from flash_jax.train import loop  # noqa: E402
 
@@ -45,7 +45,7 @@ def test_one_file_per_paper_experiment():
 def test_config_loads_and_validates(path):
     config = load(path).get_config()
     ModelConfig.from_config(config.model)
-    loop.validate_config(config, reference=base.get_config())
+    RunConfig.from_config(config)
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
@@ -60,7 +60,7 @@ def test_paper_config_takes_the_context_length(path):
         assert (config.data.objective == "mlm") == (dataset == "c4") == (not config.model.causal)
         assert config.data.source == "tfds" and config.data.vocab == base.T5_VOCAB
         assert config.model.dtype == "bfloat16" and config.train.num_steps == 125_000
-        loop.validate_config(config, reference=base.get_config())
+        RunConfig.from_config(config)
     with pytest.raises(ValueError, match="context length must be one of"):
         module.get_config("1000")
     with pytest.raises(ValueError, match="context length must be one of"):
@@ -92,7 +92,7 @@ def test_quickstart_sweep_overrides_existing_keys():
             section, name = key.split(".")
             assert name in config[section], key
             config[section][name] = value
-        loop.validate_config(config, reference=base.get_config())
+        RunConfig.from_config(config)
 
 
 # ----------------------------------------------------------------------------- sizes and smoke
@@ -107,7 +107,7 @@ def test_paper_config_argument_takes_every_size_and_smoke():
         config = paper.paper_config("flash", "pg19", f"512,{size}")
         assert (config.model.num_layers, config.model.d_model) == (2 * layers, d_model)
         assert config.data.source == "tfds"  # a size alone keeps the paper's data
-        loop.validate_config(config, reference=base.get_config())
+        RunConfig.from_config(config)
     for bad in ("512,512", "smoke,smoke", "tiny,small", "512,", "huge", "8192,large,x"):
         with pytest.raises(ValueError, match="context length must be one of"):
             paper.parse_arg(bad)
@@ -127,7 +127,7 @@ def test_smoke_scale_runs_on_the_shipped_corpus(path):
     assert data.get_vocabulary(d).vocab_size <= m.vocab_size == 4096
     assert m.dtype == "float32" and d.batch_size * d.seq_len == paper.SMOKE_TOKENS_PER_BATCH
     assert t.warmup_steps <= t.num_steps // 10 and t.num_steps <= 200
-    loop.validate_config(config, reference=base.get_config())
+    RunConfig.from_config(config)
     data.check_reachable(d)
     assert load(path).get_config("8192,smoke").data.batch_size == 1
 
@@ -192,9 +192,7 @@ def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path):
 def test_training_on_unreachable_data_stops_before_writing(tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match="cannot reach the config's data"):
-        loop.train_and_evaluate(
-            headline_config_offline(tmp_path), str(workdir), reference=base.get_config()
-        )
+        loop.train_and_evaluate(headline_config_offline(tmp_path), str(workdir))
     assert not workdir.exists()
 
 
@@ -218,7 +216,7 @@ def test_replicate_settings_compare_models_of_equal_size(setting):
     counts = {}
     for model in replicate.SETTINGS[setting]["models"]:
         config = replicate.get_config(f"{model},{setting}")
-        loop.validate_config(config, reference=base.get_config())
+        RunConfig.from_config(config)
         abstract = nnx.eval_shape(lambda c=config: models.create(c.model, rngs=nnx.Rngs(0)))
         counts[model] = models.count_params(abstract)
         assert config.data.seq_len * config.data.batch_size == (

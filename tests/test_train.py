@@ -164,7 +164,7 @@ def straight_run(tmp_path_factory):
     mp.setattr(data, "InputPipeline", SyntheticPipeline)
     mp.setattr(loop, "peak_flops_per_device", lambda: FAKE_PEAK_FLOPS)  # so MFU is reported
     workdir = str(tmp_path_factory.mktemp("straight"))
-    summary = loop.train_and_evaluate(tiny_config(), workdir, reference=base.get_config())
+    summary = loop.train_and_evaluate(tiny_config(), workdir)
     mp.undo()
     return workdir, summary
 
@@ -276,7 +276,7 @@ def test_workdir_with_other_model_is_refused(straight_run, tmp_path):
     "change, message",
     [
         (lambda c: c.train.update({"bogus": 1}), r"unknown config key\(s\): train.bogus"),
-        (lambda c: c.model.update({"chunk_sz": 1}), r"unknown model config key\(s\): chunk_sz"),
+        (lambda c: c.model.update({"chunk_sz": 1}), r"unknown config key\(s\): model.chunk_sz"),
         (lambda c: c.data.update({"batch_size": 12}), r"data.batch_size \(12\).*data-parallel"),
         (lambda c: c.train.update({"grad_accum_steps": 3}), r"data.batch_size \(8\).*grad_accum"),
         (lambda c: c.data.update({"seq_len": 64}), r"data.seq_len \(64\) exceeds model.max_len"),
@@ -290,7 +290,7 @@ def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
     change(config)
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
-        loop.train_and_evaluate(config, workdir, reference=base.get_config())
+        loop.train_and_evaluate(config, workdir)
     assert not os.path.exists(workdir)  # failed before writing anything
 
 

@@ -9,21 +9,11 @@
 Importing registers the standard seqio tasks (see tasks.register_standard_tasks).
 """
 
+from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, T5_VOCAB
 from flash_jax.data.pipeline import FEATURES, InputPipeline, check_split, split_statistics
-from flash_jax.data.tasks import (
-    SHIPPED_CORPUS,
-    check_config,
-    check_reachable,
-    get_task,
-    task_name,
-)
+from flash_jax.data.tasks import check_reachable, get_task, task_name
 from flash_jax.data.tasks import register_standard_tasks as _register_standard_tasks
-from flash_jax.data.vocabularies import (
-    SHIPPED_VOCAB,
-    T5_VOCAB,
-    get_vocabulary,
-    mlm_mask_spec,
-)
+from flash_jax.data.vocabularies import get_vocabulary, mlm_mask_spec
 
 STANDARD_TASKS = tuple(_register_standard_tasks())
 
@@ -34,7 +24,6 @@ __all__ = [
     "SHIPPED_VOCAB",
     "STANDARD_TASKS",
     "T5_VOCAB",
-    "check_config",
     "check_reachable",
     "check_split",
     "get_task",

@@ -65,6 +65,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from flash_jax import sharding
+from flash_jax.config import DataConfig
 from flash_jax.data import preprocessors, sources, tasks
 
 FEATURES = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -152,8 +153,7 @@ def host_layout(
     objective, source, corpus path, vocabulary); documents in the split; seq_len; shuffle_buffer;
     use_cached. Raises ValueError for a bad config, split or host index (one line).
     """
-    cfg = data_config
-    tasks.check_config(cfg)
+    cfg = DataConfig.from_config(data_config)
     _check_split(cfg, split)
     if num_shards is None:
         num_shards = jax.process_count()
@@ -249,7 +249,7 @@ class InputPipeline:
         num_shards: int | None = None,
         rules: sharding.Rules = sharding.DEFAULT_RULES,
     ):
-        cfg = data_config
+        cfg = DataConfig.from_config(data_config)
         self.layout = host_layout(
             cfg, seed=seed, split=split, shard_index=shard_index, num_shards=num_shards
         )
@@ -463,8 +463,7 @@ def split_statistics(data_config, split: str) -> dict[str, int]:
     dropped). Words are runs of non-whitespace (TF's ASCII whitespace split, as `str.split()` on
     ASCII text). Cached per process.
     """
-    cfg = data_config
-    tasks.check_config(cfg)
+    cfg = DataConfig.from_config(data_config)
     _check_split(cfg, split)
     data_dir = tasks._local_path(cfg.data_dir) if cfg.source == "local" else ""
     return dict(_split_statistics(cfg.dataset, cfg.source, data_dir, cfg.tfds_data_dir, split))

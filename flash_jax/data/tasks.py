@@ -23,50 +23,18 @@ import functools
 import hashlib
 import os
 
-import ml_collections
 import seqio
 
+from flash_jax.config import DATASETS, SHIPPED_CORPUS, SHIPPED_VOCAB, T5_VOCAB, DataConfig
 from flash_jax.data import preprocessors, sources, vocabularies
-
-DATASETS = ("pg19", "wiki40b", "c4")
-OBJECTIVES = ("lm", "mlm")
-SOURCES = ("tfds", "local")
-SHIPPED_CORPUS = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "corpora", "austen-pg19.tar.xz"
-)
-
-
-def check_config(cfg) -> None:
-    """ValueError naming the key for any unknown or invalid `config.data` value."""
-    for key, choices in (("dataset", DATASETS), ("objective", OBJECTIVES), ("source", SOURCES)):
-        value = getattr(cfg, key)
-        if value not in choices:
-            raise ValueError(f"data.{key} must be one of {choices}, got {value!r}")
-    for key in ("seq_len", "batch_size", "shuffle_buffer"):
-        value = getattr(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
-    if not isinstance(cfg.prefetch, int) or cfg.prefetch < 0:
-        raise ValueError(f"data.prefetch must be a non-negative integer, got {cfg.prefetch!r}")
-    if cfg.objective == "mlm" and not 0.0 < float(cfg.mask_rate) < 1.0:
-        raise ValueError(f"data.mask_rate must be in (0, 1), got {cfg.mask_rate!r}")
-    if cfg.source == "local" and not cfg.data_dir:
-        raise ValueError("data.data_dir must name a local corpus when data.source is 'local'")
-    if not isinstance(cfg.get("use_cached", ""), str):
-        raise ValueError(
-            f"data.use_cached must be a folder of seqio's offline cache, or empty to tokenize on "
-            f"the fly; got {cfg.use_cached!r}"
-        )
 
 
 # ----------------------------------------------------------------------------- offline cache
 
 
 def cache_dir(cfg) -> str:
-    """`data.use_cached`: the folder holding seqio's offline cache of the config's task, or "".
-
-    A config without the key (written before it existed) tokenizes on the fly."""
-    return cfg.get("use_cached", "") or ""
+    """`data.use_cached`: the folder holding seqio's offline cache of the config's task, or ""."""
+    return DataConfig.from_config(cfg).use_cached
 
 
 def cached_task_dir(cfg) -> str:
@@ -112,7 +80,7 @@ def check_reachable(cfg) -> None:
         if reason:
             problems.append(
                 f"data.vocab {cfg.vocab!r} ({reason}) -> "
-                f"--config.data.vocab={_shown(vocabularies.SHIPPED_VOCAB)} (the shipped one)"
+                f"--config.data.vocab={_shown(SHIPPED_VOCAB)} (the shipped one)"
             )
     if cfg.source == "local":
         reason = _unreadable(str(cfg.data_dir))
@@ -199,7 +167,7 @@ def task_name(cfg) -> str:
 
 def get_task(cfg) -> seqio.Task:
     """The seqio Task for a `config.data`, registered under `task_name(cfg)` on first use."""
-    check_config(cfg)
+    cfg = DataConfig.from_config(cfg)
     name = task_name(cfg)
     if name not in seqio.TaskRegistry.names():
         vocab = vocabularies.get_vocabulary(cfg)
@@ -275,27 +243,14 @@ def register_standard_tasks() -> list[str]:
     """
 
     def cfg(**kw):
-        base = dict(
-            dataset="pg19",
-            objective="lm",
-            source="tfds",
-            data_dir="",
-            tfds_data_dir="",
-            vocab=vocabularies.T5_VOCAB,
-            seq_len=512,
-            batch_size=8,
-            mask_rate=0.15,
-            shuffle_buffer=1024,
-            prefetch=2,
-        )
-        return ml_collections.ConfigDict({**base, **kw})
+        return DataConfig(**{"source": "tfds", "data_dir": "", "vocab": T5_VOCAB, **kw})
 
     configs = []
-    for vocab in (vocabularies.T5_VOCAB, "byte"):
+    for vocab in (T5_VOCAB, "byte"):
         for dataset in DATASETS:
             configs.append(cfg(dataset=dataset, vocab=vocab))
         configs.append(cfg(dataset="c4", objective="mlm", vocab=vocab))
-    for vocab in (vocabularies.SHIPPED_VOCAB, "byte"):
+    for vocab in (SHIPPED_VOCAB, "byte"):
         configs.append(cfg(source="local", data_dir=SHIPPED_CORPUS, vocab=vocab))
     names = []
     for c in configs:

@@ -20,10 +20,8 @@ import seqio
 import tensorflow as tf
 from sentencepiece import sentencepiece_model_pb2
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# The same paths as configs/base.py (SHIPPED_VOCAB, T5_VOCAB); a test keeps them equal.
-SHIPPED_VOCAB = os.path.join(_HERE, "vocabs", "austen_spm_4k.model")
-T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+from flash_jax.config import T5_VOCAB
+
 MASK_PIECE = "<mask>"
 # SentencePiece models known not to hold a <mask> piece: no need to read them to decide.
 _KNOWN_WITHOUT_MASK = (T5_VOCAB,)

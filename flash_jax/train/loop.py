@@ -15,8 +15,8 @@ from absl import logging
 from etils import epath
 
 from flash_jax import data, flops, metrics, sharding
-from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, optim, report, signals, step
+from flash_jax.config import RunConfig
+from flash_jax.train import checkpoint, report, signals, step
 from flash_jax.train import workdir as workdir_lib
 
 CONFIG_FILE = "config.json"
@@ -27,66 +27,7 @@ class NonFiniteLossError(RuntimeError):
     whose own loss is finite."""
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _unknown_keys(config, reference, prefix="") -> list[str]:
-    unknown = []
-    for key in config.keys():
-        path = f"{prefix}{key}"
-        if key not in reference:
-            unknown.append(path)
-        elif hasattr(config[key], "keys") and hasattr(reference[key], "keys") and key != "model":
-            unknown += _unknown_keys(config[key], reference[key], prefix=f"{path}.")
-    return unknown
-
-
-def validate_config(config, reference=None) -> ModelConfig:
-    """Checks everything that can be checked without devices or data; ValueError names the key.
-
-    `reference` (e.g. `configs.base.get_config()`) lets unknown keys fail too; `model.*` keys
-    are checked by `ModelConfig.from_config`.
-    """
-    if reference is not None:
-        unknown = _unknown_keys(config, reference)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-    model_config = ModelConfig.from_config(config.model)
-    data.check_config(config.data)
-    t = config.train
-    if t.optimizer not in optim.OPTIMIZERS:
-        raise ValueError(f"train.optimizer must be one of {optim.OPTIMIZERS}, got {t.optimizer!r}")
-    if t.decay not in optim.DECAYS:
-        raise ValueError(f"train.decay must be one of {optim.DECAYS}, got {t.decay!r}")
-    for key, low in (
-        ("num_steps", 1),
-        ("log_every", 1),
-        ("checkpoint_every", 1),
-        ("keep_checkpoints", 1),
-        ("grad_accum_steps", 1),
-        ("eval_every", 0),
-        ("eval_batches", 0),
-        ("warmup_steps", 0),
-    ):
-        value = t[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"train.{key} must be an integer >= {low}, got {value!r}")
-    for key in ("learning_rate", "weight_decay", "grad_clip", "end_learning_rate_fraction"):
-        if not t[key] >= 0:
-            raise ValueError(f"train.{key} must be >= 0, got {t[key]!r}")
-    if not t.learning_rate > 0:
-        raise ValueError(f"train.learning_rate must be > 0, got {t.learning_rate!r}")
-    d = config.data
-    if d.seq_len > model_config.max_len:
-        raise ValueError(
-            f"data.seq_len ({d.seq_len}) exceeds model.max_len ({model_config.max_len})"
-        )
-    if d.batch_size % t.grad_accum_steps:
-        raise ValueError(
-            f"data.batch_size ({d.batch_size}) must be divisible by train.grad_accum_steps "
-            f"({t.grad_accum_steps})"
-        )
-    return model_config
+# ----------------------------------------------------------------------------- checks
 
 
 def check_mesh_fit(config, mesh) -> None:
@@ -146,10 +87,6 @@ def initialize_distributed() -> bool:
 # ----------------------------------------------------------------------------- helpers
 
 
-def config_to_dict(config) -> dict:
-    return json.loads(config.to_json_best_effort())
-
-
 def evaluate(config, fns, params, rest) -> dict:
     """Perplexity over `train.eval_batches` batches of the eval split (all of it if smaller)."""
     nll_sum, weight_sum = jnp.float32(0), jnp.float32(0)
@@ -177,7 +114,7 @@ def evaluate(config, fns, params, rest) -> dict:
 
 
 def train_and_evaluate(
-    config, workdir: str, *, reference=None, hooks: Sequence[Callable[[int], None]] = ()
+    config, workdir: str, *, hooks: Sequence[Callable[[int], None]] = ()
 ) -> dict:
     """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -192,7 +129,8 @@ def train_and_evaluate(
     step (tests use them).
     """
     # ---- everything that can fail on bad input, before any compile or write
-    model_config = validate_config(config, reference)
+    config = RunConfig.from_config(config)  # unknown keys and bad values: ValueError
+    model_config = config.model
     data.check_reachable(config.data)  # vocabulary, corpus, TFDS data: one line if unreachable
     mesh = make_mesh(config)
     check_mesh_fit(config, mesh)
@@ -218,7 +156,7 @@ def train_and_evaluate(
         ckpts = checkpoint.Checkpoints(workdir, t.keep_checkpoints)
         stack.callback(ckpts.close)
         latest = ckpts.check_compatible(model_config)
-        resolved = config_to_dict(config)
+        resolved = config.to_dict()
         if is_main:
             (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
         with jax.set_mesh(mesh):

@@ -8,9 +8,8 @@ import optax
 from flax import nnx
 
 from flash_jax import sharding
+from flash_jax.config import DECAYS, OPTIMIZERS
 
-OPTIMIZERS = ("adamw", "adafactor")
-DECAYS = ("cosine", "linear", "rsqrt", "constant")
 # Parameters whose path contains one of these are norms, biases or per-dimension scales/offsets
 # (the GAU's gamma/beta): no weight decay, as in BERT/T5-era practice.
 _NO_DECAY_NAMES = ("norm", "bias", "scale", "gamma", "beta", "offset")
