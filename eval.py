@@ -129,8 +129,10 @@ def main(argv):
             )
             jobs.append((workdir, ckpts, steps))
         configs = [evaluation.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
+        from flash_jax import data  # TensorFlow: imported once the cheaper checks passed
+
         for config in configs:
-            evaluation.check_split(config.data, _SPLIT.value)
+            data.check_data(config.data, [_SPLIT.value])
     except ValueError as e:
         _error(str(e))
 

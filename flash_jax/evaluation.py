@@ -234,13 +234,6 @@ def single_device_mesh(config) -> jax.sharding.Mesh:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def check_split(data_config, split: str) -> None:
-    """ValueError now (before any restore or compile) if the dataset lacks `split`."""
-    from flash_jax import data
-
-    data.check_split(data_config, split)
-
-
 # Batches per (task, split, seq_len, batch size), learned from a finished pass: later passes in the
 # same process (e.g. --all_steps) can show progress against a known total.
 _BATCH_COUNTS: dict[tuple, int] = {}

@@ -128,7 +128,7 @@ def test_smoke_scale_runs_on_the_shipped_corpus(path):
     assert m.dtype == "float32" and d.batch_size * d.seq_len == paper.SMOKE_TOKENS_PER_BATCH
     assert t.warmup_steps <= t.num_steps // 10 and t.num_steps <= 200
     RunConfig.from_config(config)
-    data.check_reachable(d)
+    data.check_data(d)
     assert load(path).get_config("8192,smoke").data.batch_size == 1
 
 
@@ -174,7 +174,7 @@ def headline_config_offline(tmp_path):
 def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path):
     config = headline_config_offline(tmp_path)
     with pytest.raises(ValueError) as error:
-        data.check_reachable(config.data)
+        data.check_data(config.data)
     message = str(error.value)
     assert "\n" not in message
     assert "data.vocab 'nope://t5-data/vocabs/sentencepiece.model' (" in message
@@ -186,7 +186,7 @@ def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path):
 
     config.data.update(source="local", data_dir=str(tmp_path / "missing"), vocab="byte")
     with pytest.raises(ValueError, match=r"data.data_dir '.*missing' \(does not exist\) -> "):
-        data.check_reachable(config.data)
+        data.check_data(config.data)
 
 
 def test_training_on_unreachable_data_stops_before_writing(tmp_path):
@@ -205,8 +205,8 @@ def test_prepared_tfds_data_and_local_data_are_reachable(tmp_path):
     builder = tfds.builder(sources.TFDS_DATASETS["pg19"]["name"], data_dir=str(tmp_path))
     os.makedirs(builder.data_dir)
     builder.info.write_to_directory(builder.data_dir)
-    data.check_reachable(config.data)
-    data.check_reachable(base.get_config().data)  # the shipped corpus and vocabulary
+    data.check_data(config.data)
+    data.check_data(base.get_config().data)  # the shipped corpus and vocabulary
 
 
 @pytest.mark.parametrize("setting", sorted(replicate.SETTINGS))

@@ -472,7 +472,7 @@ def test_every_document_is_trained_on_or_named(tmp_path, caplog, monkeypatch):
     with pytest.raises(
         ValueError, match=r"split 'validation' .* no readable text: .*4.txt is empty; .*5.txt is"
     ):
-        data.check_split(byte_cfg(bad), "validation")
+        data.check_data(byte_cfg(bad), ["validation"])
 
 
 def test_bytes_cp1252_leaves_undefined_fall_back_to_latin1(tmp_path):

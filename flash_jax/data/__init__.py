@@ -5,13 +5,15 @@
     pipe = data.InputPipeline(config.data, split="train", mesh=mesh, seed=0)
     batch = next(pipe)   # inputs, targets, weights, segment_ids, positions: [batch, seq_len]
     stats = data.split_statistics(config.data, "validation")  # documents, bytes, words
+    data.check_data(config.data, ["train"])  # one line now if the data cannot be read
 
 Importing registers the standard seqio tasks (see tasks.register_standard_tasks).
 """
 
 from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, T5_VOCAB
-from flash_jax.data.pipeline import FEATURES, InputPipeline, check_split, split_statistics
-from flash_jax.data.tasks import check_reachable, get_task, task_name
+from flash_jax.data.checks import check_data
+from flash_jax.data.pipeline import FEATURES, InputPipeline, split_statistics
+from flash_jax.data.tasks import get_task, task_name
 from flash_jax.data.tasks import register_standard_tasks as _register_standard_tasks
 from flash_jax.data.vocabularies import get_vocabulary, mlm_mask_spec
 
@@ -24,8 +26,7 @@ __all__ = [
     "SHIPPED_VOCAB",
     "STANDARD_TASKS",
     "T5_VOCAB",
-    "check_reachable",
-    "check_split",
+    "check_data",
     "get_task",
     "get_vocabulary",
     "mlm_mask_spec",

@@ -449,13 +449,6 @@ class InputPipeline:
         self.close()
 
 
-def check_split(data_config, split: str) -> None:
-    """ValueError (one line, naming the key or path) now, before a run writes or compiles
-    anything, if `split` cannot be read: a missing folder or dataset, a bad metadata.csv, a split
-    without readable text. Builds the split's pipeline without reading a batch."""
-    InputPipeline(data_config, split, shuffle=False, repeat=False).close()
-
-
 def split_statistics(data_config, split: str) -> dict[str, int]:
     """Documents, UTF-8 bytes and whitespace-separated words of a split's raw text.
 

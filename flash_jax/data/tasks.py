@@ -28,7 +28,6 @@ import seqio
 from flash_jax.config import DATASETS, SHIPPED_CORPUS, SHIPPED_VOCAB, T5_VOCAB, DataConfig
 from flash_jax.data import preprocessors, sources, vocabularies
 
-
 # ----------------------------------------------------------------------------- offline cache
 
 
@@ -68,70 +67,6 @@ def cached_documents(cfg, split: str) -> int:
         return int(task.get_cached_stats(split)["examples"])
     except ValueError as e:
         raise ValueError(f"data.use_cached: split {split!r} is not in {where}; {build}") from e
-
-
-def check_reachable(cfg) -> None:
-    """ValueError, one line naming the keys to override and what to pass, if this machine cannot
-    reach the vocabulary, the local corpus or the TFDS dataset of a `config.data` (offline: T5's
-    vocabulary on gs://, a TFDS dataset never prepared). Reads metadata only: seconds."""
-    problems = []
-    if str(cfg.vocab) != "byte":
-        reason = _unreadable(str(cfg.vocab))
-        if reason:
-            problems.append(
-                f"data.vocab {cfg.vocab!r} ({reason}) -> "
-                f"--config.data.vocab={_shown(SHIPPED_VOCAB)} (the shipped one)"
-            )
-    if cfg.source == "local":
-        reason = _unreadable(str(cfg.data_dir))
-        if reason:
-            problems.append(
-                f"data.data_dir {cfg.data_dir!r} ({reason}) -> --config.data.data_dir=<a "
-                f"PG-19-layout folder, a .tar.xz of one or a folder of .txt> (default: "
-                f"{_shown(SHIPPED_CORPUS)})"
-            )
-    else:
-        reason = _tfds_unprepared(cfg)
-        if reason:
-            problems.append(
-                f"{reason} -> --config.data.tfds_data_dir=<the folder or gs:// bucket where it "
-                "is prepared>, or --config.data.source=local (the shipped corpus)"
-            )
-    if problems:
-        raise ValueError(
-            f"this machine cannot reach the config's data: {'; '.join(problems)}. The paper "
-            "configs train small on the shipped corpus with ':smoke' (configs/pg19_flash.py:smoke)"
-        )
-
-
-def _unreadable(path: str) -> str | None:
-    """Why `path` (local or gs://) cannot be read, or None if it exists."""
-    import tensorflow as tf
-
-    try:
-        return None if tf.io.gfile.exists(os.path.expanduser(path)) else "does not exist"
-    except tf.errors.OpError as e:  # e.g. offline: no route to GCS
-        return e.message.splitlines()[0]
-
-
-def _tfds_unprepared(cfg) -> str | None:
-    """Why the TFDS dataset of `cfg` cannot be read, or None if it is prepared."""
-    import tensorflow_datasets as tfds
-
-    name = sources.TFDS_DATASETS[cfg.dataset]["name"]
-    try:
-        builder = tfds.builder(name, data_dir=cfg.tfds_data_dir or None)
-        if builder.is_prepared():
-            return None
-        return f"TFDS {name} is not prepared in {builder.data_dir}"
-    except Exception as e:  # noqa: BLE001 - any failure here means: cannot be read
-        return f"TFDS {name} cannot be read ({str(e).splitlines()[0]})"
-
-
-def _shown(path: str) -> str:
-    """`path` relative to the working directory when it is inside it (shorter to copy)."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
 
 
 def _short_hash(text: str) -> str:

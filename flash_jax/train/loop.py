@@ -42,26 +42,6 @@ def check_mesh_fit(config, mesh) -> None:
         )
 
 
-def check_vocabulary(config) -> int:
-    """The data vocabulary must fit in the model's embedding table."""
-    vocab_size = data.get_vocabulary(config.data).vocab_size
-    if vocab_size > config.model.vocab_size:
-        raise ValueError(
-            f"model.vocab_size ({config.model.vocab_size}) is smaller than the data vocabulary "
-            f"({vocab_size} tokens, data.vocab={config.data.vocab!r})"
-        )
-    return vocab_size
-
-
-def check_data(config) -> None:
-    """Every split the run reads exists and holds readable text (ValueError naming the path)."""
-    splits = ["train"]
-    if config.train.eval_every and config.train.eval_batches:
-        splits.append(config.train.eval_split)
-    for split in splits:
-        data.check_split(config.data, split)
-
-
 def make_mesh(config):
     return sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
 
@@ -131,12 +111,11 @@ def train_and_evaluate(
     # ---- everything that can fail on bad input, before any compile or write
     config = RunConfig.from_config(config)  # unknown keys and bad values: ValueError
     model_config = config.model
-    data.check_reachable(config.data)  # vocabulary, corpus, TFDS data: one line if unreachable
+    t = config.train
+    splits = ["train", t.eval_split] if t.evaluates else ["train"]
+    data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
     check_mesh_fit(config, mesh)
-    check_vocabulary(config)
-    check_data(config)
-    t = config.train
     is_main = jax.process_index() == 0
     workdir_lib.prepare(workdir)  # local or gs://
     # Before the checkpoint manager, which removes unfinished saves: they could be another run's.
