@@ -21,36 +21,28 @@ Byte and word figures need the whole split; with `max_batches` they are None.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx
 
-from flash_jax import metrics, sharding
+from flash_jax import metrics, results, sharding
 from flash_jax.config import ModelConfig, RunConfig
 from flash_jax.train import checkpoint, step
 
 # `flash_jax.data` (and `train.loop`, which imports it) pull in TensorFlow, about 10 s of import:
 # they are imported where the data is needed, so that a bad workdir, step or config fails fast.
 
-EVAL_DIR = "eval"
-RUN_CONFIG_FILE = "config.json"  # written by train.loop (loop.CONFIG_FILE)
-RESULTS_FILE = "results.jsonl"
 # Datasets whose papers quote word-level perplexity.
 WORD_LEVEL_DATASETS = ("pg19",)
-
-
-# ----------------------------------------------------------------------------- console
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -90,7 +82,7 @@ def run_config(ckpts: ReadOnlyCheckpoints, step: int, config=None) -> ml_collect
     if config is None:
         saved = meta.get("config")
         if saved is None:
-            path = epath.Path(ckpts.directory).parent / RUN_CONFIG_FILE
+            path = epath.Path(ckpts.directory).parent / results.CONFIG_FILE
             if not path.exists():
                 raise ValueError(
                     f"checkpoint {step} in {ckpts.directory} holds no run config and there is "
@@ -333,167 +325,11 @@ def evaluate_split(
         result["bits_per_byte"] = metrics.bits_per_byte(nll_sum, stats["bytes"])
         if cfg.dataset in WORD_LEVEL_DATASETS:
             result["words"] = stats["words"]
-            result["word_perplexity"] = word_perplexity(nll_sum, stats["words"])
+            result["word_perplexity"] = metrics.perplexity(nll_sum, stats["words"])
     elif cfg.dataset in WORD_LEVEL_DATASETS and cfg.objective == "lm":
         result["words"] = None
         result["word_perplexity"] = None
-    train_time = training_time(run.workdir)
+    train_time = results.training_time(run.workdir)
     if train_time is not None:
         result["train_seconds"] = train_time(run.step)
     return result
-
-
-def word_perplexity(nll_sum: float, num_words: int) -> float:
-    """exp(total NLL / words): the per-word perplexity of PG-19 papers."""
-    if num_words <= 0:
-        return math.nan
-    mean = float(nll_sum) / num_words
-    return math.exp(mean) if mean < 700 else math.inf
-
-
-# ----------------------------------------------------------------------------- results on disk
-
-
-def results_path(workdir: str) -> epath.Path:
-    return epath.Path(workdir) / EVAL_DIR / RESULTS_FILE  # local or gs://
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no nan / inf literals
-    return value
-
-
-def result_json(result: dict) -> str:
-    return json.dumps({k: _json_safe(v) for k, v in result.items()})
-
-
-def append_result(workdir: str, result: dict) -> str:
-    """Appends one line to `workdir/eval/results.jsonl` (main process only); returns its path."""
-    path = results_path(workdir)
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(result_json(result) + "\n")
-    return str(path)
-
-
-def read_results(workdir: str) -> list[dict]:
-    path = results_path(workdir)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
-    """The results of `workdir` for one setting, one per step (the latest), sorted by step.
-
-    Includes earlier evaluations of checkpoints that have since been deleted, so a run evaluated
-    now and then gets a full curve although only the last K checkpoints are kept.
-    """
-    by_step = {}
-    for r in read_results(workdir):
-        if (r.get("split"), r.get("seq_len"), r.get("max_batches")) == (
-            split,
-            seq_len,
-            max_batches,
-        ):
-            by_step[r["step"]] = r
-    return [by_step[s] for s in sorted(by_step)]
-
-
-# ----------------------------------------------------------------------------- training time
-
-
-def training_time(workdir: str) -> Callable[[int], float | None] | None:
-    """step -> seconds of training up to that step, from the run's metrics.jsonl.
-
-    Sums `step_time` (seconds per step, without eval and checkpoint pauses) over the logged
-    windows, so restarts and pauses do not count; None when the run logged no step times. Steps
-    after the last logged one give None.
-    """
-    path = epath.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        step_time = record.get("step_time")
-        # A non-positive step time is a timing glitch, not a measurement: skip it.
-        if isinstance(step_time, (int, float)) and step_time > 0:
-            by_step[int(record["step"])] = float(step_time)  # resumed: last wins
-    if not by_step:
-        return None
-    steps = np.array([0] + sorted(by_step), np.float64)
-    per_step = np.array([by_step[int(s)] for s in steps[1:]])
-    cumulative = np.concatenate([[0.0], np.cumsum(np.diff(steps) * per_step)])
-
-    def at(step_number: int) -> float | None:
-        if step_number > steps[-1]:
-            return None
-        return float(np.interp(step_number, steps, cumulative))
-
-    return at
-
-
-# ----------------------------------------------------------------------------- plot
-
-
-def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, title: str = "") -> str:
-    """Perplexity against step (and against training time where known), one line per run.
-
-    `curves` is [(label, results sorted by step)]. Word-level perplexity is plotted when every
-    point has it (PG-19), else token-level. Writes a PNG at `path`.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    points = [r for _, rs in curves for r in rs]
-    if not points:
-        raise ValueError("nothing to plot: no evaluation results")
-    key = "word_perplexity" if all(r.get("word_perplexity") for r in points) else "perplexity"
-    ylabel = "word-level perplexity" if key == "word_perplexity" else "token perplexity"
-    timed = any(r.get("train_seconds") is not None for r in points)
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
-    ax_step = axes[0, 0]
-    for label, results in curves:
-        xs = [r["step"] for r in results]
-        ys = [float(r[key]) for r in results]
-        (line,) = ax_step.plot(xs, ys, marker="o", label=label)
-        if timed:
-            pairs = [(r["train_seconds"], float(r[key])) for r in results if r.get("train_seconds")]
-            if pairs:
-                hours = [t / 3600 for t, _ in pairs]
-                axes[0, 1].plot(hours, [y for _, y in pairs], marker="o", color=line.get_color())
-    ax_step.set_xlabel("training step")
-    ax_step.set_ylabel(ylabel)
-    if timed:
-        axes[0, 1].set_xlabel("training time (hours, excluding eval and checkpoint pauses)")
-        axes[0, 1].set_ylabel(ylabel)
-    values = [float(r[key]) for r in points]
-    # Log scale when the curves span a wide range (early checkpoints), plain numbers either way.
-    wide = min(values) > 0 and max(values) / min(values) > 3
-    plain = ticker.FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 1000 else f"{y:.4g}")
-    for ax in axes[0]:
-        ax.grid(True, alpha=0.3)
-        if wide:
-            ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if wide else ticker.NullFormatter())
-    ax_step.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax_step.legend()
-    fig.suptitle(title or ylabel)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    out = epath.Path(path)  # local or gs://
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png.getvalue())
-    return path

@@ -35,6 +35,7 @@ if _REPO not in sys.path:  # `python scripts/replicate.py` from the repository r
 import numpy as np  # noqa: E402
 
 from configs import replicate  # noqa: E402
+from flash_jax import results  # noqa: E402
 from flash_jax.config import DISPLAY_NAMES  # noqa: E402
 from scripts import benchmark  # noqa: E402 - machine description and plotting helpers
 
@@ -43,46 +44,6 @@ LABELS = DISPLAY_NAMES
 
 
 # ----------------------------------------------------------------------------- curves
-
-
-def read_curve(workdir: str) -> dict:
-    """Eval points of one run from its `metrics.jsonl`: step, training time (s), perplexity.
-
-    A resumed run may log a step twice; the last record of each step wins.
-    """
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise ValueError(f"no metrics.jsonl in workdir {workdir!r}")
-    train, evals = {}, {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if "eval_perplexity" in record:
-                evals[record["step"]] = record
-            elif record.get("step_time") is not None:
-                train[record["step"]] = record
-    if not evals:
-        raise ValueError(f"{path} has no eval records (is train.eval_every > 0?)")
-    if not train:
-        raise ValueError(f"{path} has no training records with a step_time")
-    train_steps = sorted(train)
-    # Cumulative training time at each logged step: each window's mean step time times its steps.
-    cum_time, previous, elapsed = [0.0], 0, 0.0
-    for s in train_steps:
-        elapsed += float(train[s]["step_time"]) * (s - previous)
-        cum_time.append(elapsed)
-        previous = s
-    eval_steps = sorted(evals)
-    times = np.interp(eval_steps, [0] + train_steps, cum_time)
-    return {
-        "step": [int(s) for s in eval_steps],
-        "train_time_s": [float(t) for t in times],
-        "eval_perplexity": [float(evals[s]["eval_perplexity"]) for s in eval_steps],
-        "eval_loss": [float(evals[s]["eval_loss"]) for s in eval_steps],
-        "train_loss": [float(train[s]["loss"]) for s in train_steps],
-        "train_loss_step": [int(s) for s in train_steps],
-        "mean_step_time_s": elapsed / train_steps[-1],
-    }
 
 
 def first_reach(xs, perplexities, target: float) -> float | None:
@@ -148,7 +109,7 @@ def count_params(config) -> int:
 def run(args) -> dict:
     from flash_jax.train import loop
 
-    results = {}
+    trained = {}
     for model in args.models:
         config = model_config(model, args.setting, args)
         workdir = os.path.join(args.workdir, model)
@@ -156,8 +117,8 @@ def run(args) -> dict:
         summary = loop.train_and_evaluate(config, workdir)
         if summary["status"] != "done":
             raise RuntimeError(f"{model}: training stopped early ({summary['status']})")
-        curve = read_curve(workdir)
-        results[model] = {
+        curve = results.training_curve(workdir)
+        trained[model] = {
             "label": LABELS.get(model, model),
             "workdir": workdir,
             "num_params": count_params(config),
@@ -166,7 +127,7 @@ def run(args) -> dict:
             "train_time_s": curve["train_time_s"][-1],
             "curve": curve,
         }
-    return results
+    return trained
 
 
 def speedups(results: dict, baseline: str) -> dict:

@@ -12,7 +12,7 @@ import pytest
 # pytest does not put the repository root on sys.path; the scripts import `configs.*`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flash_jax import flops  # noqa: E402
+from flash_jax import flops, results  # noqa: E402
 from flash_jax.config import ModelConfig  # noqa: E402
 from scripts import benchmark, replicate  # noqa: E402
 
@@ -67,13 +67,13 @@ def test_read_curve_accumulates_training_time_and_skips_eval_time(tmp_path):
     ]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    curve = replicate.read_curve(str(tmp_path))
+    curve = results.training_curve(str(tmp_path))
     assert curve["step"] == [2, 4]
     assert curve["train_time_s"] == pytest.approx([2.0, 8.0])
     assert curve["eval_perplexity"] == pytest.approx([math.exp(4.0), math.exp(3.8)])
     assert curve["mean_step_time_s"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="no metrics.jsonl"):
-        replicate.read_curve(str(tmp_path / "missing"))
+        results.training_curve(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- FLOP counts

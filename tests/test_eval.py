@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from flash_jax import evaluation
+from flash_jax import evaluation, results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 32
@@ -285,7 +285,7 @@ def test_all_steps_over_two_workdirs_writes_results_and_a_png(trained_run, valid
     np.testing.assert_allclose(last["loss"], here["loss"], rtol=1e-5)
     np.testing.assert_allclose(last["word_perplexity"], here["word_perplexity"], rtol=1e-4)
     for w in workdirs:
-        with open(evaluation.results_path(w)) as f:
+        with open(results.results_path(w)) as f:
             assert [json.loads(line)["step"] for line in f] == [1, 2]
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -328,12 +328,12 @@ def test_training_time_sums_logged_step_times_last_record_wins(tmp_path):
     ]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in records) + "\n" + '{"step": 40, "ste')
-    at = evaluation.training_time(str(tmp_path))
+    at = results.training_time(str(tmp_path))
     assert at(10) == pytest.approx(5.0)
     assert at(20) == pytest.approx(5.0 + 10 * 2.0)
     assert at(15) == pytest.approx(5.0 + 5 * 2.0)
     assert at(21) is None
-    assert evaluation.training_time(str(tmp_path / "nowhere")) is None
+    assert results.training_time(str(tmp_path / "nowhere")) is None
 
 
 def test_curve_keeps_the_latest_result_per_step_of_one_setting(tmp_path):
@@ -347,8 +347,8 @@ def test_curve_keeps_the_latest_result_per_step_of_one_setting(tmp_path):
         dict(step=100, split="validation", seq_len=64, max_batches=None, perplexity=1.0),
     ]
     for r in rows:
-        evaluation.append_result(workdir, r)
-    got = evaluation.curve(workdir, "validation", 32, None)
+        results.append_result(workdir, r)
+    got = results.curve(workdir, "validation", 32, None)
     assert [(r["step"], r["perplexity"]) for r in got] == [(100, 12.0), (200, 8.0)]
 
 
@@ -359,10 +359,10 @@ def test_plot_curves_writes_a_png_with_a_training_time_panel(tmp_path):
             for s in (100, 200, 400, 800)
         ]
 
-    path = evaluation.plot_curves(
+    path = results.plot_curves(
         [("flash", points(1.0)), ("transformer_pp", points(1.2))], str(tmp_path / "p.png")
     )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to plot"):
-        evaluation.plot_curves([("empty", [])], str(tmp_path / "q.png"))
+        results.plot_curves([("empty", [])], str(tmp_path / "q.png"))

@@ -14,12 +14,10 @@ import jax.numpy as jnp
 from absl import logging
 from etils import epath
 
-from flash_jax import data, flops, metrics, sharding
+from flash_jax import data, flops, metrics, results, sharding
 from flash_jax.config import RunConfig
 from flash_jax.train import checkpoint, report, signals, step
 from flash_jax.train import workdir as workdir_lib
-
-CONFIG_FILE = "config.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,7 +135,7 @@ def train_and_evaluate(
         latest = ckpts.check_compatible(model_config)
         resolved = config.to_dict()
         if is_main:
-            (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
+            (epath.Path(workdir) / results.CONFIG_FILE).write_text(json.dumps(resolved, indent=2))
         with jax.set_mesh(mesh):
             fns = step.build(config, mesh)
             logging.info(

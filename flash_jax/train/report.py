@@ -11,7 +11,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-METRICS_FILE = "metrics.jsonl"
+from flash_jax import results
+from flash_jax.results import METRICS_FILE
+
 TENSORBOARD_DIR = "tensorboard"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -124,13 +126,8 @@ class Reporter:
         if not self.is_main:
             return
         self._safely("TensorBoard events", lambda: self._writer.write_scalars(step, scalars))
-        record = {"step": step, "time": time.time(), **scalars}
-        # JSON has no nan/inf literals; write them as strings so every line parses.
-        record = {
-            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-            for k, v in record.items()
-        }
-        self._safely(METRICS_FILE, lambda: self._write_line(json.dumps(record) + "\n"))
+        line = results.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
+        self._safely(METRICS_FILE, lambda: self._write_line(line))
 
     def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
         parts = [f"step {step}/{self.num_steps}"]

@@ -1,0 +1,221 @@
+"""What runs leave on disk and how it is read back: records, curves, training time, plots.
+
+A run's workdir (written by `flash_jax.train.loop`; paths local or gs://):
+
+    config.json          the resolved run config
+    metrics.jsonl        one JSON object per logged step: training records ("loss", "step_time",
+                         ...) and periodic-eval records ("eval_loss", "eval_perplexity", ...)
+    eval/results.jsonl   eval.py's whole-split results, one per line (`append_result`)
+
+JSON has no nan / inf literals: every record is written with them as strings (`to_json`), so that
+each line parses. Readers skip a line cut by a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from etils import epath
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+EVAL_DIR = "eval"
+RESULTS_FILE = "results.jsonl"
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def json_safe(value):
+    """`value` with nan / inf as strings and numpy scalars as Python numbers, at any depth."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def to_json(value, **kwargs) -> str:
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The records of a JSON-lines file ([] if it does not exist), skipping lines that do not
+    parse (a line cut by a crash)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- training records
+
+
+def training_time(workdir: str) -> Callable[[int], float | None] | None:
+    """step -> seconds of training up to that step, from the run's metrics.jsonl.
+
+    Sums `step_time` (seconds per step, without eval and checkpoint pauses) over the logged
+    windows, so restarts and pauses do not count; None when the run logged no step times. Steps
+    after the last logged one give None.
+    """
+    by_step = {}
+    for record in read_jsonl(epath.Path(workdir) / METRICS_FILE):
+        step_time = record.get("step_time")
+        # A non-positive step time is a timing glitch, not a measurement: skip it.
+        if isinstance(step_time, (int, float)) and step_time > 0:
+            by_step[int(record["step"])] = float(step_time)  # resumed: last wins
+    if not by_step:
+        return None
+    steps = np.array([0] + sorted(by_step), np.float64)
+    per_step = np.array([by_step[int(s)] for s in steps[1:]])
+    cumulative = np.concatenate([[0.0], np.cumsum(np.diff(steps) * per_step)])
+
+    def at(step: int) -> float | None:
+        if step > steps[-1]:
+            return None
+        return float(np.interp(step, steps, cumulative))
+
+    return at
+
+
+def training_curve(workdir: str) -> dict:
+    """Periodic evaluation of a run against step and training time, from its metrics.jsonl:
+    {"step", "train_time_s", "eval_perplexity", "eval_loss", "train_loss", "train_loss_step",
+    "mean_step_time_s"} (lists but the last). The last record of a step wins (a resumed run).
+    ValueError (one line) when the run has no metrics, no eval records or no step times.
+    """
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        raise ValueError(f"no {METRICS_FILE} in workdir {workdir!r}")
+    train, evals = {}, {}
+    for record in read_jsonl(path):
+        if "eval_perplexity" in record:
+            evals[record["step"]] = record
+        elif record.get("step_time") is not None:
+            train[record["step"]] = record
+    if not evals:
+        raise ValueError(f"{path} has no eval records (is train.eval_every > 0?)")
+    at = training_time(workdir)
+    if not train or at is None:
+        raise ValueError(f"{path} has no training records with a step_time")
+    eval_steps, train_steps = sorted(evals), sorted(train)
+    return {
+        "step": [int(s) for s in eval_steps],
+        "train_time_s": [at(min(s, train_steps[-1])) for s in eval_steps],
+        "eval_perplexity": [float(evals[s]["eval_perplexity"]) for s in eval_steps],
+        "eval_loss": [float(evals[s]["eval_loss"]) for s in eval_steps],
+        "train_loss": [float(train[s]["loss"]) for s in train_steps],
+        "train_loss_step": [int(s) for s in train_steps],
+        "mean_step_time_s": at(train_steps[-1]) / train_steps[-1],
+    }
+
+
+# ----------------------------------------------------------------------------- eval results
+
+
+def results_path(workdir: str) -> epath.Path:
+    return epath.Path(workdir) / EVAL_DIR / RESULTS_FILE
+
+
+def append_result(workdir: str, result: dict) -> str:
+    """Appends one line to `workdir/eval/results.jsonl` (main process only); returns its path."""
+    path = results_path(workdir)
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(to_json(result) + "\n")
+    return str(path)
+
+
+def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
+    """The results of `workdir` for one setting, one per step (the latest), sorted by step.
+
+    Includes earlier evaluations of checkpoints that have since been deleted, so a run evaluated
+    now and then gets a full curve although only the last K checkpoints are kept.
+    """
+    by_step = {}
+    for r in read_jsonl(results_path(workdir)):
+        if (r.get("split"), r.get("seq_len"), r.get("max_batches")) == (
+            split,
+            seq_len,
+            max_batches,
+        ):
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, title: str = "") -> str:
+    """Perplexity against step (and against training time where known), one line per run.
+
+    `curves` is [(label, results sorted by step)]. Word-level perplexity is plotted when every
+    point has it (PG-19), else token-level. Writes a PNG at `path`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    points = [r for _, rs in curves for r in rs]
+    if not points:
+        raise ValueError("nothing to plot: no evaluation results")
+    key = "word_perplexity" if all(r.get("word_perplexity") for r in points) else "perplexity"
+    ylabel = "word-level perplexity" if key == "word_perplexity" else "token perplexity"
+    timed = any(r.get("train_seconds") is not None for r in points)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
+    ax_step = axes[0, 0]
+    for label, results in curves:
+        xs = [r["step"] for r in results]
+        ys = [float(r[key]) for r in results]
+        (line,) = ax_step.plot(xs, ys, marker="o", label=label)
+        if timed:
+            pairs = [(r["train_seconds"], float(r[key])) for r in results if r.get("train_seconds")]
+            if pairs:
+                hours = [t / 3600 for t, _ in pairs]
+                axes[0, 1].plot(hours, [y for _, y in pairs], marker="o", color=line.get_color())
+    ax_step.set_xlabel("training step")
+    ax_step.set_ylabel(ylabel)
+    if timed:
+        axes[0, 1].set_xlabel("training time (hours, excluding eval and checkpoint pauses)")
+        axes[0, 1].set_ylabel(ylabel)
+    values = [float(r[key]) for r in points]
+    # Log scale when the curves span a wide range (early checkpoints), plain numbers either way.
+    wide = min(values) > 0 and max(values) / min(values) > 3
+    plain = ticker.FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 1000 else f"{y:.4g}")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+        if wide:
+            ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if wide else ticker.NullFormatter())
+    ax_step.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax_step.legend()
+    fig.suptitle(title or ylabel)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    plt.close(fig)
+    out = epath.Path(path)  # local or gs://
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png.getvalue())
+    return path
