@@ -115,7 +115,7 @@ def main(argv):
         _error("--plot needs --all_steps")
 
     # Imported here: the flags above fail without paying for JAX / Orbax.
-    from flash_jax import evaluation
+    from flash_jax.train import checkpoint
 
     cli.quiet_library_logs("eval.py")
 
@@ -123,13 +123,14 @@ def main(argv):
     jobs = []  # (workdir, checkpoints, [steps])
     try:
         for workdir in workdirs:
-            ckpts = evaluation.ReadOnlyCheckpoints(workdir)
-            steps = evaluation.steps_to_evaluate(
+            ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+            steps = checkpoint.steps_to_evaluate(
                 ckpts, _STEP.value, _ALL_STEPS.value, _CONFIG.value
             )
             jobs.append((workdir, ckpts, steps))
-        configs = [evaluation.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
-        from flash_jax import data  # TensorFlow: imported once the cheaper checks passed
+        configs = [checkpoint.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
+        # TensorFlow (the data pipeline): imported once the cheaper checks have passed.
+        from flash_jax import data, evaluation, results
 
         for config in configs:
             data.check_data(config.data, [_SPLIT.value])
@@ -144,14 +145,14 @@ def main(argv):
             for s in steps:
                 try:
                     # The latest: an earlier step if this one's arrays turn out damaged.
-                    run = evaluation.restore(
+                    run = checkpoint.restore(
                         workdir,
                         s,
                         config=_CONFIG.value,
                         ckpts=ckpts,
                         fall_back=_STEP.value is None and not _ALL_STEPS.value,
                     )
-                except evaluation.DamagedCheckpointError as e:
+                except checkpoint.DamagedCheckpointError as e:
                     if not _ALL_STEPS.value:
                         raise
                     logging.warning("%s; skipped", e)
@@ -160,17 +161,15 @@ def main(argv):
                 result = evaluation.evaluate_split(
                     run, _SPLIT.value, max_batches=_MAX_BATCHES.value, progress=_progress(label)
                 )
-                path = evaluation.append_result(workdir, result)
+                path = results.append_result(workdir, result)
                 print(_summary(result), flush=True)
-                print(evaluation.result_json(result), flush=True)
+                print(results.to_json(result), flush=True)
                 logging.info("appended to %s", path)
             ckpts.close()
             if result is None:  # --all_steps, and every step turned out damaged
                 raise ValueError(f"no intact checkpoint in {ckpts.directory}")
             if _ALL_STEPS.value:
-                points = evaluation.curve(
-                    workdir, _SPLIT.value, result["seq_len"], _MAX_BATCHES.value
-                )
+                points = results.curve(workdir, _SPLIT.value, result["seq_len"], _MAX_BATCHES.value)
                 curves.append(
                     (f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})", points)
                 )
@@ -179,12 +178,12 @@ def main(argv):
     if _ALL_STEPS.value:
         plot = _PLOT.value or os.path.join(
             workdirs[0],
-            evaluation.EVAL_DIR,
+            results.EVAL_DIR,
             f"perplexity_{_SPLIT.value}.png"
             if len(workdirs) == 1
             else f"compare_{_SPLIT.value}.png",
         )
-        evaluation.plot_curves(curves, plot, title=f"{_SPLIT.value} perplexity")
+        results.plot_curves(curves, plot, title=f"{_SPLIT.value} perplexity")
         logging.info("plot written to %s", plot)
         # The plot path goes first; the last line printed stays the last JSON object.
         print(f"plot: {plot}", file=sys.stderr)

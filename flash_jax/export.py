@@ -1,8 +1,9 @@
 """Trained weights out of JAX: a checkpoint as a flat safetensors file, config.json and the
 vocabulary (scripts/export.py is the command; its docstring lists the names and shapes).
 
-    from flash_jax import evaluation, export
-    run = evaluation.restore("runs/quickstart", single_device=True)
+    from flash_jax import export
+    from flash_jax.train import checkpoint
+    run = checkpoint.restore("runs/quickstart", single_device=True)
     export.export(run, "runs/quickstart/export", dtype="float32")
 
 `flash_jax.numpy_model` reads the folder back and computes the same logits in numpy.
@@ -100,7 +101,7 @@ def save(out_dir: str, params: nnx.State, model_config, dtype: str = "float32", 
 
 
 def export(run, out_dir: str, dtype: str = "float32") -> list[str]:
-    """Writes `run` (an `evaluation.Restored`) into `out_dir`: model.safetensors, config.json and,
+    """Writes `run` (a `checkpoint.Restored`) into `out_dir`: model.safetensors, config.json and,
     for a SentencePiece vocabulary, sentencepiece.model. Returns the paths written. Bad input
     (dtype, an unreadable vocabulary) is a ValueError before anything is written."""
     import tensorflow as tf

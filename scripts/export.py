@@ -80,14 +80,15 @@ def main(argv, config_flag):
     FLAGS = flags.FLAGS
     import jax
 
-    from flash_jax import evaluation, export
+    from flash_jax import export
+    from flash_jax.train import checkpoint
 
     if FLAGS.dtype not in export.DTYPES:
         cli.fail("export.py", f"--dtype must be one of {export.DTYPES}, got {FLAGS.dtype!r}", 2)
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("export.py")
     try:
-        run = evaluation.restore(
+        run = checkpoint.restore(
             FLAGS.workdir, FLAGS.step, config=config_flag.value, single_device=True
         )
         paths = export.export(run, FLAGS.out, FLAGS.dtype)

@@ -50,7 +50,7 @@ def sample_text(
     seed: int = 0,
     num_samples: int = 1,
 ) -> list[str]:
-    """Prompt + sampled continuation of a restored run (`evaluation.restore`), one per sample."""
+    """Prompt + sampled continuation of a restored run (`checkpoint.restore`), one per sample."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -86,13 +86,13 @@ def main(argv, config_flag):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     FLAGS = flags.FLAGS
-    from flash_jax import evaluation
+    from flash_jax.train import checkpoint
 
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("sample.py")
 
     try:
-        run = evaluation.restore(
+        run = checkpoint.restore(
             FLAGS.workdir, FLAGS.step, config=config_flag.value, single_device=True
         )
         logging.info(

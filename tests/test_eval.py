@@ -21,6 +21,7 @@ import pytest
 import sentencepiece as spm
 
 from flash_jax import evaluation, results
+from flash_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 32
@@ -103,7 +104,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def validation(trained_run):
     workdir, texts = trained_run
-    run = evaluation.restore(workdir)
+    run = checkpoint.restore(workdir)
     return run, texts, evaluation.evaluate_split(run, "validation")
 
 
@@ -168,7 +169,7 @@ def test_max_batches_stops_early_and_drops_whole_split_figures(validation):
 
 def test_restore_a_given_step_and_reuse_the_compiled_step(validation):
     run, _, _ = validation
-    first = evaluation.restore(run.workdir, 1)
+    first = checkpoint.restore(run.workdir, 1)
     assert first.step == 1 and first.meta["step"] == 1
     assert first.fns is run.fns  # same run config: the jitted eval step is shared
     before, after = jax.tree.leaves(first.params), jax.tree.leaves(run.params)
@@ -301,11 +302,11 @@ def test_a_damaged_latest_checkpoint_falls_back_with_one_warning(
 ):
     workdir = _damaged_copy(trained_run, tmp_path, damage_meta)
     with caplog.at_level(logging.WARNING):
-        run = evaluation.restore(workdir)  # the latest, i.e. the newest intact one
-        with pytest.raises(evaluation.DamagedCheckpointError, match="step 2 in .* is damaged"):
-            evaluation.restore(workdir, 2)  # asked for by number: an error
-        ckpts = evaluation.ReadOnlyCheckpoints(workdir)
-        assert evaluation.steps_to_evaluate(ckpts, None, all_steps=False) == [
+        run = checkpoint.restore(workdir)  # the latest, i.e. the newest intact one
+        with pytest.raises(checkpoint.DamagedCheckpointError, match="step 2 in .* is damaged"):
+            checkpoint.restore(workdir, 2)  # asked for by number: an error
+        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+        assert checkpoint.steps_to_evaluate(ckpts, None, all_steps=False) == [
             1 if damage_meta else 2  # a damaged meta is seen before anything is restored
         ]
         ckpts.close()

@@ -261,7 +261,7 @@ def _export_cli(*args):
 
 @pytest.mark.slow
 def test_exported_quickstart_model_gives_the_jax_logits(quickstart_run, tmp_path):
-    from flash_jax import data, evaluation
+    from flash_jax import data
 
     out = tmp_path / "export"
     result = _export_cli(f"--workdir={quickstart_run}", f"--out={out}")
@@ -271,7 +271,7 @@ def test_exported_quickstart_model_gives_the_jax_logits(quickstart_run, tmp_path
         str(out / name) for name in ("model.safetensors", "config.json", "sentencepiece.model")
     ]
 
-    run = evaluation.restore(quickstart_run, single_device=True)
+    run = checkpoint.restore(quickstart_run, single_device=True)
     config = json.loads((out / "config.json").read_text())
     exported = config.pop("export")
     assert config == checkpoint.model_config_dict(run.model_config)

@@ -7,7 +7,7 @@ import sentencepiece as spm
 from flax import nnx
 from test_eval import base, train_tiny_run
 
-from flash_jax import evaluation
+from flash_jax.train import checkpoint
 from scripts import sample
 
 
@@ -15,7 +15,7 @@ from scripts import sample
 def run(tmp_path_factory):
     # The same two-step run as tests/test_eval.py (trained once per pytest session).
     workdir, _ = train_tiny_run(tmp_path_factory.getbasetemp() / "eval_tiny_run")
-    return evaluation.restore(workdir, single_device=True)
+    return checkpoint.restore(workdir, single_device=True)
 
 
 def test_greedy_sample_is_the_text_of_the_full_forward_argmax(run):

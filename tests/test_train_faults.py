@@ -45,7 +45,7 @@ def checkpoint_dir(run):
 
 
 def steps_of(run):
-    ckpts = checkpoint.ReadOnlyCheckpoints(run)
+    ckpts = checkpoint.Checkpoints(run, read_only=True)
     try:
         return ckpts.all_steps()
     finally:
@@ -59,9 +59,10 @@ def own_losses(run, config):
     with jax.set_mesh(mesh):
         fns = REAL_BUILD(config, mesh)
         rest = fns.init_rest()
-        ckpts = checkpoint.ReadOnlyCheckpoints(run)
+        ckpts = checkpoint.Checkpoints(run, read_only=True)
         for s in ckpts.all_steps():
-            params, meta = ckpts.restore_params(fns.abstract_state["params"], s)
+            state, meta = ckpts.restore({"params": fns.abstract_state["params"]}, s, partial=True)
+            params = state["params"]
             pipe = SyntheticPipeline(config.data, mesh=mesh, start_batch=meta["data_position"])
             nll, weight = fns.eval_step(params, rest, next(pipe))
             losses[s] = float(nll) / float(weight)
@@ -279,9 +280,9 @@ def test_non_finite_parameters_are_refused_with_the_step_named(finished_run, tmp
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         fns = REAL_BUILD(config, mesh)
-        ckpts = checkpoint.ReadOnlyCheckpoints(run)
+        ckpts = checkpoint.Checkpoints(run, read_only=True)
         with pytest.raises(checkpoint.DamagedCheckpointError, match=r"step 8 .*non-finite values"):
-            ckpts.restore_params(fns.abstract_state["params"], 8)
+            ckpts.restore({"params": fns.abstract_state["params"]}, 8, partial=True)
         ckpts.close()
 
 

@@ -10,7 +10,7 @@ next step's loss): `confirm` keeps it, `discard` removes it (its loss was not fi
 checkpoint ever has a non-finite loss. A state holding non-finite values is never written. The
 newest `keep` confirmed steps are kept, plus the newest while it is being verified.
 
-What a restore checks (`restore`, `ReadOnlyCheckpoints.restore_params`): the meta JSON parses;
+What a restore checks (`Checkpoints.restore`): the meta JSON parses;
 Orbax reads every array (missing or truncated files, a missing `_METADATA`, ... fail here); every
 array matches its checksum (a flipped bit anywhere in the data); every float is finite. Any
 failure is a `DamagedCheckpointError` naming the step and its path. `first_intact` falls back from
@@ -21,6 +21,10 @@ optimizer's) is a config error, not damage.
 Saving is asynchronous: `poll` (called at every step boundary) reports a save that has committed
 ("checkpoint saved") or failed (one warning line; training goes on, the next save retries);
 `finish` waits for the last one and raises `CheckpointSaveError` if it failed.
+
+Reading a finished or running run (eval.py, sample.py, export.py): `Checkpoints(workdir,
+read_only=True)` never creates, deletes or cleans anything; `restore(workdir)` gives the
+parameters of a checkpoint with the config they were trained with, ready for a forward pass.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
-from flash_jax.config import ModelConfig
+from flash_jax import results, sharding
+from flash_jax.config import ModelConfig, RunConfig
 
 CHECKPOINT_DIR = "checkpoints"
 # A damaged step is moved here (never deleted) when the run is about to save that step again.
@@ -62,23 +68,8 @@ class CheckpointSaveError(RuntimeError):
 
 def model_config_dict(model_config) -> dict:
     """The model config as plain JSON-able values (from a ConfigDict, mapping or ModelConfig)."""
-    if not isinstance(model_config, ModelConfig):
-        model_config = ModelConfig.from_config(model_config)
-    values = dataclasses.asdict(model_config)
-    # The activation-sharding rules are the mesh's business (config.mesh.rules), not the model's.
-    values.pop("sharding_rules", None)
+    values = ModelConfig.from_config(model_config).to_dict()
     return json.loads(json.dumps(values))  # tuples -> lists, as they come back from JSON
-
-
-def differing_keys(saved: dict, current: dict) -> list[str]:
-    """Model keys whose values differ (a key missing on one side counts as differing)."""
-    keys = sorted(set(saved) | set(current))
-    return [
-        k
-        for k in keys
-        if k not in RESUMABLE_MODEL_KEYS
-        and saved.get(k, "<missing>") != current.get(k, "<missing>")
-    ]
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -182,19 +173,27 @@ def layout_differences(saved_paths: Iterable[str], abstract) -> list[str]:
 
 
 def check_model_config(directory: str, step: int, meta: dict, model_config) -> None:
-    """ValueError if checkpoint `step` was written by another model config."""
+    """ValueError if checkpoint `step` was written by another model config (keys that change only
+    how the model is computed, RESUMABLE_MODEL_KEYS, may differ)."""
     saved = meta.get("model_config")
     if saved is None:
         return
     current = model_config_dict(model_config)
-    diff = differing_keys(saved, current)
+    keys = sorted(set(saved) | set(current))
+    diff = [
+        k
+        for k in keys
+        if k not in RESUMABLE_MODEL_KEYS
+        and saved.get(k, "<missing>") != current.get(k, "<missing>")
+    ]
     if diff:
         details = ", ".join(
             f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in diff
         )
         raise ValueError(
-            f"the checkpoints in {directory} (step {step}) come from a different model "
-            f"config ({details}); use another --workdir or the checkpoint's config"
+            f"checkpoint {step} in {directory} was written by a different model config "
+            f"({details}); use the run's own config (eval.py, sample.py: leave out --config) or "
+            "another --workdir"
         )
 
 
@@ -204,25 +203,34 @@ def check_model_config(directory: str, step: int, meta: dict, model_config) -> N
 class Checkpoints:
     """The run's `CheckpointManager` under `workdir/checkpoints` (see the module docstring)."""
 
-    def __init__(self, workdir: str, keep: int, *, async_save: bool = True):
+    def __init__(
+        self, workdir: str, keep: int = 1, *, async_save: bool = True, read_only: bool = False
+    ):
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
         self.keep = keep
-        options = ocp.CheckpointManagerOptions(
-            # No max_to_keep: `_prune` removes old steps, counting only verified ones.
-            enable_async_checkpointing=async_save,
-            # A save killed half-way leaves a temporary directory, never a half checkpoint
-            # (orbax renames on commit); clean such leftovers when the run restarts. Safe because
-            # the workdir is locked (flash_jax.train.workdir): no other trainer is saving here.
-            cleanup_tmp_directories=True,
-            create=True,
-        )
+        self.read_only = read_only
+        if read_only:
+            # A run that may be live: nothing is created, deleted or cleaned.
+            if not epath.Path(self.directory).is_dir():
+                raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                # No max_to_keep: `_prune` removes old steps, counting only verified ones.
+                enable_async_checkpointing=async_save,
+                # A save killed half-way leaves a temporary directory, never a half checkpoint
+                # (orbax renames on commit); clean such leftovers when the run restarts. Safe
+                # because the workdir is locked (flash_jax.train.workdir): no other trainer is
+                # saving here.
+                cleanup_tmp_directories=True,
+                create=True,
+            )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
-        self._init_bookkeeping()
-
-    def _init_bookkeeping(self) -> None:
         self.unverified: int | None = None  # newest saved state whose loss is not yet known
         self.damaged: dict[int, str] = {}  # step -> reason, found by `first_intact`
         self._in_flight: int | None = None  # saving, commit not yet seen
@@ -242,6 +250,19 @@ class Checkpoints:
         """The newest step that is neither damaged nor awaiting its loss check."""
         good = [s for s in self.all_steps() if s not in self.damaged and s != self.unverified]
         return good[-1] if good else None
+
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, or the latest one; ValueError naming the steps there are."""
+        steps = self.all_steps()
+        if not steps:
+            raise ValueError(f"no checkpoints in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise ValueError(
+                f"no checkpoint for step {step} in {self.directory}; it has steps {steps}"
+            )
+        return step
 
     # ---- reading
     def read_meta(self, step: int | None = None) -> dict:
@@ -292,9 +313,10 @@ class Checkpoints:
         return DamagedCheckpointError(step, self.step_path(step), _reason(error))
 
     def restore(
-        self, abstract_state: Any, step: int | None = None, model_config=None
+        self, abstract: Any, step: int | None = None, model_config=None, *, partial: bool = False
     ) -> tuple[Any, dict]:
-        """The state laid out as `abstract_state` (ShapeDtypeStructs with shardings) + meta.
+        """The train state laid out as `abstract` (ShapeDtypeStructs with shardings) + meta; with
+        `partial`, `abstract` is part of the state (e.g. {"params": ...}) and only that is read.
 
         DamagedCheckpointError if anything does not read back as written; ValueError for another
         model config (`model_config`) or another state layout.
@@ -303,13 +325,17 @@ class Checkpoints:
         meta = self.read_meta(step)
         if model_config is not None:
             check_model_config(self.directory, step, meta, model_config)
-        try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        if partial:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+            item = ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True
             )
+        else:
+            item = ocp.args.StandardRestore(abstract)
+        try:
+            state = self.manager.restore(step, args=ocp.args.Composite(state=item))["state"]
         except Exception as e:  # noqa: BLE001 - classified below
-            raise self._damage_or_layout_error(step, abstract_state, meta, e) from e
-        state = restored["state"]
+            raise self._damage_or_layout_error(step, abstract, meta, e) from e
         check_arrays(step, self.step_path(step), state, meta.get("checksums"))
         # Its loss is checked again by the first step (`confirm` / `discard`).
         self.unverified = step
@@ -349,6 +375,8 @@ class Checkpoints:
         Nothing is written for a step that exists, or a state holding non-finite values; a failure
         is reported in one warning line (`_save_failed`).
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only")
         self._settle(block=True)
         self._prune()
         if step in self.damaged:
@@ -462,9 +490,6 @@ class Checkpoints:
         del self.damaged[step]
         logging.warning("moved the damaged checkpoint step %d to %s", step, target)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         """Waits for a save still in flight (reporting its failure in one line) and closes."""
         try:
@@ -473,57 +498,129 @@ class Checkpoints:
             self.manager.close()
 
 
-class ReadOnlyCheckpoints(Checkpoints):
-    """`Checkpoints` opened for reading: never creates, deletes or cleans anything in the run.
+# ----------------------------------------------------------------------------- reading a run
 
-    (The training `Checkpoints` creates the directory and removes unfinished saves on open, which
-    is right for a run resuming, wrong for an evaluator that may look at a live run.)
+
+def run_config(ckpts: Checkpoints, step: int, config=None) -> RunConfig:
+    """The config to read checkpoint `step` with.
+
+    Without `config`: the run config saved in the checkpoint (falling back to the run's
+    config.json). With `config` (a ConfigDict, e.g. eval.py's --config): that one, once its model
+    is found to be the checkpoint's. DamagedCheckpointError if the meta JSON does not read.
     """
+    meta = ckpts.read_meta(step)
+    if config is None:
+        config = meta.get("config")
+        if config is None:
+            path = epath.Path(ckpts.workdir) / results.CONFIG_FILE
+            if not path.exists():
+                raise ValueError(
+                    f"checkpoint {step} in {ckpts.directory} holds no run config and there is "
+                    f"no {path}; pass --config"
+                )
+            config = json.loads(path.read_text())
+    config = RunConfig.from_config(config)
+    check_model_config(ckpts.directory, step, meta, config.model)
+    return config
 
-    def __init__(self, workdir: str):
-        self.workdir = workdir
-        self.directory = checkpoint_dir(workdir)
-        if not epath.Path(self.directory).is_dir():
-            raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
-        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
-        self._init_bookkeeping()
 
-    def save(self, *args, **kwargs):
-        raise RuntimeError("ReadOnlyCheckpoints cannot save")
+def steps_to_evaluate(ckpts: Checkpoints, step: int | None, all_steps: bool, config=None):
+    """The checkpoints eval.py evaluates, each checked for its config (see `run_config`).
 
-    def resolve_step(self, step: int | None) -> int:
-        """`step`, or the latest one; ValueError naming the steps there are."""
-        steps = self.all_steps()
-        if not steps:
-            raise ValueError(f"no checkpoints in {self.directory}")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise ValueError(
-                f"no checkpoint for step {step} in {self.directory}; it has steps {steps}"
-            )
-        return step
-
-    def restore_params(self, abstract_params: Any, step: int) -> tuple[Any, dict]:
-        """Only the parameters of the saved train state (no optimizer state is read), checked."""
-        meta = self.read_meta(step)
-        item = {"params": abstract_params}
+    `all_steps`: every step (a damaged one is skipped with one warning line); `step`: that one (a
+    damaged one is an error); neither: the newest whose meta reads (falling back over damaged
+    ones, one warning line each). ValueError (one line) when there is nothing to evaluate.
+    """
+    if step is not None and not all_steps:
+        run_config(ckpts, ckpts.resolve_step(step), config)
+        return [step]
+    if not all_steps:
+        newest = ckpts.resolve_step(None)
+        candidates = [s for s in reversed(ckpts.all_steps()) if s <= newest]
+        found, _ = ckpts.first_intact(candidates, lambda s: run_config(ckpts, s, config))
+        return [found]
+    steps = []
+    for s in ckpts.all_steps():
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item=item,
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                        partial_restore=True,
-                    )
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - classified below
-            raise self._damage_or_layout_error(step, item, meta, e) from e
-        params = restored["state"]["params"]
-        check_arrays(step, self.step_path(step), {"params": params}, meta.get("checksums"))
-        return params, meta
+            run_config(ckpts, s, config)
+        except DamagedCheckpointError as e:
+            logging.warning("%s; skipped", e)
+            continue
+        steps.append(s)
+    if not steps:
+        raise ValueError(f"no intact checkpoint in {ckpts.directory}")
+    return steps
+
+
+@dataclasses.dataclass
+class Restored:
+    """One checkpoint's parameters and the config they were trained with."""
+
+    workdir: str
+    step: int
+    config: RunConfig
+    fns: Any  # flash_jax.train.step.StepFns: the jitted eval step, shardings, graphdef
+    params: Any
+    rest: Any
+    meta: dict  # the checkpoint's meta JSON (step, data position, configs, checksums)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model
+
+    def model(self) -> nnx.Module:
+        """The nnx model holding the restored parameters (for decoding, or a direct forward)."""
+        return nnx.merge(self.fns.graphdef, self.params, self.rest)
+
+
+# StepFns per (config, mesh): checkpoints of one run share their jitted eval step (one compile).
+_STEP_FNS: dict = {}
+
+
+def restore(
+    workdir: str,
+    step: int | None = None,
+    *,
+    config=None,
+    single_device: bool = False,
+    ckpts: Checkpoints | None = None,
+    fall_back: bool | None = None,
+) -> Restored:
+    """Restores the parameters of checkpoint `step` (the latest by default) of a run.
+
+    `config` defaults to the one saved with the checkpoint (see `run_config`); the mesh is the
+    config's, or with `single_device` the first device alone (sampling). ValueError (one line,
+    naming the path or key) for a workdir without checkpoints, a step that does not exist or a
+    config of another model. The parameters are checked (see the module docstring): a damaged
+    checkpoint is a DamagedCheckpointError, unless `fall_back` (the default when no step is
+    given): then the newest intact checkpoint up to `step` is restored, with one warning line per
+    damaged one.
+    """
+    from flash_jax.train import step as step_lib
+
+    fall_back = step is None if fall_back is None else fall_back
+    own = ckpts is None
+    ckpts = Checkpoints(workdir, read_only=True) if own else ckpts
+
+    def restore_step(s: int) -> Restored:
+        run_cfg = run_config(ckpts, s, config)
+        shape, names = run_cfg.mesh.shape, run_cfg.mesh.axis_names
+        devices = jax.devices()[:1] if single_device else None
+        mesh = sharding.make_mesh((1,) * len(names) if single_device else shape, names, devices)
+        with jax.set_mesh(mesh):
+            if (run_cfg, mesh) not in _STEP_FNS:
+                _STEP_FNS[run_cfg, mesh] = step_lib.build(run_cfg, mesh)
+            fns = _STEP_FNS[run_cfg, mesh]
+            abstract = {"params": fns.abstract_state["params"]}
+            state, meta = ckpts.restore(abstract, s, partial=True)
+            return Restored(workdir, s, run_cfg, fns, state["params"], fns.init_rest(), meta)
+
+    try:
+        first = ckpts.resolve_step(step)
+        if not fall_back:
+            return restore_step(first)
+        candidates = [s for s in reversed(ckpts.all_steps()) if s <= first]
+        return ckpts.first_intact(candidates, restore_step)[1]
+    finally:
+        if own:
+            ckpts.close()

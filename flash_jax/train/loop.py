@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from absl import logging
 from etils import epath
 
-from flash_jax import data, flops, metrics, results, sharding
+from flash_jax import data, evaluation, flops, metrics, results, sharding
 from flash_jax.config import RunConfig
 from flash_jax.train import checkpoint, report, signals, step
 from flash_jax.train import workdir as workdir_lib
@@ -63,29 +63,6 @@ def initialize_distributed() -> bool:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def evaluate(config, fns, params, rest) -> dict:
-    """Perplexity over `train.eval_batches` batches of the eval split (all of it if smaller)."""
-    nll_sum, weight_sum = jnp.float32(0), jnp.float32(0)
-    with data.InputPipeline(
-        config.data,
-        split=config.train.eval_split,
-        mesh=fns.mesh,
-        seed=config.seed,
-        shuffle=False,
-        repeat=False,
-        rules=config.mesh.rules,
-    ) as pipe:
-        for _, batch in zip(range(config.train.eval_batches), pipe, strict=False):
-            nll, weight = fns.eval_step(params, rest, step.put_batch(batch, fns.batch_sharding))
-            nll_sum, weight_sum = nll_sum + nll, weight_sum + weight
-    nll_sum, weight_sum = float(nll_sum), float(weight_sum)
-    return {
-        "eval_loss": nll_sum / weight_sum if weight_sum > 0 else math.nan,
-        "eval_perplexity": metrics.perplexity(nll_sum, weight_sum),
-        "eval_tokens": weight_sum,
-    }
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -292,7 +269,15 @@ def train_and_evaluate(
                     and (done % t.eval_every == 0 or done == t.num_steps)
                 ):
                     drain()
-                    scalars = evaluate(config, fns, state["params"], rest)
+                    sums = evaluation.evaluate(
+                        fns, state["params"], rest, config, t.eval_split, max_batches=t.eval_batches
+                    )
+                    nll_sum, tokens = sums["nll_sum"], sums["tokens"]
+                    scalars = {
+                        "eval_loss": nll_sum / tokens if tokens > 0 else math.nan,
+                        "eval_perplexity": metrics.perplexity(nll_sum, tokens),
+                        "eval_tokens": tokens,
+                    }
                     reporter.write(done, scalars)
                     logging.info(
                         "eval at step %d: loss %.4f, perplexity %.2f",
