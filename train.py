@@ -36,12 +36,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("train.py")
-    from flash_jax.train import checkpoint, loop
+    from flash_jax.train import checkpoint, loop, report
 
     loop.initialize_distributed()
     try:
         summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, loop.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
+    except (ValueError, report.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
         # One clear line instead of a traceback: the user's input, a workdir in use or damaged,
         # a diverged run, a checkpoint that could not be saved.
         print(f"train.py: error: {e}", file=sys.stderr)

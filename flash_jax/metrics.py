@@ -32,11 +32,6 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
     return nll_sum, jnp.sum(weights_BT)
 
 
-def mean_loss(nll_sum, weight_sum):
-    """Mean NLL per weighted token; 0 when nothing is weighted (never 0/0)."""
-    return nll_sum / jnp.maximum(weight_sum, 1e-9)
-
-
 def perplexity(nll_sum: float, weight_sum: float) -> float:
     """exp(mean NLL) as a Python float (inf past float range, nan for an empty sum)."""
     nll_sum, weight_sum = float(nll_sum), float(weight_sum)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # noqa: E402
 from flash_jax import data, flops, models, sharding
 from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, loop, signals, step
+from flash_jax.train import checkpoint, loop, report, signals, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,7 +162,7 @@ def straight_run(tmp_path_factory):
     """6 steps in one go (shared by the tests that need a finished run)."""
     mp = pytest.MonkeyPatch()
     mp.setattr(data, "InputPipeline", SyntheticPipeline)
-    mp.setattr(loop, "peak_flops_per_device", lambda: FAKE_PEAK_FLOPS)  # so MFU is reported
+    mp.setattr(report, "peak_flops_per_device", lambda kind: FAKE_PEAK_FLOPS)  # so MFU is reported
     workdir = str(tmp_path_factory.mktemp("straight"))
     summary = loop.train_and_evaluate(tiny_config(), workdir)
     mp.undo()
@@ -248,7 +248,7 @@ def test_sigterm_handler_is_restored():
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(SyntheticPipeline, "nan_from", 4)  # the 5th batch: step 5 is nan
     workdir = str(tmp_path)
-    with pytest.raises(loop.NonFiniteLossError, match="non-finite gradient norm .* at step 5"):
+    with pytest.raises(report.NonFiniteLossError, match="non-finite gradient norm .* at step 5"):
         loop.train_and_evaluate(tiny_config(), workdir)
     assert checkpoint.Checkpoints(workdir, 5).all_steps() == [2, 4]
     state, _ = restore_params(workdir, tiny_config())

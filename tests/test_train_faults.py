@@ -35,7 +35,7 @@ from test_train import (  # noqa: F401 - fixtures, used by name
 )
 
 from flash_jax import data, sharding
-from flash_jax.train import checkpoint, loop, signals, step, workdir
+from flash_jax.train import checkpoint, loop, report, signals, step, workdir
 
 REAL_BUILD = step.build
 
@@ -116,13 +116,13 @@ def test_divergence_keeps_only_checkpoints_whose_own_loss_is_finite(tmp_path, mo
         r"non-finite loss \((nan|inf)\) at step 5, computed from the state after step 4; its "
         r"checkpoint was removed; .* the newest checkpoint with a finite loss is step 3 in "
     )
-    with pytest.raises(loop.NonFiniteLossError, match=expected):
+    with pytest.raises(report.NonFiniteLossError, match=expected):
         loop.train_and_evaluate(config, run)
     # Step 4's state was saved before its loss was known, then removed when it was not finite.
     assert steps_of(run) == [1, 2, 3]
     assert all(np.isfinite(loss) for loss in own_losses(run, config).values())
     # A rerun resumes from step 3 (not from a bad state) and meets the same divergence.
-    with pytest.raises(loop.NonFiniteLossError, match=expected):
+    with pytest.raises(report.NonFiniteLossError, match=expected):
         loop.train_and_evaluate(config, run)
     assert steps_of(run) == [1, 2, 3]
 
@@ -131,7 +131,7 @@ def test_divergence_from_the_first_update_says_no_checkpoint_is_kept(tmp_path):
     """The issue's probe: learning rate 1e4 saving every step; no "step None"."""
     run = str(tmp_path / "run")
     config = tiny_config(learning_rate=1e4, warmup_steps=0, checkpoint_every=1, eval_every=0)
-    with pytest.raises(loop.NonFiniteLossError) as error:
+    with pytest.raises(report.NonFiniteLossError) as error:
         loop.train_and_evaluate(config, run)
     message = str(error.value)
     assert "at step 2, computed from the state after step 1; its checkpoint was removed" in message
@@ -145,7 +145,9 @@ def test_the_final_state_is_checked_before_it_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(step, "build", blow_up_params_after(6))
     run = str(tmp_path / "run")
     config = tiny_config(checkpoint_every=2, eval_every=0)
-    with pytest.raises(loop.NonFiniteLossError, match=r"after step 6; its checkpoint was removed"):
+    with pytest.raises(
+        report.NonFiniteLossError, match=r"after step 6; its checkpoint was removed"
+    ):
         loop.train_and_evaluate(config, run)
     assert steps_of(run) == [2, 4]
 

@@ -1,17 +1,20 @@
-"""Where metrics go: TensorBoard events (clu), `metrics.jsonl`, and a console line with an ETA."""
+"""Training metrics: the loop's bookkeeping (`StepMetrics`) and where they go (`Reporter`:
+TensorBoard events through clu, `metrics.jsonl`, and a console line with an ETA)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath
 
-from flash_jax import results
+from flash_jax import metrics, results
 from flash_jax.results import METRICS_FILE
 
 TENSORBOARD_DIR = "tensorboard"
@@ -152,3 +155,102 @@ class Reporter:
             self._safely("TensorBoard events", self._writer.close)
         if self._jsonl is not None:
             self._safely(METRICS_FILE, self._jsonl.close)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became nan / inf; the run stopped, keeping only checkpoints
+    whose own loss is finite."""
+
+
+class StepMetrics:
+    """The loop's metrics between two records, and the checks on them.
+
+    `push(k, metrics)` queues step k's device metrics and reads step k - 1's, so that the device
+    always has queued work (a step's metrics are read after the next step is dispatched). Every
+    loss is checked (`check_loss`: a non-finite one stops the run). Losses are averaged over the
+    steps between records (every `train.log_every` steps and the last); step time counts neither
+    the first step (compile, warm-up) nor the evaluation and checkpoint pauses (`paused`).
+    """
+
+    def __init__(self, config, reporter: Reporter, ckpts, model_flops: float):
+        self.config, self.reporter, self.ckpts = config.train, reporter, ckpts
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len
+        self.model_flops = model_flops
+        peak = peak_flops_per_device(jax.devices()[0].device_kind)
+        self.peak_flops = peak * jax.device_count() if peak else None
+        self.last: dict = {}  # the last record written, with its step
+        self._pending = None  # (step, device metrics) not yet read
+        self._losses: list[float] = []  # since the last record
+        self._since: tuple[float, int] | None = None  # (time, step) the timing window starts at
+
+    def push(self, done: int, device_metrics) -> None:
+        self.drain()
+        self._pending = (done, device_metrics)
+
+    def drain(self) -> None:
+        """Reads the queued step's metrics: checks the loss, writes a record at log steps."""
+        if self._pending is None:
+            return
+        done, device_metrics = self._pending
+        self._pending = None
+        host = jax.device_get(device_metrics)
+        loss, grad_norm = float(host["loss"]), float(host["grad_norm"])
+        self.check_loss(done, loss, grad_norm)
+        now = time.time()
+        self._losses.append(loss)
+        if self._since is None:  # timing starts after the first step (warm-up)
+            self._since = (now, done)
+        if done % self.config.log_every and done != self.config.num_steps:
+            return
+        steps = done - self._since[1]
+        step_time = (now - self._since[0]) / steps if steps else None
+        mean_loss = sum(self._losses) / len(self._losses)
+        scalars = {
+            "loss": mean_loss,
+            "perplexity": metrics.perplexity(mean_loss, 1.0),
+            "learning_rate": float(host["learning_rate"]),
+            "grad_norm": grad_norm,
+            "step_time": step_time,
+            "tokens_per_sec": self.tokens_per_step / step_time if step_time else None,
+            "mfu": self.model_flops / step_time / self.peak_flops
+            if step_time and self.peak_flops
+            else None,
+        }
+        self.reporter.write(done, scalars)
+        self.reporter.console(done, scalars, step_time)
+        self.last = {**scalars, "step": done}
+        self._losses, self._since = [], (now, done)
+
+    def check_loss(self, done: int, loss: float, grad_norm: float | None = None) -> None:
+        """Step `done`'s loss is the loss of the state after step done - 1: it decides whether
+        that state's checkpoint (if any) is kept. NonFiniteLossError for nan / inf."""
+        ckpts = self.ckpts
+        if math.isfinite(loss):
+            ckpts.confirm(done - 1)
+            if grad_norm is None or math.isfinite(grad_norm):
+                return
+            problem = f"non-finite gradient norm ({grad_norm}) at step {done}"
+        else:
+            removed = ckpts.discard(done - 1)
+            problem = (
+                f"non-finite loss ({loss}) at step {done}, computed from the state after step "
+                f"{done - 1}" + ("; its checkpoint was removed" if removed else "")
+            )
+        good = ckpts.latest_good_step()
+        kept = (
+            f"the newest checkpoint with a finite loss is step {good} in {ckpts.directory}"
+            if good is not None
+            else f"no checkpoint with a finite loss is kept in {ckpts.directory}"
+        )
+        raise NonFiniteLossError(f"{problem}; stopped, nothing more saved; {kept}")
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpointing inside do not count as step time."""
+        start = time.time()
+        yield
+        if self._since is not None:
+            # drain() may have restarted the window during the pause: then only the rest of the
+            # pause is excluded.
+            since, step = self._since
+            self._since = (since + time.time() - max(start, since), step)

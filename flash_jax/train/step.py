@@ -45,9 +45,6 @@ class StepFns:
     train_step: Callable  # (state, rest, batch) -> (state, metrics); state is donated
     eval_step: Callable  # (params, rest, batch) -> (nll_sum, weight_sum)
 
-    def param_shardings(self):
-        return self.state_shardings["params"]
-
 
 def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
     """How many ways the batch dimension is split on `mesh` under the logical `rules`."""
