@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import logging
 import os
-import re
 import sys
+import types
 from collections.abc import Sequence
 
 from absl import flags
@@ -19,11 +21,9 @@ def fail(program: str, message: str, code: int) -> None:
 
 def parse_flags(argv: Sequence[str], config_flag, program: str) -> list[str]:
     """absl's parser, but a bad flag, config file or override exits 2 with one line."""
-    for arg in argv[1:]:
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
-            if not os.path.isfile(path):
-                fail(program, f"config file {path!r} does not exist", 2)
+    path = _config_path(argv)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        fail(program, f"config file {path.split(':', 1)[0]!r} does not exist", 2)
     try:
         argv = flags.FLAGS(argv)
         if config_flag.value is not None:
@@ -31,20 +31,58 @@ def parse_flags(argv: Sequence[str], config_flag, program: str) -> list[str]:
     except flags.Error as e:
         # config_flags folds the config file's traceback into the message; its last line says it.
         fail(program, _last_line(e) or repr(e), 2)
-    except (AttributeError, KeyError) as e:  # an override of a key the config does not have
-        words = re.findall(r"\w+", str(e))
-        key = words[0] if words else str(e)
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and f".{key}" in a]
-        hint = re.search(r'Did you mean "(\w+)"', str(e))
-        fail(
-            program,
-            f"unknown config key {given[0] if given else key}"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else ""),
-            2,
-        )
     except Exception as e:  # noqa: BLE001 - e.g. the config file raises on import
-        fail(program, f"{type(e).__name__}: {_last_line(e)}", 2)
+        message = f"{type(e).__name__}: {_last_line(e)}"
+        if isinstance(e, (AttributeError, KeyError)):  # perhaps an override of an unknown key
+            message = _unknown_override(argv, path) or message
+        fail(program, message, 2)
     return argv
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The value of --config (with its :argument), or None."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(argv: Sequence[str], path: str | None) -> str | None:
+    """'unknown config key --config.a.b (did you mean ...?)' for the first override that names a
+    key the config file does not have; None if every override names one."""
+    if path is None:
+        return None
+    try:
+        file, _, arg = path.partition(":")
+        module = config_module(file)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - the config file itself fails: reported as such
+        return None
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        name = arg.split("=", 1)[0]
+        node = config
+        for key in name.removeprefix("--config.").split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                return f"unknown config key {name}" + (
+                    f" (did you mean {close[0]!r}?)" if close else ""
+                )
+            node = node[key]
+    return None
+
+
+def config_module(path: str) -> types.ModuleType:
+    """A config file (configs/*.py) loaded as a module, as `--config` loads it."""
+    name = "_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _last_line(error: BaseException) -> str:
