@@ -1,4 +1,10 @@
-"""What the command-line entry points share: one-line errors and quiet library logs."""
+"""What the command-line entry points share: one-line errors, flag parsing, quiet library logs.
+
+train.py, eval.py and the scripts that take a `--config` parse absl's global flags
+(`parse_flags`). Scripts whose functions tests import side by side (scripts/benchmark.py,
+op_cost.py, ...) keep their flags in a `flags.FlagValues` of their own, so that two of them may
+both have a `--contexts`: `main(argv)` parses it (`parse_script_flags`), `run_script` runs it.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,9 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from absl import flags
+from absl import app, flags
 
 
 def fail(program: str, message: str, code: int) -> None:
@@ -83,6 +89,64 @@ def config_module(path: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+class _IntListParser(flags.ArgumentParser):
+    def parse(self, argument):
+        if isinstance(argument, (list, tuple)):
+            return [int(v) for v in argument]
+        values = [int(v) for v in argument.split(",") if v.strip()]
+        if any(v < 1 for v in values):
+            raise ValueError(f"expected positive integers, got {argument!r}")
+        return values
+
+    def flag_type(self):
+        return "comma-separated positive integers"
+
+
+def define_int_list(name: str, default, help: str, flag_values=flags.FLAGS) -> flags.FlagHolder:
+    """A flag of comma-separated positive integers (`--contexts=512,1024`; may be empty)."""
+    serializer = flags.CsvListSerializer(",")
+    return flags.DEFINE(_IntListParser(), name, default, help, flag_values, serializer)
+
+
+def parse_script_flags(
+    flag_values: flags.FlagValues, argv: Sequence[str], program: str, *, positional: bool = False
+) -> types.SimpleNamespace:
+    """A script's flags from `argv` (without the program name), every flag not given at its
+    default; with `positional`, the other arguments in `.positional` (else they are an error).
+    A bad flag is one line and exit 2. argparse's `--no-name` is accepted for absl's `--noname`."""
+    argv = [f"--no{arg[5:]}" if arg.startswith("--no-") else arg for arg in argv]
+    for name in flag_values:
+        flag_values[name].unparse()  # the defaults again (main may run twice in one process)
+    try:
+        rest = flag_values([program, *argv])[1:]
+    except flags.Error as e:
+        fail(program, str(e), 2)
+    args = types.SimpleNamespace(**flag_values.flag_values_dict())
+    if positional:
+        args.positional = rest
+    elif rest:
+        fail(program, f"unexpected arguments: {' '.join(rest)}", 2)
+    return args
+
+
+def run_script(main: Callable[[list[str]], object], flag_values: flags.FlagValues) -> None:
+    """absl's `app.run` for a script with its own FlagValues: absl's flags (--verbosity, ...) are
+    parsed here, the script's by `main(argv)`; --help lists the script's. Exit status: what
+    `main` returns when it is an int, else 0."""
+
+    def parse(argv):
+        if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+            print(sys.modules["__main__"].__doc__ or "", flag_values.get_help(), sep="\n")
+            sys.exit(0)
+        return flags.FLAGS(argv, known_only=True)
+
+    def run(argv):
+        status = main(argv[1:])
+        return status if isinstance(status, int) else 0
+
+    app.run(run, flags_parser=parse)
 
 
 def _last_line(error: BaseException) -> str:

@@ -13,9 +13,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flash_jax.models import LanguageModel
+
+START_ID = 0  # training inputs start every document (and window) with 0: see pack_windows
 
 
 def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int):
@@ -93,6 +96,48 @@ def _generate(graphdef, state, prompt_BP, key, num_new_tokens, temperature, top_
     tokens = jnp.concatenate([prompt_BP, new_tokens.T], axis=1)
     logits = jnp.concatenate([prompt_logits, new_logits[:-1]], axis=0).transpose(1, 0, 2)
     return tokens, logits
+
+
+def sample_text(
+    run,
+    prompt: str,
+    num_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    num_samples: int = 1,
+) -> list[str]:
+    """Prompt + sampled continuation of a restored run (`checkpoint.restore`), one per sample.
+
+    The model is conditioned as in training: position 0 sees the start token, then the prompt;
+    each continuation is cut at the end-of-document token and decoded by the run's vocabulary.
+    """
+    from flash_jax import data  # TensorFlow: only for text (generate needs none)
+
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    vocab = data.get_vocabulary(run.config.data)
+    prompt_ids = [START_ID] + list(vocab.encode(prompt))
+    prompt_BP = jnp.tile(jnp.asarray(prompt_ids, jnp.int32)[None], (num_samples, 1))
+    with jax.set_mesh(run.fns.mesh):
+        tokens_BT, _ = generate(
+            run.model(),
+            prompt_BP,
+            num_tokens,
+            key=jax.random.key(seed),
+            temperature=temperature,
+            top_k=top_k,
+        )
+    texts = []
+    for row in np.asarray(tokens_BT):
+        new = row[len(prompt_ids) :].tolist()
+        if vocab.eos_id in new:  # the end of a document: what follows belongs to no text
+            new = new[: new.index(vocab.eos_id)]
+        texts.append(vocab.decode(prompt_ids[1:] + new))
+    return texts
 
 
 def cache_bytes(cache) -> int:

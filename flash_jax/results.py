@@ -1,4 +1,5 @@
-"""What runs leave on disk and how it is read back: records, curves, training time, plots.
+"""What runs and measurements leave on disk and how it is read back: records, curves, training
+time, plots, and the machine a measurement ran on (shared by eval.py, the loop and scripts/).
 
 A run's workdir (written by `flash_jax.train.loop`; paths local or gs://):
 
@@ -13,9 +14,13 @@ each line parses. Readers skip a line cut by a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import os
+import platform
+import subprocess
 from collections.abc import Callable, Sequence
 
 import jax
@@ -164,58 +169,129 @@ def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> li
 # ----------------------------------------------------------------------------- plots
 
 
-def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, title: str = "") -> str:
-    """Perplexity against step (and against training time where known), one line per run.
+@dataclasses.dataclass
+class Panel:
+    """One plot panel: a line per (label, xs, ys); lines of the same index share a colour
+    across panels (an empty line keeps its place)."""
 
-    `curves` is [(label, results sorted by step)]. Word-level perplexity is plotted when every
-    point has it (PG-19), else token-level. Writes a PNG at `path`.
-    """
+    xlabel: str
+    ylabel: str
+    lines: list[tuple[str, Sequence[float], Sequence[float]]]
+    log_x: bool = False  # base 2, ticks at the values plotted (context lengths)
+    log_y: bool = True
+
+
+def plot_panels(path: str, panels: Sequence[Panel], title: str) -> str:
+    """Panels side by side in one PNG at `path` (local or gs://); returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1000 else f"{v:.4g}")
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for i, (label, xs, ys) in enumerate(panel.lines):
+            ax.plot(xs, ys, marker="o", label=label, color=f"C{i}")
+        if panel.log_x:
+            ticks = sorted({x for _, xs, _ in panel.lines for x in xs})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [f"{x:,}" for x in ticks])
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+        if panel.log_y:
+            ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if panel.log_y else ticker.NullFormatter())
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png.getvalue())
+    return path
+
+
+def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, title: str = "") -> str:
+    """eval.py's plot: perplexity against step (and against training time where known), one
+    line per run. `curves` is [(label, results sorted by step)]. Word-level perplexity is plotted
+    when every point has it (PG-19), else token-level; a log scale when the values span more than
+    a factor 3 (early checkpoints)."""
     points = [r for _, rs in curves for r in rs]
     if not points:
         raise ValueError("nothing to plot: no evaluation results")
     key = "word_perplexity" if all(r.get("word_perplexity") for r in points) else "perplexity"
     ylabel = "word-level perplexity" if key == "word_perplexity" else "token perplexity"
-    timed = any(r.get("train_seconds") is not None for r in points)
-    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
-    ax_step = axes[0, 0]
-    for label, results in curves:
-        xs = [r["step"] for r in results]
-        ys = [float(r[key]) for r in results]
-        (line,) = ax_step.plot(xs, ys, marker="o", label=label)
-        if timed:
-            pairs = [(r["train_seconds"], float(r[key])) for r in results if r.get("train_seconds")]
-            if pairs:
-                hours = [t / 3600 for t, _ in pairs]
-                axes[0, 1].plot(hours, [y for _, y in pairs], marker="o", color=line.get_color())
-    ax_step.set_xlabel("training step")
-    ax_step.set_ylabel(ylabel)
-    if timed:
-        axes[0, 1].set_xlabel("training time (hours, excluding eval and checkpoint pauses)")
-        axes[0, 1].set_ylabel(ylabel)
     values = [float(r[key]) for r in points]
-    # Log scale when the curves span a wide range (early checkpoints), plain numbers either way.
-    wide = min(values) > 0 and max(values) / min(values) > 3
-    plain = ticker.FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 1000 else f"{y:.4g}")
-    for ax in axes[0]:
-        ax.grid(True, alpha=0.3)
-        if wide:
-            ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if wide else ticker.NullFormatter())
-    ax_step.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax_step.legend()
-    fig.suptitle(title or ylabel)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    out = epath.Path(path)  # local or gs://
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png.getvalue())
-    return path
+    log_y = min(values) > 0 and max(values) / min(values) > 3
+    by_step = [(name, [r["step"] for r in rs], [float(r[key]) for r in rs]) for name, rs in curves]
+    panels = [Panel("training step", ylabel, by_step, log_y=log_y)]
+    if any(r.get("train_seconds") is not None for r in points):
+        by_time = []
+        for label, rs in curves:
+            timed = [r for r in rs if r.get("train_seconds")]
+            by_time.append(
+                (label, [r["train_seconds"] / 3600 for r in timed], [float(r[key]) for r in timed])
+            )
+        xlabel = "training time (hours, excluding eval and checkpoint pauses)"
+        panels.append(Panel(xlabel, ylabel, by_time, log_y=log_y))
+    return plot_panels(path, panels, title or ylabel)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def machine_info() -> dict:
+    """What measurements came from: CPU model, cores, device, jax version, and whether the
+    machine was shared (FLASH_JAX_BENCH_SHARED=0 on a dedicated one). Initialises the backend."""
+    cpu = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "platform": device.platform,
+        "device": device.device_kind,
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "shared": os.environ.get("FLASH_JAX_BENCH_SHARED", "1") == "1",
+    }
+
+
+def device_name(info: dict) -> str:
+    """The CPU model on CPU, else the accelerator's kind (for plot titles)."""
+    return info["cpu"] if info["platform"] == "cpu" else info["device"]
+
+
+def machine_line(info: dict) -> str:
+    shared = (
+        " The machine was shared with other jobs while this ran: timings are noisy."
+        if info.get("shared")
+        else ""
+    )
+    return (
+        f"Machine: {info['cpu']} ({info['cpu_cores']} cores), {info['num_devices']} x "
+        f"{info['platform']} device ({info['device']}), jax {info['jax_version']}.{shared}"
+    )
+
+
+def write_report(stem: str, report: dict, markdown: str) -> list[str]:
+    """`<stem>.json` (NaN-safe) and `<stem>.md`; returns their paths."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        f.write(to_json(report, indent=2))
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    return [stem + ".json", stem + ".md"]

@@ -9,26 +9,25 @@ its blocking part (what training waits for; it includes one checksum pass) and t
 until committed. Medians of `--repeats`; writes under `--dir` (a temporary folder by default).
 """
 
-import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import app, flags
 
-import jax  # noqa: E402
+from flash_jax import benchmarks, cli, sharding
+from flash_jax.train import checkpoint, step  # no data stack: runs where JAX runs
 
-from configs import base  # noqa: E402
-from flash_jax import models, sharding  # noqa: E402
-from flash_jax.train import checkpoint, step  # noqa: E402 - no data stack: runs where JAX runs
+_SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Size presets of FLASH.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Saves per size (the median is kept).")
+_DIR = flags.DEFINE_string("dir", "", "Where the checkpoints go (default: a temporary folder).")
 
 
 def measure(size: str, repeats: int, directory: str) -> dict:
-    config = base.get_config()
-    config.model.update(models.preset("flash", size), vocab_size=32000, max_len=512)
-    mesh = sharding.make_mesh((1, 1, 1), tuple(config.mesh.axis_names), jax.devices()[:1])
+    config = benchmarks.bench_config("flash", 512, size=size, vocab_size=32000, chunk_size=128)
+    mesh = sharding.make_mesh((1, 1, 1), config.mesh.axis_names, jax.devices()[:1])
     with jax.set_mesh(mesh):
         fns = step.build(config, mesh)
         state = jax.block_until_ready(fns.init_state())
@@ -56,18 +55,16 @@ def measure(size: str, repeats: int, directory: str) -> dict:
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="tiny,small")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default="")
-    args = parser.parse_args()
-    directory = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_library_logs("bench_checkpoint.py")  # not Orbax's per-save lines
+    directory = _DIR.value or tempfile.mkdtemp(prefix="bench_checkpoint_")
     print(f"device: {jax.devices()[0].device_kind}; files under {directory}")
     print("| size | parameters | train state | checksums | save, blocking | save, committed |")
     print("|---|---:|---:|---:|---:|---:|")
-    for size in args.sizes.split(","):
-        r = measure(size, args.repeats, directory)
+    for size in _SIZES.value:
+        r = measure(size, _REPEATS.value, directory)
         print(
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['state_mb']:,.0f} MiB | "
             f"{r['checksums_s'] * 1e3:,.0f} ms | {r['save_blocking_s'] * 1e3:,.0f} ms | "
@@ -77,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

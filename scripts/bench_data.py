@@ -14,16 +14,12 @@ Prints a markdown table.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import ml_collections  # noqa: E402
-
-from flash_jax import data  # noqa: E402
+from flash_jax import data
+from flash_jax.config import DataConfig
 
 _DATA_DIR = flags.DEFINE_string("data_dir", data.SHIPPED_CORPUS, "local corpus to read")
 _VOCABS = flags.DEFINE_list("vocabs", [data.SHIPPED_VOCAB, "byte"], "vocabularies to time")
@@ -32,21 +28,12 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "rows per batch")
 _WARM_BATCHES = flags.DEFINE_integer("warm_batches", 2000, "batches timed after the first epoch")
 
 
-def _config(vocab: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            dataset="pg19",
-            objective="lm",
-            source="local",
-            data_dir=_DATA_DIR.value,
-            tfds_data_dir="",
-            vocab=vocab,
-            seq_len=_SEQ_LEN.value,
-            batch_size=_BATCH_SIZE.value,
-            mask_rate=0.15,
-            shuffle_buffer=1024,
-            prefetch=2,
-        )
+def _config(vocab: str) -> DataConfig:
+    return DataConfig(
+        data_dir=_DATA_DIR.value,
+        vocab=vocab,
+        seq_len=_SEQ_LEN.value,
+        batch_size=_BATCH_SIZE.value,
     )
 
 

@@ -17,26 +17,20 @@ parameters). Writes a markdown table (stdout), `bench_decode.json` and `bench_de
 """
 
 import functools
-import json
 import os
-import platform
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from flash_jax import decoding, models  # noqa: E402
-from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig, depth_factor  # noqa: E402
+from flash_jax import cli, decoding, models, results
+from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig, depth_factor
 
 _MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
-_LENGTHS = flags.DEFINE_list(
-    "lengths", ["256", "512", "1024", "2048", "4096", "8192"], "Context lengths."
-)
+_LENGTHS = cli.define_int_list("lengths", [256, 512, 1024, 2048, 4096, 8192], "Context lengths.")
 _SIZE = flags.DEFINE_enum("size", "tiny", list(models.SIZES), "Width / depth preset.")
 _D_MODEL = flags.DEFINE_integer("d_model", None, "Override the preset's width.")
 _NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Override the preset's Transformer depth.")
@@ -145,59 +139,43 @@ def table(rows: list[dict], names: list[str], lengths: list[int]) -> str:
 
 
 def plot(rows: list[dict], names: list[str], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for n in names:
-        rs = sorted((r for r in rows if r["model"] == n), key=lambda r: r["context"])
-        xs = [r["context"] for r in rs]
-        ax_speed.plot(
-            xs, [r["tokens_per_sec"] for r in rs], marker="o", label=DISPLAY_NAMES.get(n, n)
+    """Decode speed and decoding-state memory against context, one line per model."""
+    by_model = {
+        n: sorted((r for r in rows if r["model"] == n), key=lambda r: r["context"]) for n in names
+    }
+    panels = [
+        results.Panel(
+            "context length (tokens)",
+            ylabel,
+            [
+                (DISPLAY_NAMES.get(n, n), [r["context"] for r in rs], [value(r) for r in rs])
+                for n, rs in by_model.items()
+            ],
+            log_x=True,
         )
-        ax_mem.plot(
-            xs, [r["cache_bytes"] / 2**20 for r in rs], marker="o", label=DISPLAY_NAMES.get(n, n)
+        for ylabel, value in (
+            ("decode tokens/s", lambda r: r["tokens_per_sec"]),
+            ("decoding state (MiB)", lambda r: r["cache_bytes"] / 2**20),
         )
-    for ax, ylabel in ((ax_speed, "decode tokens/s"), (ax_mem, "decoding state (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
-        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:,.4g}"))
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ]
+    results.plot_panels(path, panels, title)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     names = list(_MODELS.value)
-    try:
-        lengths = sorted(int(x) for x in _LENGTHS.value)
-        for n in names:
-            if n not in models.LAYER_TYPES:
-                raise ValueError(f"unknown model {n!r}; choose from {sorted(models.LAYER_TYPES)}")
-        if not lengths or min(lengths) < 1:
-            raise ValueError(f"--lengths must be positive integers, got {_LENGTHS.value}")
-        if _STEPS.value < 1 or _REPEATS.value < 1 or _BATCH.value < 1:
-            raise ValueError("--steps, --repeats and --batch_size must be >= 1")
-    except ValueError as e:
-        print(f"bench_decode.py: error: {e}", file=sys.stderr)
-        return 1
-    device = jax.devices()[0]
-    machine = (
-        f"{device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)); "
-        f"host {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax "
-        f"{jax.__version__}"
-    )
+    lengths = sorted(_LENGTHS.value)
+    bad = [n for n in names if n not in models.LAYER_TYPES]
+    if bad:
+        cli.fail(
+            "bench_decode.py", f"unknown model {bad}; choose from {sorted(models.LAYER_TYPES)}", 1
+        )
+    if not lengths or _STEPS.value < 1 or _REPEATS.value < 1 or _BATCH.value < 1:
+        cli.fail(
+            "bench_decode.py", "--lengths, --steps, --repeats and --batch_size must be >= 1", 1
+        )
+    machine = results.machine_line(results.machine_info())
     rows = []
     for n in names:
         for length in lengths:
@@ -216,15 +194,12 @@ def main(argv):
         f"{_DTYPE.value}, batch {_BATCH.value}, {_STEPS.value} steps per run, best of "
         f"{_REPEATS.value}"
     )
-    os.makedirs(_OUT_DIR.value, exist_ok=True)
-    json_path = os.path.join(_OUT_DIR.value, "bench_decode.json")
-    png_path = os.path.join(_OUT_DIR.value, "bench_decode.png")
-    with open(json_path, "w") as f:
-        json.dump({"machine": machine, "setting": setting, "results": rows}, f, indent=2)
-    plot(rows, names, png_path, f"Incremental decoding, {setting}\n{machine}")
-    print(f"Machine: {machine}\nSetting: {setting}\n")
-    print(table(rows, names, lengths))
-    print(f"\nwrote {json_path} and {png_path}", file=sys.stderr)
+    text = f"{machine}\nSetting: {setting}\n\n{table(rows, names, lengths)}\n"
+    stem = os.path.join(_OUT_DIR.value, "bench_decode")
+    results.write_report(stem, {"machine": machine, "setting": setting, "results": rows}, text)
+    plot(rows, names, stem + ".png", f"Incremental decoding, {setting}")
+    print(text)
+    print(f"wrote {stem}.json, {stem}.md and {stem}.png", file=sys.stderr)
     return 0
 
 

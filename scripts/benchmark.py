@@ -28,30 +28,31 @@ scanned body (flash_jax.models), so its raw FLOP count misses (num_layers - 1) l
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `python scripts/benchmark.py` from anywhere
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+from absl import flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from flash_jax import flops  # noqa: E402 - pure arithmetic: starts no backend
-from flash_jax.config import DISPLAY_NAMES, depth_factor  # noqa: E402
+import flash_jax
+from flash_jax import benchmarks, cli, flops, models, results, sharding
+from flash_jax.config import ATTENTION_IMPLS, DISPLAY_NAMES, DTYPES, FLASH_IMPLS, REMAT
+from flash_jax.train import report as train_report
+from flash_jax.train import step
 
 MODELS = ("flash", "flash_quad", "transformer", "transformer_pp", "performer", "combiner")
 # Models whose cost per token does not grow (or grows slowly) with the context: never skipped by
 # --max_quadratic_context, and checked for a flat step time.
 SUBQUADRATIC = ("flash", "performer", "combiner")
-LABELS = DISPLAY_NAMES
 ROW_KEYS = (
     "model",
     "label",
@@ -75,85 +76,70 @@ ROW_KEYS = (
     "error",
 )
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("models", list(MODELS), "Models, each optionally @impl.", flag_values=FLAGS)
+cli.define_int_list("contexts", [512, 1024, 2048, 4096, 8192], "Context lengths.", FLAGS)
+flags.DEFINE_integer("tokens_per_step", 8192, "Tokens per step.", flag_values=FLAGS)
+flags.DEFINE_enum("size", "tiny", list(models.SIZES), "Size preset.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype.", flag_values=FLAGS)
+flags.DEFINE_enum("param_dtype", "float32", DTYPES, "Parameter dtype.", flag_values=FLAGS)
+flags.DEFINE_enum("attention_impl", "auto", ATTENTION_IMPLS, "Transformer MHSA.", flag_values=FLAGS)
+flags.DEFINE_enum("flash_impl", "auto", FLASH_IMPLS, "FLASH's attention.", flag_values=FLAGS)
+flags.DEFINE_enum("remat", "none", REMAT, "Remat policy.", flag_values=FLAGS)
+flags.DEFINE_integer("chunk_size", 256, "FLASH's C (paper: 256).", flag_values=FLAGS)
+flags.DEFINE_integer("qk_dim", 0, "s; 0 keeps the size preset's.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "transformer_layers", 0, "Transformers' depth; 0: the preset's.", flag_values=FLAGS
+)
+flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size.", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "compiled_flops", True, "Also XLA's FLOP count (compiles more).", flag_values=FLAGS
+)
+flags.DEFINE_integer("warmup", 2, "Untimed steps.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 10, "Timed steps.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the synthetic batch.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "max_quadratic_context", 0, "Skip quadratic models above (0: none).", flag_values=FLAGS
+)
+flags.DEFINE_bool("isolate", True, "A fresh process per row (own peak memory).", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", "docs/results", "Where the outputs go.", flag_values=FLAGS)
+flags.DEFINE_string("name", "scaling_cpu", "Output file name stem.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "render_only", None, "Rewrite from this JSON; measure nothing.", flag_values=FLAGS
+)
+flags.DEFINE_string("only", None, "model:context, for a child of --isolate.", flag_values=FLAGS)
+flags.DEFINE_string("row_out", None, "Where a child of --isolate writes.", flag_values=FLAGS)
+# The flags that make the config of a row (benchmarks.bench_config's arguments).
+CONFIG_FLAGS = (
+    "size",
+    "tokens_per_step",
+    "chunk_size",
+    "vocab_size",
+    "dtype",
+    "param_dtype",
+    "remat",
+    "attention_impl",
+    "flash_impl",
+    "qk_dim",
+    "transformer_layers",
+)
 
-# ----------------------------------------------------------------------------- machine
 
-
-def machine_info() -> dict:
-    """What the numbers came from: CPU model, cores, device, jax version, and that it is shared.
-
-    Initialises the JAX backend (call it where the benchmark itself runs)."""
-    import jax
-
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    device = jax.devices()[0]
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "platform": device.platform,
-        "device": device.device_kind,
-        "num_devices": jax.device_count(),
-        "jax_version": jax.__version__,
-        # Set FLASH_JAX_BENCH_SHARED=0 on a dedicated machine; the default says it was shared.
-        "shared": os.environ.get("FLASH_JAX_BENCH_SHARED", "1") == "1",
-    }
-
-
-def device_name(info: dict) -> str:
-    """The CPU model on CPU, else the accelerator's kind (for plot titles)."""
-    return info["cpu"] if info["platform"] == "cpu" else info["device"]
-
-
-def machine_line(info: dict) -> str:
-    shared = (
-        " The machine was shared with other jobs while this ran: timings are noisy."
-        if info.get("shared")
-        else ""
-    )
-    return (
-        f"Machine: {info['cpu']} ({info['cpu_cores']} cores), {info['num_devices']} x "
-        f"{info['platform']} device ({info['device']}), jax {info['jax_version']}.{shared}"
-    )
+def config_flags(args) -> dict:
+    """bench_config's arguments from the flags (or a saved report's setup: older ones lack some)."""
+    values = args if isinstance(args, dict) else vars(args)
+    return {k: values[k] for k in CONFIG_FLAGS if k in values}
 
 
 # ----------------------------------------------------------------------------- FLOP counts
-
-
-def cost_flops(compiled) -> float | None:
-    """FLOPs of a compiled program per device from XLA's cost analysis; None if unavailable."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    value = (cost or {}).get("flops")
-    return float(value) if value and value > 0 else None
 
 
 def layer_flops(config, mesh, batch_size: int, context: int) -> float | None:
     """Compiled FLOPs (per device) of one layer's forward + backward, remat as configured: what
     the cost analysis counts once for the scanned layer stack but the step runs num_layers times.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from flash_jax import models, sharding
-    from flash_jax.config import ModelConfig
-    from flash_jax.train import step
-
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    # The layer's activation constraints use the same rules as the full model (models.create).
-    cfg = dataclasses.replace(ModelConfig.from_config(config.model), sharding_rules=rules)
+    rules = config.mesh.rules
+    cfg = config.model  # its activation constraints use the mesh's rules, as the full model's
     abstract_layer = nnx.eval_shape(lambda: models.LAYER_TYPES[cfg.name](cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract_layer, nnx.Param, ...)
 
@@ -179,87 +165,22 @@ def layer_flops(config, mesh, batch_size: int, context: int) -> float | None:
         jax.ShapeDtypeStruct((batch_size, context), jnp.int32, sharding=bt),
     )
     grad_fn = jax.jit(jax.grad(loss, argnums=(0, 2)))
-    return cost_flops(grad_fn.lower(*abstract).compile())
+    return benchmarks.cost_flops(grad_fn.lower(*abstract).compile())
 
 
 # ----------------------------------------------------------------------------- one measurement
 
 
-def split_variant(model: str) -> tuple[str, str | None]:
-    """'flash@pallas_gpu' -> ('flash', 'pallas_gpu'): a model with its attention implementation
-    (model.flash_impl for FLASH, model.attention_impl for the Transformers); 'flash' -> None."""
-    name, _, impl = model.partition("@")
-    return name, impl or None
-
-
 def label(model: str) -> str:
-    name, impl = split_variant(model)
-    return LABELS.get(name, name) + (f" ({impl})" if impl else "")
-
-
-def bench_config(args, model: str, context: int):
-    """The training config of one model x context (base config + size preset + flags)."""
-    from configs import base
-    from flash_jax import models
-
-    model, impl = split_variant(model)
-
-    if args.tokens_per_step % context:
-        raise ValueError(
-            f"--tokens_per_step ({args.tokens_per_step}) must be a multiple of every context "
-            f"length; {context} does not divide it"
-        )
-    config = base.get_config()
-    m = config.model
-    m.update(models.preset(model, args.size))
-    m.max_len = context  # FLASH-Quad's fixed score scale n and the bias span = the training length
-    m.chunk_size = args.chunk_size
-    if args.qk_dim:
-        m.qk_dim = args.qk_dim
-    if getattr(args, "transformer_layers", 0):  # FLASH-family models: twice the layers
-        m.num_layers = args.transformer_layers * depth_factor(model)
-    m.vocab_size = args.vocab_size
-    m.dtype = args.dtype
-    m.param_dtype = args.param_dtype
-    m.remat = args.remat
-    m.attention_impl = args.attention_impl
-    m.flash_impl = getattr(args, "flash_impl", "auto")  # absent from older benchmark JSONs
-    if impl:
-        m["attention_impl" if model.startswith("transformer") else "flash_impl"] = impl
-    config.data.seq_len = context
-    config.data.batch_size = args.tokens_per_step // context
-    config.train.warmup_steps = 0  # the learning rate does not change the cost
-    return config
-
-
-def synthetic_batch(batch_size: int, context: int, vocab_size: int, seed: int = 0) -> dict:
-    """Uniformly random tokens, one document per row (segment 1), positions 0..T-1."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab_size, size=(batch_size, context + 1), dtype=np.int32)
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "weights": np.ones((batch_size, context), np.float32),
-        "segment_ids": np.ones((batch_size, context), np.int32),
-        "positions": np.broadcast_to(np.arange(context, dtype=np.int32), (batch_size, context)),
-    }
+    name, impl = benchmarks.split_variant(model)
+    return DISPLAY_NAMES.get(name, name) + (f" ({impl})" if impl else "")
 
 
 def measure(args, model: str, context: int) -> dict:
     """Compiles and times the train step of one model at one context length (in this process)."""
-    import jax
-
-    from flash_jax import sharding
-    from flash_jax.config import ModelConfig
-    from flash_jax.train import report, step
-
-    # Only the model and the step: the data stack (TensorFlow, seqio) is never imported, so the
-    # benchmark runs on accelerator machines that have JAX and Flax alone.
-    config = bench_config(args, model, context)
-    model_config = ModelConfig.from_config(config.model)  # ValueError names the key
-    mesh = sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+    config = benchmarks.bench_config(model, context, **config_flags(args))
+    model_config = config.model
+    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axis_names)
     data_parallel = step.data_parallel_size(mesh, config.mesh.rules)
     if config.data.batch_size % data_parallel:
         raise ValueError(
@@ -281,7 +202,8 @@ def measure(args, model: str, context: int) -> dict:
         rest = fns.init_rest()
         state = fns.init_state()
         batch = step.put_batch(
-            synthetic_batch(B, T, model_config.vocab_size, seed=args.seed), fns.batch_sharding
+            benchmarks.synthetic_batch(B, T, model_config.vocab_size, seed=args.seed),
+            fns.batch_sharding,
         )
         batch_abstract = {
             k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=fns.batch_sharding)
@@ -292,7 +214,7 @@ def measure(args, model: str, context: int) -> dict:
         row["compile_s"] = time.perf_counter() - t0
 
         # Cost analysis is per device (the SPMD program); totals are x the number of devices.
-        raw = cost_flops(train_step) if getattr(args, "compiled_flops", True) else None
+        raw = benchmarks.cost_flops(train_step) if args.compiled_flops else None
         one_layer = layer_flops(config, mesh, B, T) if raw is not None else None
         num_devices = mesh.size
         row["flops_compiled_raw"] = None if raw is None else raw * num_devices
@@ -333,7 +255,7 @@ def measure(args, model: str, context: int) -> dict:
         row["peak_memory_bytes"] = (stats or {}).get("peak_bytes_in_use")
 
     median = statistics.median(times)
-    peak = report.peak_flops_per_device(jax.devices()[0].device_kind)
+    peak = train_report.peak_flops_per_device(jax.devices()[0].device_kind)
     row.update(
         step_times_s=times,
         step_time_median_s=median,
@@ -365,18 +287,9 @@ def error_row(model: str, context: int, tokens_per_step: int, message: str) -> d
 # ----------------------------------------------------------------------------- running all
 
 
+# What a child of --isolate is given.
 _PASSED_FLAGS = (
-    "tokens_per_step",
-    "size",
-    "dtype",
-    "param_dtype",
-    "attention_impl",
-    "flash_impl",
-    "remat",
-    "chunk_size",
-    "qk_dim",
-    "transformer_layers",
-    "vocab_size",
+    *CONFIG_FLAGS,
     "warmup",
     "repeats",
     "seed",
@@ -386,13 +299,16 @@ _PASSED_FLAGS = (
 
 
 def _flag(key: str, value) -> str:
-    if isinstance(value, bool):  # argparse.BooleanOptionalAction
-        return f"--{key}" if value else f"--no-{key}"
+    if isinstance(value, bool):
+        return f"--{key}" if value else f"--no{key}"
     return f"--{key}={value}"
 
 
 def run_isolated(args, model: str, context: int) -> tuple[dict, dict | None]:
     """One measurement in a fresh Python process; (row, machine info of that process)."""
+    # The child imports this process's flash_jax, whichever copy of the package is installed.
+    package_root = os.path.dirname(os.path.dirname(flash_jax.__file__))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         command = [
@@ -403,7 +319,8 @@ def run_isolated(args, model: str, context: int) -> tuple[dict, dict | None]:
             f"--contexts={context}",
             *(_flag(key, getattr(args, key)) for key in _PASSED_FLAGS),
         ]
-        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = dict(os.environ, PYTHONPATH=path)
+        proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0 or not os.path.isfile(out):
             lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
             why = lines[-1] if lines else f"exit status {proc.returncode}"
@@ -422,7 +339,7 @@ def run_all(args, on_row=None) -> tuple[list[dict], dict]:
         for context in args.contexts:
             print(f"{label(model)} at context {context} ...", flush=True)
             if (
-                split_variant(model)[0] not in SUBQUADRATIC
+                benchmarks.split_variant(model)[0] not in SUBQUADRATIC
                 and 0 < args.max_quadratic_context < context
             ):
                 why = f"skipped: above --max_quadratic_context={args.max_quadratic_context}"
@@ -442,7 +359,7 @@ def run_all(args, on_row=None) -> tuple[list[dict], dict]:
             if on_row is not None:
                 on_row(row)
     if machine is None:  # not isolated, or no child succeeded: describe this process
-        machine = machine_info()
+        machine = results.machine_info()
     return rows, machine
 
 
@@ -460,7 +377,9 @@ def _row_summary(row: dict) -> str:
 
 def first_flash(rows: list[dict]) -> str:
     """The first FLASH variant measured ('flash', or e.g. 'flash@xla')."""
-    return next((r["model"] for r in rows if split_variant(r["model"])[0] == "flash"), "flash")
+    return next(
+        (r["model"] for r in rows if benchmarks.split_variant(r["model"])[0] == "flash"), "flash"
+    )
 
 
 def flatness(rows: list[dict], model: str = "flash", low: int = 512, high: int = 8192) -> dict:
@@ -487,7 +406,9 @@ def all_flatness(rows: list[dict]) -> dict:
     """`flatness` of every sub-quadratic model (and attention variant, e.g. 'flash@xla') that
     was measured, in the order measured."""
     measured = dict.fromkeys(r["model"] for r in rows)
-    return {m: flatness(rows, m) for m in measured if split_variant(m)[0] in SUBQUADRATIC}
+    return {
+        m: flatness(rows, m) for m in measured if benchmarks.split_variant(m)[0] in SUBQUADRATIC
+    }
 
 
 def _fmt(value, fmt: str, missing: str = "n/a") -> str:
@@ -510,7 +431,7 @@ def markdown(report: dict) -> str:
         f"of {setup['repeats']} timed steps after {setup['warmup']} warm-up steps (range in "
         f"brackets).",
         "",
-        machine_line(report["machine"]),
+        results.machine_line(report["machine"]),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -553,49 +474,37 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
-
-    fig, (ax_time, ax_rate) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
-    for model in dict.fromkeys(r["model"] for r in report["rows"]):
-        rows = [r for r in report["rows"] if r["model"] == model and not r["error"]]
-        if not rows:
-            continue
-        contexts = [r["context"] for r in rows]
-        label = rows[0]["label"]
-        ax_time.plot(contexts, [r["step_time_median_s"] for r in rows], marker="o", label=label)
-        ax_rate.plot(contexts, [r["tokens_per_s"] for r in rows], marker="o", label=label)
-    all_contexts = sorted({r["context"] for r in report["rows"]})
-    for ax, ylabel in ((ax_time, "step time (s), median"), (ax_rate, "tokens / s")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(all_contexts, [str(T) for T in all_contexts])
-        ax.xaxis.set_minor_locator(NullLocator())  # only the measured contexts on the x axis
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_time.legend(fontsize=8)
+    """Step time and tokens/s against context, one line per model."""
+    by_model = {}
+    for r in report["rows"]:
+        if not r["error"]:
+            by_model.setdefault(r["label"], []).append(r)
+    panels = [
+        results.Panel(
+            "context length (tokens)",
+            ylabel,
+            [
+                (name, [r["context"] for r in rs], [r[key] for r in rs])
+                for name, rs in by_model.items()
+            ],
+            log_x=True,
+        )
+        for key, ylabel in (
+            ("step_time_median_s", "step time (s), median"),
+            ("tokens_per_s", "tokens / s"),
+        )
+    ]
     setup = report["setup"]
-    fig.suptitle(
+    title = (
         f"Train step at {setup['tokens_per_step']:,} tokens/step, size {setup['size']}, "
-        f"{setup['dtype']}: {device_name(report['machine'])}",
-        fontsize=10,
+        f"{setup['dtype']}: {results.device_name(report['machine'])}"
     )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    results.plot_panels(path, panels, title)
 
 
 def write_outputs(report: dict, out_dir: str, name: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    results.write_report(stem, report, markdown(report))
     plot(report, stem + ".png")
     return stem
 
@@ -604,9 +513,6 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
     """Rewrites the outputs from a benchmark JSON, recomputing what derives from the measured
     numbers (analytic FLOPs, TFLOP/s, MFU, the FLASH verdict): e.g. after a formula change, or
     to re-plot results copied from another machine. Timings are never recomputed."""
-    from flash_jax.config import ModelConfig
-    from flash_jax.train import report as train_report
-
     with open(path) as f:
         report = json.load(f)
     setup, machine = report["setup"], report["machine"]
@@ -614,10 +520,9 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
     for row in report["rows"]:
         if row["error"]:
             continue
-        config = bench_config(argparse.Namespace(**setup), row["model"], row["context"])
-        model_config = ModelConfig.from_config(config.model)
+        config = benchmarks.bench_config(row["model"], row["context"], **config_flags(setup))
         total = flops.analytic_flops(
-            model_config, row["context"], row["tokens_per_step"], row["num_params"]
+            config.model, row["context"], row["tokens_per_step"], row["num_params"]
         )["total"]
         median = row["step_time_median_s"]
         row["flops_analytic"] = total
@@ -632,98 +537,37 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
 # ----------------------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def parse_args(argv=None):
-    from flash_jax import models
-    from flash_jax.config import ATTENTION_IMPLS, DTYPES, FLASH_IMPLS, REMAT
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
-    parser.add_argument("--contexts", type=_int_list, default=[512, 1024, 2048, 4096, 8192])
-    parser.add_argument("--tokens_per_step", type=int, default=8192)
-    parser.add_argument("--size", default="tiny", choices=sorted(models.SIZES))
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--param_dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS)
-    parser.add_argument("--flash_impl", default="auto", choices=FLASH_IMPLS)
-    parser.add_argument("--remat", default="none", choices=REMAT)
-    parser.add_argument("--chunk_size", type=int, default=256, help="FLASH's C (paper: 256)")
-    parser.add_argument("--qk_dim", type=int, default=0, help="s; 0 keeps the size preset's")
-    parser.add_argument(
-        "--transformer_layers",
-        type=int,
-        default=0,
-        help="depth of the Transformers (FLASH-family: twice that); 0 keeps the size preset's",
-    )
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument(
-        "--compiled_flops",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also count FLOPs with XLA's cost analysis (compiles one layer more per row)",
-    )
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--max_quadratic_context",
-        type=int,
-        default=0,
-        help="skip (record as skipped) the quadratic models above this context; 0: no limit",
-    )
-    parser.add_argument(
-        "--isolate",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="each model x context in a fresh process (exact peak memory, survives OOM)",
-    )
-    parser.add_argument("--out_dir", default="docs/results")
-    parser.add_argument("--name", default="scaling_cpu", help="output file name stem")
-    parser.add_argument(
-        "--render_only",
-        default=None,
-        help="a benchmark JSON: rewrite <out_dir>/<name>.{json,md,png} from it, measuring nothing",
-    )
-    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # model:context (child)
-    parser.add_argument("--row_out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.models = [m for m in args.models.split(",") if m]
-    bad = [m for m in args.models if split_variant(m)[0] not in models.LAYER_TYPES]
+def parse_args(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "benchmark.py")
+    bad = [m for m in args.models if benchmarks.split_variant(m)[0] not in models.LAYER_TYPES]
     if bad or not args.models:
-        parser.error(
+        cli.fail(
+            "benchmark.py",
             f"--models: unknown {bad}; choose from {sorted(models.LAYER_TYPES)}, each optionally "
-            "with @impl (e.g. flash@pallas_gpu, transformer_pp@cudnn)"
+            "with @impl (e.g. flash@pallas_gpu, transformer_pp@cudnn)",
+            2,
         )
     for key, low in (("tokens_per_step", 1), ("chunk_size", 1), ("repeats", 1), ("warmup", 0)):
         if getattr(args, key) < low:
-            parser.error(f"--{key} must be >= {low}, got {getattr(args, key)}")
+            cli.fail("benchmark.py", f"--{key} must be >= {low}, got {getattr(args, key)}", 2)
     bad = [T for T in args.contexts if args.tokens_per_step % T]
-    if bad:
-        parser.error(
+    if bad or not args.contexts:
+        cli.fail(
+            "benchmark.py",
             f"--tokens_per_step ({args.tokens_per_step}) must be a multiple of every context; "
-            f"{bad} do not divide it"
+            f"{bad} do not divide it",
+            2,
         )
     return args
 
 
-def main(argv=None) -> dict | None:
+def main(argv=()) -> dict | None:
     args = parse_args(argv)
     if args.only:  # a child of --isolate: one measurement, written to --row_out
         model, context = args.only.split(":")
         row = measure(args, model, int(context))
         with open(args.row_out, "w") as f:
-            json.dump({"row": row, "machine": machine_info()}, f)
+            f.write(results.to_json({"row": row, "machine": results.machine_info()}))
         return None
     if args.render_only:
         report = rerender(args.render_only, args.out_dir, args.name)
@@ -735,14 +579,12 @@ def main(argv=None) -> dict | None:
     with open(rows_path, "w") as rows_file:
 
         def on_row(row):
-            rows_file.write(json.dumps(row) + "\n")
+            rows_file.write(results.to_json(row) + "\n")
             rows_file.flush()
 
         rows, machine = run_all(args, on_row)
     report = {
-        "command": " ".join(
-            ["python scripts/benchmark.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": " ".join(["python scripts/benchmark.py", *argv]),
         "machine": machine,
         "setup": {key: getattr(args, key) for key in (*_PASSED_FLAGS, "models", "contexts")},
         "data": "synthetic: uniformly random tokens, one document per row",
@@ -757,4 +599,4 @@ def main(argv=None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main, FLAGS)

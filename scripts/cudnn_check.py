@@ -7,19 +7,14 @@ Results: docs/results/kernel_check_h100/cudnn_check.md.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `python scripts/cudnn_check.py` from anywhere
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flash_jax.ops import dot_product  # noqa: E402
+from flash_jax.ops import dot_product
 
 B, T, H, D = 4, 4096, 16, 64  # Transformer++ at d_model 1024: 16 heads of 64
 REPEATS = 5
@@ -51,7 +46,9 @@ def fwd_bwd_ms(grad_fn, *args) -> float:
     return (time.perf_counter() - start) / REPEATS * 1e3
 
 
-def main():
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (B, T, H, D), jnp.bfloat16) for key in keys)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
@@ -70,4 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -61,47 +61,45 @@ from ml_collections import config_flags  # noqa: E402
 
 from flash_jax import cli  # noqa: E402
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (optional; default: the checkpoint's own).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_OUT = flags.DEFINE_string("out", None, "Folder to write model.safetensors, config.json and vocab.")
+_DTYPE = flags.DEFINE_string(
+    "dtype", "float32", "Dtype of the exported tensors: float32 or bfloat16."
+)
+flags.mark_flags_as_required(["workdir", "out"])
 
-def define_flags():
-    config = config_flags.DEFINE_config_file(
-        "config", None, "Config file (optional; default: the checkpoint's own).", lock_config=True
-    )
-    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_string("out", None, "Folder to write model.safetensors, config.json and vocab.")
-    flags.DEFINE_string("dtype", "float32", "Dtype of the exported tensors: float32 or bfloat16.")
-    flags.mark_flags_as_required(["workdir", "out"])
-    return config
 
-
-def main(argv, config_flag):
+def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    FLAGS = flags.FLAGS
     import jax
 
     from flash_jax import export
     from flash_jax.train import checkpoint
 
-    if FLAGS.dtype not in export.DTYPES:
-        cli.fail("export.py", f"--dtype must be one of {export.DTYPES}, got {FLAGS.dtype!r}", 2)
+    if _DTYPE.value not in export.DTYPES:
+        cli.fail("export.py", f"--dtype must be one of {export.DTYPES}, got {_DTYPE.value!r}", 2)
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("export.py")
     try:
         run = checkpoint.restore(
-            FLAGS.workdir, FLAGS.step, config=config_flag.value, single_device=True
+            _WORKDIR.value, _STEP.value, config=_CONFIG.value, single_device=True
         )
-        paths = export.export(run, FLAGS.out, FLAGS.dtype)
+        paths = export.export(run, _OUT.value, _DTYPE.value)
     except ValueError as e:
         cli.fail("export.py", str(e), 1)
     num_params = sum(int(x.size) for x in jax.tree.leaves(run.params))
     logging.info(
         "exported %s step %d (%s, %s parameters, %s)",
-        FLAGS.workdir,
+        _WORKDIR.value,
         run.step,
         run.model_config.name,
         f"{num_params:,}",
-        FLAGS.dtype,
+        _DTYPE.value,
     )
     for path in paths:
         print(path)
@@ -109,8 +107,4 @@ def main(argv, config_flag):
 
 
 if __name__ == "__main__":
-    _config = define_flags()
-    app.run(
-        lambda argv: main(argv, _config),
-        flags_parser=lambda argv: cli.parse_flags(argv, _config, "export.py"),
-    )
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "export.py"))

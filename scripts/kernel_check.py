@@ -21,50 +21,47 @@ recorded as skipped. Prints a markdown table; writes <out_dir>/kernel_check.json
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `python scripts/kernel_check.py` from anywhere
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from flash_jax import ops  # noqa: E402
-from flash_jax.ops import pallas_gpu  # noqa: E402
+from flash_jax import cli, ops, results
+from flash_jax.ops import pallas_gpu
 
 GRAD_NAMES = ("quad_q", "quad_k", "lin_q", "lin_k", "v", "quad_bias")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--tokens", type=int, default=65536, help="B * T per case")
-    p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768")
-    p.add_argument("--bidir_contexts", default="4096", help="non-causal cases (may be empty)")
-    p.add_argument("--S", type=int, default=128)
-    p.add_argument("--E", type=int, default=2048)
-    p.add_argument("--C", type=int, default=256)
-    p.add_argument("--block_q", type=int, default=64)
-    p.add_argument("--block_k", type=int, default=64)
-    p.add_argument("--block_e", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--max_seconds", type=float, default=165.0, help="start no case after this")
-    p.add_argument("--interpret", action="store_true", help="run the kernels interpreted (CPU)")
-    args = p.parse_args(argv)
-    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
-    args.contexts, args.bidir_contexts = ints(args.contexts), ints(args.bidir_contexts)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("out_dir", None, "Where kernel_check.json and .md go.", flag_values=FLAGS)
+flags.DEFINE_integer("tokens", 65536, "B * T per case.", flag_values=FLAGS)
+cli.define_int_list("contexts", [1024, 2048, 4096, 8192, 16384, 32768], "Causal cases.", FLAGS)
+cli.define_int_list("bidir_contexts", [4096], "Non-causal cases (may be empty).", FLAGS)
+for _name, _default in (("S", 128), ("E", 2048), ("C", 256)):
+    flags.DEFINE_integer(_name, _default, f"{_name} of the inputs.", flag_values=FLAGS)
+for _name in ("block_q", "block_k", "block_e"):
+    flags.DEFINE_integer(_name, 64, "The kernel's block size.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "Timed runs per case (the median is kept).", flag_values=FLAGS)
+flags.DEFINE_float("max_seconds", 165.0, "Start no case after this.", flag_values=FLAGS)
+flags.DEFINE_bool("interpret", False, "Run the kernels interpreted (CPU).", flag_values=FLAGS)
+flags.mark_flag_as_required("out_dir", flag_values=FLAGS)
+
+
+def parse_args(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "kernel_check.py")
     for T in args.contexts + args.bidir_contexts:
-        if T <= 0 or args.tokens % T:
-            p.error(f"--tokens {args.tokens} must be a positive multiple of every context, got {T}")
+        if args.tokens % T:
+            cli.fail(
+                "kernel_check.py",
+                f"--tokens {args.tokens} must be a positive multiple of every context, got {T}",
+                2,
+            )
     return args
 
 
@@ -217,7 +214,7 @@ def markdown(rows, device):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv=()):
     args = parse_args(argv)
     start = time.perf_counter()
     device = str(jax.devices()[0].device_kind)
@@ -231,12 +228,11 @@ def main(argv=None):
         case_start = time.perf_counter()
         rows.append(run_case(args, T, causal))
         rows[-1]["case_s"] = time.perf_counter() - case_start
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
+        print(results.to_json({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
         for stage, message in rows[-1]["errors"].items():
             print(f"T={T} causal={causal} {stage} FAILED:\n{message}", flush=True)
     table = markdown(rows, device)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
     summary = {
         "device": device,
         "jax": jax.__version__,
@@ -245,12 +241,9 @@ def main(argv=None):
         "total_s": time.perf_counter() - start,
         "rows": rows,
     }
-    with open(os.path.join(args.out_dir, "kernel_check.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.out_dir, "kernel_check.md"), "w") as f:
-        f.write(table)
+    results.write_report(os.path.join(args.out_dir, "kernel_check"), summary, table)
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main, FLAGS)

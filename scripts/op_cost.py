@@ -20,18 +20,32 @@ packed-document segment ids and the [C, C] relative bias that the layer passes:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import re
 import sys
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `python scripts/op_cost.py` from anywhere
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+from absl import flags
+from flax import nnx
+
+from flash_jax import cli, models, ops
+from flash_jax.config import DTYPES, REMAT, ModelConfig
 
 KIB = 1024.0
+
+FLAGS = flags.FlagValues()
+cli.define_int_list("contexts", [1024, 2048, 4096, 8192, 16384, 32768], "Context lengths.", FLAGS)
+flags.DEFINE_integer("tokens", 65536, "Tokens per program.", flag_values=FLAGS)
+flags.DEFINE_integer("qk_dim", 128, "S.", flag_values=FLAGS)
+flags.DEFINE_integer("value_dim", 2048, "E (the layer: d_model E / 2).", flag_values=FLAGS)
+flags.DEFINE_integer("chunk_size", 256, "C.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "Input dtype.", flag_values=FLAGS)
+flags.DEFINE_bool("causal", True, "Causal attention.", flag_values=FLAGS)
+flags.DEFINE_bool("layer", True, "Also one FLASH layer.", flag_values=FLAGS)
+flags.DEFINE_enum("remat", "none", REMAT, "The layer's remat policy.", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the rows to this JSON file.", flag_values=FLAGS)
 
 
 # ----------------------------------------------------------------------------- HLO dots
@@ -72,8 +86,6 @@ def dot_flops_by_dtype(hlo_text: str) -> dict[str, float]:
 def program_cost(fn, abstract_args, tokens: int) -> dict:
     """Bytes accessed and FLOPs per token (compiled cost analysis) and matmul FLOPs per token by
     operand dtypes (lowered HLO) of `jax.jit(fn)` at the given abstract arguments."""
-    import jax
-
     lowered = jax.jit(fn).lower(*abstract_args)
     cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -93,11 +105,6 @@ def program_cost(fn, abstract_args, tokens: int) -> dict:
 
 def op_program(args, context: int):
     """Forward + backward of the op: (fn, abstract args)."""
-    import jax
-    import jax.numpy as jnp
-
-    from flash_jax import ops
-
     B, T, S, E, C = args.tokens // context, context, args.qk_dim, args.value_dim, args.chunk_size
     dtype = jnp.dtype(args.dtype)
 
@@ -129,13 +136,6 @@ def op_program(args, context: int):
 
 def layer_program(args, context: int):
     """Forward + backward of one FLASH layer (parameter and input gradients, remat as given)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from flash_jax import models
-    from flash_jax.config import ModelConfig
-
     B, T = args.tokens // context, context
     cfg = ModelConfig(
         name="flash",
@@ -211,49 +211,28 @@ def markdown(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def parse_args(argv=None):
-    from flash_jax.config import DTYPES, REMAT
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--contexts", type=_int_list, default=[1024, 2048, 4096, 8192, 16384, 32768]
-    )
-    parser.add_argument("--tokens", type=int, default=65536, help="tokens per program")
-    parser.add_argument("--qk_dim", type=int, default=128, help="S")
-    parser.add_argument("--value_dim", type=int, default=2048, help="E (the layer: d_model E/2)")
-    parser.add_argument("--chunk_size", type=int, default=256, help="C")
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--layer", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--remat", default="none", choices=REMAT, help="the layer's")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    args = parser.parse_args(argv)
+def parse_args(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "op_cost.py")
     for key in ("tokens", "qk_dim", "value_dim", "chunk_size"):
         if getattr(args, key) < 1:
-            parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+            cli.fail("op_cost.py", f"--{key} must be >= 1, got {getattr(args, key)}", 2)
     if args.value_dim % 2:
-        parser.error(
-            f"--value_dim must be even (the layer's d_model is E / 2), got {args.value_dim}"
+        cli.fail(
+            "op_cost.py",
+            f"--value_dim must be even (the layer's d_model is E / 2), got {args.value_dim}",
+            2,
         )
     bad = [T for T in args.contexts if args.tokens % T]
-    if bad:
-        parser.error(f"--tokens ({args.tokens}) must be a multiple of every context; {bad} are not")
+    if bad or not args.contexts:
+        cli.fail(
+            "op_cost.py",
+            f"--tokens ({args.tokens}) must be a multiple of every context; {bad} are not",
+            2,
+        )
     return args
 
 
-def main(argv=None) -> list[dict]:
+def main(argv=()) -> list[dict]:
     args = parse_args(argv)
     rows = measure(args)
     print(markdown(rows))
@@ -265,4 +244,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main, FLAGS)

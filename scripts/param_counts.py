@@ -5,12 +5,14 @@
 Counts come from abstract shapes (nnx.eval_shape): nothing is allocated, so even `large` is instant.
 """
 
-import argparse
-
+from absl import app, flags
 from flax import nnx
 
 from flash_jax import models
 from flash_jax.config import ModelConfig
+
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 1024, "Training length (position table, biases).")
 
 
 def count(name: str, size: str, vocab_size: int, max_len: int) -> tuple[int, int]:
@@ -20,21 +22,19 @@ def count(name: str, size: str, vocab_size: int, max_len: int) -> tuple[int, int
     return overrides["num_layers"], models.count_params(abstract)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab_size", type=int, default=32000)
-    parser.add_argument("--max_len", type=int, default=1024)
-    args = parser.parse_args()
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     names = list(models.LAYER_TYPES)
     print("| size | d_model | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for size, (_, d_model, _) in models.SIZES.items():
         cells = []
         for name in names:
-            layers, params = count(name, size, args.vocab_size, args.max_len)
+            layers, params = count(name, size, _VOCAB_SIZE.value, _MAX_LEN.value)
             cells.append(f"{params / 1e6:.1f}M ({layers} layers)")
         print(f"| {size} | {d_model} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

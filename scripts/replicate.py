@@ -23,24 +23,24 @@ which includes the compile, is counted at its log window's mean step rate).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `python scripts/replicate.py` from the repository root
-    sys.path.insert(0, _REPO)
+from absl import flags, logging
+from flax import nnx
 
-import numpy as np  # noqa: E402
+from configs import replicate
+from flash_jax import cli, models, results
+from flash_jax.config import DISPLAY_NAMES as LABELS
 
-from configs import replicate  # noqa: E402
-from flash_jax import results  # noqa: E402
-from flash_jax.config import DISPLAY_NAMES  # noqa: E402
-from scripts import benchmark  # noqa: E402 - machine description and plotting helpers
-
-BASELINE = "transformer_pp"
-LABELS = DISPLAY_NAMES
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("setting", "cpu", list(replicate.SETTINGS), "Setting.", flag_values=FLAGS)
+flags.DEFINE_list("models", None, "Models (default: the setting's).", flag_values=FLAGS)
+flags.DEFINE_string("baseline", "transformer_pp", "The speed-ups' baseline.", flag_values=FLAGS)
+flags.DEFINE_string("workdir", "runs/replicate", "One sub-folder per model.", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", "docs/results", "Where the report goes.", flag_values=FLAGS)
+flags.DEFINE_string("name", "replicate_cpu", "Output file name stem.", flag_values=FLAGS)
+for _key in ("num_steps", "eval_every", "eval_batches", "log_every"):
+    flags.DEFINE_integer(_key, None, f"train.{_key} (default: the setting's).", flag_values=FLAGS)
 
 
 # ----------------------------------------------------------------------------- curves
@@ -98,10 +98,6 @@ def model_config(model: str, setting: str, args) -> object:
 
 
 def count_params(config) -> int:
-    from flax import nnx
-
-    from flash_jax import models
-
     abstract = nnx.eval_shape(lambda: models.create(config.model, rngs=nnx.Rngs(0)))
     return models.count_params(abstract)
 
@@ -130,12 +126,12 @@ def run(args) -> dict:
     return trained
 
 
-def speedups(results: dict, baseline: str) -> dict:
-    if baseline not in results:
+def speedups(trained: dict, baseline: str) -> dict:
+    if baseline not in trained:
         return {}
-    base_curve = results[baseline]["curve"]
+    base_curve = trained[baseline]["curve"]
     out = {}
-    for model, result in results.items():
+    for model, result in trained.items():
         if model == baseline:
             continue
         curve = result["curve"]
@@ -162,17 +158,17 @@ def _fmt_speedup(entry: dict, unit: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    results, info = report["models"], report["setup"]
-    models = list(results)
+    trained, info = report["models"], report["setup"]
+    models = list(trained)
     lines = [
-        f"# Replication: {', '.join(results[m]['label'] for m in models)}",
+        f"# Replication: {', '.join(trained[m]['label'] for m in models)}",
         "",
         f"Setting `{info['setting']}`: {info['tokens_per_step']:,} tokens per step "
         f"({info['batch_size']} x {info['seq_len']}), {info['num_steps']} steps per model, "
         f"eval every {info['eval_every']} steps on {info['eval_batches']} validation batches of "
         f"the shipped corpus ({info['dataset']}, {info['data_source']}).",
         "",
-        benchmark.machine_line(report["machine"]),
+        results.machine_line(report["machine"]),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -180,14 +176,14 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for m in models:
-        r = results[m]
+        r = trained[m]
         lines.append(
             f"| {r['label']} | {r['num_layers']} | {r['num_params'] / 1e6:.2f}M | "
             f"{r['final_eval_perplexity']:.2f} | {r['train_time_s']:.0f} s | "
             f"{r['curve']['mean_step_time_s']:.2f} |"
         )
     if report["speedup"]:
-        base_label = results[report["baseline"]]["label"]
+        base_label = trained[report["baseline"]]["label"]
         lines += [
             "",
             f"Speed-up at equal perplexity (paper's Table 3 measure): {base_label}'s cost for its "
@@ -199,7 +195,7 @@ def markdown(report: dict) -> str:
         ]
         for m, entry in report["speedup"].items():
             lines.append(
-                f"| {results[m]['label']} | {entry['step']['target_perplexity']:.2f} | "
+                f"| {trained[m]['label']} | {entry['step']['target_perplexity']:.2f} | "
                 f"{_fmt_speedup(entry['step'], 'steps')} | "
                 f"{_fmt_speedup(entry['train_time_s'], 'time')} |"
             )
@@ -207,14 +203,14 @@ def markdown(report: dict) -> str:
         "",
         "Validation perplexity (training time in seconds in brackets):",
         "",
-        "| step | " + " | ".join(results[m]["label"] for m in models) + " |",
+        "| step | " + " | ".join(trained[m]["label"] for m in models) + " |",
         "|---|" + "---|" * len(models),
     ]
-    steps = sorted({s for m in models for s in results[m]["curve"]["step"]})
+    steps = sorted({s for m in models for s in trained[m]["curve"]["step"]})
     for s in steps:
         cells = []
         for m in models:
-            curve = results[m]["curve"]
+            curve = trained[m]["curve"]
             if s in curve["step"]:
                 i = curve["step"].index(s)
                 cells.append(f"{curve['eval_perplexity'][i]:.2f} ({curve['train_time_s'][i]:.0f})")
@@ -225,68 +221,43 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=80)
-    for r in report["models"].values():
-        curve = r["curve"]
-        label = f"{r['label']} ({r['num_params'] / 1e6:.1f}M)"
-        ax_steps.plot(curve["step"], curve["eval_perplexity"], marker=".", label=label)
-        ax_time.plot(curve["train_time_s"], curve["eval_perplexity"], marker=".", label=label)
-    for ax, xlabel in ((ax_steps, "training step"), (ax_time, "training wall time (s)")):
-        ax.set_xlabel(xlabel)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_steps.set_ylabel("validation perplexity")
-    ax_steps.legend(fontsize=8)
-    fig.suptitle(
-        f"Replication ({report['setup']['setting']}): {benchmark.device_name(report['machine'])}"
-    )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    """Validation perplexity against step and against training time, one line per model."""
+    lines = {
+        f"{r['label']} ({r['num_params'] / 1e6:.1f}M)": r["curve"]
+        for r in report["models"].values()
+    }
+    panels = [
+        results.Panel(
+            xlabel,
+            "validation perplexity",
+            [(k, c[x], c["eval_perplexity"]) for k, c in lines.items()],
+        )
+        for x, xlabel in (("step", "training step"), ("train_time_s", "training wall time (s)"))
+    ]
+    title = f"Replication ({report['setup']['setting']}): {results.device_name(report['machine'])}"
+    results.plot_panels(path, panels, title)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--setting", default="cpu", choices=sorted(replicate.SETTINGS))
-    parser.add_argument(
-        "--models", default=None, help="comma-separated model names (default: the setting's)"
-    )
-    parser.add_argument("--baseline", default=BASELINE)
-    parser.add_argument("--workdir", default="runs/replicate", help="one sub-folder per model")
-    parser.add_argument("--out_dir", default="docs/results")
-    parser.add_argument("--name", default="replicate_cpu", help="output file name stem")
-    parser.add_argument("--num_steps", type=int, default=None, help="override the setting's")
-    parser.add_argument("--eval_every", type=int, default=None)
-    parser.add_argument("--eval_batches", type=int, default=None)
-    parser.add_argument("--log_every", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.models is None:
-        args.models = ",".join(replicate.SETTINGS[args.setting]["models"])
-    args.models = [m for m in args.models.split(",") if m]
+def parse_args(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "replicate.py")
+    args.models = args.models or list(replicate.SETTINGS[args.setting]["models"])
     bad = [m for m in args.models if m not in replicate.MODELS]
-    if bad or not args.models:
-        parser.error(f"--models: choose from {replicate.MODELS}, got {args.models}")
+    if bad:
+        cli.fail("replicate.py", f"--models: choose from {replicate.MODELS}, got {args.models}", 2)
     for key in ("num_steps", "eval_every", "eval_batches", "log_every"):
         value = getattr(args, key)
         if value is not None and value < 1:
-            parser.error(f"--{key} must be >= 1, got {value}")
+            cli.fail("replicate.py", f"--{key} must be >= 1, got {value}", 2)
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv=()) -> dict:
     args = parse_args(argv)
-    results = run(args)
+    trained = run(args)
     config = model_config(args.models[0], args.setting, args)
     report = {
-        "command": " ".join(
-            ["python scripts/replicate.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
-        "machine": benchmark.machine_info(),
+        "command": " ".join(["python scripts/replicate.py", *argv]),
+        "machine": results.machine_info(),
         "setup": {
             "setting": args.setting,
             "seq_len": int(config.data.seq_len),
@@ -300,29 +271,18 @@ def main(argv=None) -> dict:
             "data_source": os.path.basename(str(config.data.data_dir)),
         },
         "baseline": args.baseline,
-        "models": results,
-        "speedup": speedups(results, args.baseline),
+        "models": trained,
+        "speedup": speedups(trained, args.baseline),
     }
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, args.name)
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2, allow_nan=False, default=_json_default)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    text = markdown(report)
+    results.write_report(stem, report, text)
     plot(report, stem + ".png")
-    print(markdown(report))
+    print(text)
     print(f"wrote {stem}.json, {stem}.md, {stem}.png")
     return report
 
 
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
 if __name__ == "__main__":
-    from absl import logging
-
     logging.set_verbosity(logging.INFO)  # the loop's progress lines (loss, s/step, ETA)
-    main()
+    cli.run_script(main, FLAGS)

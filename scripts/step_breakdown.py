@@ -21,27 +21,35 @@ the model's shapes). `num_layers x layer + head + optimizer` should come close t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import statistics
-import sys
 import time
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:  # `python scripts/step_breakdown.py` from anywhere
-    sys.path.insert(0, _REPO)
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+from flash_jax import benchmarks, metrics, models, ops, results, sharding
+from flash_jax.config import DTYPES, REMAT
+from flash_jax.layers import FlashLayer
+from flash_jax.train import optim, step
 
-from flash_jax import metrics, models, ops, sharding  # noqa: E402
-from flash_jax.config import ModelConfig  # noqa: E402
-from flash_jax.layers import FlashLayer  # noqa: E402
-from flash_jax.train import step  # noqa: E402
-from scripts import benchmark  # noqa: E402
+_CONTEXT = flags.DEFINE_integer("context", 256, "Context length.")
+_TOKENS = flags.DEFINE_integer("tokens_per_step", 1024, "Tokens per step.")
+_SIZE = flags.DEFINE_enum("size", "tiny", list(models.SIZES), "Size preset.")
+_LAYERS = flags.DEFINE_integer("transformer_layers", 0, "Depth / 2 (0: the preset's).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 64, "FLASH's C.")
+_QK_DIM = flags.DEFINE_integer("qk_dim", 0, "s (0: the preset's).")
+_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", DTYPES, "Parameter dtype.")
+_REMAT = flags.DEFINE_enum("remat", "none", REMAT, "Remat policy.")
+_IMPLS = flags.DEFINE_list("impls", ["xla"], "FLASH attention impls.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per part (the median is kept).")
+_OUT_DIR = flags.DEFINE_string("out_dir", "runs/step_breakdown", "Where the outputs go.")
+_NAME = flags.DEFINE_string("name", "step_breakdown", "Output file name stem.")
 
 
 def median_ms(fn, *args, repeats: int) -> float:
@@ -74,10 +82,22 @@ def layer_ms(cfg, x, seg, pos, repeats, attention=True):
     return median_ms(fwd_bwd(apply, (0, 1)), params, x, repeats=repeats)
 
 
-def measure(args) -> dict:
-    config = benchmark.bench_config(args, "flash", args.context)
-    cfg = ModelConfig.from_config(config.model)
-    B, T = config.data.batch_size, args.context
+def measure(impls: list[str], repeats: int) -> dict:
+    config = benchmarks.bench_config(
+        "flash",
+        _CONTEXT.value,
+        size=_SIZE.value,
+        tokens_per_step=_TOKENS.value,
+        chunk_size=_CHUNK.value,
+        vocab_size=_VOCAB.value,
+        dtype=_DTYPE.value,
+        param_dtype=_PARAM_DTYPE.value,
+        remat=_REMAT.value,
+        qk_dim=_QK_DIM.value,
+        transformer_layers=_LAYERS.value,
+    )
+    cfg = config.model
+    B, T = config.data.batch_size, config.data.seq_len
     dtype = cfg.compute_dtype
     keys = jax.random.split(jax.random.key(0), 8)
     x = jax.random.normal(keys[0], (B, T, cfg.d_model), dtype)
@@ -92,16 +112,16 @@ def measure(args) -> dict:
     S, E, C = cfg.qk_dim, cfg.expansion_dim, cfg.chunk_size
     qk = [jax.random.normal(k, (B, T, S), dtype) for k in keys[1:5]]
     v = jax.random.normal(keys[5], (B, T, E), dtype)
-    for impl in args.impls:
+    for impl in impls:
 
         def attend(*a, impl=impl):
             return ops.mixed_chunk_attention(*a, chunk_size=C, causal=cfg.causal, impl=impl)
 
         grad_fn = fwd_bwd(attend, (0, 1, 2, 3, 4))
-        record(f"attention op ({impl})", median_ms(grad_fn, *qk, v, repeats=args.repeats))
+        record(f"attention op ({impl})", median_ms(grad_fn, *qk, v, repeats=repeats))
         impl_cfg = dataclasses.replace(cfg, flash_impl=impl)
-        record(f"layer ({impl})", layer_ms(impl_cfg, x, seg, pos, args.repeats))
-    record("layer, attention replaced by v", layer_ms(cfg, x, seg, pos, args.repeats, False))
+        record(f"layer ({impl})", layer_ms(impl_cfg, x, seg, pos, repeats))
+    record("layer, attention replaced by v", layer_ms(cfg, x, seg, pos, repeats, False))
 
     model = models.create(cfg, rngs=nnx.Rngs(0))
     head_graph, head_params = nnx.split(model)
@@ -113,20 +133,21 @@ def measure(args) -> dict:
         return metrics.cross_entropy(logits, targets, weights)[0]
 
     head_grad = jax.jit(jax.grad(head_loss, (0, 1)))
-    record("head + loss", median_ms(head_grad, head_params, x, repeats=args.repeats))
+    record("head + loss", median_ms(head_grad, head_params, x, repeats=repeats))
 
     mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         fns = step.build(config, mesh)
         state, rest = fns.init_state(), fns.init_rest()
-        batch = step.put_batch(benchmark.synthetic_batch(B, T, cfg.vocab_size), fns.batch_sharding)
+        batch = benchmarks.synthetic_batch(B, T, cfg.vocab_size)
+        batch = step.put_batch(batch, fns.batch_sharding)
         grads = jax.tree.map(jnp.ones_like, state["params"])
-        tx, _ = step.optim.make_optimizer(config.train, step.optim.decay_mask(state["params"]))
+        tx, _ = optim.make_optimizer(config.train, optim.decay_mask(state["params"]))
         update = jax.jit(lambda g, s, p: tx.update(g, s, p))
         opt_args = (grads, state["opt_state"], state["params"])
-        record("optimizer", median_ms(update, *opt_args, repeats=args.repeats))
+        record("optimizer", median_ms(update, *opt_args, repeats=repeats))
         times = []
-        for i in range(args.repeats + 1):
+        for i in range(repeats + 1):
             start = time.perf_counter()
             state, out = fns.train_step(state, rest, batch)
             jax.block_until_ready(out)
@@ -158,41 +179,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv=None):
-    """The benchmark's model flags (see scripts/benchmark.py) and the context."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--tokens_per_step", type=int, default=1024)
-    parser.add_argument("--size", default="tiny", choices=sorted(models.SIZES))
-    parser.add_argument("--transformer_layers", type=int, default=0)
-    parser.add_argument("--chunk_size", type=int, default=64)
-    parser.add_argument("--qk_dim", type=int, default=0)
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--param_dtype", default="float32")
-    parser.add_argument("--remat", default="none")
-    parser.add_argument("--impls", default="xla", help="FLASH attention impls, comma-separated")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out_dir", default="runs/step_breakdown")
-    parser.add_argument("--name", default="step_breakdown")
-    args = parser.parse_args(argv)
-    args.attention_impl, args.flash_impl = "auto", "auto"
-    args.impls = [i for i in args.impls.split(",") if i]
-    return args
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    result = measure(args)
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    result = measure(_IMPLS.value, _REPEATS.value)
     text = markdown(result)
     print(text)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, f"{args.name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out_dir, f"{args.name}.md"), "w") as f:
-        f.write(text)
-    return result
+    results.write_report(os.path.join(_OUT_DIR.value, _NAME.value), result, text)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -9,25 +9,29 @@
 arguments after `--` go to every run.
 """
 
-import argparse
-import importlib.util
 import os
 import re
 import shlex
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from absl import flags
+
+from flash_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train.py is
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "Root folder; one subfolder per run.", flag_values=FLAGS)
+flags.DEFINE_bool("print", False, "Print the commands, run nothing.", flag_values=FLAGS)
+flags.mark_flag_as_required("workdir", flag_values=FLAGS)
 
 
 def load_sweep(config_path: str) -> list[dict]:
     path = config_path.split(":", 1)[0]
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist")
-    sys.path.insert(0, REPO)  # config files import `configs.*`
-    spec = importlib.util.spec_from_file_location("_swept_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = cli.config_module(path)
     if not hasattr(module, "sweep"):
         raise ValueError(f"{path} has no sweep() function")
     runs = list(module.sweep())
@@ -63,20 +67,17 @@ def commands(config: str, workdir: str, runs: list[dict], extra: list[str]) -> l
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="config file with a sweep() function, optionally :ARG")
-    parser.add_argument("--workdir", required=True, help="root folder; one subfolder per run")
-    parser.add_argument("--print", action="store_true", help="print the commands, run nothing")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+def main(argv=()) -> int:
+    args = cli.parse_script_flags(FLAGS, argv, "sweep.py", positional=True)
+    if not args.positional:
+        cli.fail("sweep.py", "expected a config file with a sweep() function", 2)
+    config, *extra = args.positional  # extra: the arguments after --, for every run
     try:
-        runs = load_sweep(args.config)
+        runs = load_sweep(config)
     except ValueError as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         return 2
-    cmds = commands(args.config, args.workdir, runs, extra)
+    cmds = commands(config, args.workdir, runs, extra)
     if args.print:
         for cmd in cmds:
             print(shlex.join(["python", *cmd[1:]]))
@@ -91,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_script(main, FLAGS)

@@ -16,26 +16,21 @@ Byte fallback also means no unknown tokens on text the corpus never showed (othe
 from __future__ import annotations
 
 import os
-import sys
 
 import sentencepiece as spm
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flash_jax.data import sources, vocabularies  # noqa: E402
+from flash_jax import cli
+from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB
+from flash_jax.data import sources, vocabularies
 
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir",
-    os.path.join(
-        os.path.dirname(vocabularies.SHIPPED_VOCAB), "..", "corpora", "austen-pg19.tar.xz"
-    ),
-    "corpus: PG-19-layout folder or .tar.xz, or a folder of .txt files",
+    "data_dir", SHIPPED_CORPUS, "corpus: PG-19-layout folder or .tar.xz, or a folder of .txt files"
 )
 _SPLIT = flags.DEFINE_string("split", "train", "split to train on")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 4096, "number of pieces, special ones included")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece type")
-_OUTPUT = flags.DEFINE_string("output", vocabularies.SHIPPED_VOCAB, "where to write the .model")
+_OUTPUT = flags.DEFINE_string("output", SHIPPED_VOCAB, "where to write the .model")
 _MAX_SENTENCES = flags.DEFINE_integer(
     "max_sentences", 5_000_000, "sample at most this many lines (SentencePiece's memory bound)"
 )
@@ -96,7 +91,7 @@ def main(argv):
             _MAX_SENTENCES.value,
         )
     except ValueError as e:
-        sys.exit(f"train_spm: {e}")
+        cli.fail("train_spm.py", str(e), 1)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,9 @@ import sys
 
 import pytest
 
-# pytest does not put the repository root on sys.path; the scripts import `configs.*`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flash_jax import flops, results  # noqa: E402
-from flash_jax.config import ModelConfig  # noqa: E402
-from scripts import benchmark, replicate  # noqa: E402
+from flash_jax import flops, results
+from flash_jax.config import ModelConfig
+from scripts import benchmark, replicate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

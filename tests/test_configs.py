@@ -9,15 +9,13 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# pytest does not put the repository root on sys.path; the config files import `configs.*`.
-sys.path.insert(0, REPO)
+from configs import base, paper, replicate
+from flash_jax import data, models
+from flash_jax.config import ModelConfig, RunConfig
+from flash_jax.data import sources
+from flash_jax.train import loop
 
-from configs import base, paper, replicate  # noqa: E402
-from flash_jax import data, models  # noqa: E402
-from flash_jax.config import ModelConfig, RunConfig  # noqa: E402
-from flash_jax.data import sources  # noqa: E402
-from flash_jax.train import loop  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HELPER_MODULES = ("__init__.py", "paper.py")  # shared code, not runnable configs
 CONFIG_FILES = sorted(

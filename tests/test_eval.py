@@ -6,7 +6,6 @@ with tests/test_sample.py through a folder of the pytest session) on a small cor
 layout that has no test/ folder (the "split the dataset lacks").
 """
 
-import importlib.util
 import json
 import logging
 import math
@@ -20,24 +19,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from configs import base
 from flash_jax import evaluation, results
 from flash_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 32
 WORDS = "the of and to a in that it was her not be he his as you she with for had".split()
-
-
-def _load_base_config():
-    """configs/base.py by path: pytest does not put the repository root on sys.path."""
-    path = os.path.join(REPO, "configs", "base.py")
-    spec = importlib.util.spec_from_file_location("_configs_base_for_eval_tests", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-base = _load_base_config()
 
 
 def _write_corpus(root):

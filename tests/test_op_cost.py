@@ -2,17 +2,12 @@
 tiny size (compiles only; nothing is timed)."""
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-# pytest does not put the repository root on sys.path.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from scripts import op_cost  # noqa: E402
+from scripts import op_cost
 
 
 def test_dot_flops_by_dtype_counts_each_dot_by_its_operand_dtypes():

@@ -6,9 +6,7 @@ never uses chunk carries, so it shares no logic with the efficient implementatio
 """
 
 import functools
-import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +14,7 @@ import numpy as np
 import pytest
 
 from flash_jax import ops
-
-# pytest does not put the repository root on sys.path; scripts/op_cost.py parses HLO dots.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts import op_cost  # noqa: E402
+from scripts import op_cost
 
 # Jitted once per shape: op-by-op (eager) dispatch compiles every primitive separately and is
 # several times slower on the test CPUs. `test_jit_and_vmap_match_eager` covers the eager path.

@@ -10,20 +10,15 @@
 """
 
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# pytest does not put the repository root on sys.path; scripts/ is imported as a package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from flash_jax import ops  # noqa: E402
-from flash_jax.ops import pallas_gpu  # noqa: E402
-from scripts import kernel_check  # noqa: E402
+from flash_jax import ops
+from flash_jax.ops import pallas_gpu
+from scripts import kernel_check
 
 # Tolerances. The kernels round their matmul operands to bf16 (relative error at most 2^-9 each):
 # the in-chunk weights W, the cross-chunk states X, the backward's g = dL/ds and dstate, and (for

@@ -7,8 +7,8 @@ import sentencepiece as spm
 from flax import nnx
 from test_eval import base, train_tiny_run
 
+from flash_jax import decoding
 from flash_jax.train import checkpoint
-from scripts import sample
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,12 @@ def run(tmp_path_factory):
 
 def test_greedy_sample_is_the_text_of_the_full_forward_argmax(run):
     prompt, n = "she was not in the", 12
-    (text,) = sample.sample_text(run, prompt, n, temperature=0.0)
+    (text,) = decoding.sample_text(run, prompt, n, temperature=0.0)
     # Reference: grow the sequence one argmax at a time with full forward passes.
     sp = spm.SentencePieceProcessor(model_file=base.SHIPPED_VOCAB)
     forward = nnx.jit(lambda model, tokens: model(tokens))
     model, width = run.model(), run.model_config.max_len
-    ids = [sample.START_ID] + sp.encode(prompt)
+    ids = [decoding.START_ID] + sp.encode(prompt)
     prompt_len = len(ids)
     for _ in range(n):
         # One shape for every call (one compile): a causal model ignores the padding after.
@@ -43,14 +43,14 @@ def test_greedy_sample_is_the_text_of_the_full_forward_argmax(run):
 
 def test_sampling_is_seeded_and_gives_one_text_per_sample(run):
     kwargs = dict(temperature=1.0, top_k=20, num_samples=3)
-    first = sample.sample_text(run, "her", 8, seed=1, **kwargs)
+    first = decoding.sample_text(run, "her", 8, seed=1, **kwargs)
     assert len(first) == 3 and all(t.startswith("her") for t in first)
-    assert sample.sample_text(run, "her", 8, seed=1, **kwargs) == first
-    assert sample.sample_text(run, "her", 8, seed=2, **kwargs) != first
+    assert decoding.sample_text(run, "her", 8, seed=1, **kwargs) == first
+    assert decoding.sample_text(run, "her", 8, seed=2, **kwargs) != first
 
 
 def test_bad_sampling_arguments_are_value_errors(run):
     with pytest.raises(ValueError, match="num_tokens"):
-        sample.sample_text(run, "her", 0)
+        decoding.sample_text(run, "her", 0)
     with pytest.raises(ValueError, match="top_k"):
-        sample.sample_text(run, "her", 4, top_k=10**6)
+        decoding.sample_text(run, "her", 4, top_k=10**6)

@@ -19,10 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-# pytest does not put the repository root on sys.path; the config files import `configs.*`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import base  # noqa: E402
+from configs import base
 from flash_jax import data, flops, models, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.train import checkpoint, loop, report, signals, step

@@ -1,8 +1,6 @@
 """Pieces of training against independent references: loss, schedules, decay mask, the step."""
 
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-# pytest does not put the repository root on sys.path; the config files import `configs.*`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import base  # noqa: E402
+from configs import base
 from flash_jax import metrics, sharding
 from flash_jax.train import optim, step
 
