@@ -27,15 +27,13 @@ and shared/docs/flash-spec.md: two GAU layers ~ one Transformer layer in paramet
 
 from configs import base
 from flash_jax import models
-from flash_jax.config import depth_factor
 
 MODELS = ("flash", "flash_quad", "transformer_pp", "performer", "combiner")
 SETTINGS = {
     # setting: model size preset knobs and the training budget
     "cpu": dict(
+        size="tiny",  # width 128 (flash_jax.models.SIZES)
         transformer_layers=4,
-        d_model=128,
-        num_heads=2,
         qk_dim=64,  # s: 64 rather than the paper's 128 at this tiny width (keeps params matched)
         chunk_size=64,  # C: 4 chunks per 256-token sequence, so FLASH's linear part is exercised
         seq_len=256,
@@ -49,9 +47,8 @@ SETTINGS = {
         models=("flash", "flash_quad", "transformer_pp"),
     ),
     "long": dict(
+        size="tiny",
         transformer_layers=4,
-        d_model=128,
-        num_heads=2,
         qk_dim=64,
         chunk_size=256,  # C = 256: paper default (Combiner: spans of 128, see get_config)
         seq_len=2048,
@@ -65,9 +62,8 @@ SETTINGS = {
         models=("flash", "flash_quad", "transformer_pp", "performer", "combiner"),
     ),
     "accelerator": dict(
+        size="small",
         transformer_layers=models.SIZES["small"][0],
-        d_model=models.SIZES["small"][1],
-        num_heads=models.SIZES["small"][2],
         qk_dim=128,  # s = 128: paper
         chunk_size=256,  # C = 256: paper default
         seq_len=1024,
@@ -102,16 +98,11 @@ def get_config(arg=None):
     config = base.get_config()  # the data config stays the default: the shipped Austen corpus
 
     m = config.model
-    m.name = model
-    m.num_layers = depth_factor(model) * s["transformer_layers"]
-    m.d_model = s["d_model"]
-    m.expansion_dim = 2 * s["d_model"]  # e = 2d
+    m.update(models.preset(model, s["size"], layers=s["transformer_layers"]))
     m.qk_dim = s["qk_dim"]
     # Combiner's spans: 128 at contexts of 2,048 and more (the Combiner authors' LM config, as in
     # configs/paper.py), at most the setting's chunk.
     m.chunk_size = min(128, s["chunk_size"]) if model == "combiner" else s["chunk_size"]
-    m.num_heads = s["num_heads"]
-    m.mlp_dim = 4 * s["d_model"]  # SwiGLU uses 2/3 of it per branch: same parameters
     m.vocab_size = 4096  # the shipped 4k SentencePiece vocabulary
     m.max_len = s["seq_len"]  # also FLASH-Quad's fixed score scale n
     m.dtype = s["dtype"]

@@ -212,13 +212,21 @@ SIZES = {
 }
 
 
-def preset(name: str, size: str) -> dict:
-    """`config.model` overrides for model `name` at a named size: `config.model.update(...)`."""
+def preset(name: str, size: str, *, layers: int | None = None, d_model: int | None = None) -> dict:
+    """`config.model` overrides for model `name` at a named size: `config.model.update(...)`.
+
+    `layers` (the Transformer depth) and `d_model` replace the size's; the other widths follow
+    d_model (e = 2d, s = min(128, d), FFN 4d, heads of 64).
+    """
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
     if name not in LAYER_TYPES:
         raise ValueError(f"unknown model name {name!r}; choose one of {sorted(LAYER_TYPES)}")
-    layers, d_model, heads = SIZES[size]
+    size_layers, size_d_model, heads = SIZES[size]
+    layers = size_layers if layers is None else layers
+    if d_model is not None:
+        heads = max(1, d_model // 64)
+    d_model = size_d_model if d_model is None else d_model
     return dict(
         name=name,
         num_layers=depth_factor(name) * layers,

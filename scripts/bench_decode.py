@@ -27,7 +27,7 @@ from absl import app, flags
 from flax import nnx
 
 from flash_jax import cli, decoding, models, results
-from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig, depth_factor
+from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig
 
 _MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
 _LENGTHS = cli.define_int_list("lengths", [256, 512, 1024, 2048, 4096, 8192], "Context lengths.")
@@ -44,20 +44,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "runs/bench_decode", "Where the JSON a
 
 
 def model_config(name: str, length: int, max_length: int) -> ModelConfig:
-    values = models.preset(name, _SIZE.value)
-    layers = values["num_layers"] // depth_factor(name)
-    if _NUM_LAYERS.value is not None:
-        layers = _NUM_LAYERS.value
-    if _D_MODEL.value is not None:
-        d = _D_MODEL.value
-        values.update(
-            d_model=d,
-            expansion_dim=2 * d,
-            qk_dim=min(128, d),
-            mlp_dim=4 * d,
-            num_heads=max(1, d // 64),
-        )
-    values["num_layers"] = layers * depth_factor(name)
+    values = models.preset(name, _SIZE.value, layers=_NUM_LAYERS.value, d_model=_D_MODEL.value)
     return ModelConfig(
         **values,
         chunk_size=_CHUNK.value,
