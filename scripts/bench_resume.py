@@ -18,18 +18,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 
+import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from flash_jax import data  # noqa: E402
+from flash_jax import data
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "run config")
 _STEPS = flags.DEFINE_list("steps", ["10", "3000"], "steps to resume at")

@@ -33,20 +33,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
+import numpy as np
+import seqio
+import tensorflow as tf
 from absl import app, flags, logging
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # noqa: E402
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from flash_jax import data  # noqa: E402
-from flash_jax.config import DataConfig  # noqa: E402
-from flash_jax.data import pipeline, tasks  # noqa: E402
+from flash_jax import data
+from flash_jax.config import DataConfig
+from flash_jax.data import pipeline, tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "run config")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "cache folder (local or gs://)")

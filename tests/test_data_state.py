@@ -245,6 +245,7 @@ def test_cache_of_the_shipped_corpus(tmp_path):
         text=True,
         timeout=300,
         cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=REPO),  # this checkout's flash_jax, whatever is installed
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"train with --config.data.use_cached={tmp_path}" in result.stdout
