@@ -31,6 +31,7 @@ script does not read; this script does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -97,8 +98,8 @@ def write_cache(
     """Writes seqio's cache of `data_config`'s task into `output_dir`; returns the task's folder.
 
     A finished cache (its COMPLETED file) is kept unless `overwrite`."""
-    cfg = data_config.copy_and_resolve_references()
-    cfg.use_cached = ""  # the source is the raw corpus
+    # The source is the raw corpus.
+    cfg = dataclasses.replace(DataConfig.from_config(data_config), use_cached="")
     task = data.get_task(cfg)
     if not task.supports_caching:
         raise ValueError(f"task {task.name} has no CacheDatasetPlaceholder")
