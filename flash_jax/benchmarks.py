@@ -13,10 +13,25 @@ from flash_jax import models
 from flash_jax.config import RunConfig, default_config_dict, depth_factor
 
 
+# The config key that `model@impl` sets: only FLASH and the softmax Transformers have a choice of
+# attention implementation (FLASH-Quad, Performer and Combiner run one XLA path).
+IMPL_KEYS = {
+    "flash": "flash_impl",
+    "transformer": "attention_impl",
+    "transformer_plus": "attention_impl",
+    "transformer_pp": "attention_impl",
+}
+
+
 def split_variant(model: str) -> tuple[str, str | None]:
     """'flash@pallas_gpu' -> ('flash', 'pallas_gpu'): a model with its attention implementation
-    (model.flash_impl for FLASH, model.attention_impl for the Transformers); 'flash' -> None."""
+    (`IMPL_KEYS`); 'flash' -> None. ValueError for an @impl on a model that has no choice."""
     name, _, impl = model.partition("@")
+    if impl and name not in IMPL_KEYS:
+        raise ValueError(
+            f"{model}: {name} has one attention implementation; @impl applies to "
+            f"{', '.join(sorted(IMPL_KEYS))}"
+        )
     return name, impl or None
 
 
@@ -50,7 +65,7 @@ def bench_config(
     if transformer_layers:
         m.num_layers = transformer_layers * depth_factor(name)
     if impl:
-        m["attention_impl" if name.startswith("transformer") else "flash_impl"] = impl
+        m[IMPL_KEYS[name]] = impl
     config.data.update(seq_len=context, batch_size=tokens_per_step // context)
     config.train.warmup_steps = 0
     return RunConfig.from_config(config)

@@ -539,7 +539,10 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
 
 def parse_args(argv=()):
     args = cli.parse_script_flags(FLAGS, argv, "benchmark.py")
-    bad = [m for m in args.models if benchmarks.split_variant(m)[0] not in models.LAYER_TYPES]
+    try:
+        bad = [m for m in args.models if benchmarks.split_variant(m)[0] not in models.LAYER_TYPES]
+    except ValueError as e:
+        cli.fail("benchmark.py", f"--models: {e}", 2)
     if bad or not args.models:
         cli.fail(
             "benchmark.py",

@@ -166,6 +166,9 @@ def test_bad_flags_fail_with_one_line(capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--models=flash,gpt"])
     assert "gpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # Performer has no choice of kernel: not silently flash_impl
+        benchmark.parse_args(["--models=performer@pallas_gpu"])
+    assert "performer has one attention implementation" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         replicate.parse_args(["--models=transformer_plus"])
 
