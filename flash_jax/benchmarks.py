@@ -12,7 +12,6 @@ import numpy as np
 from flash_jax import models
 from flash_jax.config import RunConfig, default_config_dict, depth_factor
 
-
 # The config key that `model@impl` sets: only FLASH and the softmax Transformers have a choice of
 # attention implementation (FLASH-Quad, Performer and Combiner run one XLA path).
 IMPL_KEYS = {
