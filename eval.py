@@ -19,7 +19,9 @@ line per workdir: `<workdir>/eval/perplexity_<split>.png` for one workdir, the f
 a config of another model, a split the dataset lacks, a damaged checkpoint asked for by --step)
 gives one line on stderr and exit code 1, and leaves every workdir unchanged. A damaged latest
 checkpoint is reported in one line and the newest intact one is evaluated; --all_steps skips
-damaged ones (see flash_jax/train/checkpoint.py for what is checked).
+damaged ones (see flash_jax/train/checkpoint.py for what is checked). Several processes:
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on each (as for train.py);
+every process reads its share of the split, process 0 prints and writes the result.
 """
 
 import os
@@ -31,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from flash_jax import cli  # noqa: E402
+from flash_jax import cli, distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -51,6 +53,7 @@ _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Stop after this many batches (default: the whole split)."
 )
 _PLOT = flags.DEFINE_string("plot", "", "Where --all_steps writes its PNG (default: see above).")
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["workdir"])
 
 PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds (plus the first)
@@ -114,8 +117,16 @@ def main(argv):
     if _PLOT.value and not _ALL_STEPS.value:
         _error("--plot needs --all_steps")
 
+    try:
+        distributed.initialize(_DISTRIBUTED)
+    except ValueError as e:
+        _error(str(e))
     # Imported here: the flags above fail without paying for JAX / Orbax.
+    import jax
+
     from flash_jax.train import checkpoint
+
+    is_main = jax.process_index() == 0  # several processes: process 0 reports and writes
 
     cli.quiet_library_logs("eval.py")
 
@@ -161,10 +172,11 @@ def main(argv):
                 result = evaluation.evaluate_split(
                     run, _SPLIT.value, max_batches=_MAX_BATCHES.value, progress=_progress(label)
                 )
-                path = results.append_result(workdir, result)
-                print(_summary(result), flush=True)
-                print(results.to_json(result), flush=True)
-                logging.info("appended to %s", path)
+                if is_main:
+                    path = results.append_result(workdir, result)
+                    print(_summary(result), flush=True)
+                    print(results.to_json(result), flush=True)
+                    logging.info("appended to %s", path)
             ckpts.close()
             if result is None:  # --all_steps, and every step turned out damaged
                 raise ValueError(f"no intact checkpoint in {ckpts.directory}")
@@ -175,7 +187,7 @@ def main(argv):
                 )
     except ValueError as e:
         _error(str(e))
-    if _ALL_STEPS.value:
+    if _ALL_STEPS.value and is_main:
         plot = _PLOT.value or os.path.join(
             workdirs[0],
             results.EVAL_DIR,

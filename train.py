@@ -7,8 +7,10 @@
 Everything a run writes goes under --workdir (checkpoints/, metrics.jsonl, tensorboard/,
 config.json, and LOCK while it runs); a run started on a workdir with checkpoints resumes from the
 newest intact one. SIGTERM or Ctrl-C save a checkpoint at the next step and exit 0; a second
-Ctrl-C exits at once. Errors (bad input, a workdir in use, divergence, a failed save) are one line
-on stderr and exit code 1.
+Ctrl-C exits at once. Several processes: `--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I` on each (JAX's cluster detection is the default on TPU pods and SLURM; see
+flash_jax/distributed.py and the README's "Pod-scale runs"). Errors (bad input, a workdir in
+use, divergence, a failed save) are one line on stderr and exit code 1.
 """
 
 import sys
@@ -16,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli
+from flash_jax import cli, distributed
 from flash_jax.train import signals  # light: JAX and TensorFlow are imported in main()
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -28,6 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for everything the run writes (checkpoints, metrics, config)."
 )
+_DISTRIBUTED = distributed.define_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,8 +41,8 @@ def main(argv):
     cli.quiet_library_logs("train.py")
     from flash_jax.train import checkpoint, loop, report
 
-    loop.initialize_distributed()
     try:
+        distributed.initialize(_DISTRIBUTED)
         summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, report.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
         # One clear line instead of a traceback: the user's input, a workdir in use or damaged,

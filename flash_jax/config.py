@@ -289,6 +289,19 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # 0: no clipping
     grad_accum_steps: int = 1
+    # Checkpoints kept besides the newest keep_checkpoints (only steps whose own loss was finite):
+    # every multiple of keep_every_steps, for good (0: none), and the keep_best with the lowest
+    # eval loss (0: none; steps saved at eval steps compete).
+    keep_every_steps: int = 0
+    keep_best: int = 0
+    # A jax.profiler trace of steps profile_start + 1 .. profile_start + profile_steps into the
+    # run's tensorboard/ folder (0 steps: none); profile_port: a profiler server for on-demand
+    # capture (0: none).
+    profile_start: int = 0
+    profile_steps: int = 0
+    profile_port: int = 0
+    # JAX's persistent compilation cache in this folder (local or gs://; "": JAX's default).
+    compilation_cache_dir: str = ""
 
     def __post_init__(self):
         _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
@@ -301,8 +314,26 @@ class TrainConfig:
             "grad_accum_steps",
         ):
             _check_int("train", key, getattr(self, key))
-        for key in ("eval_every", "eval_batches", "warmup_steps"):
+        for key in (
+            "eval_every",
+            "eval_batches",
+            "warmup_steps",
+            "keep_every_steps",
+            "keep_best",
+            "profile_start",
+            "profile_steps",
+            "profile_port",
+        ):
             _check_int("train", key, getattr(self, key), low=0)
+        if self.profile_port > 65535:
+            raise ValueError(
+                f"train.profile_port must be a TCP port <= 65535, got {self.profile_port}"
+            )
+        if not isinstance(self.compilation_cache_dir, str):
+            raise ValueError(
+                "train.compilation_cache_dir must be a folder path, got "
+                f"{self.compilation_cache_dir!r}"
+            )
         for key in ("learning_rate", "weight_decay", "grad_clip", "end_learning_rate_fraction"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)!r}")

@@ -46,6 +46,13 @@ class SyntheticPipeline:
     ):
         self.config, self.split, self.seed, self.repeat = data_config, split, seed, repeat
         self.position = start_batch
+        cfg = data_config
+        self.layout = {  # the keys of data.host_layout
+            **{k: getattr(cfg, k) for k in ("batch_size", "seq_len", "shuffle_buffer")},
+            "use_cached": cfg.use_cached,
+            **{"processes": 1, "process_index": 0, "sharded_by": "documents", "seed": seed},
+            **{"batch_per_host": cfg.batch_size, "task": "synthetic", "documents": None},
+        }
         spec = sharding.logical_to_spec(("batch", "length"), rules, mesh.axis_names)
         self.sharding = NamedSharding(mesh, spec)
 
@@ -74,6 +81,15 @@ class SyntheticPipeline:
             k: jax.device_put(v.astype(np.float32 if k == "weights" else np.int32), self.sharding)
             for k, v in batch.items()
         }
+
+    def save_state(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "synthetic.json"), "w") as f:
+            json.dump({"position": self.position}, f)
+
+    def restore_state(self, directory):
+        with open(os.path.join(directory, "synthetic.json")) as f:
+            self.position = json.load(f)["position"]
 
     def close(self):
         pass

@@ -1,14 +1,27 @@
 """Orbax checkpoints of a run: asynchronous, atomic, checked on restore, resumable exactly.
 
-Each step directory holds two items:
+Each step directory holds three items:
   state: the train state (params, optimizer state, step, RNG key data) as sharded arrays
-  meta:  JSON: step, data position (`pipe.position`), the model config, the resolved run config,
-         and `checksums`: per array of the state, the sum of its 32-bit words modulo 2^32
+  meta:  JSON: step, data position (`pipe.position`), the host layout of the input stream
+         (`data_layout`: process count, batch per host, seed, task, ...; see flash_jax/data),
+         the model config, the resolved run config, the eval loss when the step was evaluated, and
+         `checksums`: per array of the state, the sum of its 32-bit words modulo 2^32
+  data:  each process's place in its input stream (`InputPipeline.save_state`: the tf.data
+         iterator, shuffle buffer included), so that a resume costs the same at any step and
+         continues with exactly the batches an uninterrupted run would have read. Checkpoints
+         written before it existed have none: the stream is then replayed up to the position.
+
+Resuming needs the saved host layout (`check_layout`): another process count, batch size, seed or
+data stops the run before its first step with one line saying what to do (rerun with the saved
+settings, or start a new workdir); nothing is written.
 
 Which steps are kept. A saved state is *unverified* until the loop has computed a loss from it (the
 next step's loss): `confirm` keeps it, `discard` removes it (its loss was not finite), so no kept
-checkpoint ever has a non-finite loss. A state holding non-finite values is never written. The
-newest `keep` confirmed steps are kept, plus the newest while it is being verified.
+checkpoint ever has a non-finite loss. A state holding non-finite values is never written. Among
+the confirmed, intact steps, Orbax's preservation policies decide (`retention_policy`): the newest
+`keep`, plus every multiple of `keep_every_steps` (kept for good, for `eval.py --all_steps`
+curves), plus the `keep_best` with the lowest eval loss; the newest step is kept while it is
+being verified.
 
 What a restore checks (`Checkpoints.restore`): the meta JSON parses;
 Orbax reads every array (missing or truncated files, a missing `_METADATA`, ... fail here); every
@@ -31,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +60,8 @@ from jax.experimental import multihost_utils
 
 from flash_jax import results, sharding
 from flash_jax.config import ModelConfig, RunConfig
+
+policies = ocp.checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
 # A damaged step is moved here (never deleted) when the run is about to save that step again.
@@ -197,6 +213,82 @@ def check_model_config(directory: str, step: int, meta: dict, model_config) -> N
         )
 
 
+# ----------------------------------------------------------------------------- the data item
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """The checkpoint's "data" item: every process writes (reads) its own input-stream state in
+    the item's folder (`InputPipeline.save_state` / `restore_state`). Synchronous: it runs while the
+    loop waits between two batches, so the saved state is that of the saved step."""
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        args.pipe.save_state(str(directory))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore) -> int:
+        args.pipe.restore_state(str(directory))
+        return args.pipe.position
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    pipe: Any  # flash_jax.data.InputPipeline
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pipe: Any  # a new flash_jax.data.InputPipeline (no batch taken)
+
+
+def check_data_layout(directory: str, step: int, meta: dict, layout: dict) -> None:
+    """ValueError (one line) if checkpoint `step` was saved with another host layout of the input
+    stream than `layout` (this run's, `InputPipeline.layout`): another process count, batch size,
+    seed or data. Checkpoints written before the layout was recorded pass."""
+    from flash_jax.data import pipeline  # TensorFlow: only where a run resumes
+
+    saved = meta.get("data_layout")
+    problem = saved is not None and pipeline.check_layout(saved, layout)
+    if problem:
+        raise ValueError(
+            f"cannot resume from checkpoint {step} in {directory}: {problem}; nothing was written"
+        )
+
+
+# ----------------------------------------------------------------------------- retention
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepInfo:  # what Orbax's preservation policies read (PolicyCheckpointInfo)
+    step: int
+    metrics: dict | None
+    time: Any = None
+
+
+def retention_policy(
+    keep: int, keep_every_steps: int = 0, keep_best: int = 0
+) -> policies.PreservationPolicy:
+    """Orbax's policies for the steps `_prune` may choose from (confirmed, intact ones): the
+    newest `keep`; every multiple of `keep_every_steps` (0: none), for good; the `keep_best` with
+    the lowest eval loss (0: none; steps saved without an eval loss do not compete)."""
+    chosen = [policies.LatestN(n=keep)]
+    if keep_every_steps:
+        chosen.append(policies.EveryNSteps(interval_steps=keep_every_steps))
+    if keep_best:
+        chosen.append(
+            policies.BestN(
+                get_metric_fn=lambda m: m["eval_loss"],
+                reverse=True,  # BestN keeps the end of the sorted list: the lowest losses
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    return policies.AnyPreservationPolicy(chosen)
+
+
 # ----------------------------------------------------------------------------- the manager
 
 
@@ -204,11 +296,20 @@ class Checkpoints:
     """The run's `CheckpointManager` under `workdir/checkpoints` (see the module docstring)."""
 
     def __init__(
-        self, workdir: str, keep: int = 1, *, async_save: bool = True, read_only: bool = False
+        self,
+        workdir: str,
+        keep: int = 1,
+        *,
+        keep_every_steps: int = 0,
+        keep_best: int = 0,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
         self.keep = keep
+        self.policy = retention_policy(keep, keep_every_steps, keep_best)
+        self._eval_losses: dict[int, float | None] = {}  # step -> its meta's eval_loss (cache)
         self.read_only = read_only
         if read_only:
             # A run that may be live: nothing is created, deleted or cleaned.
@@ -229,12 +330,13 @@ class Checkpoints:
                 create=True,
             )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            self.directory, options=options, item_names=("state", "meta", "data")
         )
         self.unverified: int | None = None  # newest saved state whose loss is not yet known
         self.damaged: dict[int, str] = {}  # step -> reason, found by `first_intact`
         self._in_flight: int | None = None  # saving, commit not yet seen
         self._failed: int | None = None  # the step of the last save that failed
+        self._attempted: int | None = None  # the step of the last save started
 
     # ---- steps
     def step_path(self, step: int) -> str:
@@ -313,18 +415,27 @@ class Checkpoints:
         return DamagedCheckpointError(step, self.step_path(step), _reason(error))
 
     def restore(
-        self, abstract: Any, step: int | None = None, model_config=None, *, partial: bool = False
+        self,
+        abstract: Any,
+        step: int | None = None,
+        model_config=None,
+        *,
+        partial: bool = False,
+        pipe=None,
     ) -> tuple[Any, dict]:
         """The train state laid out as `abstract` (ShapeDtypeStructs with shardings) + meta; with
         `partial`, `abstract` is part of the state (e.g. {"params": ...}) and only that is read.
+        With `pipe` (a new InputPipeline), the input stream is restored too (`restore_data`).
 
         DamagedCheckpointError if anything does not read back as written; ValueError for another
-        model config (`model_config`) or another state layout.
+        model config (`model_config`), another state layout or another host layout (`pipe`).
         """
         step = self.latest_step() if step is None else step
         meta = self.read_meta(step)
         if model_config is not None:
             check_model_config(self.directory, step, meta, model_config)
+        if pipe is not None:  # before the arrays are read: a wrong layout is a quick error
+            check_data_layout(self.directory, step, meta, pipe.layout)
         if partial:
             restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
             item = ocp.args.PyTreeRestore(
@@ -337,9 +448,27 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - classified below
             raise self._damage_or_layout_error(step, abstract, meta, e) from e
         check_arrays(step, self.step_path(step), state, meta.get("checksums"))
+        if pipe is not None:
+            self.restore_data(step, pipe)
         # Its loss is checked again by the first step (`confirm` / `discard`).
         self.unverified = step
         return state, meta
+
+    def has_data(self, step: int) -> bool:
+        """Whether checkpoint `step` holds the input streams' state (the "data" item)."""
+        return (epath.Path(self.step_path(step)) / "data").is_dir()
+
+    def restore_data(self, step: int, pipe) -> None:
+        """Puts each process's input stream where it was at `step`; DamagedCheckpointError if it
+        does not read back. Call `has_data` first (older checkpoints have no such item)."""
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(data=DataStateRestore(pipe)))
+        except ValueError:  # another layout: a one-line config error from the pipeline
+            raise
+        except Exception as e:  # noqa: BLE001 - missing or truncated iterator files
+            raise DamagedCheckpointError(
+                step, self.step_path(step), f"its data state cannot be read ({_reason(e)})"
+            ) from e
 
     def first_intact(self, steps: Iterable[int], restore_one: Callable[[int], Any]):
         """(step, restore_one(step)) for the first of `steps` that is intact.
@@ -360,17 +489,24 @@ class Checkpoints:
             f"warnings); move {self.directory} away to start afresh"
         )
 
-    def restore_newest(self, abstract_state: Any, model_config=None) -> tuple[Any, dict, int]:
-        """(state, meta, step) of the newest intact checkpoint (see `first_intact`)."""
-        step, (state, meta) = self.first_intact(
-            reversed(self.all_steps()),
-            lambda s: self.restore(abstract_state, s, model_config),
-        )
+    def restore_newest(
+        self, abstract_state: Any, model_config=None, pipe=None
+    ) -> tuple[Any, dict, int]:
+        """(state, meta, step) of the newest intact checkpoint (see `first_intact`); with `pipe`,
+        its input stream too where the checkpoint holds one (`has_data`)."""
+
+        def restore_one(s: int):
+            return self.restore(
+                abstract_state, s, model_config, pipe=pipe if self.has_data(s) else None
+            )
+
+        step, (state, meta) = self.first_intact(reversed(self.all_steps()), restore_one)
         return state, meta, step
 
     # ---- saving
-    def save(self, step: int, state: Any, meta: dict) -> bool:
-        """Starts an asynchronous save of `state` + `meta` at `step`; False if nothing was started.
+    def save(self, step: int, state: Any, meta: dict, pipe=None) -> bool:
+        """Starts an asynchronous save of `state` + `meta` at `step` (with `pipe`, each process's
+        input stream is saved first, synchronously: "data"); False if nothing was started.
 
         Nothing is written for a step that exists, or a state holding non-finite values; a failure
         is reported in one warning line (`_save_failed`).
@@ -387,19 +523,20 @@ class Checkpoints:
         if non_finite:
             logging.warning("not saving step %d: non-finite values in %s", step, _few(non_finite))
             return False
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({**meta, "checksums": checksums}),
+        }
+        if pipe is not None:
+            items["data"] = DataStateSave(pipe)
+        self._attempted = step
         try:
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    meta=ocp.args.JsonSave({**meta, "checksums": checksums}),
-                ),
-                force=True,
-            )
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - a full disk, lost storage, ...
             self._save_failed(step, e)
             return False
         self._in_flight = self.unverified = step
+        self._eval_losses[step] = meta.get("eval_loss")
         return True
 
     def poll(self) -> None:
@@ -408,8 +545,8 @@ class Checkpoints:
 
     def finish(self) -> None:
         """Waits for the last save; CheckpointSaveError (one line) if it did not commit."""
-        last = self._in_flight
         self._settle(block=True)
+        last = self._attempted  # its failure may be reported by save itself (the data item)
         if last is not None and self._failed == last:
             raise CheckpointSaveError(
                 f"the checkpoint of step {last} could not be saved in {self.directory} (see the "
@@ -435,6 +572,7 @@ class Checkpoints:
         if step not in self.manager.all_steps():
             return False
         self.manager.delete(step)
+        self._eval_losses.pop(step, None)
         return True
 
     def _settle(self, *, block: bool) -> None:
@@ -461,14 +599,31 @@ class Checkpoints:
             self.latest_good_step(),
         )
 
+    def _eval_loss(self, step: int) -> float | None:
+        if step not in self._eval_losses:
+            try:
+                self._eval_losses[step] = self.read_meta(step).get("eval_loss")
+            except DamagedCheckpointError:
+                self._eval_losses[step] = None
+        return self._eval_losses[step]
+
     def _prune(self) -> None:
-        """Keeps the newest `keep` verified steps (damaged and unverified ones are not counted).
+        """Deletes the verified steps `policy` does not keep (damaged and unverified ones are
+        neither counted nor deleted here).
 
         Called only where every process is (saves, the end), after the last save has settled.
         """
         good = [s for s in self.all_steps() if s not in self.damaged and s != self.unverified]
-        for step in good[: -self.keep]:
-            self.manager.delete(step)
+        infos = []
+        for s in good:
+            loss = self._eval_loss(s)
+            finite = loss is not None and math.isfinite(loss)
+            infos.append(_StepInfo(s, {"eval_loss": loss} if finite else None))
+        keep = self.policy.should_preserve(infos, context=policies.PreservationContext())
+        for info, kept in zip(infos, keep, strict=True):
+            if not kept:
+                self.manager.delete(info.step)
+                self._eval_losses.pop(info.step, None)
 
     def _set_aside(self, step: int) -> None:
         """Moves damaged `step` to `workdir/damaged_checkpoints/`, so that it can be saved anew."""
@@ -488,6 +643,7 @@ class Checkpoints:
         multihost_utils.sync_global_devices(f"flash_jax_set_aside_{step}")
         self.manager.reload()
         del self.damaged[step]
+        self._eval_losses.pop(step, None)
         logging.warning("moved the damaged checkpoint step %d to %s", step, target)
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -12,11 +11,12 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 
 from flash_jax import data, evaluation, flops, metrics, results, sharding
 from flash_jax.config import RunConfig
 from flash_jax.results import json_safe, to_json
-from flash_jax.train import checkpoint, report, signals, step
+from flash_jax.train import checkpoint, memory, profiling, report, signals, step
 from flash_jax.train import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- checks
@@ -36,24 +36,6 @@ def check_mesh_fit(config, mesh) -> None:
 
 def make_mesh(config):
     return sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
-
-
-def initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when the environment describes several processes.
-
-    Cloud TPU pod slices (TPU_WORKER_HOSTNAMES lists several hosts), SLURM / Open MPI jobs with
-    several tasks, or an explicit JAX_COORDINATOR_ADDRESS. A single process: nothing to do.
-    """
-    env = os.environ
-    several = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-    )
-    if several:
-        jax.distributed.initialize()
-    return several
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -78,6 +60,7 @@ def train_and_evaluate(
     # ---- everything that can fail on bad input, before any compile or write
     config = RunConfig.from_config(config)
     t = config.train
+    use_compilation_cache(t.compilation_cache_dir)
     splits = ["train", t.eval_split] if t.evaluates else ["train"]
     data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
@@ -97,12 +80,12 @@ def train_and_evaluate(
         if lock is not None:
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
-        ckpts = checkpoint.Checkpoints(workdir, t.keep_checkpoints)
+        ckpts = checkpoint.Checkpoints(
+            workdir, t.keep_checkpoints, keep_every_steps=t.keep_every_steps, keep_best=t.keep_best
+        )
         stack.callback(ckpts.close)
         latest = ckpts.check_compatible(config.model)
         resolved = json_safe(config.to_dict())
-        if is_main:
-            (epath.Path(workdir) / results.CONFIG_FILE).write_text(to_json(resolved, indent=2))
 
         # ---- build, resume, compile
         fns = step.build(config, mesh)
@@ -113,28 +96,38 @@ def train_and_evaluate(
             dict(mesh.shape),
         )
         rest = fns.init_rest()
+        pipes = [train_pipeline(config, mesh)]  # the current one is pipes[-1]
+        stack.callback(lambda: pipes[-1].close())
         if latest is None:
-            state, position = fns.init_state(), 0
+            state = fns.init_state()
         else:
-            state, meta, restored = ckpts.restore_newest(fns.abstract_state, config.model)
+            # A checkpoint of another host layout is a ValueError here: nothing written yet.
+            state, meta, restored = ckpts.restore_newest(
+                fns.abstract_state, config.model, pipes[-1]
+            )
             position = int(meta["data_position"])
-            logging.info("resuming from step %d (data position %d)", restored, position)
+            if ckpts.has_data(restored):
+                logging.info("resuming from step %d (input stream restored)", restored)
+            else:
+                logging.info(
+                    "resuming from step %d; its checkpoint holds no input stream state (written "
+                    "by an older version): replaying the first %d batches",
+                    restored,
+                    position,
+                )
+                pipes[-1].close()
+                pipes.append(train_pipeline(config, mesh, start_batch=position))
+        pipe = pipes[-1]
+        if is_main:
+            (epath.Path(workdir) / results.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
         # Records of the steps this run replays are dropped (a step is never logged twice).
         reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, start_step=start)
         stack.callback(reporter.close)
-        pipe = data.InputPipeline(
-            config.data,
-            split="train",
-            mesh=mesh,
-            seed=config.seed,
-            shuffle=True,
-            repeat=True,
-            start_batch=position,
-            rules=config.mesh.rules,
-        )
-        stack.callback(pipe.close)
         train_step = compile_train_step(config, fns, rest)
+        memory.log_and_check(train_step)  # a config that cannot fit stops here
+        profiler = profiling.Profiler(t, str(epath.Path(workdir) / report.TENSORBOARD_DIR))
+        stack.callback(profiler.close)
         # Model FLOPs (analytic: XLA's cost analysis counts the scanned layer body once).
         tokens_per_step = config.data.batch_size * config.data.seq_len
         model_flops = flops.analytic_flops(
@@ -142,15 +135,24 @@ def train_and_evaluate(
         )["total"]
         step_metrics = report.StepMetrics(config, reporter, ckpts, model_flops)
 
+        eval_losses = {}  # step -> eval loss, saved with that step's checkpoint (keep_best)
+
         def save():
             step_metrics.drain()  # never save a state whose loss has not been checked
             meta = {
                 "step": done,
                 "data_position": pipe.position,
+                "data_layout": pipe.layout,
                 "model_config": checkpoint.model_config_dict(config.model),
                 "config": resolved,
             }
-            ckpts.save(done, state, meta)  # "checkpoint saved" is logged on commit
+            if done in eval_losses:
+                meta["eval_loss"] = eval_losses[done]
+            ckpts.save(done, state, meta, pipe)  # "checkpoint saved" is logged on commit
+
+        def evaluate():
+            step_metrics.drain()
+            eval_losses[done] = periodic_eval(config, fns, state["params"], rest, reporter, done)
 
         # ---- train
         status = "done"
@@ -158,19 +160,23 @@ def train_and_evaluate(
             if stop.is_set() and not several:  # asked before the first step (compiling)
                 status = "preempted"
                 break
-            state, device_metrics = train_step(state, rest, next_batch(pipe, fns))
+            with profiler.step(done + 1):
+                state, device_metrics = train_step(state, rest, next_batch(pipe, fns))
             done += 1
+            profiler.after(done, state)
             step_metrics.push(done, device_metrics)  # reads the previous step's
             ckpts.poll()  # a save that committed or failed since the last step
             for hook in hooks:
                 hook(done)
             preempted = ckpts.manager.reached_preemption(done) if several else stop.is_set()
             with step_metrics.paused():
+                evaluates = t.evaluates and (done % t.eval_every == 0 or done == t.num_steps)
+                if evaluates and not preempted:  # first, so that its loss is saved (keep_best)
+                    evaluate()
                 if done % t.checkpoint_every == 0 or preempted:
                     save()
-                if t.evaluates and (done % t.eval_every == 0 or done == t.num_steps):
-                    step_metrics.drain()
-                    periodic_eval(config, fns, state["params"], rest, reporter, done)
+                if evaluates and preempted:  # after the save has started: it comes first
+                    evaluate()
             if preempted:
                 status = "preempted"
                 break
@@ -205,6 +211,30 @@ def train_and_evaluate(
         }
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Turns on JAX's persistent compilation cache in `directory` ("" leaves JAX's setting)."""
+    if not directory or jax.config.jax_compilation_cache_dir == directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # JAX opens its cache once, at the first compile: a process that has compiled already (a
+    # notebook, a sweep of runs) reopens it in the new folder.
+    compilation_cache.reset_cache()
+    logging.info("persistent compilation cache in %s", directory)
+
+
+def train_pipeline(config, mesh, start_batch: int = 0) -> data.InputPipeline:
+    return data.InputPipeline(
+        config.data,
+        split="train",
+        mesh=mesh,
+        seed=config.seed,
+        shuffle=True,
+        repeat=True,
+        start_batch=start_batch,
+        rules=config.mesh.rules,
+    )
+
+
 def next_batch(pipe, fns: step.StepFns) -> dict:
     return step.put_batch(next(pipe), fns.batch_sharding)
 
@@ -224,8 +254,9 @@ def compile_train_step(config, fns: step.StepFns, rest):
     return compiled
 
 
-def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) -> None:
-    """Perplexity over `train.eval_batches` batches of the eval split (all of it if smaller)."""
+def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) -> float:
+    """Perplexity over `train.eval_batches` batches of the eval split (all of it if smaller);
+    returns the eval loss."""
     t = config.train
     sums = evaluation.evaluate(fns, params, rest, config, t.eval_split, max_batches=t.eval_batches)
     nll_sum, tokens = sums["nll_sum"], sums["tokens"]
@@ -241,3 +272,4 @@ def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) 
         scalars["eval_loss"],
         scalars["eval_perplexity"],
     )
+    return scalars["eval_loss"]

@@ -16,6 +16,7 @@ from etils import epath
 
 from flash_jax import metrics, results
 from flash_jax.results import METRICS_FILE
+from flash_jax.train import memory
 
 TENSORBOARD_DIR = "tensorboard"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -144,6 +145,8 @@ class Reporter:
         ):
             if scalars.get(key) is not None:
                 parts.append(f"{key.replace('_', ' ')} {fmt.format(scalars[key])}")
+        if scalars.get("peak_bytes_in_use") is not None:
+            parts.append(f"peak memory {memory.gib(scalars['peak_bytes_in_use'])}")
         if seconds_per_step:
             eta = (self.num_steps - step) * seconds_per_step
             parts.append(f"{seconds_per_step:.3f} s/step, ETA {format_duration(eta)}")
@@ -215,6 +218,8 @@ class StepMetrics:
             "mfu": self.model_flops / step_time / self.peak_flops
             if step_time and self.peak_flops
             else None,
+            # Where the backend reports it (not on CPU): the most any local device has held.
+            "peak_bytes_in_use": memory.peak_bytes(),
         }
         self.reporter.write(done, scalars)
         self.reporter.console(done, scalars, step_time)

@@ -1,0 +1,187 @@
+"""Two processes on this machine (2 CPU devices each, gloo collectives): train.py and eval.py as a
+pod slice runs them (flash_jax/distributed.py). Every launch starts two JAX processes, so the
+checks share launches: one uninterrupted run, one run stopped by SIGTERM and resumed, one eval,
+one run whose second process dies.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from flash_jax import evaluation
+from flash_jax.train import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEARTBEAT_SECONDS = 10  # a dead process is noticed after this; the survivor exits soon after
+NUM_STEPS = 12
+EVAL_BATCH = 64  # eval.py --config.data.batch_size: a few batches cover the validation split
+
+TINY_ARGS = [
+    "--config=configs/quickstart.py",
+    "--config.model.num_layers=2",
+    "--config.model.d_model=32",
+    "--config.model.expansion_dim=64",
+    "--config.model.qk_dim=16",
+    "--config.model.chunk_size=16",
+    "--config.model.max_len=32",
+    "--config.data.seq_len=32",
+    "--config.data.batch_size=8",
+    "--config.data.shuffle_buffer=64",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.train.checkpoint_every=1000",
+    "--config.train.warmup_steps=5",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(script, args, logs_dir, name):
+    """Processes 0 and 1 of `script`, their output in logs_dir/name.<i>.log."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "2",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+    port = free_port()
+    procs, logs = [], []
+    for i in range(2):
+        log = os.path.join(logs_dir, f"{name}.{i}.log")
+        logs.append(log)
+        with open(log, "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        script,
+                        *args,
+                        f"--coordinator_address=localhost:{port}",
+                        "--num_processes=2",
+                        f"--process_id={i}",
+                        f"--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}",
+                    ],
+                    cwd=REPO,
+                    env=env,
+                    # train.py: everything in the log; eval.py: results on stdout, the log on stderr
+                    stdout=out if script == "train.py" else subprocess.PIPE,
+                    stderr=subprocess.STDOUT if script == "train.py" else out,
+                )
+            )
+    return procs, logs
+
+
+def finish(procs, logs, timeout=300):
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    texts = [open(log).read() for log in logs]
+    return codes, texts
+
+
+def wait_for(log, text, procs, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if text in open(log).read():
+            return
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.kill()
+    raise AssertionError(f"{text!r} never appeared in {log}: {open(log).read()[-3000:]}")
+
+
+def train(workdir, logs_dir, name, *extra):
+    return launch("train.py", [*TINY_ARGS, *extra, f"--workdir={workdir}"], logs_dir, name)
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.slow  # four two-process launches
+def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
+    steps = f"--config.train.num_steps={NUM_STEPS}"
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+
+    # An uninterrupted run.
+    codes, texts = finish(*train(straight, tmp_path, "straight", steps))
+    assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+
+    # SIGTERM to both processes: they stop at the same step with one checkpoint.
+    procs, logs = train(resumed, tmp_path, "stopped", steps)
+    wait_for(logs[0], f"step 3/{NUM_STEPS}", procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    codes, texts = finish(procs, logs)
+    assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    ckpts = checkpoint.Checkpoints(resumed, read_only=True)
+    stopped = ckpts.latest_step()
+    ckpts.close()
+    assert stopped is not None and 3 <= stopped < NUM_STEPS, texts[0][-3000:]
+    data_dir = os.path.join(resumed, "checkpoints", str(stopped), "data")
+    assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
+        "data.process_00000-of-00002.json",
+        "data.process_00001-of-00002.json",
+    ]
+
+    # The rerun resumes there (input streams restored, no replay) and trains exactly as the
+    # uninterrupted run: the same programs on the same batches on the same CPU devices.
+    codes, texts = finish(*train(resumed, tmp_path, "resume", steps))
+    assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    assert f"resuming from step {stopped} (input stream restored)" in texts[0]
+    assert losses(resumed) == losses(straight)
+    assert sorted(losses(straight)) == list(range(1, NUM_STEPS + 1))
+
+    # eval.py under two processes: the whole split once, as one process scores it (here, the
+    # test's own process on its 8 devices: the same windows in other batches).
+    model_args = [a for a in TINY_ARGS if "=configs/" in a or ".model." in a or ".seq_len" in a]
+    eval_args = [*model_args, f"--config.data.batch_size={EVAL_BATCH}", f"--workdir={straight}"]
+    procs, logs = launch("eval.py", eval_args, tmp_path, "eval")
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    codes, texts = finish(procs, logs)
+    assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
+    results = [[line for line in out.splitlines() if line.startswith("{")] for out in outputs]
+    assert len(results[0]) == 1 and not results[1]  # process 0 reports
+    two = json.loads(results[0][0])
+    config = checkpoint.restore(straight).config
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, batch_size=EVAL_BATCH)
+    )
+    one = evaluation.evaluate_split(checkpoint.restore(straight, config=config), "validation")
+    assert two["complete"] and one["complete"]
+    assert two["tokens"] == one["tokens"] and two["batches"] == one["batches"]
+    # float32 sums of the same per-token losses in another order: relative error of order
+    # (number of additions) * 2^-24, about 1e-5 for the few hundred partial sums here.
+    np.testing.assert_allclose(two["nll_sum"], one["nll_sum"], rtol=1e-5)
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow  # one two-process launch, up to HEARTBEAT_SECONDS after a kill
+def test_a_process_that_dies_stops_the_other_within_the_heartbeat_timeout(tmp_path):
+    procs, logs = train(str(tmp_path / "run"), tmp_path, "dies", "--config.train.num_steps=100000")
+    wait_for(logs[0], "step 2/", procs)
+    procs[1].kill()
+    killed = time.time()
+    codes, texts = finish(procs, logs, timeout=HEARTBEAT_SECONDS + 60)
+    waited = time.time() - killed
+    assert codes[0] != 0 and waited < HEARTBEAT_SECONDS + 60
+    assert "another task died" in texts[0] or "task died" in texts[0], texts[0][-3000:]
