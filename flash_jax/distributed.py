@@ -97,3 +97,16 @@ def initialize(flag_holders: dict | None = None) -> bool:
         heartbeat_timeout_seconds=values["heartbeat_timeout_seconds"],
     )
     return True
+
+
+def barrier(name: str, timeout_seconds: int = 3600) -> None:
+    """Waits until every process reaches `name` (unique per barrier), through the coordination
+    service, which allows long waits; a collective would not: gloo, the CPU collectives, gives up
+    on a peer that is 30 s late to its first collective (e.g. one still compiling)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_seconds * 1000)

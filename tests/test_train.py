@@ -307,6 +307,85 @@ def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
     assert not os.path.exists(workdir)  # failed before writing anything
 
 
+# ----------------------------------------------------------------------------- input stream, layout
+
+
+def files_under(directory):
+    return sorted(
+        os.path.relpath(os.path.join(root, f), directory)
+        for root, _, names in os.walk(directory)
+        for f in names
+    )
+
+
+def test_checkpoints_hold_the_input_stream_and_its_layout(straight_run):
+    workdir, _ = straight_run
+    step_dir = os.path.join(workdir, "checkpoints", "6")
+    with open(os.path.join(step_dir, "data", "synthetic.json")) as f:
+        assert json.load(f) == {"position": 6}
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    meta = ckpts.read_meta(6)
+    ckpts.close()
+    assert meta["data_layout"]["processes"] == 1 and meta["data_layout"]["batch_size"] == 8
+    # Evaluated at step 6 (eval_every=3): its eval loss is saved with it, for keep_best.
+    evals = {r["step"]: r["eval_loss"] for r in read_jsonl(workdir) if "eval_loss" in r}
+    assert meta["eval_loss"] == pytest.approx(evals[6], rel=1e-6)
+
+
+def test_a_checkpoint_without_input_stream_resumes_by_replay(straight_run, tmp_path, caplog):
+    """Checkpoints written before the data item existed: the stream is replayed to the position."""
+    workdir = str(tmp_path / "old")
+    shutil.copytree(straight_run[0], workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))
+    caplog.set_level("INFO")
+    loop.train_and_evaluate(tiny_config(), workdir)
+    assert any("replaying the first 4 batches" in r.getMessage() for r in caplog.records)
+    assert train_losses(workdir) == train_losses(straight_run[0])
+
+
+class TwoHostLayout(SyntheticPipeline):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layout = {**self.layout, "processes": 2, "batch_per_host": self.layout["batch_size"]}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            "processes",
+            "the data position was saved by 1 processes and this run has 2: each process's "
+            "batches depend on the process count, so restart with 1 processes to resume exactly, "
+            "or start a new workdir",
+        ),
+        (
+            "batch_size",
+            "data.batch_size was 8 when the checkpoint was saved and is 16 now: resume with "
+            "--config.data.batch_size=8, or start a new workdir",
+        ),
+    ],
+)
+def test_another_host_layout_stops_before_any_step_writing_nothing(
+    straight_run, tmp_path, monkeypatch, change, message
+):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight_run[0], workdir)
+    before = {f: open(os.path.join(workdir, f), "rb").read() for f in files_under(workdir)}
+    config = tiny_config(num_steps=8)
+    if change == "processes":
+        monkeypatch.setattr(data, "InputPipeline", TwoHostLayout)
+    else:
+        config.data.batch_size = 16
+    with pytest.raises(ValueError) as error:
+        loop.train_and_evaluate(config, workdir)
+    assert str(error.value) == (
+        f"cannot resume from checkpoint 6 in {workdir}/checkpoints: {message}; nothing was written"
+    )
+    after = {f: open(os.path.join(workdir, f), "rb").read() for f in files_under(workdir)}
+    assert after == before
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

@@ -13,7 +13,7 @@ from absl import logging
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
-from flash_jax import data, evaluation, flops, metrics, results, sharding
+from flash_jax import data, distributed, evaluation, flops, metrics, results, sharding
 from flash_jax.config import RunConfig
 from flash_jax.results import json_safe, to_json
 from flash_jax.train import checkpoint, memory, profiling, report, signals, step
@@ -126,6 +126,8 @@ def train_and_evaluate(
         stack.callback(reporter.close)
         train_step = compile_train_step(config, fns, rest)
         memory.log_and_check(train_step)  # a config that cannot fit stops here
+        # Every process compiled (one may have missed the compilation cache): start together.
+        distributed.barrier(f"flash_jax_compiled_{start}")
         profiler = profiling.Profiler(t, str(epath.Path(workdir) / report.TENSORBOARD_DIR))
         stack.callback(profiler.close)
         # Model FLOPs (analytic: XLA's cost analysis counts the scanned layer body once).
