@@ -194,15 +194,20 @@ def _echo_of_a_reported_failure(unraisable) -> bool:
     return False
 
 
-def quiet_library_logs(*own_files: str) -> None:
-    """Installs `QuietLibraries` on absl's logger and asyncio's; `own_files`: the script's file
-    names.
+def quiet_library_logs(*own_files: str, verbose: bool = False) -> None:
+    """Installs `QuietLibraries` on absl's logger and asyncio's, and (unless `verbose`) on absl's
+    handler, which also prints the records of the libraries' own Python loggers (JAX's backend
+    probing); `own_files`: the script's file names.
 
     Also keeps `sys.unraisablehook` from printing the tracebacks that echo an Orbax failure
     flash_jax has already reported (`_echo_of_a_reported_failure`).
     """
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(QuietLibraries(own_files))
+    if not verbose:
+        from absl import logging as absl_logging
+
+        absl_logging.get_absl_handler().addFilter(QuietLibraries(own_files))
     previous = sys.unraisablehook
 
     def hook(unraisable):

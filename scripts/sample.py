@@ -10,15 +10,13 @@ FLASH decodes with its constant-size state past its training length; the other m
 model.max_len. Runs on one device (the first); the config defaults to the checkpoint's own.
 """
 
-import os
+import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from flash_jax import cli  # noqa: E402
+from flash_jax import cli, console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (optional; default: the checkpoint's own).", lock_config=True
@@ -31,6 +29,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Independent samples (one batch).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show every library's startup lines and INFO logs (TensorFlow, XLA, ...)."
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -41,7 +42,7 @@ def main(argv):
     from flash_jax.train import checkpoint
 
     logging.set_verbosity(logging.INFO)
-    cli.quiet_library_logs("sample.py")
+    cli.quiet_library_logs("sample.py", verbose=_VERBOSE.value)
     try:
         run = checkpoint.restore(
             _WORKDIR.value, _STEP.value, config=_CONFIG.value, single_device=True
@@ -75,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    console.quiet(sys.argv)  # before TensorFlow and XLA load: their startup lines stay off
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "sample.py"))
