@@ -12,7 +12,9 @@ the checkpoint's model. Every window of every document is scored once (`--max_ba
 early: then bits per byte and word perplexity, which need the whole split, are null).
 
 Output: progress on stderr; per checkpoint a summary line and a JSON object on stdout (the last line
-printed is the last JSON object), also appended to `<workdir>/eval/results.jsonl`. With
+printed is the last JSON object), also appended to `<workdir>/eval/results.jsonl` and written as
+scalars at the checkpoint's step into the run's TensorBoard (`eval_py/<split>/perplexity`, ...;
+`eval_py/<split>_first<N>batches/...` with --max_batches). With
 `--all_steps`, a PNG of perplexity against step (and training time, from metrics.jsonl) with one
 line per workdir: `<workdir>/eval/perplexity_<split>.png` for one workdir, the first workdir's
 `eval/compare_<split>.png` for several, or `--plot=PATH`. Bad input (no checkpoint, unknown step,
@@ -26,14 +28,11 @@ every process reads its share of the split, process 0 prints and writes the resu
 
 import os
 import sys
-import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from flash_jax import cli, distributed  # noqa: E402
+from flash_jax import cli, console, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -54,9 +53,10 @@ _MAX_BATCHES = flags.DEFINE_integer(
 )
 _PLOT = flags.DEFINE_string("plot", "", "Where --all_steps writes its PNG (default: see above).")
 _DISTRIBUTED = distributed.define_flags()
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show every library's startup lines and INFO logs (TensorFlow, XLA, ...)."
+)
 flags.mark_flags_as_required(["workdir"])
-
-PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds (plus the first)
 
 
 def _error(message: str, code: int = 1):
@@ -80,29 +80,6 @@ def _summary(result: dict) -> str:
     return ", ".join(parts)
 
 
-def _progress(label: str):
-    state = {"last": 0.0, "start": time.time()}
-
-    def report(done: int, total, tokens) -> None:
-        now = time.time()
-        if done > 1 and now - state["last"] < PROGRESS_SECONDS and done != total:
-            return
-        state["last"] = now
-        tokens = float(tokens)
-        rate = tokens / max(now - state["start"], 1e-9)
-        of = f"/{total}" if total else " (total unknown until the split ends)"
-        logging.info(
-            "%s: batch %d%s, %s tokens, %s tokens/s",
-            label,
-            done,
-            of,
-            f"{tokens:,.0f}",
-            f"{rate:,.0f}",
-        )
-
-    return report
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -124,11 +101,11 @@ def main(argv):
     # Imported here: the flags above fail without paying for JAX / Orbax.
     import jax
 
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint, report
 
     is_main = jax.process_index() == 0  # several processes: process 0 reports and writes
 
-    cli.quiet_library_logs("eval.py")
+    cli.quiet_library_logs("eval.py", verbose=_VERBOSE.value)
 
     # ---- resolve every workdir, step and config first: bad input changes nothing anywhere
     jobs = []  # (workdir, checkpoints, [steps])
@@ -170,13 +147,22 @@ def main(argv):
                     continue
                 label = f"{workdir} step {run.step} {_SPLIT.value}"
                 result = evaluation.evaluate_split(
-                    run, _SPLIT.value, max_batches=_MAX_BATCHES.value, progress=_progress(label)
+                    run,
+                    _SPLIT.value,
+                    max_batches=_MAX_BATCHES.value,
+                    progress=evaluation.progress_logger(label),
                 )
                 if is_main:
                     path = results.append_result(workdir, result)
+                    tags = report.write_eval_scalars(workdir, result)
                     print(_summary(result), flush=True)
                     print(results.to_json(result), flush=True)
-                    logging.info("appended to %s", path)
+                    logging.info(
+                        "appended to %s; TensorBoard: %s at step %d",
+                        path,
+                        tags[0].rsplit("/", 1)[0],
+                        run.step,
+                    )
             ckpts.close()
             if result is None:  # --all_steps, and every step turned out damaged
                 raise ValueError(f"no intact checkpoint in {ckpts.directory}")
@@ -195,7 +181,7 @@ def main(argv):
             if len(workdirs) == 1
             else f"compare_{_SPLIT.value}.png",
         )
-        results.plot_curves(curves, plot, title=f"{_SPLIT.value} perplexity")
+        results.plot_curves(curves, plot, title=f"{_SPLIT.value} split")
         logging.info("plot written to %s", plot)
         # The plot path goes first; the last line printed stays the last JSON object.
         print(f"plot: {plot}", file=sys.stderr)
@@ -203,4 +189,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    console.quiet(sys.argv)  # before TensorFlow and XLA load: their startup lines stay off
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "eval.py"))

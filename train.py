@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli, distributed
+from flash_jax import cli, console, distributed
 from flash_jax.train import signals  # light: JAX and TensorFlow are imported in main()
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +31,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for everything the run writes (checkpoints, metrics, config)."
 )
 _DISTRIBUTED = distributed.define_flags()
+_VERBOSE = flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Show every library's startup lines and INFO logs (TensorFlow, XLA, CUDA probes, Orbax).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -38,33 +43,30 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.INFO)
-    cli.quiet_library_logs("train.py")
+    cli.quiet_library_logs("train.py", verbose=_VERBOSE.value)
+    import jax
+
+    from flash_jax.config import RunConfig
     from flash_jax.train import checkpoint, loop, report
 
     try:
         distributed.initialize(_DISTRIBUTED)
-        summary = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        config = RunConfig.from_config(_CONFIG.value)
+        summary = loop.train_and_evaluate(config, _WORKDIR.value)
     except (ValueError, report.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
         # One clear line instead of a traceback: the user's input, a workdir in use or damaged,
         # a diverged run, a checkpoint that could not be saved.
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    if summary["status"] == "preempted":
-        where = (
-            f"at step {summary['step']}; checkpoint saved in {summary['checkpoint_dir']}"
-            if summary["saved"] is not None
-            else f"before its first step (at step {summary['step']}); nothing new to save"
-        )
-        print(
-            f"train.py: stopped by {summary['stopped_by']} {where}; rerun the same command to "
-            "resume",
-            file=sys.stderr,
-        )
+    if jax.process_index() == 0:
+        # On stderr, after the log lines it follows (stdout is not ordered with them).
+        print(report.run_summary(summary, _WORKDIR.value, config), file=sys.stderr, flush=True)
     return 0
 
 
 if __name__ == "__main__":
     # Before anything slow (the config files import JAX): a Ctrl-C or SIGTERM from here on stops
     # the run cleanly, never with a KeyboardInterrupt traceback (flash_jax/train/signals.py).
+    console.quiet(sys.argv)  # before TensorFlow and XLA load: their startup lines stay off
     with signals.stop_requests("train.py"):
         app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "train.py"))

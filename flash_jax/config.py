@@ -376,6 +376,25 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """`config.log`: where results go besides the workdir (metrics.jsonl and TensorBoard are
+    always written)."""
+
+    # A Weights & Biases project: the main process logs the run's records there, with the
+    # resolved config as the run's config; a resumed run continues the same W&B run (its id is
+    # kept in the workdir). "" (the default): W&B is not imported. WANDB_MODE=offline works.
+    wandb_project: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.wandb_project, str):
+            raise ValueError(f"log.wandb_project must be a string, got {self.wandb_project!r}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> LogConfig:
+        return _from_mapping(cls, "log", config)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """The whole config of a run; `from_config` is where a ConfigDict becomes typed."""
 
@@ -384,6 +403,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     def __post_init__(self):
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -391,6 +411,11 @@ class RunConfig:
         if self.data.seq_len > self.model.max_len:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) exceeds model.max_len ({self.model.max_len})"
+            )
+        if self.data.objective == "mlm" and self.model.causal:
+            raise ValueError(
+                "data.objective='mlm' needs a bidirectional model: set model.causal=False "
+                "(--config.model.causal=false)"
             )
         if self.data.batch_size % self.train.grad_accum_steps:
             raise ValueError(
@@ -414,6 +439,7 @@ class RunConfig:
             data=DataConfig.from_config(values.get("data", {})),
             train=TrainConfig.from_config(values.get("train", {})),
             mesh=mesh,
+            log=LogConfig.from_config(values.get("log", {})),
         )
 
     def to_dict(self) -> dict:

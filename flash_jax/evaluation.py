@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from flash_jax import data, metrics, results
 from flash_jax.train import step
@@ -32,6 +33,38 @@ WORD_LEVEL_DATASETS = ("pg19",)
 # Batches per (task, split, seq_len, batch size), learned from a finished pass: later passes in the
 # same process (e.g. --all_steps) can show progress against a known total.
 _BATCH_COUNTS: dict[tuple, int] = {}
+PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds
+
+
+def progress_logger(
+    label: str, *, at_ends: bool = True
+) -> Callable[[int, int | None, float], None]:
+    """A `progress` callback for `evaluate` that logs "label: batch k/n, tokens, tokens/s" at
+    most every PROGRESS_SECONDS; with `at_ends`, also after the first and the last batch (eval.py),
+    else only once the evaluation has run that long (training's periodic evaluation, whose
+    result line follows)."""
+    start = time.time()
+    state = {"last": start}
+
+    def report(done: int, total: int | None, tokens: float) -> None:
+        now = time.time()
+        end = at_ends and (done == 1 or done == total)
+        if not end and now - state["last"] < PROGRESS_SECONDS:
+            return
+        state["last"] = now
+        tokens = float(tokens)
+        rate = tokens / max(now - start, 1e-9)
+        of = f"/{total}" if total else " (total unknown until the split ends)"
+        logging.info(
+            "%s: batch %d%s, %s tokens, %s tokens/s",
+            label,
+            done,
+            of,
+            f"{tokens:,.0f}",
+            f"{rate:,.0f}",
+        )
+
+    return report
 
 
 def evaluate(

@@ -183,6 +183,32 @@ class Panel:
 
 def plot_panels(path: str, panels: Sequence[Panel], title: str) -> str:
     """Panels side by side in one PNG at `path` (local or gs://); returns `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = panels_figure(panels, title)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(png.getvalue())
+    return path
+
+
+# Minor ticks labelled on a log axis spanning less than 1.5 decades (else only the decades are):
+# 2, 3 and 5 times a power of ten, which a 4-inch axis shows without overlap.
+LOG_MINOR_LABELS = (2, 3, 5)
+
+
+def _log_minor_label(value: float, _) -> str:
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    if not any(abs(mantissa - m) < 1e-6 for m in LOG_MINOR_LABELS):
+        return ""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+
+
+def panels_figure(panels: Sequence[Panel], title: str):
+    """The matplotlib figure of `plot_panels` (tests measure its tick labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,30 +225,31 @@ def plot_panels(path: str, panels: Sequence[Panel], title: str) -> str:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [f"{x:,}" for x in ticks])
             ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         if panel.log_y:
             ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if panel.log_y else ticker.NullFormatter())
+            ax.yaxis.set_major_formatter(plain)
+            low, high = ax.get_ylim()
+            # Within 1.5 decades there may be one labelled major tick or none: label a few
+            # minor ones.
+            minor = _log_minor_label if high / low < 30 else ticker.NullFormatter()
+            ax.yaxis.set_minor_formatter(minor)
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    out = epath.Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(png.getvalue())
-    return path
+    return fig
 
 
 def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, title: str = "") -> str:
     """eval.py's plot: perplexity against step (and against training time where known), one
     line per run. `curves` is [(label, results sorted by step)]. Word-level perplexity is plotted
-    when every point has it (PG-19), else token-level; a log scale when the values span more than
-    a factor 3 (early checkpoints)."""
+    when every point has it (PG-19), else token-level; the axis label and the title (`title`,
+    then the kind) say which. A log scale when the values span more than a factor 3 (early
+    checkpoints)."""
     points = [r for _, rs in curves for r in rs]
     if not points:
         raise ValueError("nothing to plot: no evaluation results")
@@ -241,7 +268,7 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, titl
             )
         xlabel = "training time (hours, excluding eval and checkpoint pauses)"
         panels.append(Panel(xlabel, ylabel, by_time, log_y=log_y))
-    return plot_panels(path, panels, title or ylabel)
+    return plot_panels(path, panels, f"{title}: {ylabel}" if title else ylabel)
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -47,8 +47,10 @@ def train_and_evaluate(
     """Trains `config` (a ConfigDict or RunConfig) in `workdir`, resuming from its latest
     checkpoint if there is one.
 
-    Returns a summary: {"status": "done" | "preempted", "step", "last": last logged metrics,
-    "stopped_by": the signal for "preempted", "saved": the step of the checkpoint it saved}.
+    Returns a summary: {"status": "done" | "preempted" | "finished", "step", "last": last logged
+    metrics, "checkpoint_dir", "stopped_by": the signal for "preempted", "saved": the step of the
+    checkpoint it saved}. "finished": the workdir's latest checkpoint already reached
+    train.num_steps; the run returns at once (nothing built, compiled or written).
     Raises ValueError for a bad config, data or workdir (before anything is written or compiled),
     for a workdir another trainer holds, or when no checkpoint of the workdir is intact;
     report.NonFiniteLossError when the loss diverges (only checkpoints whose own loss is finite
@@ -61,6 +63,16 @@ def train_and_evaluate(
     config = RunConfig.from_config(config)
     t = config.train
     use_compilation_cache(t.compilation_cache_dir)
+    finished = finished_step(config, workdir)
+    if finished is not None:  # nothing to check, build, restore or compile
+        return {
+            "status": "finished",
+            "step": finished,
+            "last": {},
+            "checkpoint_dir": checkpoint.checkpoint_dir(workdir),
+            "stopped_by": None,
+            "saved": None,
+        }
     splits = ["train", t.eval_split] if t.evaluates else ["train"]
     data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
@@ -122,7 +134,9 @@ def train_and_evaluate(
             (epath.Path(workdir) / results.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
         # Records of the steps this run replays are dropped (a step is never logged twice).
-        reporter = report.Reporter(workdir, t.num_steps, is_main=is_main, start_step=start)
+        reporter = report.Reporter(
+            workdir, t.num_steps, is_main=is_main, start_step=start, config=config
+        )
         stack.callback(reporter.close)
         train_step = compile_train_step(config, fns, rest)
         memory.log_and_check(train_step)  # a config that cannot fit stops here
@@ -237,6 +251,31 @@ def train_pipeline(config, mesh, start_batch: int = 0) -> data.InputPipeline:
     )
 
 
+def finished_step(config: RunConfig, workdir: str) -> int | None:
+    """The latest checkpoint's step when it reaches train.num_steps and reads back intact (a
+    finished run), else None.
+
+    Read-only, before the data checks (which build TF pipelines) and without compiling: it reads
+    the checkpoint as a resume would, so that a damaged latest step is left to restore_newest
+    (which falls back to an earlier one and trains on). Another model's checkpoint is refused
+    (ValueError) as the full run would."""
+    if not (epath.Path(checkpoint.checkpoint_dir(workdir))).is_dir():
+        return None
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    try:
+        latest = ckpts.check_compatible(config.model)
+        if latest is None or latest < config.train.num_steps:
+            return None
+        mesh = make_mesh(config)
+        with jax.set_mesh(mesh):
+            ckpts.restore(step.build(config, mesh).abstract_state, latest, config.model)
+    except checkpoint.DamagedCheckpointError:
+        return None
+    finally:
+        ckpts.close()
+    return latest
+
+
 def next_batch(pipe, fns: step.StepFns) -> dict:
     return step.put_batch(next(pipe), fns.batch_sharding)
 
@@ -260,7 +299,10 @@ def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) 
     """Perplexity over `train.eval_batches` batches of the eval split (all of it if smaller);
     returns the eval loss."""
     t = config.train
-    sums = evaluation.evaluate(fns, params, rest, config, t.eval_split, max_batches=t.eval_batches)
+    progress = evaluation.progress_logger(f"eval at step {done} ({t.eval_split})", at_ends=False)
+    sums = evaluation.evaluate(
+        fns, params, rest, config, t.eval_split, max_batches=t.eval_batches, progress=progress
+    )
     nll_sum, tokens = sums["nll_sum"], sums["tokens"]
     scalars = {
         "eval_loss": nll_sum / tokens if tokens > 0 else math.nan,

@@ -1,11 +1,16 @@
 """Training metrics: the loop's bookkeeping (`StepMetrics`) and where they go (`Reporter`:
-TensorBoard events through clu, `metrics.jsonl`, and a console line with an ETA)."""
+TensorBoard events through clu with the run's hyperparameters, `metrics.jsonl`, a console line with
+an ETA, and Weights & Biases when `log.wandb_project` is set); eval.py's results as TensorBoard
+scalars (`write_eval_scalars`); the summary a run ends with (`run_summary`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,6 +24,7 @@ from flash_jax.results import METRICS_FILE
 from flash_jax.train import memory
 
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Dense bf16 peak FLOP/s per chip, matched against `jax.devices()[0].device_kind` (lowercased;
@@ -94,15 +100,28 @@ class Reporter:
     to write (a full disk, a TensorBoard error) is one warning line; the run goes on.
     """
 
-    def __init__(self, workdir: str, num_steps: int, *, is_main: bool = True, start_step: int = 0):
+    def __init__(
+        self,
+        workdir: str,
+        num_steps: int,
+        *,
+        is_main: bool = True,
+        start_step: int = 0,
+        config=None,
+    ):
+        """`config` (a RunConfig): written as TensorBoard hyperparameters, and the W&B run's
+        config when `config.log.wandb_project` is set (ValueError if W&B cannot start)."""
         self.num_steps = num_steps
         self.is_main = is_main
         self._writer = None
         self._jsonl = None
+        self._wandb = None
         self._failed: set[str] = set()
         # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
         workdir = epath.Path(workdir)
         if is_main:
+            if config is not None and config.log.wandb_project:
+                self._wandb = start_wandb(workdir, config)
             _drop_records_after(workdir / METRICS_FILE, start_step)
             # Imported here: clu's TF summary writer pulls in TensorFlow.
             from clu import metric_writers
@@ -111,6 +130,9 @@ class Reporter:
                 metric_writers.SummaryWriter(str(workdir / TENSORBOARD_DIR))
             )
             self._jsonl = (workdir / METRICS_FILE).open("a")
+            if config is not None:
+                hparams = flat_hparams(config.to_dict())
+                self._safely("TensorBoard events", lambda: self._writer.write_hparams(hparams))
 
     def _safely(self, what: str, write: Callable[[], object]) -> None:
         try:
@@ -132,6 +154,8 @@ class Reporter:
         self._safely("TensorBoard events", lambda: self._writer.write_scalars(step, scalars))
         line = results.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
         self._safely(METRICS_FILE, lambda: self._write_line(line))
+        if self._wandb is not None:
+            self._safely("W&B records", lambda: self._wandb.log(scalars, step=step))
 
     def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
         parts = [f"step {step}/{self.num_steps}"]
@@ -158,6 +182,156 @@ class Reporter:
             self._safely("TensorBoard events", self._writer.close)
         if self._jsonl is not None:
             self._safely(METRICS_FILE, self._jsonl.close)
+        if self._wandb is not None:
+            self._safely("W&B records", self._wandb.finish)
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """{"model.name": "flash", ...}: TensorBoard's hyperparameter values are bool, int, float or
+    str; tuples (the mesh) become their JSON text."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = results.to_json(results.json_safe(value))
+    return flat
+
+
+def start_wandb(workdir: epath.Path, config):
+    """The W&B run of this workdir (`log.wandb_project`): a new one, or the one whose id the
+    workdir keeps (a resumed run continues it). The resolved config is the run's config. W&B is
+    imported only here; its files go under the workdir when that is local. ValueError (one line)
+    when W&B is not installed or cannot start (not logged in: `wandb login`, or
+    WANDB_MODE=offline)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError(
+            f"log.wandb_project is set but wandb cannot be imported ({e}): pip install wandb, or "
+            "leave log.wandb_project empty"
+        ) from e
+    id_file = workdir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    local = "://" not in str(workdir)
+    try:
+        run = wandb.init(
+            project=config.log.wandb_project,
+            id=run_id,  # None: a new run, whose id is kept below
+            resume="allow",
+            name=workdir.name,
+            config=results.json_safe(config.to_dict()),
+            dir=str(workdir) if local else None,
+        )
+    except Exception as e:  # noqa: BLE001 - W&B's errors are many; the user needs one line
+        raise ValueError(
+            f"log.wandb_project={config.log.wandb_project!r}: W&B could not start "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}); "
+            "run `wandb login`, set WANDB_MODE=offline, or leave log.wandb_project empty"
+        ) from e
+    if run_id is None:
+        id_file.write_text(run.id)
+    return run
+
+
+def write_eval_scalars(workdir: str, result: dict) -> list[str]:
+    """eval.py's result for one checkpoint as scalars at its step in the run's TensorBoard
+    (main process only): `eval_py/<split>/{loss,perplexity,bits_per_byte,word_perplexity}`, or
+    `eval_py/<split>_first<N>batches/...` for a partial pass (--max_batches). Returns the tags."""
+    split = (
+        result["split"]
+        if result["complete"]
+        else f"{result['split']}_first{result['batches']}batches"
+    )
+    scalars = {
+        f"eval_py/{split}/{key}": float(result[key])
+        for key in ("loss", "perplexity", "bits_per_byte", "word_perplexity")
+        if result.get(key) is not None
+    }
+    if jax.process_index() == 0:
+        from clu import metric_writers
+
+        writer = metric_writers.SummaryWriter(str(epath.Path(workdir) / TENSORBOARD_DIR))
+        writer.write_scalars(int(result["step"]), scalars)
+        writer.close()
+    return sorted(scalars)
+
+
+def last_records(workdir: str) -> tuple[dict | None, dict | None]:
+    """The last training record (with a loss) and the last periodic-eval record of a run's
+    metrics.jsonl."""
+    train = evaluation = None
+    for record in results.read_jsonl(epath.Path(workdir) / METRICS_FILE):
+        if "eval_perplexity" in record:
+            evaluation = record
+        elif "loss" in record:
+            train = record
+    return train, evaluation
+
+
+def _command(program: str, *args: str) -> str:
+    """A command line with this interpreter, as the user can paste it (`.venv/bin/python ...`
+    from the repository)."""
+    return shlex.join([_relative(sys.executable), program, *args])
+
+
+def run_summary(summary: dict, workdir: str, config) -> str:
+    """The lines a run ends with: what happened, the final train and eval figures (from the run's
+    metrics.jsonl), where the checkpoint is, and the commands to evaluate, sample and view it."""
+    status, step = summary["status"], summary["step"]
+    if status == "finished":
+        head = (
+            f"{workdir} already finished: its checkpoint of step {step} reaches "
+            f"train.num_steps={config.train.num_steps}; nothing to do (train longer with "
+            f"--config.train.num_steps=N)"
+        )
+    elif status == "preempted":
+        where = (
+            f"at step {step}; checkpoint saved in {summary['checkpoint_dir']}"
+            if summary["saved"] is not None
+            else f"before its first step (at step {step}); nothing new to save"
+        )
+        head = f"stopped by {summary['stopped_by']} {where}; rerun the same command to resume"
+    else:
+        head = f"done: {step} steps in {workdir}"
+    lines = [f"train.py: {head}"]
+    train, evaluation = last_records(workdir)
+    if train is not None:
+        lines.append(
+            f"  train  (step {train['step']}): loss {train['loss']:.4f}, "
+            f"token perplexity {train['perplexity']:.2f}"
+        )
+    if evaluation is not None:
+        lines.append(
+            f"  eval   (step {evaluation['step']}, {config.train.eval_split}, "
+            f"{evaluation.get('eval_tokens', 0):,.0f} tokens): loss {evaluation['eval_loss']:.4f}, "
+            f"token perplexity {evaluation['eval_perplexity']:.2f}"
+        )
+    saved = summary.get("saved") or (step if status == "finished" else None)
+    if saved is not None:
+        lines.append(f"  checkpoint: {summary['checkpoint_dir']}/{saved}")
+    if status != "preempted":
+        tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+        if not os.path.exists(tensorboard):
+            tensorboard = "tensorboard"
+        lines += [
+            "  next:  " + _command("eval.py", f"--workdir={workdir}"),
+            "         "
+            + _command("scripts/sample.py", f"--workdir={workdir}", "--prompt=It is a truth"),
+            "         " + shlex.join([_relative(tensorboard), f"--logdir={workdir}"]),
+        ]
+    return "\n".join(lines)
+
+
+def _relative(path: str) -> str:
+    """`path` relative to the working directory when it lies inside it, else as it is."""
+    if not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 class NonFiniteLossError(RuntimeError):
