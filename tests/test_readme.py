@@ -1,11 +1,18 @@
-"""The README's model example runs as written."""
+"""The README's model example and its first-hour walkthrough run as written."""
 
+import json
 import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
 
 
 def test_readme_model_example_runs():
@@ -17,3 +24,117 @@ def test_readme_model_example_runs():
     logits = namespace["logits"]
     assert logits.shape == (2, 128, namespace["config"].model.vocab_size)
     assert logits.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- the walkthrough
+
+# Tiny sizes and few steps for the walkthrough's long commands (appended to them as written).
+TINY_TRAIN = [
+    "--config.model.num_layers=2",
+    "--config.model.d_model=64",
+    "--config.model.expansion_dim=128",
+    "--config.model.qk_dim=32",
+    "--config.model.chunk_size=16",
+    "--config.model.mlp_dim=128",
+    "--config.model.max_len=64",
+    "--config.data.seq_len=64",
+    "--config.data.batch_size=4",
+    "--config.train.num_steps=4",
+    "--config.train.log_every=2",
+    "--config.train.eval_every=4",
+    "--config.train.eval_batches=1",
+    "--config.train.checkpoint_every=2",
+]
+LONG_COMMANDS = {  # what makes each command short
+    "train.py": TINY_TRAIN,
+    "eval.py": ["--max_batches=2"],
+    "make train": TINY_TRAIN,
+    "make eval": ["--max_batches=2"],
+    "make sample": ["--num_tokens=8"],
+    "make tensorboard": ["--inspect"],  # prints what the logdir holds and exits
+}
+# Library startup lines that a quiet console never shows (flash_jax/console.py).
+NOISE = ("E0000", "cuInit", "cudart_stub", "Unable to initialize backend", "InitializeLog")
+
+
+def walkthrough_commands() -> list[str]:
+    """The commands of the README's "The first hour" block (continuations joined, comments cut)."""
+    with open(README) as f:
+        section = f.read().split("## The first hour", 1)[1]
+    block = re.search(r"```\n(.*?)```", section, flags=re.DOTALL).group(1)
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        command = line.split("#", 1)[0].strip()
+        if command:
+            commands.append(" ".join(command.split()))
+    return commands
+
+
+def shortened(command: str) -> list[str]:
+    """The command as written, plus its tiny-size flags (make: in ARGS)."""
+    argv = shlex.split(command)
+    key = " ".join(argv[:2]) if argv[0] == "make" else argv[1]
+    extra = LONG_COMMANDS.get(key, [])
+    if argv[0] == "make":
+        return argv + ([f"ARGS={' '.join(extra)}"] if extra else [])
+    return argv + extra
+
+
+@pytest.mark.slow  # 7 processes (two tiny trainings): about 70 s on 2 CPU cores
+def test_readme_walkthrough_runs_as_written(tmp_path):
+    """Each command of "The first hour", from a checkout where `make` has made .venv: here a
+    directory of links to this checkout's files and a .venv with this interpreter's packages."""
+    commands = walkthrough_commands()
+    assert commands[0] == commands[1] == "make train" and len(commands) == 7, commands
+    for name in ("Makefile", "pyproject.toml", "train.py", "eval.py", "scripts", "configs"):
+        os.symlink(os.path.join(REPO, name), tmp_path / name)
+    # A .venv sharing this interpreter's packages: its pyvenv.cfg and lib/ (when it is a venv).
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    os.symlink(os.path.realpath(sys.executable), venv / "bin" / "python")
+    scripts_dir = os.path.dirname(sys.executable)
+    os.symlink(os.path.join(scripts_dir, "tensorboard"), venv / "bin" / "tensorboard")
+    if sys.prefix != sys.base_prefix:
+        shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), venv / "pyvenv.cfg")
+        os.symlink(os.path.join(sys.prefix, "lib"), venv / "lib")
+    (tmp_path / ".venv" / ".installed").touch()  # newer than pyproject.toml: no setup
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "JAX_PLATFORMS"))}
+    env["PYTHONPATH"] = REPO  # this checkout's flash_jax (the venv has it installed)
+    # The processes share compiled programs (evaluation compiles what training's eval did).
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+    outputs = []
+    for command in commands:
+        result = subprocess.run(
+            shortened(command),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        text = result.stdout + result.stderr
+        assert result.returncode == 0, f"{command}\n{text[-3000:]}"
+        assert "Traceback" not in text, f"{command}\n{text[-3000:]}"
+        if command != "make tensorboard":  # TensorBoard's own startup lines are not ours to hide
+            noise = [line for line in text.splitlines() if any(n in line for n in NOISE)]
+            assert not noise, f"{command}: {noise}"
+        outputs.append(result)
+
+    first, again, evaluated, _, tpp, compared, _ = (r.stderr for r in outputs)
+    assert "train.py: done: 4 steps in runs/quickstart\n" in first
+    assert "checkpoint: runs/quickstart/checkpoints/4" in first
+    assert ".venv/bin/python eval.py --workdir=runs/quickstart\n" in first
+    assert "already finished" in again and "compiled the train step" not in again
+    result = json.loads(outputs[2].stdout.strip().splitlines()[-1])
+    assert (result["workdir"], result["step"], result["batches"]) == ("runs/quickstart", 4, 2)
+    assert "eval_py/validation_first2batches at step 4" in evaluated
+    assert "It is a truth universally acknowledged" in outputs[3].stdout
+    assert "train.py: done: 4 steps in runs/quickstart_tpp" in tpp
+    assert "plot: runs/quickstart/eval/compare_validation.png" in compared
+    assert os.path.getsize(tmp_path / "runs/quickstart/eval/compare_validation.png") > 0
+    board = outputs[6].stdout  # --inspect: the tags of every run under runs/
+    assert "runs/quickstart/tensorboard" in board and "runs/quickstart_tpp/tensorboard" in board
+    assert "_hparams_/session_start_info" in board
+    assert "eval_py/validation_first2batches/perplexity" in board

@@ -312,7 +312,7 @@ def run_summary(summary: dict, workdir: str, config) -> str:
         )
     saved = summary.get("saved") or (step if status == "finished" else None)
     if saved is not None:
-        lines.append(f"  checkpoint: {summary['checkpoint_dir']}/{saved}")
+        lines.append(f"  checkpoint: {_relative(summary['checkpoint_dir'])}/{saved}")
     if status != "preempted":
         tensorboard = os.path.join(os.path.dirname(sys.executable), "tensorboard")
         if not os.path.exists(tensorboard):
