@@ -10,7 +10,10 @@ newest intact one. SIGTERM or Ctrl-C save a checkpoint at the next step and exit
 Ctrl-C exits at once. Several processes: `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` on each (JAX's cluster detection is the default on TPU pods and SLURM; see
 flash_jax/distributed.py and the README's "Pod-scale runs"). Errors (bad input, a workdir in
-use, divergence, a failed save) are one line on stderr and exit code 1.
+use, divergence, a failed save) are one line on stderr and exit code 1. Every run ends with a
+summary on stderr (final train and eval figures, the checkpoint, the eval / sample / TensorBoard
+commands); a finished run rerun says so and returns without compiling. Library startup lines are
+filtered out (flash_jax/console.py); --verbose shows them.
 """
 
 import sys

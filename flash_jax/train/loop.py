@@ -50,7 +50,8 @@ def train_and_evaluate(
     Returns a summary: {"status": "done" | "preempted" | "finished", "step", "last": last logged
     metrics, "checkpoint_dir", "stopped_by": the signal for "preempted", "saved": the step of the
     checkpoint it saved}. "finished": the workdir's latest checkpoint already reached
-    train.num_steps; the run returns at once (nothing built, compiled or written).
+    train.num_steps and reads back intact; the run returns then (no data checks, no compile,
+    nothing written; `finished_step`).
     Raises ValueError for a bad config, data or workdir (before anything is written or compiled),
     for a workdir another trainer holds, or when no checkpoint of the workdir is intact;
     report.NonFiniteLossError when the loss diverges (only checkpoints whose own loss is finite
