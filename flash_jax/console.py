@@ -44,6 +44,10 @@ NOISE = re.compile(
             _CPP + r"local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: "
             r"OUT_OF_RANGE: End of sequence",  # tf.data at the end of a split
             _CPP + r"\S+\.cc:\d+\] Unable to register cu(DNN|FFT|BLAS) factory",  # TF beside JAX
+            # TF's GCS file system without credentials (offline): the data check's one line
+            # names the gs:// path it could not read.
+            _CPP + r"google_auth_provider\.cc:\d+\] All attempts to get a Google authentication "
+            r"bearer token failed",
             r"normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty",  # sentencepiece
             # JAX's probe for a TPU, at INFO, on a machine without one.
             r"I\d{4} [\d:.]+ \d+ xla_bridge\.py:\d+\] Unable to initialize backend 'tpu'",

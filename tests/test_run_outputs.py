@@ -316,6 +316,8 @@ def test_stderr_filter_drops_only_known_noise_and_keeps_order():
         "E0000 00:00:1795793401.878120    3975 other.cc:1] a real error",
         "I1127 15:29:49.562042 140186797808512 xla_bridge.py:849] Unable to initialize backend "
         "'tpu': INTERNAL: Failed to open libtpu.so",
+        "W0000 00:00:1795798571.466535    3584 google_auth_provider.cc:196] All attempts to get "
+        "a Google authentication bearer token failed, returning an empty token.",
         "train.py: error: data.vocab ...",
     ]
     proc = subprocess.run(
@@ -328,7 +330,7 @@ def test_stderr_filter_drops_only_known_noise_and_keeps_order():
         lines[3],
         lines[6],
         lines[7],
-        lines[9],
+        lines[10],
         "no newline at the end",
     ]
 

@@ -87,8 +87,16 @@ def test_profile_memory_and_compilation_cache(tmp_path, monkeypatch):
     assert [r["peak_bytes_in_use"] for r in records] == [12345] * 4
 
 
-def test_a_step_that_cannot_fit_the_device_stops_before_the_first_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(memory, "memory_stats", lambda: [{"bytes_limit": 1000}])
+@pytest.mark.parametrize("device", ["gpu", "cpu"])
+def test_a_step_that_cannot_fit_the_device_stops_before_the_first_step(
+    device, tmp_path, monkeypatch
+):
+    if device == "gpu":  # a device that reports its capacity (faked)
+        monkeypatch.setattr(memory, "memory_stats", lambda: [{"bytes_limit": 1000}])
+    else:  # CPU devices report none: they share the host's memory (faked small)
+        assert memory.memory_stats() == []
+        monkeypatch.setattr(memory, "host_memory_bytes", lambda: 1000 * jax.local_device_count())
+        assert memory.capacity_bytes() == 1000
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=r"the train step needs about .* per device \(arguments"):
         loop.train_and_evaluate(tiny_config(), workdir)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from absl import logging as absl_logging
+
 from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, DataConfig
 from flash_jax.data import sources, vocabularies
 from flash_jax.data.pipeline import InputPipeline
@@ -83,6 +85,9 @@ def _tfds_unprepared(cfg) -> str | None:
     import tensorflow_datasets as tfds
 
     name = sources.TFDS_DATASETS[cfg.dataset]["name"]
+    # TFDS warns that the folder it probes has no dataset_info.json: the line we return says so.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         builder = tfds.builder(name, data_dir=cfg.tfds_data_dir or None)
         if builder.is_prepared():
@@ -90,6 +95,8 @@ def _tfds_unprepared(cfg) -> str | None:
         return f"TFDS {name} is not prepared in {builder.data_dir}"
     except Exception as e:  # noqa: BLE001 - any failure here means: cannot be read
         return f"TFDS {name} cannot be read ({str(e).splitlines()[0]})"
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def _shown(path: str) -> str:

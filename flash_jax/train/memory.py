@@ -6,12 +6,15 @@ the first step, a config whose estimate exceeds the device's capacity (`device.m
 "bytes_limit"). Each log line and metrics.jsonl record carry the peak bytes in use
 ("peak_bytes_in_use", the largest over this process's devices).
 
-Where the backend reports no memory statistics (`memory_stats()` is None on the CPU backend; GPUs
-and TPUs report them) there is no capacity to check and no peak to log: the analysis is still
-logged, and the check is skipped.
+The CPU backend reports no memory statistics (`memory_stats()` is None; GPUs and TPUs report
+them): there its capacity is the host's physical memory shared equally by this process's CPU
+devices (a paper config's batch on a laptop stops here with the estimate instead of running out
+of memory), and no peak is logged.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 from absl import logging
@@ -52,10 +55,21 @@ def memory_stats() -> list[dict]:
     return [s for s in stats if s]
 
 
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def capacity_bytes() -> int | None:
-    """The smallest "bytes_limit" of this process's devices; None where unknown (CPU)."""
+    """The smallest "bytes_limit" of this process's devices; for CPU devices (which report none)
+    an equal share of the host's memory; None where unknown."""
     limits = [s["bytes_limit"] for s in memory_stats() if "bytes_limit" in s]
-    return min(limits) if limits else None
+    if limits:
+        return min(limits)
+    devices = jax.local_devices()
+    if all(d.platform == "cpu" for d in devices):
+        return host_memory_bytes() // len(devices)
+    return None
 
 
 def peak_bytes() -> int | None:
