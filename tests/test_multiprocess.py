@@ -21,7 +21,10 @@ from flash_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_SECONDS = 10  # a dead process is noticed after this; the survivor exits soon after
-NUM_STEPS = 12
+# Steps take about 0.05 s here, and the processes agree on a stop step through the coordination
+# service about 1 s (15 steps) after SIGTERM at step 3: the run needs room to stop before it
+# ends (with 12 steps it finished first).
+NUM_STEPS = 100
 EVAL_BATCH = 64  # eval.py --config.data.batch_size: a few batches cover the validation split
 
 TINY_ARGS = [

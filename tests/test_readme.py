@@ -98,7 +98,10 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
         shutil.copy(os.path.join(sys.prefix, "pyvenv.cfg"), venv / "pyvenv.cfg")
         os.symlink(os.path.join(sys.prefix, "lib"), venv / "lib")
     (tmp_path / ".venv" / ".installed").touch()  # newer than pyproject.toml: no setup
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "JAX_PLATFORMS"))}
+    # A user's shell: not inside another make (CI runs the suite through `make test`, whose
+    # MAKELEVEL / MAKEFLAGS would make these make commands print "Entering directory" lines).
+    user_shell = ("TF_CPP", "JAX_PLATFORMS", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(user_shell)}
     env["PYTHONPATH"] = REPO  # this checkout's flash_jax (the venv has it installed)
     # The processes share compiled programs (evaluation compiles what training's eval did).
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
