@@ -10,10 +10,9 @@ without readable text: the pipeline is built, no batch is read).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
-
-from absl import logging as absl_logging
 
 from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, DataConfig
 from flash_jax.data import sources, vocabularies
@@ -85,9 +84,12 @@ def _tfds_unprepared(cfg) -> str | None:
     import tensorflow_datasets as tfds
 
     name = sources.TFDS_DATASETS[cfg.dataset]["name"]
-    # TFDS warns that the folder it probes has no dataset_info.json: the line we return says so.
-    verbosity = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    # TFDS warns (through absl's logger) that the folder it probes has no dataset_info.json: the
+    # line we return says so. The logger's own level is restored exactly (absl's set_verbosity
+    # would leave an explicit level where there was none).
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         builder = tfds.builder(name, data_dir=cfg.tfds_data_dir or None)
         if builder.is_prepared():
@@ -96,7 +98,7 @@ def _tfds_unprepared(cfg) -> str | None:
     except Exception as e:  # noqa: BLE001 - any failure here means: cannot be read
         return f"TFDS {name} cannot be read ({str(e).splitlines()[0]})"
     finally:
-        absl_logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
 
 
 def _shown(path: str) -> str:
