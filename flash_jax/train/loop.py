@@ -109,14 +109,14 @@ def train_and_evaluate(
             dict(mesh.shape),
         )
         rest = fns.init_rest()
-        pipes = [train_pipeline(config, mesh)]  # the current one is pipes[-1]
-        stack.callback(lambda: pipes[-1].close())
+        pipe = train_pipeline(config, mesh)
+        stack.callback(lambda: pipe.close())  # the current `pipe` (a replay replaces it below)
         if latest is None:
             state = fns.init_state()
         else:
             # A checkpoint of another host layout is a ValueError here: nothing written yet.
             state, meta, restored = ckpts.restore_newest(
-                fns.abstract_state, config.model, pipes[-1]
+                fns.abstract_state, config.model, pipe
             )
             position = int(meta["data_position"])
             if ckpts.has_data(restored):
@@ -128,9 +128,8 @@ def train_and_evaluate(
                     restored,
                     position,
                 )
-                pipes[-1].close()
-                pipes.append(train_pipeline(config, mesh, start_batch=position))
-        pipe = pipes[-1]
+                pipe.close()
+                pipe = train_pipeline(config, mesh, start_batch=position)
         if is_main:
             (epath.Path(workdir) / results.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
