@@ -22,14 +22,43 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
             f"cross_entropy: logits {logits_BTV.shape}, targets {targets_BT.shape} and "
             f"weights {weights_BT.shape} do not agree"
         )
-    logits_BTV = logits_BTV.astype(jnp.float32)
     weights_BT = weights_BT.astype(jnp.float32)
+    nll_sum = _weighted_nll(logits_BTV.astype(jnp.float32), targets_BT, weights_BT)
+    return nll_sum, jnp.sum(weights_BT)
+
+
+@jax.custom_vjp
+def _weighted_nll(logits_BTV, targets_BT, weights_BT):
+    """sum_t w_t (log Z_t - logit_t[target_t]) over the positions with w_t > 0.
+
+    The backward is written by hand: d/d logits = w (softmax - onehot(target)) is one elementwise
+    pass over the `[B, T, V]` float32 logits (a fusion that also rounds the result to the head's
+    compute dtype), where autodiff makes several (a scatter of the target gather's cotangent into
+    a float32 `[B, T, V]` zero array, the softmax's product, their sum) at the largest activation
+    of the step.
+    """
+    return _weighted_nll_fwd(logits_BTV, targets_BT, weights_BT)[0]
+
+
+def _weighted_nll_fwd(logits_BTV, targets_BT, weights_BT):
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
     nll_BT = log_z_BT - target_logit_BT
     # where(): a masked position whose logits are inf must not turn the sum into nan (0 * inf).
     nll_sum = jnp.sum(jnp.where(weights_BT > 0, nll_BT * weights_BT, 0.0))
-    return nll_sum, jnp.sum(weights_BT)
+    return nll_sum, (logits_BTV, log_z_BT, targets_BT, weights_BT)
+
+
+def _weighted_nll_bwd(residuals, d_nll_sum):
+    logits_BTV, log_z_BT, targets_BT, weights_BT = residuals
+    scale_BT1 = (weights_BT * d_nll_sum)[..., None]
+    target_BTV = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
+    softmax_BTV = jnp.exp(logits_BTV - log_z_BT[..., None])
+    d_logits_BTV = jnp.where(weights_BT[..., None] > 0, scale_BT1 * (softmax_BTV - target_BTV), 0.0)
+    return d_logits_BTV, None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
 def perplexity(nll_sum: float, weight_sum: float) -> float:

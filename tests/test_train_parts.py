@@ -69,6 +69,31 @@ def test_cross_entropy_ignores_masked_positions_even_if_nonfinite():
     assert float(weight_sum) == 1.0
 
 
+def test_cross_entropy_gradient_matches_float64_reference():
+    # The hand-written backward: d nll_sum / d logits = w (softmax - onehot(target)), here
+    # against numpy in float64. Float32 softmax entries (at most 1) carry a few ulps of 2^-24
+    # each from exp, log and the subtraction: 1e-6 absolute covers them.
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, 7)) * 3
+    targets = rng.integers(0, 7, (2, 5))
+    weights = rng.random((2, 5)) * (rng.random((2, 5)) > 0.3)
+    softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    expected = weights[..., None] * (softmax - np.eye(7)[targets])
+    grad = jax.grad(lambda x: metrics.cross_entropy(x, targets, weights.astype(np.float32))[0])(
+        jnp.asarray(logits, jnp.float32)
+    )
+    np.testing.assert_allclose(grad, expected, atol=1e-6)
+
+
+def test_cross_entropy_gradient_is_zero_at_masked_nonfinite_positions():
+    logits = jnp.zeros((1, 2, 4)).at[0, 1].set(jnp.inf)
+    grad = jax.grad(
+        lambda x: metrics.cross_entropy(x, jnp.zeros((1, 2), jnp.int32), jnp.array([[1.0, 0.0]]))[0]
+    )(logits)
+    np.testing.assert_allclose(grad[0, 0], [-0.75, 0.25, 0.25, 0.25], rtol=1e-6)
+    np.testing.assert_array_equal(grad[0, 1], 0.0)
+
+
 def test_perplexity_and_bits_per_byte():
     assert metrics.perplexity(2 * math.log(3), 2) == pytest.approx(3.0)
     assert math.isnan(metrics.perplexity(0.0, 0.0))
