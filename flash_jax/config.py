@@ -126,6 +126,11 @@ class ModelConfig:
     # none | full | save_proj (keep the tagged projection outputs, recompute the rest) |
     # save_attn (save_proj + the attention outputs: the backward never reruns attention)
     remat: str = "none"
+    # True: the layer stack is unrolled (straight-line code) instead of one scanned body. The
+    # backward's saved activations are then separate buffers rather than slices of a stacked
+    # [num_layers, ...] buffer that the loop zero-fills and updates in place; faster on GPUs
+    # (see README, "Speed"), at num_layers times the compile work.
+    unroll_layers: bool = False
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
     # else XLA) | xla | cudnn | splash
     attention_impl: str = "auto"

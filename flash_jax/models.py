@@ -113,6 +113,7 @@ class LanguageModel(nnx.Module):
             apply_layer,
             in_axes=(nnx.Carry, 0),
             out_axes=nnx.Carry,
+            unroll=cfg.unroll_layers,
             transform_metadata=LAYER_AXIS_METADATA,
         )(x, self.layers)
 

@@ -86,6 +86,7 @@ flags.DEFINE_enum("param_dtype", "float32", DTYPES, "Parameter dtype.", flag_val
 flags.DEFINE_enum("attention_impl", "auto", ATTENTION_IMPLS, "Transformer MHSA.", flag_values=FLAGS)
 flags.DEFINE_enum("flash_impl", "auto", FLASH_IMPLS, "FLASH's attention.", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", REMAT, "Remat policy.", flag_values=FLAGS)
+flags.DEFINE_bool("unroll_layers", False, "Unrolled layer stack.", flag_values=FLAGS)
 flags.DEFINE_integer("chunk_size", 256, "FLASH's C (paper: 256).", flag_values=FLAGS)
 flags.DEFINE_integer("qk_dim", 0, "s; 0 keeps the size preset's.", flag_values=FLAGS)
 flags.DEFINE_integer(
@@ -118,6 +119,7 @@ CONFIG_FLAGS = (
     "dtype",
     "param_dtype",
     "remat",
+    "unroll_layers",
     "attention_impl",
     "flash_impl",
     "qk_dim",

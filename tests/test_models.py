@@ -12,6 +12,7 @@ from flax import nnx
 from flash_jax import export, models, numpy_model, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
+from flash_jax.layers.positions import RelativePositionBias, _toeplitz
 from flash_jax.train import checkpoint
 from tests.tiny_models import TINY, tiny_config
 
@@ -83,6 +84,28 @@ def test_rel_pos_auto_switches_at_512():
     assert tiny_config("flash", chunk_size=1024, max_len=2048).rel_pos_kind == "rope"
     assert tiny_config("flash_quad", max_len=512).rel_pos_kind == "toeplitz"
     assert tiny_config("flash_quad", max_len=8192).rel_pos_kind == "rope"
+
+
+@pytest.mark.parametrize("span, length", [(8, 8), (8, 5), (5, 1), (256, 256)])
+def test_toeplitz_bias_block_equals_its_gather_forward_and_backward(span, length):
+    # The block is built by tiling (no gather, so its backward is no scatter): the same values,
+    # and a weight gradient that sums each diagonal of the cotangent. Against float64 sums, the
+    # float32 ones (any order) are within the recursive-summation bound n * 2^-24 * sum |terms|.
+    cfg = tiny_config("flash", rel_pos="toeplitz")
+    bias = RelativePositionBias("toeplitz", span, cfg, rngs=nnx.Rngs(0))
+    w = jax.random.normal(jax.random.key(3), (2 * span - 1,))
+    i = jnp.arange(length)
+    cotangent = jax.random.normal(jax.random.key(4), (length, length))
+
+    bias.weight.value = w
+    np.testing.assert_array_equal(bias(length), bias.rows(i, i))
+    np.testing.assert_array_equal(bias(length), w[i[:, None] - i[None, :] + span - 1])
+    got = jax.grad(lambda w: jnp.sum(_toeplitz(w, span, length) * cotangent))(w)
+    slot = np.asarray(i[:, None] - i[None, :] + span - 1)
+    c = np.asarray(cotangent, np.float64)
+    want = np.bincount(slot.ravel(), c.ravel(), minlength=2 * span - 1)
+    bound = length * 2.0**-24 * np.bincount(slot.ravel(), np.abs(c).ravel(), minlength=2 * span - 1)
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +227,24 @@ def test_remat_gives_the_same_loss_and_gradients(name):
         np.testing.assert_allclose(loss, base_loss, rtol=1e-6)
         for g, g0 in zip(grads, base_grads, strict=True):
             np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["flash", "transformer_pp"])
+def test_unrolled_layer_stack_gives_the_same_loss_and_gradients(name):
+    # The same layers, parameters and order of operations, with or without the loop: equal
+    # results (remat save_attn, as the benchmarks run it).
+    seg = packed_segments()
+    tokens = random_tokens(0, seg.shape)
+    results = []
+    for unroll in (False, True):
+        cfg = tiny_config(name, remat="save_attn", unroll_layers=unroll)
+        model = models.create(cfg, rngs=nnx.Rngs(0))
+        loss, grads = jax.jit(nnx.value_and_grad(loss_fn))(model, tokens, seg)
+        results.append((loss, jax.tree.leaves(nnx.state(grads))))
+    (loss, grads), (unrolled_loss, unrolled_grads) = results
+    np.testing.assert_allclose(unrolled_loss, loss, rtol=1e-6)
+    for g, g0 in zip(unrolled_grads, grads, strict=True):
+        np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["flash", "flash_quad", "transformer", "performer"])

@@ -115,9 +115,7 @@ def train_and_evaluate(
             state = fns.init_state()
         else:
             # A checkpoint of another host layout is a ValueError here: nothing written yet.
-            state, meta, restored = ckpts.restore_newest(
-                fns.abstract_state, config.model, pipe
-            )
+            state, meta, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
             position = int(meta["data_position"])
             if ckpts.has_data(restored):
                 logging.info("resuming from step %d (input stream restored)", restored)
