@@ -11,7 +11,7 @@ import pytest
 
 from flash_jax import flops, results
 from flash_jax.config import ModelConfig
-from scripts import benchmark, replicate
+from scripts import benchmark, profile_step, replicate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,3 +324,79 @@ def test_bench_decode_end_to_end(tmp_path):
     assert all(r["tokens_per_sec"] > 0 for r in rows)
     assert (tmp_path / "bench_decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| context |" in result.stdout
+
+
+# ----------------------------------------------------------------------------- profile_step
+
+
+def _trace(*tracks):
+    """A Perfetto/Chrome trace: (process, thread, [(name, dur_us, args)]) per track."""
+    events = []
+    for pid, (process, thread, kernels) in enumerate(tracks):
+        events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": process}})
+        events.append(
+            {"ph": "M", "name": "thread_name", "pid": pid, "tid": 0, "args": {"name": thread}}
+        )
+        for name, dur, args in kernels:
+            events.append({"ph": "X", "pid": pid, "tid": 0, "name": name, "dur": dur, "args": args})
+    return {"traceEvents": events}
+
+
+def test_profile_counts_each_device_kernel_once():
+    # A GPU trace has the kernels on stream tracks and the same time again on op/module tracks:
+    # only the streams count. A TPU trace: its "XLA Ops" track. A CPU trace: the hlo_op events.
+    gpu = _trace(
+        ("/device:GPU:0", "Stream #7(compute)", [("nvjet_gemm", 3000, {}), ("fusion_1", 500, {})]),
+        ("/device:GPU:0 ", "XLA Ops", [("fusion.1", 3500, {})]),
+        ("/host:CPU", "python", [("train_step", 9000, {"hlo_op": "x"})]),
+    )
+    assert [e["name"] for e in profile_step.device_events(gpu)] == ["nvjet_gemm", "fusion_1"]
+    tpu = _trace(
+        ("/device:TPU:0", "XLA Modules", [("jit_train_step", 4000, {})]),
+        ("/device:TPU:0", "XLA Ops", [("fusion.3", 1000, {}), ("convolution.2", 2500, {})]),
+    )
+    assert [e["name"] for e in profile_step.device_events(tpu)] == ["fusion.3", "convolution.2"]
+    cpu = _trace(("/host:CPU", "tf_XLACpu", [("dot.1", 700, {"hlo_op": "dot.1"}), ("py", 9, {})]))
+    assert [e["name"] for e in profile_step.device_events(cpu)] == ["dot.1"]
+
+
+def test_profile_groups_kernels_by_their_source_op_and_direction():
+    hlo = (
+        '  %fusion.1 = f32[4] fusion(%p), metadata={op_name="jit(train_step)/jvp()/while/body/'
+        'closed_call/bgik,bgke->bgie/dot_general" stack_frame_id=3}\n'
+        '  ROOT %fusion.2 = f32[4] fusion(%q), metadata={op_name="jit(train_step)/transpose('
+        'jvp())/while/body/checkpoint/mul"}\n'
+    )
+    sources = profile_step.op_sources(hlo)
+    assert profile_step.short_source(sources["fusion.1"]) == (
+        "fwd closed_call/bgik,bgke->bgie/dot_general"
+    )
+    assert profile_step.short_source(sources["fusion.2"]) == "bwd mul"
+    events = [
+        {"name": "fusion.1", "dur": 3000, "args": {"hlo_op": "fusion.1"}},
+        {"name": "fusion.2", "dur": 1000, "args": {"hlo_op": "fusion.2"}},
+        {"name": "fusion.2", "dur": 1000, "args": {"hlo_op": "fusion.2"}},
+    ]
+    total, kernels, by_source = profile_step.summarize(events, sources, steps=2, top=5)
+    assert total == 2.5  # ms per step
+    assert kernels == [("fusion.1", 1.5), ("fusion.2", 1.0)]
+    assert by_source[1] == ("bwd mul", 1.0)
+
+
+@pytest.mark.slow
+def test_profile_step_end_to_end(tmp_path):
+    """The profiler script traces a tiny step on the CPU and writes its two tables."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "profile_step.py"), f"--out_dir={tmp_path}"],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert report["device_ms_per_step"] > 0
+    sources = [name for name, _ in report["by_source_ms"]]
+    assert any(s.startswith("fwd ") for s in sources) and any(s.startswith("bwd ") for s in sources)
+    assert "by source op" in result.stdout
