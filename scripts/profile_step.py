@@ -25,25 +25,26 @@ import shutil
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from flash_jax import benchmarks, sharding
+from flash_jax import benchmarks, cli, sharding
 from flash_jax.config import DTYPES, REMAT
 from flash_jax.train import step
 
-_MODEL = flags.DEFINE_string("model", "flash", "Model, optionally @impl.")
-_CONTEXT = flags.DEFINE_integer("context", 256, "Context length.")
-_TOKENS = flags.DEFINE_integer("tokens_per_step", 1024, "Tokens per step.")
-_SIZE = flags.DEFINE_string("size", "tiny", "Size preset.")
-_LAYERS = flags.DEFINE_integer("transformer_layers", 0, "Depth / 2 (0: the preset's).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 64, "FLASH's C.")
-_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype.")
-_REMAT = flags.DEFINE_enum("remat", "none", REMAT, "Remat policy.")
-_UNROLL = flags.DEFINE_bool("unroll_layers", False, "Unrolled layer stack.")
-_STEPS = flags.DEFINE_integer("steps", 2, "Traced steps.")
-_TOP = flags.DEFINE_integer("top", 30, "Rows printed per table.")
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/profile_step", "Where the outputs go.")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("model", "flash", "Model, optionally @impl.", flag_values=FLAGS)
+flags.DEFINE_integer("context", 256, "Context length.", flag_values=FLAGS)
+flags.DEFINE_integer("tokens_per_step", 1024, "Tokens per step.", flag_values=FLAGS)
+flags.DEFINE_string("size", "tiny", "Size preset.", flag_values=FLAGS)
+flags.DEFINE_integer("transformer_layers", 0, "Depth / 2 (0: the preset's).", flag_values=FLAGS)
+flags.DEFINE_integer("chunk_size", 64, "FLASH's C.", flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", 4096, "Vocabulary size.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", DTYPES, "Compute dtype.", flag_values=FLAGS)
+flags.DEFINE_enum("remat", "none", REMAT, "Remat policy.", flag_values=FLAGS)
+flags.DEFINE_bool("unroll_layers", False, "Unrolled layer stack.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 2, "Traced steps.", flag_values=FLAGS)
+flags.DEFINE_integer("top", 30, "Rows printed per table.", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", "runs/profile_step", "Where the outputs go.", flag_values=FLAGS)
 
 
 def device_events(trace: dict) -> list[dict]:
@@ -85,35 +86,47 @@ def short_source(op_name: str) -> str:
     return f"{direction} {'/'.join(parts[-3:])}"
 
 
+def source_of(event: dict, sources: dict[str, str]) -> str | None:
+    """The op_name behind a device event: its kernel's HLO instruction (a GPU kernel is named
+    after its fusion, `loop_multiply_fusion_3` for `loop_multiply_fusion.3`, while its `hlo_op`
+    is the CUDA-graph command buffer that launched it) or its `hlo_op` (TPU, CPU); None for a
+    library kernel (e.g. cuBLAS's `nvjet_*`)."""
+    name = event["name"]
+    for candidate in (name, re.sub(r"_(\d+)$", r".\1", name), event.get("args", {}).get("hlo_op")):
+        if candidate in sources:
+            return sources[candidate]
+    return None
+
+
 def summarize(events: list[dict], sources: dict[str, str], steps: int, top: int):
     by_kernel = collections.Counter()
     by_source = collections.Counter()
     for e in events:
-        args = e.get("args", {})
-        hlo_op = args.get("hlo_op") or e["name"]
-        by_kernel[e["name"]] += e["dur"] / 1e3 / steps
-        by_source[short_source(sources.get(hlo_op, hlo_op))] += e["dur"] / 1e3 / steps
+        ms = e["dur"] / 1e3 / steps
+        by_kernel[e["name"]] += ms
+        source = source_of(e, sources)
+        by_source[short_source(source) if source else f"library {e['name']}"] += ms
     total = sum(by_kernel.values())
     return total, by_kernel.most_common(top), by_source.most_common(top)
 
 
-def main(argv):
-    del argv
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "profile_step.py")
     config = benchmarks.bench_config(
-        _MODEL.value,
-        _CONTEXT.value,
-        size=_SIZE.value,
-        tokens_per_step=_TOKENS.value,
-        transformer_layers=_LAYERS.value,
-        chunk_size=_CHUNK.value,
-        vocab_size=_VOCAB.value,
-        dtype=_DTYPE.value,
-        remat=_REMAT.value,
-        unroll_layers=_UNROLL.value,
+        args.model,
+        args.context,
+        size=args.size,
+        tokens_per_step=args.tokens_per_step,
+        transformer_layers=args.transformer_layers,
+        chunk_size=args.chunk_size,
+        vocab_size=args.vocab_size,
+        dtype=args.dtype,
+        remat=args.remat,
+        unroll_layers=args.unroll_layers,
     )
     mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axis_names)
-    os.makedirs(_OUT_DIR.value, exist_ok=True)
-    B, T = config.data.batch_size, _CONTEXT.value
+    os.makedirs(args.out_dir, exist_ok=True)
+    B, T = config.data.batch_size, args.context
     with jax.set_mesh(mesh):
         fns = step.build(config, mesh)
         rest, state = fns.init_rest(), fns.init_state()
@@ -122,27 +135,27 @@ def main(argv):
         )
         compiled = fns.train_step.lower(state, rest, batch).compile()
         hlo_text = compiled.as_text()
-        with open(os.path.join(_OUT_DIR.value, "step_hlo.txt"), "w") as f:
+        with open(os.path.join(args.out_dir, "step_hlo.txt"), "w") as f:
             f.write(hlo_text)
         for _ in range(2):
             state, metrics = compiled(state, rest, batch)
         jax.block_until_ready(state)
-        trace_dir = os.path.join(_OUT_DIR.value, "trace")
+        trace_dir = os.path.join(args.out_dir, "trace")
         shutil.rmtree(trace_dir, ignore_errors=True)  # one trace: this run's
         t0 = time.perf_counter()
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(_STEPS.value):
+            for _ in range(args.steps):
                 state, metrics = compiled(state, rest, batch)
             jax.block_until_ready(state)
-        wall_ms = (time.perf_counter() - t0) * 1e3 / _STEPS.value
+        wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     (path,) = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     with gzip.open(path) as f:
         trace = json.load(f)
     total, kernels, sources = summarize(
-        device_events(trace), op_sources(hlo_text), _STEPS.value, _TOP.value
+        device_events(trace), op_sources(hlo_text), args.steps, args.top
     )
     report = {
-        "model": _MODEL.value,
+        "model": args.model,
         "context": T,
         "batch_size": B,
         "device": jax.devices()[0].device_kind,
@@ -152,10 +165,10 @@ def main(argv):
         "by_kernel_ms": kernels,
         "by_source_ms": sources,
     }
-    with open(os.path.join(_OUT_DIR.value, "profile.json"), "w") as f:
+    with open(os.path.join(args.out_dir, "profile.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(
-        f"{_MODEL.value} T={T} B={B} on {report['device']}: {wall_ms:.1f} ms per step (wall), "
+        f"{args.model} T={T} B={B} on {report['device']}: {wall_ms:.1f} ms per step (wall), "
         f"{total:.1f} ms of device events per step"
     )
     for title, rows in (("by kernel", kernels), ("by source op", sources)):
@@ -165,4 +178,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main, FLAGS)

@@ -372,15 +372,22 @@ def test_profile_groups_kernels_by_their_source_op_and_direction():
         "fwd closed_call/bgik,bgke->bgie/dot_general"
     )
     assert profile_step.short_source(sources["fusion.2"]) == "bwd mul"
+    # TPU / CPU events name their HLO op; GPU kernels are named after it with "_" for "." and
+    # point at the command buffer that launched them; library kernels map to nothing.
     events = [
         {"name": "fusion.1", "dur": 3000, "args": {"hlo_op": "fusion.1"}},
+        {"name": "fusion_2", "dur": 1000, "args": {"hlo_op": "command_buffer_9"}},
         {"name": "fusion.2", "dur": 1000, "args": {"hlo_op": "fusion.2"}},
-        {"name": "fusion.2", "dur": 1000, "args": {"hlo_op": "fusion.2"}},
+        {"name": "nvjet_sm90_tss", "dur": 500, "args": {"hlo_op": "command_buffer_9"}},
     ]
     total, kernels, by_source = profile_step.summarize(events, sources, steps=2, top=5)
-    assert total == 2.5  # ms per step
-    assert kernels == [("fusion.1", 1.5), ("fusion.2", 1.0)]
-    assert by_source[1] == ("bwd mul", 1.0)
+    assert total == 2.75  # ms per step
+    assert kernels[0] == ("fusion.1", 1.5)
+    assert dict(by_source) == {
+        "fwd closed_call/bgik,bgke->bgie/dot_general": 1.5,
+        "bwd mul": 1.0,
+        "library nvjet_sm90_tss": 0.25,
+    }
 
 
 @pytest.mark.slow
