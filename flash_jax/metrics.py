@@ -54,7 +54,10 @@ def _weighted_nll_bwd(residuals, d_nll_sum):
     scale_BT1 = (weights_BT * d_nll_sum)[..., None]
     target_BTV = targets_BT[..., None] == jnp.arange(logits_BTV.shape[-1], dtype=targets_BT.dtype)
     softmax_BTV = jnp.exp(logits_BTV - log_z_BT[..., None])
-    d_logits_BTV = jnp.where(weights_BT[..., None] > 0, scale_BT1 * (softmax_BTV - target_BTV), 0.0)
+    # The scale outside the where, as autodiff of the forward has it: a masked position's
+    # non-finite softmax gives 0, a nan weight a nan gradient (0 * nan; the loop's gradient-norm
+    # check stops on it).
+    d_logits_BTV = scale_BT1 * jnp.where(weights_BT[..., None] > 0, softmax_BTV - target_BTV, 0.0)
     return d_logits_BTV, None, None
 
 

@@ -94,6 +94,16 @@ def test_cross_entropy_gradient_is_zero_at_masked_nonfinite_positions():
     np.testing.assert_array_equal(grad[0, 1], 0.0)
 
 
+def test_cross_entropy_nan_weight_gives_a_nan_gradient_as_autodiff_does():
+    # The forward's mask leaves a nan weight's term out of the sum; autodiff of it makes that
+    # position's gradient nan (0 * nan), and so does the hand-written backward: the train loop's
+    # gradient-norm check (test_train.py) stops on it.
+    logits, targets = jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), jnp.int32)
+    weights = jnp.array([[1.0, jnp.nan]])
+    grad = jax.grad(lambda x: metrics.cross_entropy(x, targets, weights)[0])(logits)
+    assert np.all(np.isnan(grad[0, 1])) and np.all(np.isfinite(grad[0, 0]))
+
+
 def test_perplexity_and_bits_per_byte():
     assert metrics.perplexity(2 * math.log(3), 2) == pytest.approx(3.0)
     assert math.isnan(metrics.perplexity(0.0, 0.0))
