@@ -291,25 +291,29 @@ def test_replicate_end_to_end(tmp_path):
     assert (tmp_path / "out" / "rep.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
-@pytest.mark.slow
-def test_bench_decode_end_to_end(tmp_path):
-    """The decode benchmark runs at a tiny size and writes its table, JSON and plot."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "scripts", "bench_decode.py"),
-            "--lengths=32,64",
-            "--steps=4",
-            "--repeats=1",
-            "--chunk_size=16",
-            f"--out_dir={tmp_path}",
-        ],
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """scripts/<script> with `args` in a CPU-only subprocess of this checkout."""
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", script), *args],
         cwd=REPO,
         # PYTHONPATH: this checkout's flash_jax, whatever copy of the package is installed.
         env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO),
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_bench_decode_end_to_end(tmp_path):
+    """The decode benchmark runs at a tiny size and writes its table, JSON and plot."""
+    result = run_script(
+        "bench_decode.py",
+        "--lengths=32,64",
+        "--steps=4",
+        "--repeats=1",
+        "--chunk_size=16",
+        f"--out_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "bench_decode.json").read_text())
@@ -393,14 +397,7 @@ def test_profile_groups_kernels_by_their_source_op_and_direction():
 @pytest.mark.slow
 def test_profile_step_end_to_end(tmp_path):
     """The profiler script traces a tiny step on the CPU and writes its two tables."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "profile_step.py"), f"--out_dir={tmp_path}"],
-        cwd=REPO,
-        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_script("profile_step.py", f"--out_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["device_ms_per_step"] > 0
