@@ -7,6 +7,8 @@ tests/test_multiprocess.py).
 import glob
 import os
 import socket
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -100,10 +102,34 @@ def test_a_step_that_cannot_fit_the_device_stops_before_the_first_step(
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=r"the train step needs about .* per device \(arguments"):
         loop.train_and_evaluate(tiny_config(), workdir)
-    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl")) or not [
-        r for r in read_jsonl(workdir) if "loss" in r
-    ]
-    assert not os.listdir(os.path.join(workdir, "checkpoints"))
+    assert not os.path.exists(workdir)  # nothing written: the workdir it made is gone again
+    os.mkdir(workdir)  # a workdir that was there stays, as it was
+    with pytest.raises(ValueError, match=r"the train step needs about"):
+        loop.train_and_evaluate(tiny_config(), workdir)
+    assert os.listdir(workdir) == []
+
+
+def test_a_wandb_run_that_cannot_start_stops_the_run_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    """Not logged in to W&B (a fake module whose init fails as wandb's does): one line naming
+    the field, after the compile (the memory check comes first) and before any file of the run."""
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)\ncall wandb.login(key=...)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    config = tiny_config()
+    config.log.wandb_project = "flash-jax-test"
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError) as raised:
+        loop.train_and_evaluate(config, workdir)
+    assert str(raised.value) == (
+        "log.wandb_project='flash-jax-test': W&B could not start (RuntimeError: api_key not "
+        "configured (no-tty)); run `wandb login`, set WANDB_MODE=offline, or leave "
+        "log.wandb_project empty"
+    )
+    assert not os.path.exists(workdir)
 
 
 def test_step_memory_counts_aliased_outputs_once():

@@ -53,7 +53,9 @@ def train_and_evaluate(
     train.num_steps and reads back intact; the run returns then (no data checks, no compile,
     nothing written; `finished_step`).
     Raises ValueError for a bad config, data or workdir (before anything is written or compiled),
-    for a workdir another trainer holds, or when no checkpoint of the workdir is intact;
+    for a workdir another trainer holds, for a step that cannot fit the devices' memory or a W&B
+    run that cannot start (before anything is written: a workdir this call created is removed
+    again), or when no checkpoint of the workdir is intact;
     report.NonFiniteLossError when the loss diverges (only checkpoints whose own loss is finite
     are kept); checkpoint.CheckpointSaveError when the last checkpoint could not be saved.
     SIGTERM or Ctrl-C stop the run at the next step boundary with a checkpoint (see
@@ -79,28 +81,23 @@ def train_and_evaluate(
     mesh = make_mesh(config)
     check_mesh_fit(config, mesh)
     is_main = jax.process_index() == 0
-    workdir_lib.prepare(workdir)  # local or gs://
+    created = workdir_lib.prepare(workdir)  # local or gs://
     # Before the checkpoint manager, which removes unfinished saves: they could be another run's.
     lock = workdir_lib.lock(workdir) if is_main else None
-    # Clean-ups run in reverse order, each even if another fails: the pipeline stops, metrics
-    # are flushed, the last save commits, signals are handed back, then the lock is released.
+    # Clean-ups run in reverse order, each even if another fails: metrics are flushed, the last
+    # save commits, the pipeline stops, the lock is released, signals are handed back.
     with contextlib.ExitStack() as stack, jax.set_mesh(mesh):
-        if lock is not None:
-            stack.callback(lock.release)
         # Several processes stop together at the preemption sync point, never on a local signal.
         several = jax.process_count() > 1
         stop = stack.enter_context(signals.stop_requests(enabled=not several))
+        if created:  # a run that stops on its config leaves no empty workdir behind
+            stack.callback(workdir_lib.remove_if_empty, workdir)
         if lock is not None:
+            stack.callback(lock.release)
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
-        ckpts = checkpoint.Checkpoints(
-            workdir, t.keep_checkpoints, keep_every_steps=t.keep_every_steps, keep_best=t.keep_best
-        )
-        stack.callback(ckpts.close)
-        latest = ckpts.check_compatible(config.model)
-        resolved = json_safe(config.to_dict())
 
-        # ---- build, resume, compile
+        # ---- build and compile: a config that cannot fit stops here, before anything is written
         fns = step.build(config, mesh)
         logging.info(
             "model %s: %s parameters; mesh %s",
@@ -109,12 +106,28 @@ def train_and_evaluate(
             dict(mesh.shape),
         )
         rest = fns.init_rest()
-        pipe = train_pipeline(config, mesh)
+        pipe = train_pipeline(config, mesh)  # its first batches load while the step compiles
         stack.callback(lambda: pipe.close())  # the current `pipe` (a replay replaces it below)
+        train_step = compile_train_step(config, fns, rest)
+        memory.log_and_check(train_step)
+
+        # ---- resume
+        # W&B first: it is the other start that can fail on the config (not logged in).
+        wandb_run = None
+        if is_main and config.log.wandb_project:
+            wandb_run = report.start_wandb(epath.Path(workdir), config)
+            stack.callback(report.finish_wandb, wandb_run)  # after the reporter's last record
+        ckpts = checkpoint.Checkpoints(
+            workdir, t.keep_checkpoints, keep_every_steps=t.keep_every_steps, keep_best=t.keep_best
+        )
+        stack.callback(ckpts.close)
+        latest = ckpts.check_compatible(config.model)
+        resolved = json_safe(config.to_dict())
         if latest is None:
             state = fns.init_state()
         else:
-            # A checkpoint of another host layout is a ValueError here: nothing written yet.
+            # A checkpoint of another host layout is a ValueError here: nothing of this run is
+            # written yet (but W&B's files).
             state, meta, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
             position = int(meta["data_position"])
             if ckpts.has_data(restored):
@@ -133,11 +146,14 @@ def train_and_evaluate(
         start = done = int(jax.device_get(state["step"]))
         # Records of the steps this run replays are dropped (a step is never logged twice).
         reporter = report.Reporter(
-            workdir, t.num_steps, is_main=is_main, start_step=start, config=config
+            workdir,
+            t.num_steps,
+            is_main=is_main,
+            start_step=start,
+            config=config,
+            wandb_run=wandb_run,
         )
         stack.callback(reporter.close)
-        train_step = compile_train_step(config, fns, rest)
-        memory.log_and_check(train_step)  # a config that cannot fit stops here
         # Every process compiled (one may have missed the compilation cache): start together.
         distributed.barrier(f"flash_jax_compiled_{start}")
         profiler = profiling.Profiler(t, str(epath.Path(workdir) / report.TENSORBOARD_DIR))

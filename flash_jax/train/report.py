@@ -108,20 +108,19 @@ class Reporter:
         is_main: bool = True,
         start_step: int = 0,
         config=None,
+        wandb_run=None,
     ):
-        """`config` (a RunConfig): written as TensorBoard hyperparameters, and the W&B run's
-        config when `config.log.wandb_project` is set (ValueError if W&B cannot start)."""
+        """`config` (a RunConfig): written as TensorBoard hyperparameters. `wandb_run`
+        (`start_wandb`'s) also gets the records; its starter finishes it (`finish_wandb`)."""
         self.num_steps = num_steps
         self.is_main = is_main
         self._writer = None
         self._jsonl = None
-        self._wandb = None
+        self._wandb = wandb_run if is_main else None
         self._failed: set[str] = set()
         # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
         workdir = epath.Path(workdir)
         if is_main:
-            if config is not None and config.log.wandb_project:
-                self._wandb = start_wandb(workdir, config)
             _drop_records_after(workdir / METRICS_FILE, start_step)
             # Imported here: clu's TF summary writer pulls in TensorFlow.
             from clu import metric_writers
@@ -182,8 +181,6 @@ class Reporter:
             self._safely("TensorBoard events", self._writer.close)
         if self._jsonl is not None:
             self._safely(METRICS_FILE, self._jsonl.close)
-        if self._wandb is not None:
-            self._safely("W&B records", self._wandb.finish)
 
 
 def flat_hparams(config: dict, prefix: str = "") -> dict:
@@ -235,6 +232,14 @@ def start_wandb(workdir: epath.Path, config):
     if run_id is None:
         id_file.write_text(run.id)
     return run
+
+
+def finish_wandb(run) -> None:
+    """Finishes a `start_wandb` run (uploads what is left); a failure is one warning line."""
+    try:
+        run.finish()
+    except Exception as e:  # noqa: BLE001 - W&B's errors are many; the run's work is done
+        logging.warning("could not finish the W&B run (%s)", e)
 
 
 def write_eval_scalars(workdir: str, result: dict) -> list[str]:

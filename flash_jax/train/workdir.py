@@ -40,16 +40,29 @@ STALE_SECONDS = 120.0
 READ_BACK_SECONDS = 2.0
 
 
-def prepare(workdir: str) -> None:
-    """Creates `workdir` (local or gs://); ValueError (one line) if it cannot be a directory."""
+def prepare(workdir: str) -> bool:
+    """Creates `workdir` (local or gs://); ValueError (one line) if it cannot be a directory.
+    Returns whether it was created (it did not exist)."""
     path = epath.Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"workdir {workdir!r} is a file, not a directory")
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"workdir {workdir!r} is a file, not a directory")
+        return False
     try:
         path.mkdir(parents=True, exist_ok=True)
     except Exception as e:  # noqa: BLE001 - OSError locally, tf / gcs errors remotely
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise ValueError(f"workdir {workdir!r} cannot be created: {reason}") from e
+    return True
+
+
+def remove_if_empty(workdir: str) -> None:
+    """Removes a local `workdir` if nothing is in it (a run that stopped before writing
+    anything). gs:// has no empty folders: a prefix with no objects is no folder."""
+    if "://" in workdir:
+        return
+    with contextlib.suppress(OSError):  # not empty, already gone, or not removable
+        os.rmdir(workdir)  # only ever removes an empty folder
 
 
 def _holder_record(token: str = "") -> dict:
