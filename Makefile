@@ -18,14 +18,28 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: setup train test lint eval sample tensorboard smoke
+# libtpu, the TPU compiler, at the version jax pins (jax's `tpu` extra), kept apart from the
+# environment (there jax would try to start a TPU with it): scripts/tpu_compile.py compiles for
+# TPU chips with it when none is attached, and the tests run that check.
+LIBTPU_DIR := $(VENV)/libtpu
+LIBTPU_PIN = $(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0] for r in m.requires("jax") if r.startswith("libtpu")))'
+$(LIBTPU_DIR)/.installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --target $(LIBTPU_DIR) "$$($(LIBTPU_PIN))"
+	touch $@
+
+.PHONY: setup train test lint eval sample tensorboard smoke tpu-compile
 setup: $(VENV)/.installed
 
 train: setup
 	$(PY) train.py --config=configs/quickstart.py --workdir=$(WORKDIR) $(ARGS)
 
-test: setup
+test: setup $(LIBTPU_DIR)/.installed
 	$(PY) -m pytest -q
+
+# The Pallas TPU kernels compiled by Mosaic for v4, v5e, v5p and v6e chips, no TPU needed:
+# make tpu-compile ARGS="--config=configs/pg19_flash.py --topologies=v5p:2x2x2" adds a train step.
+tpu-compile: setup $(LIBTPU_DIR)/.installed
+	$(PY) scripts/tpu_compile.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -163,8 +163,9 @@ def mixed_chunk_attention(
         kernels of flash_jax/ops/pallas_tpu.py and pallas_gpu.py, same contract), or `auto`
         (`flash_impl_for`: XLA until a kernel is measured faster). A kernel asked for by name
         that cannot serve the shapes raises a ValueError saying why.
-      interpret: run a Pallas kernel in interpret mode; None = exactly when the default
-        backend is a CPU (kernels there are for tests: slow, but the same kernel bodies).
+      interpret: run a Pallas kernel in interpret mode; None = exactly when the program is
+        for CPUs (kernels there are for tests: slow, but the same kernel bodies): the active
+        mesh's devices, else the default backend (`target_platform`).
 
     Returns:
       `[B, T, E]` in v's dtype; padding rows are exactly 0.
@@ -176,7 +177,7 @@ def mixed_chunk_attention(
         impl = flash_impl_for()
     if impl != "xla":
         if interpret is None:
-            interpret = jax.default_backend() == "cpu"
+            interpret = target_platform() == "cpu"
         kernel = _kernel(impl)
         return kernel(
             quad_q,
@@ -220,6 +221,14 @@ def mixed_chunk_attention(
 
 
 FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: the active mesh's devices' ("tpu" when
+    compiling ahead of time for TPU chips on a CPU host, scripts/tpu_compile.py), else the
+    default backend's."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def flash_impl_for() -> str:

@@ -100,6 +100,14 @@ _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 _MIB = 1024 * 1024
 _V4_VMEM_BYTES = 16 * _MIB  # the smallest VMEM of the chips we target: the default without a TPU
+# VMEM per TensorCore by device kind (as jax's own table has it), for programs compiled for a TPU
+# that is not attached (scripts/tpu_compile.py): Mosaic's compiler refuses a kernel over these.
+VMEM_BYTES_BY_KIND = {
+    "TPU v4": 16 * _MIB,
+    "TPU v5 lite": 128 * _MIB,  # v5e
+    "TPU v5": 64 * _MIB,  # v5p
+    "TPU v6 lite": 128 * _MIB,  # v6e (Trillium)
+}
 _MAX_TABLE_BYTES = 256 * 1024  # scalar-prefetch tables live in SMEM (1 MiB per core from v4)
 
 # Fields of the per-chunk table (`_chunk_tables`), each [B, G] int32.
@@ -161,8 +169,9 @@ def mixed_chunk_attention_tpu(
       quad_bias: None or `[C, C]`.
       block_e: the E tile tE (a multiple of 128 dividing E); None = the largest that fits VMEM.
       interpret: False on a TPU; True or a `pltpu.InterpretParams` runs the kernels on a CPU.
-      vmem_capacity_bytes: VMEM per core to plan for; None = the attached TPU's, or v4's 16 MiB
-        when none is attached (CPU, `jax.export`).
+      vmem_capacity_bytes: VMEM per core to plan for; None = the attached TPU's, else that of
+        the kind of TPU the active mesh holds (an ahead-of-time compile), else v4's 16 MiB
+        (CPU, `jax.export`).
 
     Returns:
       `[B, T, E]` in v's dtype; padding rows are exactly 0.
@@ -313,7 +322,9 @@ def _vmem_capacity(vmem_capacity_bytes):
         return int(vmem_capacity_bytes)
     if jax.default_backend() == "tpu":
         return pltpu.get_tpu_info().vmem_capacity_bytes
-    return _V4_VMEM_BYTES
+    # A program for TPU devices that are not attached (an ahead-of-time compile): their kind.
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return VMEM_BYTES_BY_KIND.get(getattr(device, "device_kind", None), _V4_VMEM_BYTES)
 
 
 def _vmem_limit(capacity):

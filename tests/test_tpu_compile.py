@@ -1,0 +1,97 @@
+"""scripts/tpu_compile.py: the Pallas TPU kernels and a train step compiled for TPU chips by
+libtpu's own compilers, with no TPU attached (`make test` installs libtpu into .venv/libtpu).
+
+What this adds to tests/test_pallas_tpu.py's `jax.export` lowering: Mosaic compiles each kernel
+for the chip, so an E tile that overflows the chip's VMEM fails (shown below by planning for more
+VMEM than a v4 core has), and the train step is partitioned for a slice of several hosts with
+the kernels inside (per-device `shard_map`), as XLA:TPU would compile it on the slice.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBTPU_DIR = os.path.join(sys.prefix, "libtpu")
+# A FLASH model the TPU kernel serves (C a multiple of 128, S = 128, E = 256) at a test's size.
+TINY_FLASH = [
+    "--config=configs/quickstart.py",
+    "--config.model.chunk_size=128",
+    "--config.model.qk_dim=128",
+    "--config.model.max_len=256",
+    "--config.data.seq_len=256",
+    "--config.data.batch_size=16",
+    "--config.mesh.shape=-1,2,2",  # data, FSDP and tensor parallelism at once
+]
+
+
+def run(tmp_path, *args):
+    if not os.path.isdir(os.path.join(LIBTPU_DIR, "libtpu")):
+        pytest.fail(f"libtpu is not installed in {LIBTPU_DIR}: `make test` installs it")
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/tpu_compile.py", *args, f"--json={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    rows = json.loads(out.read_text())["rows"] if out.exists() else None
+    return proc, rows
+
+
+@pytest.mark.slow  # about 30 s: ten compiles
+def test_kernels_and_a_two_host_train_step_compile_for_tpu_chips(tmp_path):
+    proc, rows = run(
+        tmp_path,
+        "--topologies=v4:2x2x2,v5e:2x2",
+        *TINY_FLASH,
+        "--config.model.flash_impl=pallas_tpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    kernels = [r for r in rows if r["part"] == "kernels"]
+    assert [r["error"] for r in kernels] == [None] * 8
+    # The E tiles planned per chip (16 MiB of VMEM on v4, 128 MiB on v5e; C = 256, S = 128).
+    tiles = {(r["chip"], r["E"], r["causal"]): r["block_e"] for r in kernels}
+    assert tiles == {
+        ("TPU v4", 1536, True): 768,
+        ("TPU v4", 1536, False): 768,
+        ("TPU v4", 2048, True): 1024,
+        ("TPU v4", 2048, False): 512,
+        ("TPU v5 lite", 1536, True): 1536,
+        ("TPU v5 lite", 1536, False): 1536,
+        ("TPU v5 lite", 2048, True): 2048,
+        ("TPU v5 lite", 2048, False): 2048,
+    }
+    steps = {r["topology"]: r for r in rows if r["part"] == "train step"}
+    two_hosts = steps["v4:2x2x2"]
+    assert (two_hosts["chips"], two_hosts["hosts"], two_hosts["error"]) == (8, 2, None)
+    assert two_hosts["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    # The layer stack is one scanned body: its forward kernel and the backward's two passes,
+    # compiled by Mosaic (not the interpreter, which is what a CPU host would otherwise trace).
+    assert two_hosts["mosaic_kernels"] == 3
+    assert two_hosts["fits"] and 0 < two_hosts["memory_per_chip_bytes"] < 2**30
+    assert steps["v5e:2x2"]["error"] is None and steps["v5e:2x2"]["mosaic_kernels"] == 3
+
+
+@pytest.mark.slow  # about 10 s
+def test_a_kernel_over_the_chips_vmem_fails_to_compile(tmp_path):
+    """E tiles planned for 128 MiB of VMEM on a v4 core (16 MiB): Mosaic refuses them, each row
+    says so, and the exit status is 1."""
+    proc, rows = run(tmp_path, "--topologies=v4:2x2x1", "--plan_vmem_mib=128", "--widths=4096")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [r["block_e"] for r in rows] == [4096, 4096]
+    for row in rows:
+        assert "Ran out of memory in memory space vmem" in row["error"], row
+    assert "tpu_compile.py: 0 of 2 compiled for TPU" in proc.stdout
+
+
+def test_a_topology_libtpu_does_not_know_is_one_line(tmp_path):
+    proc, rows = run(tmp_path, "--topologies=v9x:2x2")
+    assert proc.returncode == 2 and rows is None
+    (line,) = [x for x in proc.stderr.splitlines() if "tpu_compile.py: error:" in x]
+    assert "--topologies: 'v9x:2x2' is not a TPU topology libtpu knows" in line
