@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from flash_jax import cli, models, ops
+from flash_jax import cli, models, ops, tpu_topology
 from flash_jax.config import DTYPES, REMAT, ModelConfig
 
 KIB = 1024.0
@@ -46,6 +46,13 @@ flags.DEFINE_bool("causal", True, "Causal attention.", flag_values=FLAGS)
 flags.DEFINE_bool("layer", True, "Also one FLASH layer.", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", REMAT, "The layer's remat policy.", flag_values=FLAGS)
 flags.DEFINE_string("json", None, "Also write the rows to this JSON file.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "tpu_topology",
+    None,
+    "Compile for one chip of this TPU slice (e.g. v5e:2x2; libtpu, no TPU needed: "
+    "flash_jax/tpu_topology.py) instead of for this CPU.",
+    flag_values=FLAGS,
+)
 
 
 # ----------------------------------------------------------------------------- HLO dots
@@ -83,9 +90,16 @@ def dot_flops_by_dtype(hlo_text: str) -> dict[str, float]:
     return flops
 
 
-def program_cost(fn, abstract_args, tokens: int) -> dict:
+def program_cost(fn, abstract_args, tokens: int, device=None) -> dict:
     """Bytes accessed and FLOPs per token (compiled cost analysis) and matmul FLOPs per token by
-    operand dtypes (lowered HLO) of `jax.jit(fn)` at the given abstract arguments."""
+    operand dtypes (lowered HLO) of `jax.jit(fn)` at the given abstract arguments, compiled for
+    `device` (None: the default one)."""
+    if device is not None:  # every argument on that device; its backend's compiler
+        mesh = jax.sharding.Mesh([device], ("device",))
+        on_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        abstract_args = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), abstract_args
+        )
     lowered = jax.jit(fn).lower(*abstract_args)
     cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -171,11 +185,21 @@ def layer_program(args, context: int):
 
 
 def measure(args) -> list[dict]:
+    device = None
+    if args.tpu_topology:
+        try:
+            tpu_topology.use_libtpu()
+            device = tpu_topology.devices(args.tpu_topology)[0]
+        except ValueError as e:
+            cli.fail("op_cost.py", f"--tpu_topology: {e}", 2)
     rows = []
     for context in args.contexts:
-        row = {"context": context, "op": program_cost(*op_program(args, context), args.tokens)}
+        row = {
+            "context": context,
+            "op": program_cost(*op_program(args, context), args.tokens, device),
+        }
         if args.layer:
-            row["layer"] = program_cost(*layer_program(args, context), args.tokens)
+            row["layer"] = program_cost(*layer_program(args, context), args.tokens, device)
         rows.append(row)
         print(f"context {context}: done", file=sys.stderr, flush=True)
     return rows

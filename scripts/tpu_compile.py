@@ -24,7 +24,6 @@ Exit status 1 when anything failed to compile (each failure is one row with its 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -34,19 +33,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flash_jax import cli, console, results, sharding
+from flash_jax import cli, console, results, sharding, tpu_topology
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
 from flash_jax.train import memory, step
 
 # Chip generations: v4, v5e, v5p, v6e (Trillium); 4 to 8 TensorCores on one host.
 DEFAULT_TOPOLOGIES = ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
-HBM_BYTES_BY_KIND = {  # per chip (a v4 / v5p chip's two TensorCores are one megacore device)
-    "TPU v4": 32 * 2**30,
-    "TPU v5 lite": 16 * 2**30,
-    "TPU v5": 95 * 2**30,
-    "TPU v6 lite": 32 * 2**30,
-}
 # (batch, tokens, causal) per E: causal LM rows, and bidirectional rows whose length is not a
 # multiple of C (the wrapper pads them).
 KERNEL_ROWS = [(2, 8192, True), (1, 8000, False)]
@@ -63,44 +56,18 @@ _PLAN_VMEM_MIB = flags.DEFINE_integer(
     "plan_vmem_mib", None, "Plan the E tiles for this much VMEM instead of the chip's own."
 )
 _LIBTPU_DIR = flags.DEFINE_string(
-    "libtpu_dir", os.path.join(sys.prefix, "libtpu"), "Where `make tpu-compile` installs libtpu."
+    "libtpu_dir", tpu_topology.DEFAULT_LIBTPU_DIR, "Where `make tpu-compile` installs libtpu."
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
 
 PROGRAM = "tpu_compile.py"
 
 
-def use_libtpu(libtpu_dir: str) -> None:
-    """Makes libtpu importable for a compile without a TPU, and quiet: it otherwise asks the
-    (absent) TPU VM's metadata server what it is and warns on every start."""
-    if os.path.isdir(libtpu_dir) and libtpu_dir not in sys.path:
-        sys.path.insert(0, libtpu_dir)
+def topology_devices(name: str) -> list:
     try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        cli.fail(
-            PROGRAM,
-            f"libtpu is not installed in {libtpu_dir}: `make tpu-compile` installs it there",
-            2,
-        )
-    for key, value in {
-        "TPU_SKIP_MDS_QUERY": "1",
-        "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # any valid name: the topology is given per compile
-        "TPU_WORKER_HOSTNAMES": "localhost",
-    }.items():
-        os.environ.setdefault(key, value)
-
-
-def topology(name: str):
-    from jax.experimental import topologies
-
-    # v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"), as on a
-    # TPU VM; without this libtpu describes each core as a device.
-    megacore = {"chip_config_name": "megacore"} if name.split(":")[0] in ("v4", "v5p") else {}
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=name, **megacore)
-    except Exception as e:  # noqa: BLE001 - libtpu's errors for a bad name are many
-        cli.fail(PROGRAM, f"--topologies: {name!r} is not a TPU topology libtpu knows ({e})", 2)
+        return tpu_topology.devices(name)
+    except ValueError as e:
+        cli.fail(PROGRAM, f"--topologies: {e}", 2)
 
 
 def first_line(error: Exception) -> str:
@@ -150,7 +117,7 @@ def compile_kernel(device, batch, tokens, width, causal, plan_vmem_bytes):
 def kernel_rows(topologies: list[str], widths: list[int], plan_vmem_mib: int | None) -> list[dict]:
     rows = []
     for name in topologies:
-        device = topology(name).devices[0]
+        device = topology_devices(name)[0]
         vmem = pallas_tpu.VMEM_BYTES_BY_KIND.get(device.device_kind)
         plan = plan_vmem_mib * 2**20 if plan_vmem_mib else vmem
         for width in widths:
@@ -197,7 +164,7 @@ def step_rows(config, topologies: list[str]) -> list[dict]:
 
     rows = []
     for name in topologies:
-        devices = topology(name).devices
+        devices = topology_devices(name)
         kind = devices[0].device_kind
         row = {"part": "train step", "topology": name, "chip": kind, "chips": len(devices)}
         row["hosts"] = len({d.process_index for d in devices})
@@ -211,7 +178,7 @@ def step_rows(config, topologies: list[str]) -> list[dict]:
                 fns = step.build(config, mesh)
                 compiled = loop.compile_train_step(config, fns, abstract_rest(fns, mesh))
             sizes = memory.step_memory(compiled)
-            hbm = HBM_BYTES_BY_KIND.get(kind)
+            hbm = tpu_topology.HBM_BYTES_BY_KIND.get(kind)
             row.update(
                 mesh=dict(mesh.shape),
                 memory_per_chip_bytes=sizes["total"] if sizes else None,
@@ -259,8 +226,10 @@ def step_line(row: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         cli.fail(PROGRAM, f"unexpected arguments {argv[1:]}", 2)
-    jax.config.update("jax_platforms", "cpu")  # the host's own devices: never a TPU client
-    use_libtpu(_LIBTPU_DIR.value)
+    try:
+        tpu_topology.use_libtpu(_LIBTPU_DIR.value)
+    except ValueError as e:
+        cli.fail(PROGRAM, str(e), 2)
     try:
         widths = [int(w) for w in _WIDTHS.value]
     except ValueError:

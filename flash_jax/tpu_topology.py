@@ -1,0 +1,64 @@
+"""TPU devices without a TPU: libtpu describes a slice (`v5e:2x2`, `v4:2x2x2`, ...) whose devices
+programs can be compiled for ahead of time on any host (scripts/tpu_compile.py,
+scripts/op_cost.py --tpu_topology). Nothing runs on them.
+
+libtpu is the TPU compiler, a PyPI package at the version jax pins (its `tpu` extra). `make
+tpu-compile` (and `make test`) install it into `.venv/libtpu`, apart from the environment: where
+jax can import it, jax tries to start a TPU at its first use of a backend.
+
+    devices = tpu_topology.devices("v5e:2x2")   # after use_libtpu()
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+
+DEFAULT_LIBTPU_DIR = os.path.join(sys.prefix, "libtpu")  # where the Makefile installs it
+# Chip generations by device kind: HBM per chip (a v4 / v5p chip's two TensorCores are one
+# "megacore" device). The usable share is a little lower (XLA:TPU reports 30.75 GiB on v4).
+HBM_BYTES_BY_KIND = {
+    "TPU v4": 32 * 2**30,
+    "TPU v5 lite": 16 * 2**30,  # v5e
+    "TPU v5": 95 * 2**30,  # v5p
+    "TPU v6 lite": 32 * 2**30,  # v6e (Trillium)
+}
+
+
+def use_libtpu(libtpu_dir: str = DEFAULT_LIBTPU_DIR) -> None:
+    """Makes libtpu importable, and quiet (it otherwise asks the absent TPU VM's metadata server
+    what it is, and warns); this process's own backend stays the CPU. ValueError (one line) when
+    libtpu is not there."""
+    jax.config.update("jax_platforms", "cpu")  # never a TPU client: no TPU is attached
+    if os.path.isdir(libtpu_dir) and libtpu_dir not in sys.path:
+        sys.path.insert(0, libtpu_dir)
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"libtpu is not installed in {libtpu_dir}: `make tpu-compile` installs it there"
+        ) from None
+    for key, value in {
+        "TPU_SKIP_MDS_QUERY": "1",
+        "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # any valid name: each topology is named below
+        "TPU_WORKER_HOSTNAMES": "localhost",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def devices(name: str) -> list:
+    """The devices of the TPU slice `name` (as jax names it: "v5e:2x4", "v5p:4x4x4"), across all
+    its hosts. ValueError (one line) for a name libtpu does not know."""
+    from jax.experimental import topologies
+
+    # v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"), as on a
+    # TPU VM; without this libtpu describes each core as a device.
+    megacore = {"chip_config_name": "megacore"} if name.split(":")[0] in ("v4", "v5p") else {}
+    try:
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=name, **megacore)
+    except Exception as e:  # noqa: BLE001 - libtpu's errors for a bad name are many
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name!r} is not a TPU topology libtpu knows ({first})") from None
+    return list(topology.devices)
