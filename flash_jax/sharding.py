@@ -57,9 +57,20 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> 
             f"mesh.shape {tuple(shape)} uses {int(np.prod(shape))} of "
             f"{len(devices)} devices; use -1 to fill an axis"
         )
-    return jax.make_mesh(
-        tuple(shape), tuple(axis_names), axis_types=(AxisType.Auto,) * len(shape), devices=devices
-    )
+    try:
+        return jax.make_mesh(
+            tuple(shape),
+            tuple(axis_names),
+            axis_types=(AxisType.Auto,) * len(shape),
+            devices=devices,
+        )
+    except NotImplementedError as e:  # jax lays TPU meshes on the slice's torus (mesh_utils)
+        reason = str(e).split(". ")[0]
+        raise ValueError(
+            f"mesh.shape {tuple(shape)} cannot be laid on these {len(devices)} "
+            f"{devices[0].device_kind} devices: each mesh axis must be a product of some of the "
+            f"slice's physical axes (jax: {reason})"
+        ) from None
 
 
 def logical_to_spec(

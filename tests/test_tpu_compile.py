@@ -107,3 +107,23 @@ def test_attention_traffic_on_a_tpu_meets_issue_9s_bound(tmp_path):
     kib = [row["op"]["bytes_per_token"] / 1024 for row in rows]
     assert max(kib) <= 180 and kib[1] <= 1.1 * kib[0], kib
     assert [row["op"]["f32_matmul_share"] for row in rows] == [0.0, 0.0]
+
+
+def test_a_mesh_the_slices_torus_cannot_hold_is_named(tmp_path):
+    """jax lays a TPU mesh on the slice's physical axes: (32, 2, 1) does not divide a v5p-128's
+    4x4x4 torus, and the row says which mesh and why, before any compile."""
+    proc, rows = run(
+        tmp_path,
+        "--nokernels",
+        "--topologies=v5p:4x4x4",
+        *TINY_FLASH[:-1],
+        "--config.data.batch_size=64",
+        "--config.mesh.shape=32,2,1",
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (row,) = rows
+    assert (row["chips"], row["hosts"]) == (64, 16)
+    assert row["error"].startswith(
+        "mesh.shape (32, 2, 1) cannot be laid on these 64 TPU v5 devices: each mesh axis must be "
+        "a product of some of the slice's physical axes (jax: Failed to find assignment"
+    ), row
