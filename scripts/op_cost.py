@@ -95,8 +95,7 @@ def program_cost(fn, abstract_args, tokens: int, device=None) -> dict:
     operand dtypes (lowered HLO) of `jax.jit(fn)` at the given abstract arguments, compiled for
     `device` (None: the default one)."""
     if device is not None:  # every argument on that device; its backend's compiler
-        mesh = jax.sharding.Mesh([device], ("device",))
-        on_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        on_device = jax.sharding.SingleDeviceSharding(device)
         abstract_args = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), abstract_args
         )

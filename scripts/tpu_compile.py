@@ -131,9 +131,7 @@ def kernel_rows(topologies: list[str], widths: list[int], plan_vmem_mib: int | N
                     "E": width,
                     "causal": causal,
                     "vmem_mib": vmem // 2**20 if vmem else None,
-                    "block_e": pallas_tpu._default_block_e(
-                        256, 128, width, 2, causal, plan or pallas_tpu._V4_VMEM_BYTES
-                    ),
+                    "block_e": pallas_tpu.planned_block_e(256, 128, width, 2, causal, plan),
                 }
                 t0 = time.time()
                 try:
@@ -176,7 +174,7 @@ def step_rows(config, topologies: list[str]) -> list[dict]:
             loop.check_mesh_fit(config, mesh)
             with jax.set_mesh(mesh):
                 fns = step.build(config, mesh)
-                compiled = loop.compile_train_step(config, fns, abstract_rest(fns, mesh))
+                compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
             sizes = memory.step_memory(compiled)
             hbm = tpu_topology.HBM_BYTES_BY_KIND.get(kind)
             row.update(
@@ -195,16 +193,6 @@ def step_rows(config, topologies: list[str]) -> list[dict]:
         rows.append(row)
         print(step_line(row), flush=True)
     return rows
-
-
-def abstract_rest(fns, mesh):
-    """The model's non-trained variables as shapes, replicated as the loop places them (the
-    compile needs their placement on the slice, not their values)."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        jax.eval_shape(fns.init_rest),
-    )
 
 
 def step_line(row: dict) -> str:

@@ -10,12 +10,11 @@ the kernels inside (per-device `shard_map`), as XLA:TPU would compile it on the 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from test_benchmarks import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_DIR = os.path.join(sys.prefix, "libtpu")
 # A FLASH model the TPU kernel serves (C a multiple of 128, S = 128, E = 256) at a test's size.
 TINY_FLASH = [
@@ -29,17 +28,11 @@ TINY_FLASH = [
 ]
 
 
-def run(tmp_path, *args, script="scripts/tpu_compile.py"):
+def run(tmp_path, *args, script="tpu_compile.py"):
     if not os.path.isdir(os.path.join(LIBTPU_DIR, "libtpu")):
         pytest.fail(f"libtpu is not installed in {LIBTPU_DIR}: `make test` installs it")
     out = tmp_path / "rows.json"
-    proc = subprocess.run(
-        [sys.executable, script, *args, f"--json={out}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script(script, *args, f"--json={out}")
     rows = json.loads(out.read_text())["rows"] if out.exists() else None
     return proc, rows
 
@@ -101,7 +94,7 @@ def test_attention_traffic_on_a_tpu_meets_issue_9s_bound(tmp_path):
         "--tpu_topology=v5e:2x2",
         "--contexts=1024,16384",
         "--no-layer",
-        script="scripts/op_cost.py",
+        script="op_cost.py",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kib = [row["op"]["bytes_per_token"] / 1024 for row in rows]

@@ -208,7 +208,7 @@ def mixed_chunk_attention_tpu(
         C=C,
         S=S,
         E=E,
-        block_e=block_e or _default_block_e(C, S, E, v.dtype.itemsize, causal, capacity),
+        block_e=block_e or planned_block_e(C, S, E, v.dtype.itemsize, causal, capacity),
         causal=bool(causal),
         vmem_limit_bytes=_vmem_limit(capacity),
         interpret=interpret,
@@ -356,6 +356,12 @@ def _vmem_estimate(C, S, tE, itemsize, causal):
         ),
     }
     return max(2 * blocks + scratch + temps for blocks, scratch, temps in passes.values())
+
+
+def planned_block_e(C, S, E, itemsize, causal, vmem_capacity_bytes=None):
+    """The E tile `mixed_chunk_attention_tpu` takes when `block_e` is None (None if none fits),
+    for `vmem_capacity_bytes` as that function reads it (None: the chip's)."""
+    return _default_block_e(C, S, E, itemsize, causal, _vmem_capacity(vmem_capacity_bytes))
 
 
 def _default_block_e(C, S, E, itemsize, causal, capacity):

@@ -36,6 +36,7 @@ class StepFns:
     mesh: jax.sharding.Mesh
     graphdef: Any
     abstract_state: Any  # ShapeDtypeStructs carrying their shardings (Orbax restore target)
+    abstract_rest: Any  # the non-trained variables, likewise (to compile without values)
     state_shardings: Any
     batch_sharding: NamedSharding
     schedule: optax.Schedule
@@ -130,6 +131,10 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     rest_shardings = jax.tree.map(lambda _: replicated, nnx.as_pure(abs_rest))
+    abstract_rest = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nnx.as_pure(abs_rest),
+    )
     batch_sharding = NamedSharding(
         mesh, sharding.logical_to_spec(BATCH_AXES, rules, mesh.axis_names)
     )
@@ -189,6 +194,7 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         mesh=mesh,
         graphdef=graphdef,
         abstract_state=abstract_state,
+        abstract_rest=abstract_rest,
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         schedule=schedule,
