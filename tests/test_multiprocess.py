@@ -22,9 +22,10 @@ from flash_jax.train import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_SECONDS = 10  # a dead process is noticed after this; the survivor exits soon after
 # Steps take about 0.05 s here, and the processes agree on a stop step through the coordination
-# service about 1 s (15 steps) after SIGTERM at step 3: the run needs room to stop before it
-# ends (with 12 steps it finished first).
-NUM_STEPS = 100
+# service about 1 s (10-15 steps) after SIGTERM at step 3: the run needs room to stop before it
+# ends (with 12 steps it finished first). 40 leaves over 20 steps of room; more would only
+# lengthen the three training launches.
+NUM_STEPS = 40
 EVAL_BATCH = 64  # eval.py --config.data.batch_size: a few batches cover the validation split
 
 TINY_ARGS = [
