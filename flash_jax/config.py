@@ -294,6 +294,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # 0: no clipping
     grad_accum_steps: int = 1
+    # The training loss scores the tokens in this many blocks along the sequence, the output
+    # projection folded in, so that no [batch, length, vocab] logits are kept (a memory saving:
+    # about 1.5 x 4 x vocab bytes per token of a device's batch, 12 GiB at 65,536 tokens and a
+    # 32k vocabulary); 1: the logits whole. Must divide data.seq_len. Eval is unaffected.
+    loss_blocks: int = 1
     # Checkpoints kept besides the newest keep_checkpoints (only steps whose own loss was finite):
     # every multiple of keep_every_steps, for good (0: none), and the keep_best with the lowest
     # eval loss (0: none; steps saved at eval steps compete).
@@ -317,6 +322,7 @@ class TrainConfig:
             "checkpoint_every",
             "keep_checkpoints",
             "grad_accum_steps",
+            "loss_blocks",
         ):
             _check_int("train", key, getattr(self, key))
         for key in (
@@ -421,6 +427,11 @@ class RunConfig:
             raise ValueError(
                 "data.objective='mlm' needs a bidirectional model: set model.causal=False "
                 "(--config.model.causal=false)"
+            )
+        if self.data.seq_len % self.train.loss_blocks:
+            raise ValueError(
+                f"train.loss_blocks ({self.train.loss_blocks}) must divide data.seq_len "
+                f"({self.data.seq_len})"
             )
         if self.data.batch_size % self.train.grad_accum_steps:
             raise ValueError(

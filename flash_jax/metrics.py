@@ -6,6 +6,7 @@ exactly over micro-batches, devices and eval batches; divide only at the end.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -62,6 +63,105 @@ def _weighted_nll_bwd(residuals, d_nll_sum):
 
 
 _weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
+def blocked_head_cross_entropy(
+    x_BTD: jax.Array, kernel_DV: jax.Array, targets_BT, weights_BT, num_blocks: int
+):
+    """`cross_entropy(x @ W, ...)` (the output projection folded in) without the `[B, T, V]`
+    logits: the tokens go through in `num_blocks` blocks along T, and each block's float32
+    logits live only while that block is scored. Returns (nll_sum, weight_sum).
+
+    Differentiated, the forward also takes each block's logit cotangent w (softmax - onehot),
+    rounded to x's dtype as `float32_logits` rounds it, through both head matmuls (float32
+    accumulation; W's over the blocks in float32, rounded once): the backward only scales the
+    saved `[B, T, D]` and `[D, V]` results by the incoming cotangent (1 in training, which
+    differentiates the sum). So nothing the size of the logits is kept, and no matmul is
+    recomputed. Equal to the unblocked `float32_logits` + `cross_entropy` up to float32
+    summation order (and, for a cotangent other than 1, one more rounding of the scaled
+    results).
+
+    x `[B, T, D]` and W `[D, V]` in the compute dtype; T divisible by num_blocks."""
+    B, T = targets_BT.shape
+    if (
+        x_BTD.shape[:2] != (B, T)
+        or weights_BT.shape != (B, T)
+        or x_BTD.shape[2] != kernel_DV.shape[0]
+    ):
+        raise ValueError(
+            f"blocked_head_cross_entropy: x {x_BTD.shape}, W {kernel_DV.shape}, targets "
+            f"{targets_BT.shape} and weights {weights_BT.shape} do not agree"
+        )
+    if T % num_blocks:
+        raise ValueError(f"blocked_head_cross_entropy: T ({T}) is not divisible by {num_blocks}")
+    weights_BT = weights_BT.astype(jnp.float32)
+    nll_sum = _blocked_nll(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks)
+    return nll_sum, jnp.sum(weights_BT)
+
+
+def _blocks(x_BT_, num_blocks):
+    """[B, T, ...] -> [num_blocks, B, T / num_blocks, ...] (consecutive tokens per block; the
+    batch axis, the sharded one, stays whole in every block)."""
+    B, T = x_BT_.shape[:2]
+    x = x_BT_.reshape(B, num_blocks, T // num_blocks, *x_BT_.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _unblocks(x_kBt_):
+    """The inverse of `_blocks`."""
+    k, B, t = x_kBt_.shape[:3]
+    return jnp.moveaxis(x_kBt_, 0, 1).reshape(B, k * t, *x_kBt_.shape[3:])
+
+
+def _block_nll(x_BtD, kernel_DV, targets_Bt, weights_Bt, with_grads: bool):
+    """One block: its nll sum and, with_grads, its x cotangent and W cotangent (float32)."""
+    logits_BtV = jnp.einsum("btd,dv->btv", x_BtD, kernel_DV, preferred_element_type=jnp.float32)
+    nll_sum, residuals = _weighted_nll_fwd(logits_BtV, targets_Bt, weights_Bt)
+    if not with_grads:
+        return nll_sum, None, None
+    d_logits_BtV = _weighted_nll_bwd(residuals, jnp.float32(1))[0].astype(x_BtD.dtype)
+    d_x_BtD = jnp.einsum("btv,dv->btd", d_logits_BtV, kernel_DV, preferred_element_type=jnp.float32)
+    d_kernel_DV = jnp.einsum("btd,btv->dv", x_BtD, d_logits_BtV, preferred_element_type=jnp.float32)
+    return nll_sum, d_x_BtD.astype(x_BtD.dtype), d_kernel_DV
+
+
+def _scan_blocks(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, with_grads):
+    def body(carry, block):
+        nll_sum, d_kernel_DV = carry
+        nll, d_x, d_kernel = _block_nll(kernel_DV=kernel_DV, with_grads=with_grads, **block)
+        if with_grads:
+            d_kernel_DV = d_kernel_DV + d_kernel
+        return (nll_sum + nll, d_kernel_DV), d_x
+
+    blocks = {
+        "x_BtD": _blocks(x_BTD, num_blocks),
+        "targets_Bt": _blocks(targets_BT, num_blocks),
+        "weights_Bt": _blocks(weights_BT, num_blocks),
+    }
+    d_kernel_DV = jnp.zeros(kernel_DV.shape, jnp.float32) if with_grads else None
+    (nll_sum, d_kernel_DV), d_x = jax.lax.scan(body, (jnp.float32(0), d_kernel_DV), blocks)
+    return nll_sum, (None if d_x is None else _unblocks(d_x)), d_kernel_DV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_nll(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks):
+    return _scan_blocks(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, False)[0]
+
+
+def _blocked_nll_fwd(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks):
+    nll_sum, d_x_BTD, d_kernel_DV = _scan_blocks(
+        x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, True
+    )
+    return nll_sum, (d_x_BTD, d_kernel_DV, kernel_DV)  # W: for its dtype (no copy)
+
+
+def _blocked_nll_bwd(num_blocks, residuals, d_nll_sum):
+    d_x_BTD, d_kernel_DV, kernel_DV = residuals
+    d_x = (d_nll_sum * d_x_BTD.astype(jnp.float32)).astype(d_x_BTD.dtype)
+    return d_x, (d_nll_sum * d_kernel_DV).astype(kernel_DV.dtype), None, None
+
+
+_blocked_nll.defvjp(_blocked_nll_fwd, _blocked_nll_bwd)
 
 
 def perplexity(nll_sum: float, weight_sum: float) -> float:

@@ -85,6 +85,23 @@ class LanguageModel(nnx.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
+        x, positions = self.embed_inputs(tokens, segment_ids, positions)
+        return self.apply_layers(x, segment_ids, positions)
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """What the output projection reads: the layer stack's output after the final norm, in
+        the compute dtype. `logits` = this times `head_kernel` (in float32), for a loss that
+        folds the projection in (`metrics.blocked_head_cross_entropy`)."""
+        x, positions = self.embed_inputs(tokens, segment_ids, positions)
+        return self.final_norm(self.layer_stack(x, segment_ids, positions))
+
+    def embed_inputs(self, tokens, segment_ids, positions):
+        """Checked tokens -> (embedded inputs, positions: per document when not given)."""
         self.check_inputs(tokens, segment_ids, positions)
         if positions is None:
             positions = (
@@ -95,12 +112,19 @@ class LanguageModel(nnx.Module):
         x = self.embed(tokens)
         if self.cfg.name == "transformer":
             x = x + jnp.take(self.position_embed.value, positions, axis=0).astype(x.dtype)
-        return self.apply_layers(x, segment_ids, positions)
+        return x, positions
 
     def apply_layers(
         self, x_BTD: jax.Array, segment_ids: jax.Array | None, positions: jax.Array
     ) -> jax.Array:
-        """Embedded inputs -> logits: the layer stack (one scanned body), final norm, head."""
+        """Embedded inputs -> logits: the layer stack, final norm, head."""
+        x = self.layer_stack(x_BTD, segment_ids, positions)
+        return constrain(self.logits(x), ("batch", "length", "act_vocab"), self.cfg.sharding_rules)
+
+    def layer_stack(
+        self, x_BTD: jax.Array, segment_ids: jax.Array | None, positions: jax.Array
+    ) -> jax.Array:
+        """The layers (one scanned body, rematerialised as model.remat says)."""
         cfg = self.cfg
         x = constrain(x_BTD, ("batch", "length", "act_embed"), cfg.sharding_rules)
 
@@ -109,7 +133,7 @@ class LanguageModel(nnx.Module):
 
         if cfg.remat != "none":
             apply_layer = nnx.remat(apply_layer, policy=remat_policy(cfg.remat))
-        x = nnx.scan(
+        return nnx.scan(
             apply_layer,
             in_axes=(nnx.Carry, 0),
             out_axes=nnx.Carry,
@@ -117,14 +141,17 @@ class LanguageModel(nnx.Module):
             transform_metadata=LAYER_AXIS_METADATA,
         )(x, self.layers)
 
-        return constrain(self.logits(x), ("batch", "length", "act_vocab"), cfg.sharding_rules)
-
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final norm and output projection, in float32."""
         x = self.final_norm(x_BTD)
+        return float32_logits(x, self.head_kernel(x.dtype))
+
+    def head_kernel(self, dtype) -> jax.Array:
+        """The output projection `[D, V]` in `dtype`: the head's, or the embedding table's
+        transpose when tied."""
         if self.cfg.tie_embeddings:
-            return self.embed.attend(x)
-        return float32_logits(x, self.head.kernel.value.astype(x.dtype))
+            return self.embed.table.value.astype(dtype).T
+        return self.head.kernel.value.astype(dtype)
 
     def init_cache(self, batch_size: int, length: int | None = None) -> dict:
         """Decoding state of every layer, stacked on a leading layer axis. `length` bounds the

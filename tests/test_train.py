@@ -293,6 +293,7 @@ def test_workdir_with_other_model_is_refused(straight_run, tmp_path):
         (lambda c: c.data.update({"batch_size": 12}), r"data.batch_size \(12\).*data-parallel"),
         (lambda c: c.train.update({"grad_accum_steps": 3}), r"data.batch_size \(8\).*grad_accum"),
         (lambda c: c.data.update({"seq_len": 64}), r"data.seq_len \(64\) exceeds model.max_len"),
+        (lambda c: c.train.update({"loss_blocks": 3}), r"train.loss_blocks \(3\) must divide"),
         (lambda c: c.model.update({"vocab_size": 1000}), r"model.vocab_size \(1000\).*vocabulary"),
         (lambda c: c.train.update({"optimizer": "sgd"}), r"train.optimizer must be one of"),
         (lambda c: c.train.update({"num_steps": 0}), r"train.num_steps must be an integer >= 1"),

@@ -12,7 +12,8 @@ from flax import nnx
 
 from configs import base
 from flash_jax import metrics, sharding
-from flash_jax.train import optim, step
+from flash_jax.layers.basic import float32_logits
+from flash_jax.train import loop, optim, step
 
 
 def tiny_config(**train):
@@ -102,6 +103,62 @@ def test_cross_entropy_nan_weight_gives_a_nan_gradient_as_autodiff_does():
     weights = jnp.array([[1.0, jnp.nan]])
     grad = jax.grad(lambda x: metrics.cross_entropy(x, targets, weights)[0])(logits)
     assert np.all(np.isnan(grad[0, 1])) and np.all(np.isfinite(grad[0, 0]))
+
+
+def test_blocked_head_loss_matches_float64_reference():
+    """The projection folded into the loss, in 4 blocks: nll and the x and W gradients against
+    numpy in float64, on packed-like weights with zeros. Float32 logits of D = 16 terms and
+    float32 sums over the 3 x 20 tokens carry relative errors of a few 2^-24 ulps per term:
+    1e-5 relative covers them."""
+    rng = np.random.default_rng(3)
+    B, T, D, V = 3, 20, 16, 11
+    x, W = rng.normal(size=(B, T, D)), rng.normal(size=(D, V)) * 0.5
+    targets = rng.integers(0, V, (B, T))
+    weights = (rng.random((B, T)) > 0.3).astype(np.float64)
+    logits = x @ W
+    log_z = np.log(np.exp(logits).sum(-1))
+    nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    d_logits = weights[..., None] * (np.exp(logits - log_z[..., None]) - np.eye(V)[targets])
+
+    def loss(x, W):
+        return metrics.blocked_head_cross_entropy(x, W, targets, weights.astype(np.float32), 4)
+
+    (nll_sum, weight_sum), (d_x, d_W) = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    )(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))
+    np.testing.assert_allclose(nll_sum, (nll * weights).sum(), rtol=1e-5)
+    assert float(weight_sum) == weights.sum()
+    np.testing.assert_allclose(d_x, d_logits @ W.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d_W, np.einsum("btd,btv->dv", x, d_logits), rtol=1e-5, atol=1e-5)
+    # Without differentiation: the loss alone, equal.
+    np.testing.assert_allclose(loss(x.astype(np.float32), W.astype(np.float32))[0], nll_sum)
+
+
+def test_blocked_head_loss_in_bf16_equals_the_logits_path():
+    """bf16 operands: the same roundings as `float32_logits` + `cross_entropy` (the logit
+    cotangent rounded to bf16, float32 accumulation, each gradient rounded once), so only the
+    float32 summation order differs: x's gradient is per token and equal; W's sums over the
+    blocks in another order, at most one bf16 ulp (2^-8 relative) apart."""
+    rng = np.random.default_rng(4)
+    B, T, D, V = 2, 24, 32, 40
+    x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.bfloat16)
+    W = jnp.asarray(rng.normal(size=(D, V)) * 0.2, jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, V, (B, T)))
+    weights = jnp.asarray(rng.random((B, T)) > 0.2, jnp.float32)
+
+    def logits_path(x, W):
+        return metrics.cross_entropy(float32_logits(x, W), targets, weights)[0]
+
+    def blocked(x, W):
+        return metrics.blocked_head_cross_entropy(x, W, targets, weights, 3)[0]
+
+    want, (want_dx, want_dW) = jax.value_and_grad(logits_path, argnums=(0, 1))(x, W)
+    got, (got_dx, got_dW) = jax.value_and_grad(blocked, argnums=(0, 1))(x, W)
+    assert got_dx.dtype == got_dW.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got_dx, np.float32), np.asarray(want_dx, np.float32))
+    ulp = 2.0**-8 * np.abs(np.asarray(want_dW, np.float32))
+    assert np.all(np.abs(np.asarray(got_dW, np.float32) - np.asarray(want_dW, np.float32)) <= ulp)
 
 
 def test_perplexity_and_bits_per_byte():
@@ -226,42 +283,83 @@ def max_abs_diff(a, b):
 
 @pytest.mark.slow  # two sharded compiles: ~20-60 s on 2 shared cores
 def test_sharded_step_on_2x2x2_mesh_matches_single_device():
-    """Data + FSDP + tensor parallel (and micro-batches split per device) = one device."""
+    """Data + FSDP + tensor parallel (and micro-batches split per device, the loss in blocks)
+    = one device."""
     batches = [random_batch(tiny_config(), seed) for seed in range(2)]
     one = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
     eight = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     losses_1, params_1 = run_steps(tiny_config(warmup_steps=0), one, batches)
     # Two micro-batches of 4 rows over the 4 data-parallel devices: the in-step split must keep
     # each device's rows; gradient accumulation alone is compared exactly in the next test.
-    config_8 = tiny_config(warmup_steps=0, grad_accum_steps=2)
+    config_8 = tiny_config(warmup_steps=0, grad_accum_steps=2, loss_blocks=2)
     losses_8, params_8 = run_steps(config_8, eight, batches)
     np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
     assert max_abs_diff(params_8, params_1) < 1e-5
 
 
-@pytest.mark.slow  # ~10-25 s on 2 shared cores
-def test_gradient_accumulation_equals_one_big_batch():
-    config = tiny_config()
+def summed_grads_by_setting(config, settings):
+    """{setting: (grads, nll_sum, weight_sum)} of `step.summed_grads` on one batch, one device,
+    each with its keyword arguments (accum, loss_blocks)."""
     mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
     batch = random_batch(config)
     with jax.set_mesh(mesh):
         fns = step.build(config, mesh)
         state, rest = fns.init_state(), fns.init_rest()
         key = jax.random.key(0)
-        out = {
-            k: jax.jit(lambda p, b, k=k: step.summed_grads(fns.graphdef, p, rest, b, key, accum=k))(
-                state["params"], batch
-            )
-            for k in (1, 4)
-        }
-    grads_1, nll_1, weight_1 = out[1]
-    grads_4, nll_4, weight_4 = out[4]
-    np.testing.assert_allclose(weight_4, weight_1, rtol=1e-6)
-    np.testing.assert_allclose(nll_4, nll_1, rtol=1e-6)
-    mean_1 = jax.tree.map(lambda g: np.asarray(g) / float(weight_1), grads_1)
-    mean_4 = jax.tree.map(lambda g: np.asarray(g) / float(weight_1), grads_4)
-    assert max_abs_diff(mean_4, mean_1) < 1e-6
-    assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(mean_1)) > 1e-3  # not vacuous
+
+        def run(kwargs):
+            def grads(params, batch):
+                return step.summed_grads(fns.graphdef, params, rest, batch, key, **kwargs)
+
+            return jax.jit(grads)(state["params"], batch)
+
+        return {name: run(kwargs) for name, kwargs in settings.items()}
+
+
+def assert_same_sums(got, want):
+    """Equal summed weight, loss and mean gradients up to float32 summation order."""
+    (grads, nll, weight), (grads_want, nll_want, weight_want) = got, want
+    np.testing.assert_allclose(weight, weight_want, rtol=1e-6)
+    np.testing.assert_allclose(nll, nll_want, rtol=1e-6)
+    mean = jax.tree.map(lambda g: np.asarray(g) / float(weight_want), grads)
+    mean_want = jax.tree.map(lambda g: np.asarray(g) / float(weight_want), grads_want)
+    assert max_abs_diff(mean, mean_want) < 1e-6
+    assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(mean_want)) > 1e-3  # not vacuous
+
+
+@pytest.mark.slow  # ~10-25 s on 2 shared cores
+def test_gradient_accumulation_equals_one_big_batch():
+    out = summed_grads_by_setting(tiny_config(), {1: dict(accum=1), 4: dict(accum=4)})
+    assert_same_sums(out[4], out[1])
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_a_blocked_loss_gives_the_gradients_of_the_whole_logits(tie_embeddings):
+    """train.loss_blocks: the step's summed loss and every parameter's gradient as with the
+    [B, T, V] logits whole (float32: summation order only)."""
+    config = tiny_config()
+    config.model.tie_embeddings = tie_embeddings
+    out = summed_grads_by_setting(config, {1: dict(loss_blocks=1), 4: dict(loss_blocks=4)})
+    assert_same_sums(out[4], out[1])
+
+
+def test_a_blocked_loss_keeps_no_full_logits():
+    """The train step's temporaries (XLA's memory analysis) shrink by most of the float32
+    logits and their bf16 cotangent, 6 bytes per token and vocabulary entry, when the loss runs
+    in 8 blocks."""
+    config = tiny_config()
+    config.model.vocab_size, config.model.max_len = 4096, 256
+    config.data.seq_len, config.model.dtype = 256, "bfloat16"
+    mesh = sharding.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
+    temporaries = {}
+    for blocks in (1, 8):
+        config.train.loss_blocks = blocks
+        with jax.set_mesh(mesh):
+            fns = step.build(config, mesh)
+            compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
+        temporaries[blocks] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = config.data.batch_size * config.data.seq_len * config.model.vocab_size * 6
+    assert temporaries[1] - temporaries[8] > 0.5 * logits_bytes, (temporaries, logits_bytes)
 
 
 def test_data_parallel_size_follows_the_rules():

@@ -63,7 +63,8 @@ class Dense(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding table [vocab, d], N(0, 1); also the tied output projection."""
+    """Token embedding table [vocab, d], N(0, 1); also the tied output projection
+    (`LanguageModel.head_kernel`)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.compute_dtype
@@ -77,10 +78,6 @@ class Embed(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         return jnp.take(self.table.value, tokens_BT, axis=0).astype(self.dtype)
-
-    def attend(self, x_BTD: jax.Array) -> jax.Array:
-        """Logits against the table, in float32."""
-        return float32_logits(x_BTD, self.table.value.astype(x_BTD.dtype).T)
 
 
 @jax.custom_vjp

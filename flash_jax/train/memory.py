@@ -87,8 +87,8 @@ def check_fits(sizes: dict[str, int] | None, capacity: int | None) -> None:
         f"the train step needs about {gib(sizes['total'])} per device (arguments "
         f"{gib(sizes['arguments'])}, outputs {gib(sizes['outputs'])}, temporaries "
         f"{gib(sizes['temporaries'])}) and the device has {gib(capacity)}: lower "
-        "data.batch_size, raise train.grad_accum_steps, set model.remat, or shard over more "
-        "devices (mesh.shape)"
+        "data.batch_size, raise train.grad_accum_steps or train.loss_blocks, set model.remat, or "
+        "shard over more devices (mesh.shape)"
     )
 
 

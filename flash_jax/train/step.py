@@ -61,8 +61,14 @@ def _reseed(model, key) -> None:
         nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)})
 
 
-def summed_grads(graphdef, params, rest, batch, key, *, accum: int = 1, rules=None):
+def summed_grads(
+    graphdef, params, rest, batch, key, *, accum: int = 1, loss_blocks: int = 1, rules=None
+):
     """Gradients of the summed token NLL, with that sum and the summed weight.
+
+    With `loss_blocks` > 1 the loss takes the final hidden states and the output projection
+    and scores the tokens in blocks (`metrics.blocked_head_cross_entropy`): no `[B, T, V]`
+    logits.
 
     With `accum` > 1 the batch is cut into `accum` micro-batches, run one after another (a
     scan: activation memory of one micro-batch) and summed, which equals the whole batch at once.
@@ -75,12 +81,15 @@ def summed_grads(graphdef, params, rest, batch, key, *, accum: int = 1, rules=No
         def loss_fn(p):
             model = nnx.merge(graphdef, p, rest)
             _reseed(model, micro_key)
-            logits_BTV = model(
-                micro_batch["inputs"],
-                segment_ids=micro_batch["segment_ids"],
-                positions=micro_batch["positions"],
-            )
-            return metrics.cross_entropy(logits_BTV, micro_batch["targets"], micro_batch["weights"])
+            inputs = (micro_batch["inputs"], micro_batch["segment_ids"], micro_batch["positions"])
+            targets, weights = micro_batch["targets"], micro_batch["weights"]
+            if loss_blocks > 1:
+                x_BTD = model.hidden(*inputs)
+                kernel_DV = model.head_kernel(x_BTD.dtype)
+                return metrics.blocked_head_cross_entropy(
+                    x_BTD, kernel_DV, targets, weights, loss_blocks
+                )
+            return metrics.cross_entropy(model(*inputs), targets, weights)
 
         (nll_sum, weight_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, nll_sum, weight_sum
@@ -161,7 +170,14 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         params = state["params"]
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         grads, nll_sum, weight_sum = summed_grads(
-            graphdef, params, rest, batch, step_key, accum=accum, rules=rules
+            graphdef,
+            params,
+            rest,
+            batch,
+            step_key,
+            accum=accum,
+            loss_blocks=int(config.train.loss_blocks),
+            rules=rules,
         )
         # Summed losses / summed weights: k micro-batches give the mean over the whole batch.
         denom = jnp.where(weight_sum > 0, weight_sum, 1.0)
