@@ -84,16 +84,20 @@ def test_a_topology_libtpu_does_not_know_is_one_line(tmp_path):
 
 
 @pytest.mark.slow  # about 20 s
-def test_attention_traffic_on_a_tpu_meets_issue_9s_bound(tmp_path):
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_traffic_on_a_tpu_meets_issue_9s_bound(tmp_path, causal):
     """scripts/op_cost.py compiled by XLA:TPU for a v5e chip (the paper's widths, bf16, 65,536
     tokens, forward + backward): at most 180 KiB per token at 1K and 16K, flat within 10%, and no
-    float32 matmul. (On this CPU the op moves 208.6 KiB: the CPU backend converts the operands
-    of bf16 matmuls whose left operand is transposed; XLA:TPU runs them in bf16.)"""
+    float32 matmul; causal (94 KiB) and bidirectional (163 KiB; 211 when its two directions'
+    states were split and concatenated around their `[G, G]` matmuls). (On this CPU the causal
+    op moves 208.6 KiB: the CPU backend converts the operands of bf16 matmuls whose left operand
+    is transposed; XLA:TPU runs them in bf16.)"""
     proc, rows = run(
         tmp_path,
         "--tpu_topology=v5e:2x2",
         "--contexts=1024,16384",
         "--no-layer",
+        "--causal" if causal else "--no-causal",
         script="op_cost.py",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

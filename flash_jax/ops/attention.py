@@ -444,13 +444,14 @@ def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
 
 def _pass_states(link_BDGH, x_BGXE, dtype):
     """y[g, d] = sum_h link[d, g, h] x[h, d] for each direction d (rows of X): one `[G, G]`
-    matmul per direction, operands in `dtype` (0/1 links are exact in any dtype), float32
-    accumulation. With the transposed links (`link_BDHG`) it is its own backward."""
-    D = link_BDGH.shape[1]
-    parts = jnp.split(x_BGXE, D, axis=2)
-    return jnp.concatenate(
-        [_dot("bgh,bhse->bgse", link_BDGH[:, d], parts[d], dtype) for d in range(D)], axis=2
-    )
+    matmul batched over the directions (no split and concatenation of X: XLA:TPU then moves
+    163 KiB per token through the bidirectional op instead of 211), operands in `dtype` (0/1
+    links are exact in any dtype), float32 accumulation. With the transposed links
+    (`link_BDHG`) it is its own backward."""
+    B, D, G, _ = link_BDGH.shape
+    x_BGDSE = x_BGXE.reshape(B, G, D, -1, x_BGXE.shape[-1])
+    y_BGDSE = _dot("bdgh,bhdse->bgdse", link_BDGH, x_BGDSE, dtype)
+    return y_BGDSE.reshape(x_BGXE.shape)
 
 
 def _per_direction(x_BGCS, mask_BGCD):
