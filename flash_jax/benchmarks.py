@@ -42,13 +42,15 @@ def bench_config(
     tokens_per_step: int = 8192,
     qk_dim: int = 0,
     transformer_layers: int = 0,
+    loss_blocks: int = 1,
     **model_keys,
 ) -> RunConfig:
     """The training config of `model` (optionally `name@impl`) at `context` tokens: the size
     preset (`models.preset`; `qk_dim` and FLASH-family models' twice `transformer_layers` when
     given) with `model_keys` (chunk_size, vocab_size, dtype, remat, ...), a batch of
-    `tokens_per_step` tokens, no warm-up (the learning rate does not change the cost).
-    ValueError (naming the key) for a context that does not divide the tokens per step."""
+    `tokens_per_step` tokens, the loss in `loss_blocks` blocks (train.loss_blocks), no warm-up
+    (the learning rate does not change the cost). ValueError (naming the key) for a context
+    that does not divide the tokens per step."""
     name, impl = split_variant(model)
     if tokens_per_step % context:
         raise ValueError(
@@ -67,6 +69,7 @@ def bench_config(
         m[IMPL_KEYS[name]] = impl
     config.data.update(seq_len=context, batch_size=tokens_per_step // context)
     config.train.warmup_steps = 0
+    config.train.loss_blocks = loss_blocks
     return RunConfig.from_config(config)
 
 

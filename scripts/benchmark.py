@@ -87,6 +87,13 @@ flags.DEFINE_enum("attention_impl", "auto", ATTENTION_IMPLS, "Transformer MHSA."
 flags.DEFINE_enum("flash_impl", "auto", FLASH_IMPLS, "FLASH's attention.", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", REMAT, "Remat policy.", flag_values=FLAGS)
 flags.DEFINE_bool("unroll_layers", False, "Unrolled layer stack.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "loss_blocks",
+    1,
+    "train.loss_blocks: the loss in blocks, no whole logits (> 1: no compiled FLOPs, XLA counts "
+    "the blocks' scan body once).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_integer("chunk_size", 256, "FLASH's C (paper: 256).", flag_values=FLAGS)
 flags.DEFINE_integer("qk_dim", 0, "s; 0 keeps the size preset's.", flag_values=FLAGS)
 flags.DEFINE_integer(
@@ -120,6 +127,7 @@ CONFIG_FLAGS = (
     "param_dtype",
     "remat",
     "unroll_layers",
+    "loss_blocks",
     "attention_impl",
     "flash_impl",
     "qk_dim",
@@ -216,7 +224,8 @@ def measure(args, model: str, context: int) -> dict:
         row["compile_s"] = time.perf_counter() - t0
 
         # Cost analysis is per device (the SPMD program); totals are x the number of devices.
-        raw = benchmarks.cost_flops(train_step) if args.compiled_flops else None
+        counted = args.compiled_flops and config.train.loss_blocks == 1
+        raw = benchmarks.cost_flops(train_step) if counted else None
         one_layer = layer_flops(config, mesh, B, T) if raw is not None else None
         num_devices = mesh.size
         row["flops_compiled_raw"] = None if raw is None else raw * num_devices
@@ -429,7 +438,13 @@ def markdown(report: dict) -> str:
         f"{setup['tokens_per_step']:,} tokens per step (batch = tokens / context), size preset "
         f"`{setup['size']}`, {setup['dtype']} compute, remat `{setup['remat']}`, attention "
         f"`{setup['attention_impl']}`, FLASH chunk {setup['chunk_size']}, vocabulary "
-        f"{setup['vocab_size']}. Synthetic batches of uniformly random tokens. Step time: median "
+        f"{setup['vocab_size']}"
+        + (
+            f", the loss in {setup['loss_blocks']} blocks (`train.loss_blocks`)"
+            if setup.get("loss_blocks", 1) > 1
+            else ""
+        )
+        + ". Synthetic batches of uniformly random tokens. Step time: median "
         f"of {setup['repeats']} timed steps after {setup['warmup']} warm-up steps (range in "
         f"brackets).",
         "",

@@ -12,6 +12,7 @@
 #   REMAT=full bash scripts/device_check.sh           # recompute every layer (least memory)
 #   UNROLL=nounroll_layers bash scripts/device_check.sh  # the scanned layer stack
 #   MODELS=flash@xla,flash@pallas_tpu,transformer_pp@splash bash scripts/device_check.sh  # TPU
+#   LOSS_BLOCKS=8 MODELS=flash@xla bash scripts/device_check.sh  # the loss without whole logits
 #
 # On a machine without the project's pinned Flax / ml_collections, put their wheels in .whl/
 # (see DEVELOPERS.md) and they are installed to /tmp/site first. The data stack (TensorFlow,
@@ -24,6 +25,7 @@ CONTEXTS=${CONTEXTS:-1024,2048,4096,8192,16384,32768}
 MODELS=${MODELS:-flash@xla,flash@pallas_gpu,transformer_pp@cudnn}
 REMAT=${REMAT:-none}
 UNROLL=${UNROLL:-unroll_layers}  # or nounroll_layers: one scanned layer body
+LOSS_BLOCKS=${LOSS_BLOCKS:-1}  # train.loss_blocks
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 
@@ -43,5 +45,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 # the fused kernel of this backend, Transformer++ on cuDNN (TPU: MODELS=...@pallas_tpu,...@splash).
 "$PYTHON" scripts/benchmark.py --no-isolate --models="$MODELS" \
   --size=large --transformer_layers=4 --dtype=bfloat16 --remat="$REMAT" --"$UNROLL" \
+  --loss_blocks="$LOSS_BLOCKS" \
   --vocab_size=32128 --tokens_per_step=65536 --contexts="$CONTEXTS" --no-compiled_flops \
   --warmup=1 --repeats=4 --out_dir="$OUT_DIR" --name=device_check

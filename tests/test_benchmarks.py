@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flash_jax import flops, results
+from flash_jax import benchmarks, flops, results
 from flash_jax.config import ModelConfig
 from scripts import benchmark, profile_step, replicate
 
@@ -215,6 +215,15 @@ def test_in_process_rows_that_cannot_run_become_error_rows(tmp_path):
     )
     assert "| FLASH | 128 | 2 | error: ValueError: data.batch_size (2)" in md
     assert "| Transformer++ | 128 | 2 | skipped" in md
+
+
+def test_the_benchmark_config_takes_the_loss_blocks():
+    """--loss_blocks reaches the row's config (train.loss_blocks), checked as the loop does."""
+    assert "loss_blocks" in benchmark.CONFIG_FLAGS
+    config = benchmarks.bench_config("flash", 64, tokens_per_step=256, loss_blocks=4)
+    assert config.train.loss_blocks == 4 and config.data.seq_len == 64
+    with pytest.raises(ValueError, match=r"train.loss_blocks \(3\) must divide data.seq_len"):
+        benchmarks.bench_config("flash", 64, tokens_per_step=256, loss_blocks=3)
 
 
 @pytest.mark.slow
