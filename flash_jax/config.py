@@ -297,8 +297,7 @@ class TrainConfig:
     # The training loss scores the tokens in this many blocks along the sequence, the output
     # projection folded in, so that no [batch, length, vocab] logits are kept (a memory saving:
     # about 1.5 x 4 x vocab bytes per token of a device's batch, 12 GiB at 65,536 tokens and a
-    # 32k vocabulary); 1: the logits whole. Must divide data.seq_len. Eval is unaffected. On
-    # several data-parallel devices XLA reduces the head's gradient once per block.
+    # 32k vocabulary); 1: the logits whole. Must divide data.seq_len. Eval is unaffected.
     loss_blocks: int = 1
     # Checkpoints kept besides the newest keep_checkpoints (only steps whose own loss was finite):
     # every multiple of keep_every_steps, for good (0: none), and the keep_best with the lowest

@@ -66,7 +66,12 @@ _weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
 
 
 def blocked_head_cross_entropy(
-    x_BTD: jax.Array, kernel_DV: jax.Array, targets_BT, weights_BT, num_blocks: int
+    x_BTD: jax.Array,
+    kernel_DV: jax.Array,
+    targets_BT,
+    weights_BT,
+    num_blocks: int,
+    batch_shards: int = 1,
 ):
     """`cross_entropy(x @ W, ...)` (the output projection folded in) without the `[B, T, V]`
     logits: the tokens go through in `num_blocks` blocks along T, and each block's float32
@@ -81,7 +86,11 @@ def blocked_head_cross_entropy(
     summation order (and, for a cotangent other than 1, one more rounding of the scaled
     results).
 
-    x `[B, T, D]` and W `[D, V]` in the compute dtype; T divisible by num_blocks."""
+    x `[B, T, D]` and W `[D, V]` in the compute dtype; T divisible by num_blocks.
+    `batch_shards`: how many ways B is split across devices (the step's data-parallel size).
+    W's gradient is then summed per shard of rows across the blocks, `[batch_shards, D, V]`,
+    and over the shards once at the end: one cross-device reduction per step instead of one
+    per block."""
     B, T = targets_BT.shape
     if (
         x_BTD.shape[:2] != (B, T)
@@ -92,10 +101,13 @@ def blocked_head_cross_entropy(
             f"blocked_head_cross_entropy: x {x_BTD.shape}, W {kernel_DV.shape}, targets "
             f"{targets_BT.shape} and weights {weights_BT.shape} do not agree"
         )
-    if T % num_blocks:
-        raise ValueError(f"blocked_head_cross_entropy: T ({T}) is not divisible by {num_blocks}")
+    if T % num_blocks or B % batch_shards:
+        raise ValueError(
+            f"blocked_head_cross_entropy: T ({T}) is not divisible by {num_blocks} or B ({B}) "
+            f"by {batch_shards}"
+        )
     weights_BT = weights_BT.astype(jnp.float32)
-    nll_sum = _blocked_nll(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks)
+    nll_sum = _blocked_nll(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, batch_shards)
     return nll_sum, jnp.sum(weights_BT)
 
 
@@ -113,49 +125,60 @@ def _unblocks(x_kBt_):
     return jnp.moveaxis(x_kBt_, 0, 1).reshape(B, k * t, *x_kBt_.shape[3:])
 
 
-def _block_nll(x_BtD, kernel_DV, targets_Bt, weights_Bt, with_grads: bool):
-    """One block: its nll sum and, with_grads, its x cotangent and W cotangent (float32)."""
+def _block_nll(x_BtD, kernel_DV, targets_Bt, weights_Bt, with_grads: bool, batch_shards: int):
+    """One block: its nll sum and, with_grads, its x cotangent and W cotangent per shard of
+    rows (float32 `[batch_shards, D, V]`: a sum over rows that stays on each device)."""
     logits_BtV = jnp.einsum("btd,dv->btv", x_BtD, kernel_DV, preferred_element_type=jnp.float32)
     nll_sum, residuals = _weighted_nll_fwd(logits_BtV, targets_Bt, weights_Bt)
     if not with_grads:
         return nll_sum, None, None
     d_logits_BtV = _weighted_nll_bwd(residuals, jnp.float32(1))[0].astype(x_BtD.dtype)
     d_x_BtD = jnp.einsum("btv,dv->btd", d_logits_BtV, kernel_DV, preferred_element_type=jnp.float32)
-    d_kernel_DV = jnp.einsum("btd,btv->dv", x_BtD, d_logits_BtV, preferred_element_type=jnp.float32)
-    return nll_sum, d_x_BtD.astype(x_BtD.dtype), d_kernel_DV
+    B, t, D = x_BtD.shape
+    d_kernel_nDV = jnp.einsum(
+        "nbtd,nbtv->ndv",
+        x_BtD.reshape(batch_shards, B // batch_shards, t, D),
+        d_logits_BtV.reshape(batch_shards, B // batch_shards, t, -1),
+        preferred_element_type=jnp.float32,
+    )
+    return nll_sum, d_x_BtD.astype(x_BtD.dtype), d_kernel_nDV
 
 
-def _scan_blocks(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, with_grads):
+def _scan_blocks(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, batch_shards, with_grads):
     def body(carry, block):
-        nll_sum, d_kernel_DV = carry
-        nll, d_x, d_kernel = _block_nll(kernel_DV=kernel_DV, with_grads=with_grads, **block)
+        nll_sum, d_kernel_nDV = carry
+        nll, d_x, d_kernel = _block_nll(
+            kernel_DV=kernel_DV, with_grads=with_grads, batch_shards=batch_shards, **block
+        )
         if with_grads:
-            d_kernel_DV = d_kernel_DV + d_kernel
-        return (nll_sum + nll, d_kernel_DV), d_x
+            d_kernel_nDV = d_kernel_nDV + d_kernel
+        return (nll_sum + nll, d_kernel_nDV), d_x
 
     blocks = {
         "x_BtD": _blocks(x_BTD, num_blocks),
         "targets_Bt": _blocks(targets_BT, num_blocks),
         "weights_Bt": _blocks(weights_BT, num_blocks),
     }
-    d_kernel_DV = jnp.zeros(kernel_DV.shape, jnp.float32) if with_grads else None
-    (nll_sum, d_kernel_DV), d_x = jax.lax.scan(body, (jnp.float32(0), d_kernel_DV), blocks)
-    return nll_sum, (None if d_x is None else _unblocks(d_x)), d_kernel_DV
+    zeros = jnp.zeros((batch_shards,) + kernel_DV.shape, jnp.float32) if with_grads else None
+    (nll_sum, d_kernel_nDV), d_x = jax.lax.scan(body, (jnp.float32(0), zeros), blocks)
+    if d_x is None:
+        return nll_sum, None, None
+    return nll_sum, _unblocks(d_x), jnp.sum(d_kernel_nDV, axis=0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_nll(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks):
-    return _scan_blocks(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked_nll(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, batch_shards):
+    args = (x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, batch_shards)
+    return _scan_blocks(*args, False)[0]
 
 
-def _blocked_nll_fwd(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks):
-    nll_sum, d_x_BTD, d_kernel_DV = _scan_blocks(
-        x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, True
-    )
+def _blocked_nll_fwd(x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, batch_shards):
+    args = (x_BTD, kernel_DV, targets_BT, weights_BT, num_blocks, batch_shards)
+    nll_sum, d_x_BTD, d_kernel_DV = _scan_blocks(*args, True)
     return nll_sum, (d_x_BTD, d_kernel_DV, kernel_DV)  # W: for its dtype (no copy)
 
 
-def _blocked_nll_bwd(num_blocks, residuals, d_nll_sum):
+def _blocked_nll_bwd(num_blocks, batch_shards, residuals, d_nll_sum):
     d_x_BTD, d_kernel_DV, kernel_DV = residuals
     d_x = (d_nll_sum * d_x_BTD.astype(jnp.float32)).astype(d_x_BTD.dtype)
     return d_x, (d_nll_sum * d_kernel_DV).astype(kernel_DV.dtype), None, None

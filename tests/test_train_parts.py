@@ -1,6 +1,7 @@
 """Pieces of training against independent references: loss, schedules, decay mask, the step."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -120,8 +121,8 @@ def test_blocked_head_loss_matches_float64_reference():
     nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     d_logits = weights[..., None] * (np.exp(logits - log_z[..., None]) - np.eye(V)[targets])
 
-    def loss(x, W):
-        return metrics.blocked_head_cross_entropy(x, W, targets, weights.astype(np.float32), 4)
+    def loss(x, W):  # 3 shards of rows: W's gradient summed per row shard, then over them
+        return metrics.blocked_head_cross_entropy(x, W, targets, weights.astype(np.float32), 4, 3)
 
     (nll_sum, weight_sum), (d_x, d_W) = jax.jit(
         jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -360,6 +361,58 @@ def test_a_blocked_loss_keeps_no_full_logits():
         temporaries[blocks] = compiled.memory_analysis().temp_size_in_bytes
     logits_bytes = config.data.batch_size * config.data.seq_len * config.model.vocab_size * 6
     assert temporaries[1] - temporaries[8] > 0.5 * logits_bytes, (temporaries, logits_bytes)
+
+
+def while_body_lines(hlo_text):
+    """The instruction lines of the loop bodies (`while(..., body=%name)`) of an HLO module."""
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo_text))
+    lines, inside = [], False
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():  # a computation's header (or its closing brace)
+            name = line.split()[0].lstrip("%")
+            inside = name in bodies
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def test_a_blocked_loss_reduces_the_head_gradient_across_devices_once():
+    """On 4 data-parallel devices, the head gradient's sum over the loss blocks stays on each
+    device (`batch_shards`): XLA's compiled step all-reduces no `[D, V]` array inside the blocks'
+    loop, where it does without the per-shard sum (once per block)."""
+    config = tiny_config()
+    D, V = config.model.d_model, config.model.vocab_size
+    mesh = sharding.make_mesh((4, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:4])
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in random_batch(config).items()}
+    in_loop = {}
+    with jax.set_mesh(mesh):
+        fns = step.build(config, mesh)
+        for shards in (1, 4):
+
+            def grads(params, batch, shards=shards):
+                return step.summed_grads(
+                    fns.graphdef,
+                    params,
+                    fns.abstract_rest,
+                    batch,
+                    jax.random.key(0),
+                    loss_blocks=4,
+                    batch_shards=shards,
+                )
+
+            shardings = (fns.state_shardings["params"], fns.batch_sharding)
+            hlo = (
+                jax.jit(grads, in_shardings=shardings)
+                .lower(fns.abstract_state["params"], batch)
+                .compile()
+                .as_text()
+            )
+            in_loop[shards] = sum(
+                f"{D},{V}]" in line
+                for line in while_body_lines(hlo)
+                if " all-reduce(" in line or " all-reduce-start(" in line
+            )
+    assert in_loop == {1: 1, 4: 0}, in_loop
 
 
 def test_data_parallel_size_follows_the_rules():

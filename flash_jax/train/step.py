@@ -62,13 +62,23 @@ def _reseed(model, key) -> None:
 
 
 def summed_grads(
-    graphdef, params, rest, batch, key, *, accum: int = 1, loss_blocks: int = 1, rules=None
+    graphdef,
+    params,
+    rest,
+    batch,
+    key,
+    *,
+    accum: int = 1,
+    loss_blocks: int = 1,
+    batch_shards: int = 1,
+    rules=None,
 ):
     """Gradients of the summed token NLL, with that sum and the summed weight.
 
     With `loss_blocks` > 1 the loss takes the final hidden states and the output projection
     and scores the tokens in blocks (`metrics.blocked_head_cross_entropy`): no `[B, T, V]`
-    logits.
+    logits; `batch_shards` (the mesh's data-parallel size) keeps the head gradient's sum over
+    the blocks on each device.
 
     With `accum` > 1 the batch is cut into `accum` micro-batches, run one after another (a
     scan: activation memory of one micro-batch) and summed, which equals the whole batch at once.
@@ -87,7 +97,7 @@ def summed_grads(
                 x_BTD = model.hidden(*inputs)
                 kernel_DV = model.head_kernel(x_BTD.dtype)
                 return metrics.blocked_head_cross_entropy(
-                    x_BTD, kernel_DV, targets, weights, loss_blocks
+                    x_BTD, kernel_DV, targets, weights, loss_blocks, batch_shards
                 )
             return metrics.cross_entropy(model(*inputs), targets, weights)
 
@@ -177,6 +187,7 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
             step_key,
             accum=accum,
             loss_blocks=int(config.train.loss_blocks),
+            batch_shards=data_parallel_size(mesh, rules),
             rules=rules,
         )
         # Summed losses / summed weights: k micro-batches give the mean over the whole batch.
