@@ -70,6 +70,18 @@ def topology_devices(name: str) -> list:
         cli.fail(PROGRAM, f"--topologies: {e}", 2)
 
 
+def timed(row: dict, compile_fn, *args) -> None:
+    """Runs `compile_fn(*args)`, recording in `row` its error's telling line (None if it
+    compiled) and its seconds: a failure is reported per row, the point of the check."""
+    t0 = time.time()
+    try:
+        compile_fn(*args)
+        row["error"] = None
+    except Exception as e:  # noqa: BLE001 - reported per row
+        row["error"] = first_line(e)
+    row["seconds"] = round(time.time() - t0, 2)
+
+
 def first_line(error: Exception) -> str:
     """The line of a compile error that says what failed (Mosaic's reason, XLA's status)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -133,13 +145,7 @@ def kernel_rows(topologies: list[str], widths: list[int], plan_vmem_mib: int | N
                     "vmem_mib": vmem // 2**20 if vmem else None,
                     "block_e": pallas_tpu.planned_block_e(256, 128, width, 2, causal, plan),
                 }
-                t0 = time.time()
-                try:
-                    compile_kernel(device, batch, tokens, width, causal, plan)
-                    row["error"] = None
-                except Exception as e:  # noqa: BLE001 - reported per row: the point of the check
-                    row["error"] = first_line(e)
-                row["seconds"] = round(time.time() - t0, 2)
+                timed(row, compile_kernel, device, batch, tokens, width, causal, plan)
                 rows.append(row)
                 print(kernel_line(row), flush=True)
     return rows
@@ -158,41 +164,41 @@ def kernel_line(row: dict) -> str:
 
 
 def step_rows(config, topologies: list[str]) -> list[dict]:
-    from flash_jax.train import loop  # imports TensorFlow (the data): after console.quiet
-
     rows = []
     for name in topologies:
         devices = topology_devices(name)
         kind = devices[0].device_kind
         row = {"part": "train step", "topology": name, "chip": kind, "chips": len(devices)}
         row["hosts"] = len({d.process_index for d in devices})
-        t0 = time.time()
-        try:
-            mesh = sharding.make_mesh(
-                tuple(config.mesh.shape), tuple(config.mesh.axis_names), devices=devices
-            )
-            loop.check_mesh_fit(config, mesh)
-            with jax.set_mesh(mesh):
-                fns = step.build(config, mesh)
-                compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
-            sizes = memory.step_memory(compiled)
-            hbm = tpu_topology.HBM_BYTES_BY_KIND.get(kind)
-            row.update(
-                mesh=dict(mesh.shape),
-                memory_per_chip_bytes=sizes["total"] if sizes else None,
-                hbm_bytes=hbm,
-                fits=(sizes["total"] <= hbm) if sizes and hbm else None,
-                # Mosaic kernels in the compiled program: the Pallas attention compiled as
-                # kernels (flash_impl=pallas_tpu), not interpreted as XLA ops.
-                mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-                error=None,
-            )
-        except Exception as e:  # noqa: BLE001 - reported per row
-            row["error"] = first_line(e)
-        row["seconds"] = round(time.time() - t0, 2)
+        timed(row, compile_step, config, devices, row)
         rows.append(row)
         print(step_line(row), flush=True)
     return rows
+
+
+def compile_step(config, devices, row: dict) -> None:
+    """Compiles `config`'s train step for `devices` (a slice), putting in `row` its mesh, its
+    memory per chip against the chip's HBM and its count of Mosaic kernels."""
+    from flash_jax.train import loop  # imports TensorFlow (the data): after console.quiet
+
+    mesh = sharding.make_mesh(
+        tuple(config.mesh.shape), tuple(config.mesh.axis_names), devices=devices
+    )
+    loop.check_mesh_fit(config, mesh)
+    with jax.set_mesh(mesh):
+        fns = step.build(config, mesh)
+        compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
+    sizes = memory.step_memory(compiled)
+    hbm = tpu_topology.HBM_BYTES_BY_KIND.get(devices[0].device_kind)
+    row.update(
+        mesh=dict(mesh.shape),
+        memory_per_chip_bytes=sizes["total"] if sizes else None,
+        hbm_bytes=hbm,
+        fits=(sizes["total"] <= hbm) if sizes and hbm else None,
+        # Mosaic kernels in the compiled program: the Pallas attention compiled as kernels
+        # (flash_impl=pallas_tpu), not interpreted as XLA ops.
+        mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+    )
 
 
 def step_line(row: dict) -> str:

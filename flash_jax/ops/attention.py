@@ -223,11 +223,17 @@ def mixed_chunk_attention(
 FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 
 
+def target_device():
+    """The active mesh's (abstract) device, None without one: what the program being traced is
+    for, also when that is TPU chips compiled for ahead of time on a CPU host
+    (scripts/tpu_compile.py). Has `platform` and `device_kind`."""
+    return getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+
+
 def target_platform() -> str:
-    """The platform the program being traced is for: the active mesh's devices' ("tpu" when
-    compiling ahead of time for TPU chips on a CPU host, scripts/tpu_compile.py), else the
-    default backend's."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    """The platform the program being traced is for: `target_device`'s, else the default
+    backend's."""
+    device = target_device()
     return device.platform if device is not None else jax.default_backend()
 
 
