@@ -605,6 +605,42 @@ def test_mixed_has_no_T_by_T_array():
     assert _has_quadratic_array(lambda *a: quadratic_attention(*a, n=T, causal=True), xs[2:], T)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_mixed_bf16_at_the_papers_widths_runs_here_and_meets_the_bound(causal):
+    """bf16 forward and backward at S = 128, E = 2048, C = 256 (T = 768: two documents crossing
+    chunk boundaries, then padding), against the float64 reference at the derived bound.
+
+    At these sizes XLA's CPU backend runs the matmuls through its matmul library, which cannot
+    run a bf16 matmul whose left operand XLA has folded a transpose into: the program compiles
+    and then fails at run time ("Unsupported element type for DotThunk::Execute: BF16 x BF16 =
+    F32"). At the other tests' widths it runs such matmuls with its own loops, so only a test
+    at full width catches a phrasing of the sums over tokens (k_lin^T v, q_lin^T dO) that XLA
+    rewrites into that form."""
+    B, T, S_, E_, C = 1, 768, 128, 2048, 256
+    seg_ref = np.asarray([[1] * 300 + [2] * 400 + [0] * 68], np.int32)
+    rng = np.random.default_rng(40)
+    xs = [jnp.asarray(rng.normal(size=(B, T, S_)), jnp.bfloat16) for _ in range(4)]
+    v, d_out = (jnp.asarray(rng.normal(size=(B, T, E_)), jnp.bfloat16) for _ in range(2))
+    bias = jnp.asarray(rng.normal(size=(C, C)), jnp.float32)
+
+    def ours(*a):
+        return ops.mixed_chunk_attention(
+            *a[:5], chunk_size=C, causal=causal, segment_ids=seg_ref, quad_bias=a[5]
+        )
+
+    out, grads = jax.jit(functools.partial(_vjp, ours))((*xs, v, bias), d_out)
+    f64 = _f64([*xs, v, bias, d_out])
+    with jax.enable_x64(True):
+        dense = functools.partial(_ref_mixed, C=C, causal=causal, seg=seg_ref, xp=jnp)
+        ref, ref_grads = jax.jit(functools.partial(_vjp, lambda *a: dense(*a[:5], quad_bias=a[5])))(
+            f64[:6], f64[6]
+        )
+    mags = _mixed_magnitudes(*f64, C=C, causal=causal, seg=seg_ref)
+    names = ("out",) + tuple(f"d_{name}" for name in MIXED_INPUTS[:5])
+    for name, got, want in zip(names, (out, *grads[:5]), (ref, *ref_grads[:5]), strict=True):
+        _assert_within_bf16_bound(name, got, np.asarray(want), mags[name], roundings=2)
+
+
 def _lowered_bf16_fwd_bwd(fn_name, causal, G, C=4):
     """The HLO text of jax.vjp's forward and backward of one op on bf16 inputs (T = G C)."""
     B, T = 2, G * C

@@ -289,8 +289,8 @@ def _mixed_bwd(causal, residuals, d_out_BGCE):
 
     # The states' side: out += ql_X states, states = (link A) / N, A = kl_X^T v per chunk.
     d_ql_BGCX = _dot("bgce,bgxe->bgcx", d_out_BGCE, states_BGXE, dtype)
-    ql_BGCX = _per_direction(ql_BGCS, links.use_BGCD)
-    d_states_BGXE = _dot("bgcx,bgce->bgxe", ql_BGCX, d_out_BGCE, dtype)
+    ql_BGXC = _per_direction_transposed(ql_BGCS, links.use_BGCD)
+    d_states_BGXE = _dot("bgxc,bgce->bgxe", ql_BGXC, d_out_BGCE, dtype)
     d_passed_BGXE = d_states_BGXE * _per_state_row(links.norm_BGD, d_states_BGXE.shape[2])
     d_sums_BGXE = _pass_states(links.link_BDHG, d_passed_BGXE, dtype)
 
@@ -442,8 +442,8 @@ def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
     the tokens that read them. Token c of chunk g then gets its cross-chunk linear part as
     `_per_direction(ql, use)[g, c] . states[g]`: one matmul."""
     dtype = v_BGCE.dtype
-    kl_BGCX = _per_direction(kl_BGCS, links.member_BGCD)
-    sums_BGXE = _dot("bgcx,bgce->bgxe", kl_BGCX, v_BGCE, dtype)
+    kl_BGXC = _per_direction_transposed(kl_BGCS, links.member_BGCD)
+    sums_BGXE = _dot("bgxc,bgce->bgxe", kl_BGXC, v_BGCE, dtype)
     passed_BGXE = _pass_states(links.link_BDGH, sums_BGXE, dtype)
     return (passed_BGXE * _per_state_row(links.norm_BGD, passed_BGXE.shape[2])).astype(dtype)
 
@@ -451,10 +451,12 @@ def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
 def _pass_states(link_BDGH, x_BGXE, dtype):
     """y[g, d] = sum_h link[d, g, h] x[h, d] for each direction d (rows of X): one `[G, G]`
     matmul batched over the directions (no split and concatenation of X: XLA:TPU then moves
-    163 KiB per token through the bidirectional op instead of 211), operands in `dtype` (0/1
+    162 KiB per token through the bidirectional op instead of 211), operands in `dtype` (0/1
     links are exact in any dtype), float32 accumulation. With the transposed links
     (`link_BDHG`) it is its own backward."""
     B, D, G, _ = link_BDGH.shape
+    if D == 1:  # causal: XLA:TPU v4 lays out the batched form worse at 32K (109 KiB/token, not 93)
+        return _dot("bgh,bhxe->bgxe", link_BDGH[:, 0], x_BGXE, dtype)
     x_BGDSE = x_BGXE.reshape(B, G, D, -1, x_BGXE.shape[-1])
     y_BGDSE = _dot("bdgh,bhdse->bgdse", link_BDGH, x_BGDSE, dtype)
     return y_BGDSE.reshape(x_BGXE.shape)
@@ -464,6 +466,25 @@ def _per_direction(x_BGCS, mask_BGCD):
     """[B, G, C, S] -> [B, G, C, X]: x masked by each direction's mask, side by side along X."""
     x_BGCDS = jnp.where(mask_BGCD[..., None], x_BGCS[:, :, :, None, :], 0)
     return x_BGCDS.reshape(x_BGCS.shape[:3] + (-1,))
+
+
+def _per_direction_transposed(x_BGCS, mask_BGCD):
+    """`_per_direction`'s result with its last two axes swapped, `[B, G, X, C]`, written to
+    memory as such: the left operand of a sum over a chunk's tokens (x^T y) with the summed axis
+    minor, the one form in which XLA's CPU backend runs a bf16 matmul in bf16. Given x
+    transposed, it runs the matmul in float32 on converted copies of both operands (v or dO: 12
+    KiB per token each at E = 2048; the causal op moved 208.6 KiB per token instead of 166.6).
+
+    The barrier keeps XLA from folding the transpose back into the matmul (the CPU backend then
+    fails at run time: DEVELOPERS.md). The masking comes after the transpose so that the array
+    the barrier sees has the default (row-major) layout. GPUs and TPUs, which run either form in
+    bf16, pay for one small copy: the array is S / E the size of v (0.3 KiB per token on
+    XLA:TPU)."""
+    x_BGSC = jnp.swapaxes(x_BGCS, -1, -2)
+    x_BGDSC = jnp.where(
+        jnp.swapaxes(mask_BGCD, -1, -2)[:, :, :, None, :], x_BGSC[:, :, None, :, :], 0
+    )
+    return jax.lax.optimization_barrier(x_BGDSC.reshape(x_BGSC.shape[:2] + (-1, x_BGSC.shape[-1])))
 
 
 def _merge_directions(g_BGCX, mask_BGCD):
