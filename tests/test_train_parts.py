@@ -382,9 +382,10 @@ _COLLECTIVE = re.compile(r" (all-reduce|all-gather|reduce-scatter|all-to-all|col
 # Data parallel, and FSDP (the head's kernel sharded too: the per-shard sum adds no gather).
 @pytest.mark.parametrize("mesh_shape", [(4, 1, 1), (1, 4, 1)])
 def test_a_blocked_loss_reduces_the_head_gradient_across_devices_once(mesh_shape):
-    """On 4 data-parallel devices, the head gradient's sum over the loss blocks stays on each
-    device (`batch_shards`): XLA's compiled step moves no vocabulary-sized array between devices
-    inside the blocks' loop (it all-reduces `[D, V]` once per block without the per-shard sum)."""
+    """On 4 devices that split the batch, the head gradient's sum over the loss blocks stays on
+    each device (`batch_shards`): XLA's compiled step moves no vocabulary-sized array between
+    devices inside the blocks' loop (it all-reduces `[D, V]` once per block without the
+    per-shard sum)."""
     config = tiny_config()
     V = config.model.vocab_size
     mesh = sharding.make_mesh(mesh_shape, ("data", "fsdp", "tensor"), devices=jax.devices()[:4])
