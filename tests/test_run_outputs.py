@@ -185,13 +185,14 @@ def wandb_records(run_file):
     return records
 
 
-@pytest.mark.slow
-def test_wandb_run_gets_the_config_and_records_and_resumes_the_same_run(tracked_run):
-    workdir, _, _ = tracked_run
+def wandb_history_and_configs(workdir):
+    """The W&B run of a workdir, from its offline transaction logs (one per process that ran):
+    its id, its history as (step, has train loss, has eval perplexity) in log order, and its
+    config updates."""
     with open(os.path.join(workdir, report.WANDB_ID_FILE)) as f:
         run_id = f.read().strip()
     run_files = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")))
-    assert [os.path.basename(p) for p in run_files] == [f"run-{run_id}.wandb"] * 2
+    assert {os.path.basename(p) for p in run_files} == {f"run-{run_id}.wandb"}
     steps, configs = [], []
     for path in run_files:
         for record in wandb_records(path):
@@ -206,12 +207,64 @@ def test_wandb_run_gets_the_config_and_records_and_resumes_the_same_run(tracked_
                 configs.append({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif kind == "config":
                 configs.append({i.key: json.loads(i.value_json) for i in record.config.update})
+    return len(run_files), steps, configs
+
+
+@pytest.mark.slow
+def test_wandb_run_gets_the_config_and_records_and_resumes_the_same_run(tracked_run):
+    workdir, _, _ = tracked_run
+    num_files, steps, configs = wandb_history_and_configs(workdir)
+    assert num_files == 2  # the stopped run and its resumption: one W&B run
     resolved = RunConfig.from_config(run_config()).to_dict()
     assert configs and all(c["model"] == resolved["model"] for c in configs)
     assert all(c["log"] == {"wandb_project": WANDB_PROJECT} for c in configs)
     train_steps = sorted({s for s, is_train, _ in steps if is_train})
     eval_steps = sorted({s for s, _, is_eval in steps if is_eval})
     assert train_steps == [1, 2, 3, 4] and eval_steps == [2, 4]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_to_crash):
+    def hook(done):
+        if done == step_to_crash:
+            raise Crash(f"crashed after step {done}")
+
+    return hook
+
+
+# The crashed run tracked by W&B too (its W&B run continues), or not (a new W&B run: it gets the
+# replayed steps, never sent before).
+@pytest.mark.slow  # two short runs: about 10 s
+@pytest.mark.parametrize("first_tracked, resumed_steps", [(True, [1, 2, 3, 4]), (False, [3, 4])])
+def test_wandb_gets_each_step_once_when_a_crashed_run_replays_steps(
+    tmp_path, monkeypatch, first_tracked, resumed_steps
+):
+    """A run that crashes after step 4 has logged step 3 (records trail the steps by one), but
+    its last checkpoint is step 2: the resumed run replays steps 3 and 4 and their records. The
+    metrics file drops its old records of the replayed steps; W&B, whose history only grows,
+    gets no record of a step before the last one it has (W&B would drop it with a warning each,
+    online), so every train step reaches it once."""
+    pytest.importorskip("wandb")
+    monkeypatch.setattr(data, "InputPipeline", SyntheticPipeline)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_CONSOLE", "off")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = run_config(wandb_project=WANDB_PROJECT if first_tracked else "")
+    config.train.eval_every = 100  # no eval: the train records alone
+    with pytest.raises(Crash):
+        loop.train_and_evaluate(config, str(tmp_path), hooks=[crash_at(4)])
+    config.log.wandb_project = WANDB_PROJECT
+    summary = loop.train_and_evaluate(config, str(tmp_path))
+    assert summary["status"] == "done" and summary["step"] == 4
+    num_files, steps, _ = wandb_history_and_configs(str(tmp_path))
+    assert num_files == (2 if first_tracked else 1)
+    assert [s for s, is_train, _ in steps if is_train] == resumed_steps
+    with open(os.path.join(str(tmp_path), results.METRICS_FILE)) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- sweep table

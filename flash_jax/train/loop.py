@@ -113,9 +113,9 @@ def train_and_evaluate(
 
         # ---- resume
         # W&B first: it is the other start that can fail on the config (not logged in).
-        wandb_run = None
+        wandb_run, wandb_continued = None, False
         if is_main and config.log.wandb_project:
-            wandb_run = report.start_wandb(epath.Path(workdir), config)
+            wandb_run, wandb_continued = report.start_wandb(epath.Path(workdir), config)
             stack.callback(report.finish_wandb, wandb_run)  # after the reporter's last record
         ckpts = checkpoint.Checkpoints(
             workdir, t.keep_checkpoints, keep_every_steps=t.keep_every_steps, keep_best=t.keep_best
@@ -152,6 +152,7 @@ def train_and_evaluate(
             start_step=start,
             config=config,
             wandb_run=wandb_run,
+            wandb_continued=wandb_continued,
         )
         stack.callback(reporter.close)
         # Every process compiled (one may have missed the compilation cache): start together.

@@ -69,20 +69,24 @@ def _record_step(line: str) -> int | None:
         return None
 
 
-def _drop_records_after(path: epath.Path, step: int) -> None:
-    """A run that starts at `step` replays the steps after it: drop their old records."""
+def _drop_records_after(path: epath.Path, step: int) -> int:
+    """A run that starts at `step` replays the steps after it: drop their old records. Returns
+    the last step recorded before (0 without records): W&B keeps what it got up to there."""
     if not path.exists():
-        return
+        return 0
     lines = path.read_text().splitlines(keepends=True)
-    kept = []
+    kept, last = [], 0
     for line in lines:
         record_step = _record_step(line)
-        if record_step is not None and record_step <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
+        if record_step is not None:
+            last = max(last, record_step)
+            if record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
     if kept != lines:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
+    return last
 
 
 def loggable(value: float) -> float:
@@ -109,19 +113,26 @@ class Reporter:
         start_step: int = 0,
         config=None,
         wandb_run=None,
+        wandb_continued: bool = False,
     ):
         """`config` (a RunConfig): written as TensorBoard hyperparameters. `wandb_run`
-        (`start_wandb`'s) also gets the records; its starter finishes it (`finish_wandb`)."""
+        (`start_wandb`'s) also gets the records; its starter finishes it (`finish_wandb`).
+        `wandb_continued`: the W&B run is the workdir's earlier one (`start_wandb`'s)."""
         self.num_steps = num_steps
         self.is_main = is_main
         self._writer = None
         self._jsonl = None
         self._wandb = wandb_run if is_main else None
+        # W&B's history only grows: when the W&B run continues (`wandb_continued`), the records
+        # of the steps this run replays, up to the last one recorded before, are not sent again
+        # (W&B would drop each with a warning).
+        self._wandb_after = 0
         self._failed: set[str] = set()
         # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
         workdir = epath.Path(workdir)
         if is_main:
-            _drop_records_after(workdir / METRICS_FILE, start_step)
+            last_recorded = _drop_records_after(workdir / METRICS_FILE, start_step)
+            self._wandb_after = last_recorded if wandb_continued else 0
             # Imported here: clu's TF summary writer pulls in TensorFlow.
             from clu import metric_writers
 
@@ -153,7 +164,7 @@ class Reporter:
         self._safely("TensorBoard events", lambda: self._writer.write_scalars(step, scalars))
         line = results.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
         self._safely(METRICS_FILE, lambda: self._write_line(line))
-        if self._wandb is not None:
+        if self._wandb is not None and step > self._wandb_after:
             self._safely("W&B records", lambda: self._wandb.log(scalars, step=step))
 
     def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
@@ -200,10 +211,10 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
 
 def start_wandb(workdir: epath.Path, config):
     """The W&B run of this workdir (`log.wandb_project`): a new one, or the one whose id the
-    workdir keeps (a resumed run continues it). The resolved config is the run's config. W&B is
-    imported only here; its files go under the workdir when that is local. ValueError (one line)
-    when W&B is not installed or cannot start (not logged in: `wandb login`, or
-    WANDB_MODE=offline)."""
+    workdir keeps (a resumed run continues it), and whether it continues one: (run, continued).
+    The resolved config is the run's config. W&B is imported only here; its files go under the
+    workdir when that is local. ValueError (one line) when W&B is not installed or cannot start
+    (not logged in: `wandb login`, or WANDB_MODE=offline)."""
     try:
         import wandb
     except ImportError as e:
@@ -231,7 +242,7 @@ def start_wandb(workdir: epath.Path, config):
         ) from e
     if run_id is None:
         id_file.write_text(run.id)
-    return run
+    return run, run_id is not None
 
 
 def finish_wandb(run) -> None:
