@@ -186,9 +186,9 @@ def wandb_records(run_file):
 
 
 def wandb_history_and_configs(workdir):
-    """The W&B run of a workdir, from its offline transaction logs (one per process that ran):
-    its id, its history as (step, has train loss, has eval perplexity) in log order, and its
-    config updates."""
+    """The W&B run of a workdir, from its offline transaction logs: how many there are (one per
+    process that ran), its history as (step, has train loss, has eval perplexity) in log order,
+    and its config updates."""
     with open(os.path.join(workdir, report.WANDB_ID_FILE)) as f:
         run_id = f.read().strip()
     run_files = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")))
@@ -245,7 +245,7 @@ def test_wandb_gets_each_step_once_when_a_crashed_run_replays_steps(
     """A run that crashes after step 4 has logged step 3 (records trail the steps by one), but
     its last checkpoint is step 2: the resumed run replays steps 3 and 4 and their records. The
     metrics file drops its old records of the replayed steps; W&B, whose history only grows,
-    gets no record of a step before the last one it has (W&B would drop it with a warning each,
+    gets no record of a step up to the last one it has (W&B would drop each with a warning,
     online), so every train step reaches it once."""
     pytest.importorskip("wandb")
     monkeypatch.setattr(data, "InputPipeline", SyntheticPipeline)
