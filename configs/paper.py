@@ -13,7 +13,7 @@ The argument is comma-separated: the context length (512 ... 8192; default 512),
 objective, and swaps in what a laptop CPU can run: the shipped corpus and vocabulary (no download),
 a small batch, a short warm-up and few steps; the loss falls visibly within about a minute.
 
-What comes from the paper (see shared/docs/paper-notes.md) and what is a guess is said per line.
+What comes from the paper (see docs/paper.md) and what is a guess is said per line.
 """
 
 from configs import base

@@ -22,7 +22,7 @@ Each setting lists the models scripts/replicate.py trains by default.
   bf16 compute, 10k steps. A documented setting for one GPU / TPU host, not run here.
 
 FLASH-family models get twice the Transformer's layers at the same width (flash_jax.models.preset
-and shared/docs/flash-spec.md: two GAU layers ~ one Transformer layer in parameters and cost).
+and docs/model.md: two GAU layers ~ one Transformer layer in parameters and cost).
 """
 
 from configs import base

@@ -1,4 +1,4 @@
-"""Every flash_jax model as a plain numpy forward pass in float64: docs/flash-spec.md, for reading.
+"""Every flash_jax model as a plain numpy forward pass in float64: docs/model.md, for reading.
 
     from flash_jax import numpy_model
     model = numpy_model.load("runs/quickstart/export")   # model.safetensors + config.json

@@ -1,4 +1,4 @@
-"""The Mosaic GPU kernels of mixed chunk attention against the XLA op, on one GPU (issue 10).
+"""The Mosaic GPU kernels of mixed chunk attention against the XLA op, on one GPU.
 
 For each context T (B = tokens / T rows of packed random documents with trailing padding; S = 128,
 E = 2048, C = 256, bf16, quad_bias):

@@ -1,5 +1,5 @@
 """Memory traffic and matmul precision of FLASH attention from XLA's cost analysis, against context
-length at a fixed number of tokens (GitHub issue #9). Compiles only: nothing is run or timed.
+length at a fixed number of tokens. Compiles only: nothing is run or timed.
 
 For the op alone (`flash_jax.ops.mixed_chunk_attention`) and for one FLASH layer, forward +
 backward (`jax.vjp` with a given output cotangent, so the read-out adds nothing), batch =

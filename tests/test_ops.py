@@ -668,7 +668,7 @@ def test_bf16_program_has_only_bf16_matmuls_and_no_loop_over_chunks(fn_name, cau
     """The precision policy and the scan-free state passing, read from the lowered program."""
     text = _lowered_bf16_fwd_bwd(fn_name, causal, G=16)
     flops = op_cost.dot_flops_by_dtype(text)
-    # Every matmul, forward and backward, on bf16 operands: the issue's target allows float32 x
+    # Every matmul, forward and backward, on bf16 operands: the target allows float32 x
     # float32 matmuls up to 5% of the FLOPs; there are none.
     assert set(flops) == {"bf16 x bf16"}, flops
     assert " while(" not in text  # no loop (lax.scan, fori_loop)

@@ -1,4 +1,4 @@
-"""FLASH attention math: the "attend" of docs/flash-spec.md (no RoPE, gates or projections).
+"""FLASH attention math: the "attend" of docs/model.md (no RoPE, gates or projections).
 
 Two pure functions, the seam where faster kernels can plug in:
 

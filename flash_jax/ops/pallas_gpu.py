@@ -1,7 +1,7 @@
 """FLASH mixed chunk attention as Pallas kernels for NVIDIA Hopper GPUs (Mosaic GPU), fwd + bwd.
 
 Computes exactly `ops.mixed_chunk_attention`'s contract (see its docstring and
-docs/flash-spec.md): causal and bidirectional, token-exact `segment_ids` with the XLA path's
+docs/model.md): causal and bidirectional, token-exact `segment_ids` with the XLA path's
 cross-chunk link rule, padding rows exactly 0, `quad_bias` [C, C], T padded up to G * C here.
 
 Backend: Pallas Mosaic GPU (`jax.experimental.pallas.mosaic_gpu`, "plgpu"), not Triton: the

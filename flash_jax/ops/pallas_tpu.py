@@ -1,7 +1,7 @@
 """Mixed chunk attention as fused Pallas Mosaic TPU kernels, forward and backward.
 
 `mixed_chunk_attention_tpu` computes exactly `ops.mixed_chunk_attention`'s contract (see its
-docstring and docs/flash-spec.md): causal and bidirectional, token-exact `segment_ids` with the XLA
+docstring and docs/model.md): causal and bidirectional, token-exact `segment_ids` with the XLA
 path's cross-chunk link rule, padding rows exactly 0, `quad_bias` [C, C], T padded up to G * C here.
 Shapes: B batch, T tokens (Tp = G * C after padding), S query/key width, E value width, C chunk,
 G chunks, tE the E tile (`block_e`), nE = E / tE.
