@@ -1,5 +1,5 @@
-"""The pod-scale loop parts, in-process on the synthetic pipeline of tests/test_train.py: retention by
-Orbax's policies, profiling, memory, the compilation cache, and the distributed flags (the input
+"""The pod-scale loop parts, in-process on the synthetic pipeline of tests/test_train.py: retention
+by Orbax's policies, profiling, memory, the compilation cache, and the distributed flags (the input
 stream in checkpoints and the host layout: tests/test_train.py; two processes:
 tests/test_multiprocess.py).
 """
