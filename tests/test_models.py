@@ -2,6 +2,8 @@
 remat / jit equivalence, sharding on a simulated (data, fsdp, tensor) mesh, and input errors."""
 
 import dataclasses
+import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import pytest
 from flax import nnx
 
 from flash_jax import export, models, numpy_model, sharding
-from flash_jax.config import ModelConfig
+from flash_jax.config import MeshConfig, ModelConfig
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
 from flash_jax.layers.positions import RelativePositionBias, _toeplitz
 from flash_jax.train import checkpoint
@@ -387,6 +389,68 @@ def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="mesh.shape"):
         sharding.make_mesh((2, 2), ("data", "fsdp", "tensor"))
     assert sharding.make_mesh((-1, 2, 1), ("data", "fsdp", "tensor")).shape["data"] == 4
+
+
+def two_slices_of_four():
+    """Stand-ins for the devices of two 4-chip slices (libtpu's real TPU ones are tested in
+    test_tpu_compile.py): the mesh reads a device's slice, and its platform and kind (not a TPU's,
+    which would have it look for the chips' coordinates in the torus)."""
+    return [
+        types.SimpleNamespace(id=i, slice_index=i // 4, device_kind="stand-in", platform="cpu")
+        for i in range(8)
+    ]
+
+
+def test_a_mesh_over_two_slices_spans_them_with_the_data_axis_only():
+    """data 4 = 2 slices x 2: the first half of the data axis lies in slice 0, the second in slice
+    1, and every fsdp group stays inside one slice (its all-gathers never cross DCN)."""
+    grid = sharding._hybrid_device_grid(
+        [4, 2, 1], ("data", "fsdp", "tensor"), two_slices_of_four(), 2
+    )
+    slices = np.vectorize(lambda d: d.slice_index)(grid)
+    assert grid.shape == (4, 2, 1)
+    assert slices[:, :, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+
+
+@pytest.mark.parametrize(
+    "shape, num_slices, devices, message",
+    [
+        (
+            (1, -1, 1),
+            2,
+            "two slices",
+            "mesh.shape (1, 8, 1): its data entry (1) must be a multiple of mesh.num_slices (2), "
+            "the data parallelism across slices",
+        ),
+        (
+            (-1, 1, 1),
+            1,
+            "two slices",
+            "mesh.num_slices=1 but these 8 stand-in devices lie in 2 slice(s)",
+        ),
+        ((-1, 1, 1), 2, "cpu", "mesh.num_slices=2 but these 8 cpu devices lie in 1 slice(s)"),
+    ],
+)
+def test_a_mesh_that_does_not_match_the_slices_is_one_line(shape, num_slices, devices, message):
+    devices = two_slices_of_four() if devices == "two slices" else jax.devices()
+    with pytest.raises(ValueError) as error:
+        sharding.make_mesh(shape, ("data", "fsdp", "tensor"), devices, num_slices)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(num_slices=0), "mesh.num_slices must be an integer >= 1, got 0"),
+        (
+            dict(num_slices=2, axis_names=("fsdp", "tensor"), shape=(-1, 1)),
+            "mesh.num_slices=2 needs a 'data' axis in mesh.axis_names ('fsdp', 'tensor')",
+        ),
+    ],
+)
+def test_bad_num_slices_is_named(mesh, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MeshConfig.from_config(mesh)
 
 
 # ---------------------------------------------------------------------------------------------
