@@ -40,17 +40,25 @@ LAYER_AXIS_METADATA = {nnx.PARTITION_NAME: "layers", LOGICAL_AXES: "layers"}
 
 
 def make_mesh(
-    shape: Sequence[int], axis_names: Sequence[str], devices=None, num_slices: int = 1
+    shape: Sequence[int], axis_names: Sequence[str], devices=None, num_slices: int = 0
 ) -> jax.sharding.Mesh:
     """A mesh with Auto axes (logical-rule sharding); one -1 entry takes the remaining devices.
 
-    With `num_slices` > 1 (TPU slices joined by DCN) the "data" axis spans the slices and the
-    other axes stay inside each one (`mesh_utils.create_hybrid_device_mesh`)."""
+    Devices in several slices (TPU multi-slice, GPU hosts) get a hybrid mesh: the "data" axis
+    spans the slices and the other axes stay inside each one
+    (`mesh_utils.create_hybrid_device_mesh`). `num_slices` > 0: the devices must lie in that many
+    slices (ValueError otherwise); 0: as many as they do."""
     devices = jax.devices() if devices is None else devices
     shape = _resolved_shape(shape, axis_names, len(devices))
+    found = _slice_count(devices)
+    if num_slices and found != num_slices:
+        raise ValueError(
+            f"mesh.num_slices={num_slices} but these {len(devices)} "
+            f"{devices[0].device_kind} devices lie in {found} slice(s)"
+        )
     try:
-        if num_slices > 1 or _slice_count(devices) > 1:
-            grid = _hybrid_device_grid(shape, axis_names, devices, num_slices)
+        if found > 1:
+            grid = _hybrid_device_grid(shape, axis_names, devices, found)
             return jax.sharding.Mesh(grid, tuple(axis_names), (AxisType.Auto,) * len(shape))
         return jax.make_mesh(
             tuple(shape),
@@ -97,17 +105,16 @@ def _hybrid_device_grid(shape: list, axis_names: Sequence[str], devices, num_sli
     times the data-parallel devices inside each slice (inner, over ICI)."""
     from jax.experimental import mesh_utils
 
-    found = _slice_count(devices)
-    if found != num_slices:
+    if "data" not in axis_names:
         raise ValueError(
-            f"mesh.num_slices={num_slices} but these {len(devices)} "
-            f"{devices[0].device_kind} devices lie in {found} slice(s)"
+            f"mesh.axis_names {tuple(axis_names)} need a 'data' axis to span the devices' "
+            f"{num_slices} slices"
         )
     data = list(axis_names).index("data")
     if shape[data] % num_slices:
         raise ValueError(
             f"mesh.shape {tuple(shape)}: its data entry ({shape[data]}) must be a multiple of "
-            f"mesh.num_slices ({num_slices}), the data parallelism across slices"
+            f"the devices' {num_slices} slices (mesh.num_slices): the data axis spans them"
         )
     inside = [s // num_slices if i == data else s for i, s in enumerate(shape)]
     across = [num_slices if i == data else 1 for i in range(len(shape))]

@@ -67,7 +67,7 @@ _NUM_SLICES = flags.DEFINE_integer(
     "num_slices",
     None,
     "Compile the train step for this many slices of each topology, joined by DCN "
-    "(sets mesh.num_slices; default: the config's).",
+    "(sets mesh.num_slices; default: the config's, or 1).",
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
 
@@ -176,7 +176,7 @@ def kernel_line(row: dict) -> str:
 
 def step_rows(config, topologies: list[str]) -> list[dict]:
     rows = []
-    num_slices = config.mesh.num_slices
+    num_slices = config.mesh.num_slices or 1
     for name in topologies:
         devices = topology_devices(name, num_slices)
         kind = devices[0].device_kind

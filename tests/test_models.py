@@ -3,7 +3,6 @@ remat / jit equivalence, sharding on a simulated (data, fsdp, tensor) mesh, and 
 
 import dataclasses
 import re
-import types
 
 import jax
 import jax.numpy as jnp
@@ -391,25 +390,32 @@ def test_mesh_shape_errors():
     assert sharding.make_mesh((-1, 2, 1), ("data", "fsdp", "tensor")).shape["data"] == 4
 
 
-def two_slices_of_four():
-    """Stand-ins for the devices of two 4-chip slices (libtpu's real TPU ones are tested in
-    test_tpu_compile.py): the mesh reads a device's slice, and its platform and kind (not a TPU's,
-    which would have it look for the chips' coordinates in the torus)."""
-    return [
-        types.SimpleNamespace(id=i, slice_index=i // 4, device_kind="stand-in", platform="cpu")
-        for i in range(8)
-    ]
+@dataclasses.dataclass(frozen=True)
+class StandInDevice:
+    """What the mesh reads of a device: its slice, and its platform and kind (not a TPU's, which
+    would have it look for the chips' coordinates in the torus). libtpu's real TPU devices of two
+    slices are tested in test_tpu_compile.py."""
+
+    id: int
+    slice_index: int
+    device_kind: str = "stand-in"
+    platform: str = "cpu"
+    process_index: int = 0
 
 
-def test_a_mesh_over_two_slices_spans_them_with_the_data_axis_only():
+TWO_SLICES_OF_FOUR = [StandInDevice(i, slice_index=i // 4) for i in range(8)]
+AXES = ("data", "fsdp", "tensor")
+
+
+@pytest.mark.parametrize("num_slices", [0, 2])  # 0: as many as the devices lie in
+def test_a_mesh_over_two_slices_spans_them_with_the_data_axis_only(num_slices):
     """data 4 = 2 slices x 2: the first half of the data axis lies in slice 0, the second in slice
     1, and every fsdp group stays inside one slice (its all-gathers never cross DCN)."""
-    grid = sharding._hybrid_device_grid(
-        [4, 2, 1], ("data", "fsdp", "tensor"), two_slices_of_four(), 2
-    )
-    slices = np.vectorize(lambda d: d.slice_index)(grid)
-    assert grid.shape == (4, 2, 1)
+    mesh = sharding.make_mesh((-1, 2, 1), AXES, TWO_SLICES_OF_FOUR, num_slices)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
     assert slices[:, :, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
 @pytest.mark.parametrize(
@@ -417,31 +423,30 @@ def test_a_mesh_over_two_slices_spans_them_with_the_data_axis_only():
     [
         (
             (1, -1, 1),
-            2,
-            "two slices",
-            "mesh.shape (1, 8, 1): its data entry (1) must be a multiple of mesh.num_slices (2), "
-            "the data parallelism across slices",
+            0,
+            TWO_SLICES_OF_FOUR,
+            "mesh.shape (1, 8, 1): its data entry (1) must be a multiple of the devices' 2 slices "
+            "(mesh.num_slices): the data axis spans them",
         ),
         (
             (-1, 1, 1),
             1,
-            "two slices",
+            TWO_SLICES_OF_FOUR,
             "mesh.num_slices=1 but these 8 stand-in devices lie in 2 slice(s)",
         ),
-        ((-1, 1, 1), 2, "cpu", "mesh.num_slices=2 but these 8 cpu devices lie in 1 slice(s)"),
+        ((-1, 1, 1), 2, None, "mesh.num_slices=2 but these 8 cpu devices lie in 1 slice(s)"),
     ],
 )
 def test_a_mesh_that_does_not_match_the_slices_is_one_line(shape, num_slices, devices, message):
-    devices = two_slices_of_four() if devices == "two slices" else jax.devices()
     with pytest.raises(ValueError) as error:
-        sharding.make_mesh(shape, ("data", "fsdp", "tensor"), devices, num_slices)
+        sharding.make_mesh(shape, AXES, devices, num_slices)
     assert str(error.value) == message
 
 
 @pytest.mark.parametrize(
     "mesh, message",
     [
-        (dict(num_slices=0), "mesh.num_slices must be an integer >= 1, got 0"),
+        (dict(num_slices=-1), "mesh.num_slices must be an integer >= 0, got -1"),
         (
             dict(num_slices=2, axis_names=("fsdp", "tensor"), shape=(-1, 1)),
             "mesh.num_slices=2 needs a 'data' axis in mesh.axis_names ('fsdp', 'tensor')",
