@@ -96,7 +96,8 @@ def _resolved_shape(shape: Sequence[int], axis_names: Sequence[str], num_devices
 
 
 def _slice_count(devices) -> int:
-    """How many TPU slices `devices` lie in (1 for devices without slices: CPU, GPU)."""
+    """How many slices `devices` lie in: TPU slices, GPU hosts (JAX gives each host's GPUs one
+    `slice_index`); 1 for devices without one (CPU)."""
     return len({getattr(d, "slice_index", 0) for d in devices})
 
 
