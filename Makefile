@@ -27,7 +27,7 @@ $(LIBTPU_DIR)/.installed: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps --target $(LIBTPU_DIR) "$$($(LIBTPU_PIN))"
 	touch $@
 
-.PHONY: setup train test lint eval sample tensorboard smoke tpu-compile
+.PHONY: setup train test lint eval sample tensorboard smoke tpu-compile launch-tpu
 setup: $(VENV)/.installed
 
 train: setup
@@ -40,6 +40,12 @@ test: setup $(LIBTPU_DIR)/.installed
 # make tpu-compile ARGS="--config=configs/pg19_flash.py --topologies=v5p:2x2x2" adds a train step.
 tpu-compile: setup $(LIBTPU_DIR)/.installed
 	$(PY) scripts/tpu_compile.py $(ARGS)
+
+# Prints (never runs) the gcloud queued-resources and xpk commands that train a config on TPU
+# slices (docs/launch.md): make launch-tpu ARGS="--config=configs/pg19_flash.py:8192 \
+#   --accelerator=v5litepod-16 --num_slices=2 --workdir=gs://BUCKET/RUN"
+launch-tpu: setup
+	@$(PY) scripts/launch/tpu_commands.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

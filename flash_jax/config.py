@@ -370,12 +370,30 @@ class MeshConfig:
     # Logical axis name -> mesh axes: parameters and activations are annotated with logical
     # names; this table decides data / FSDP / tensor parallelism.
     rules: tuple = DEFAULT_RULES
+    # Slices joined by the data-center network (DCN), much slower than the links inside a slice:
+    # TPU slices of a multi-slice run, or GPU hosts (JAX puts each host's GPUs in one slice). The
+    # "data" axis spans them (data parallelism across slices: the gradients' all-reduce crosses
+    # DCN) and the other axes stay inside each slice. mesh.shape is the whole mesh; its data entry
+    # must be a multiple of the slice count. 0: as many as the devices lie in; N: exactly N
+    # (a run on another count stops with one line).
+    num_slices: int = 0
 
     def __post_init__(self):
         if len(self.shape) != len(self.axis_names):
             raise ValueError(
                 f"mesh.shape {self.shape} needs one entry per axis of mesh.axis_names "
                 f"{self.axis_names}"
+            )
+        if (
+            not isinstance(self.num_slices, int)
+            or isinstance(self.num_slices, bool)
+            or (self.num_slices < 0)
+        ):
+            raise ValueError(f"mesh.num_slices must be an integer >= 0, got {self.num_slices!r}")
+        if self.num_slices > 1 and "data" not in self.axis_names:
+            raise ValueError(
+                f"mesh.num_slices={self.num_slices} needs a 'data' axis in mesh.axis_names "
+                f"{self.axis_names}: data parallelism spans the slices"
             )
 
     @classmethod

@@ -39,25 +39,27 @@ LOGICAL_AXES = "logical_axes"
 LAYER_AXIS_METADATA = {nnx.PARTITION_NAME: "layers", LOGICAL_AXES: "layers"}
 
 
-def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> jax.sharding.Mesh:
-    """A mesh with Auto axes (logical-rule sharding); one -1 entry takes the remaining devices."""
+def make_mesh(
+    shape: Sequence[int], axis_names: Sequence[str], devices=None, num_slices: int = 0
+) -> jax.sharding.Mesh:
+    """A mesh with Auto axes (logical-rule sharding); one -1 entry takes the remaining devices.
+
+    Devices in several slices (TPU multi-slice, GPU hosts) get a hybrid mesh: the "data" axis
+    spans the slices and the other axes stay inside each one
+    (`mesh_utils.create_hybrid_device_mesh`). `num_slices` > 0: the devices must lie in that many
+    slices (ValueError otherwise); 0: as many as they do."""
     devices = jax.devices() if devices is None else devices
-    shape = list(shape)
-    if len(shape) != len(axis_names):
-        raise ValueError(f"mesh.shape {tuple(shape)} needs one entry per axis {tuple(axis_names)}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"mesh.shape {tuple(shape)} may hold at most one -1")
-    known = int(np.prod([s for s in shape if s != -1]))
-    if any(s == 0 or s < -1 for s in shape) or len(devices) % known:
-        raise ValueError(f"mesh.shape {tuple(shape)} does not fit {len(devices)} devices")
-    if -1 in shape:
-        shape[shape.index(-1)] = len(devices) // known
-    if int(np.prod(shape)) != len(devices):
+    shape = _resolved_shape(shape, axis_names, len(devices))
+    found = _slice_count(devices)
+    if num_slices and found != num_slices:
         raise ValueError(
-            f"mesh.shape {tuple(shape)} uses {int(np.prod(shape))} of "
-            f"{len(devices)} devices; use -1 to fill an axis"
+            f"mesh.num_slices={num_slices} but these {len(devices)} "
+            f"{devices[0].device_kind} devices lie in {found} slice(s)"
         )
     try:
+        if found > 1:
+            grid = _hybrid_device_grid(shape, axis_names, devices, found)
+            return jax.sharding.Mesh(grid, tuple(axis_names), (AxisType.Auto,) * len(shape))
         return jax.make_mesh(
             tuple(shape),
             tuple(axis_names),
@@ -71,6 +73,53 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> 
             f"{devices[0].device_kind} devices: each mesh axis must be a product of some of the "
             f"slice's physical axes (jax: {reason})"
         ) from None
+
+
+def _resolved_shape(shape: Sequence[int], axis_names: Sequence[str], num_devices: int) -> list:
+    """`shape` with its -1 filled; ValueError (one line) when it does not fit the devices."""
+    shape = list(shape)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh.shape {tuple(shape)} needs one entry per axis {tuple(axis_names)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape {tuple(shape)} may hold at most one -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if any(s == 0 or s < -1 for s in shape) or num_devices % known:
+        raise ValueError(f"mesh.shape {tuple(shape)} does not fit {num_devices} devices")
+    if -1 in shape:
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(
+            f"mesh.shape {tuple(shape)} uses {int(np.prod(shape))} of "
+            f"{num_devices} devices; use -1 to fill an axis"
+        )
+    return shape
+
+
+def _slice_count(devices) -> int:
+    """How many slices `devices` lie in: TPU slices, GPU hosts (JAX gives each host's GPUs one
+    `slice_index`); 1 for devices without one (CPU)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _hybrid_device_grid(shape: list, axis_names: Sequence[str], devices, num_slices: int):
+    """The devices in `shape`, the "data" axis split into `num_slices` slices (outer, over DCN)
+    times the data-parallel devices inside each slice (inner, over ICI)."""
+    from jax.experimental import mesh_utils
+
+    if "data" not in axis_names:
+        raise ValueError(
+            f"mesh.axis_names {tuple(axis_names)} need a 'data' axis to span the devices' "
+            f"{num_slices} slices"
+        )
+    data = list(axis_names).index("data")
+    if shape[data] % num_slices:
+        raise ValueError(
+            f"mesh.shape {tuple(shape)}: its data entry ({shape[data]}) must be a multiple of "
+            f"the devices' {num_slices} slices (mesh.num_slices): the data axis spans them"
+        )
+    inside = [s // num_slices if i == data else s for i, s in enumerate(shape)]
+    across = [num_slices if i == data else 1 for i in range(len(shape))]
+    return mesh_utils.create_hybrid_device_mesh(inside, across, devices)
 
 
 def logical_to_spec(

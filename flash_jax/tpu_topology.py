@@ -12,6 +12,7 @@ jax can import it, jax tries to start a TPU at its first use of a backend.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import jax
@@ -51,17 +52,40 @@ def use_libtpu(libtpu_dir: str = DEFAULT_LIBTPU_DIR) -> None:
         os.environ.setdefault(key, value)
 
 
-def devices(name: str) -> list:
+def devices(name: str, num_slices: int = 1) -> list:
     """The devices of the TPU slice `name` (as jax names it: "v5e:2x4", "v5p:4x4x4"), across all
-    its hosts. ValueError (one line) for a name libtpu does not know."""
+    its hosts; with `num_slices` > 1, of that many such slices joined by DCN (multi-slice: each
+    device's `slice_index` says its slice). ValueError (one line) for a name libtpu does not
+    know."""
     from jax.experimental import topologies
 
     # v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore"), as on a
     # TPU VM; without this libtpu describes each core as a device.
-    megacore = {"chip_config_name": "megacore"} if name.split(":")[0] in ("v4", "v5p") else {}
+    options = {"chip_config_name": "megacore"} if name.split(":")[0] in ("v4", "v5p") else {}
+    if num_slices > 1:
+        options["num_slices"] = num_slices
     try:
-        topology = topologies.get_topology_desc(platform="tpu", topology_name=name, **megacore)
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=name, **options)
     except Exception as e:  # noqa: BLE001 - libtpu's errors for a bad name are many
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{name!r} is not a TPU topology libtpu knows ({first})") from None
     return list(topology.devices)
+
+
+# A compiled multi-slice program is each slice's own: its collectives' replica groups name the
+# slice's chips only, and what crosses slices (DCN) is a host transfer that libtpu's multi-slice
+# runtime ("megascale") carries, one send and one recv per collective, tagged with its kind.
+_DCN_TRANSFER = re.compile(
+    r'_xla_host_transfer_rendezvous="([^"]+)".*?_xla_megascale_transfer_type="(\w+)"'
+)
+
+
+def dcn_collectives(hlo_text: str) -> dict[str, int]:
+    """The collectives of a compiled multi-slice program that cross slices, counted by kind
+    ("ALL_REDUCE", "ALL_GATHER", "ONE_TO_ONE" for a collective permute, ...); each counts once
+    however often the program runs it (one inside a loop counts once)."""
+    found = set(_DCN_TRANSFER.findall(hlo_text))
+    counts: dict[str, int] = {}
+    for _, kind in sorted(found):
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

@@ -9,7 +9,9 @@ topology): nothing runs, no TPU is attached.
 - With `--config`: that run config's train step on each slice (the config's mesh over the slice's
   chips, several hosts' when the slice has several): its memory per chip against the chip's HBM
   (XLA:TPU refuses a program over it, and that is the row's error), and how many Mosaic kernels
-  it holds.
+  it holds. With `--num_slices=N` (as MaxText's compile_topology_num_slices), on N such slices
+  joined by the data-center network (DCN), the config's data axis spanning them
+  (`mesh.num_slices`): the row also counts the collectives that cross slices, by kind.
 
 libtpu (the TPU compiler) is a PyPI package that jax pins (its `tpu` extra). `make tpu-compile`
 installs it into .venv/libtpu, apart from the environment (where jax would try to start a TPU
@@ -18,12 +20,15 @@ with it), and runs the kernel check; this script finds it there (`--libtpu_dir`)
     make tpu-compile
     .venv/bin/python scripts/tpu_compile.py --topologies=v5e:2x2 --nokernels \\
         --config=configs/pg19_flash.py --config.model.flash_impl=pallas_tpu
+    .venv/bin/python scripts/tpu_compile.py --topologies=v5e:2x4 --nokernels --num_slices=2 \\
+        --config=configs/pg19_flash.py --config.model.remat=full
 
 Exit status 1 when anything failed to compile (each failure is one row with its reason).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
@@ -33,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flash_jax import cli, console, results, sharding, tpu_topology
+from flash_jax import cli, console, results, tpu_topology
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
 from flash_jax.train import memory, step
@@ -58,14 +63,20 @@ _PLAN_VMEM_MIB = flags.DEFINE_integer(
 _LIBTPU_DIR = flags.DEFINE_string(
     "libtpu_dir", tpu_topology.DEFAULT_LIBTPU_DIR, "Where `make tpu-compile` installs libtpu."
 )
+_NUM_SLICES = flags.DEFINE_integer(
+    "num_slices",
+    None,
+    "Compile the train step for this many slices of each topology, joined by DCN "
+    "(sets mesh.num_slices; default: the config's, or 1).",
+)
 _JSON = flags.DEFINE_string("json", None, "Also write the rows to this JSON file.")
 
 PROGRAM = "tpu_compile.py"
 
 
-def topology_devices(name: str) -> list:
+def topology_devices(name: str, num_slices: int = 1) -> list:
     try:
-        return tpu_topology.devices(name)
+        return tpu_topology.devices(name, num_slices)
     except ValueError as e:
         cli.fail(PROGRAM, f"--topologies: {e}", 2)
 
@@ -165,11 +176,13 @@ def kernel_line(row: dict) -> str:
 
 def step_rows(config, topologies: list[str]) -> list[dict]:
     rows = []
+    num_slices = config.mesh.num_slices or 1
     for name in topologies:
-        devices = topology_devices(name)
+        devices = topology_devices(name, num_slices)
         kind = devices[0].device_kind
         row = {"part": "train step", "topology": name, "chip": kind, "chips": len(devices)}
         row["hosts"] = len({d.process_index for d in devices})
+        row["slices"] = num_slices
         timed(row, compile_step, config, devices, row)
         rows.append(row)
         print(step_line(row), flush=True)
@@ -177,18 +190,18 @@ def step_rows(config, topologies: list[str]) -> list[dict]:
 
 
 def compile_step(config, devices, row: dict) -> None:
-    """Compiles `config`'s train step for `devices` (a slice), putting in `row` its mesh, its
-    memory per chip against the chip's HBM and its count of Mosaic kernels."""
+    """Compiles `config`'s train step for `devices` (a slice, or several), putting in `row` its
+    mesh, its memory per chip against the chip's HBM, its count of Mosaic kernels and its
+    collectives across slices."""
     from flash_jax.train import loop  # imports TensorFlow (the data): after console.quiet
 
-    mesh = sharding.make_mesh(
-        tuple(config.mesh.shape), tuple(config.mesh.axis_names), devices=devices
-    )
+    mesh = loop.make_mesh(config, devices)
     loop.check_mesh_fit(config, mesh)
     with jax.set_mesh(mesh):
         fns = step.build(config, mesh)
         compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
     sizes = memory.step_memory(compiled)
+    text = compiled.as_text()
     hbm = tpu_topology.HBM_BYTES_BY_KIND.get(devices[0].device_kind)
     row.update(
         mesh=dict(mesh.shape),
@@ -197,20 +210,26 @@ def compile_step(config, devices, row: dict) -> None:
         fits=(sizes["total"] <= hbm) if sizes and hbm else None,
         # Mosaic kernels in the compiled program: the Pallas attention compiled as kernels
         # (flash_impl=pallas_tpu), not interpreted as XLA ops.
-        mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        mosaic_kernels=text.count('custom_call_target="tpu_custom_call"'),
+        dcn_collectives=tpu_topology.dcn_collectives(text),
     )
 
 
 def step_line(row: dict) -> str:
-    where = f"{row['chip']} x {row['chips']} ({row['topology']}, {row['hosts']} host(s))"
+    slices = f"{row['slices']} x " if row["slices"] > 1 else ""
+    where = f"{row['chip']} x {row['chips']} ({slices}{row['topology']}, {row['hosts']} host(s))"
     if row["error"] is not None:
         return f"train step  {where}: {row['error']}"
     gib = row["memory_per_chip_bytes"] / 2**30
     hbm = f" of {row['hbm_bytes'] / 2**30:.0f} GiB HBM" if row["hbm_bytes"] else ""
     verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[row["fits"]]
+    dcn = ""
+    if row["slices"] > 1:
+        kinds = ", ".join(f"{n} {k}" for k, n in row["dcn_collectives"].items()) or "none"
+        dcn = f", collectives across slices: {kinds}"
     return (
         f"train step  {where}, mesh {row['mesh']}: {gib:.2f} GiB per chip{hbm} ({verdict}), "
-        f"{row['mosaic_kernels']} Mosaic kernel calls; compiled in {row['seconds']:.1f} s"
+        f"{row['mosaic_kernels']} Mosaic kernel calls{dcn}; compiled in {row['seconds']:.1f} s"
     )
 
 
@@ -228,10 +247,15 @@ def main(argv):
         widths = [int(w) for w in _WIDTHS.value]
     except ValueError:
         cli.fail(PROGRAM, f"--widths must be integers, got {_WIDTHS.value}", 2)
+    if _NUM_SLICES.value is not None and _NUM_SLICES.value < 1:
+        cli.fail(PROGRAM, f"--num_slices must be >= 1, got {_NUM_SLICES.value}", 2)
     config = None
     if _CONFIG.value is not None:
         try:
             config = RunConfig.from_config(_CONFIG.value)
+            if _NUM_SLICES.value is not None:
+                mesh = dataclasses.replace(config.mesh, num_slices=_NUM_SLICES.value)
+                config = dataclasses.replace(config, mesh=mesh)
         except ValueError as e:
             cli.fail(PROGRAM, str(e), 2)
     rows = []

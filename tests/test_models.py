@@ -2,6 +2,7 @@
 remat / jit equivalence, sharding on a simulated (data, fsdp, tensor) mesh, and input errors."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 from flash_jax import export, models, numpy_model, sharding
-from flash_jax.config import ModelConfig
+from flash_jax.config import MeshConfig, ModelConfig
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
 from flash_jax.layers.positions import RelativePositionBias, _toeplitz
 from flash_jax.train import checkpoint
@@ -387,6 +388,74 @@ def test_mesh_shape_errors():
     with pytest.raises(ValueError, match="mesh.shape"):
         sharding.make_mesh((2, 2), ("data", "fsdp", "tensor"))
     assert sharding.make_mesh((-1, 2, 1), ("data", "fsdp", "tensor")).shape["data"] == 4
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInDevice:
+    """What the mesh reads of a device: its slice, and its platform and kind (not a TPU's, which
+    would have it look for the chips' coordinates in the torus). libtpu's real TPU devices of two
+    slices are tested in test_tpu_compile.py."""
+
+    id: int
+    slice_index: int
+    device_kind: str = "stand-in"
+    platform: str = "cpu"
+    process_index: int = 0
+
+
+TWO_SLICES_OF_FOUR = [StandInDevice(i, slice_index=i // 4) for i in range(8)]
+AXES = ("data", "fsdp", "tensor")
+
+
+@pytest.mark.parametrize("num_slices", [0, 2])  # 0: as many as the devices lie in
+def test_a_mesh_over_two_slices_spans_them_with_the_data_axis_only(num_slices):
+    """data 4 = 2 slices x 2: the first half of the data axis lies in slice 0, the second in slice
+    1, and every fsdp group stays inside one slice (its all-gathers never cross DCN)."""
+    mesh = sharding.make_mesh((-1, 2, 1), AXES, TWO_SLICES_OF_FOUR, num_slices)
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert slices[:, :, 0].tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+    assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
+
+
+@pytest.mark.parametrize(
+    "shape, num_slices, devices, message",
+    [
+        (
+            (1, -1, 1),
+            0,
+            TWO_SLICES_OF_FOUR,
+            "mesh.shape (1, 8, 1): its data entry (1) must be a multiple of the devices' 2 slices "
+            "(mesh.num_slices): the data axis spans them",
+        ),
+        (
+            (-1, 1, 1),
+            1,
+            TWO_SLICES_OF_FOUR,
+            "mesh.num_slices=1 but these 8 stand-in devices lie in 2 slice(s)",
+        ),
+        ((-1, 1, 1), 2, None, "mesh.num_slices=2 but these 8 cpu devices lie in 1 slice(s)"),
+    ],
+)
+def test_a_mesh_that_does_not_match_the_slices_is_one_line(shape, num_slices, devices, message):
+    with pytest.raises(ValueError) as error:
+        sharding.make_mesh(shape, AXES, devices, num_slices)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(num_slices=-1), "mesh.num_slices must be an integer >= 0, got -1"),
+        (
+            dict(num_slices=2, axis_names=("fsdp", "tensor"), shape=(-1, 1)),
+            "mesh.num_slices=2 needs a 'data' axis in mesh.axis_names ('fsdp', 'tensor')",
+        ),
+    ],
+)
+def test_bad_num_slices_is_named(mesh, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MeshConfig.from_config(mesh)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Two processes on this machine (2 CPU devices each, gloo collectives): train.py and eval.py as a
 pod slice runs them (flash_jax/distributed.py). Every launch starts two JAX processes, so the
 checks share launches: one uninterrupted run, one run stopped by SIGTERM and resumed, one eval,
-one run whose second process dies.
+one run whose second process dies. The uninterrupted run gets the distributed flags; the stopped
+and resumed ones only what SLURM gives each task (scripts/launch/slurm.sbatch), as on a cluster.
 """
 
 import dataclasses
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,19 +54,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(script, args, logs_dir, name):
-    """Processes 0 and 1 of `script`, their output in logs_dir/name.<i>.log."""
+def slurm_job_id() -> int:
+    """A SLURM job id whose coordinator port is free here: JAX's SLURM detection puts process 0's
+    coordination service on port 61440 + job id % 4096."""
+    for _ in range(100):
+        job_id = random.randrange(10**6)
+        with socket.socket() as s:
+            try:
+                s.bind(("localhost", 61440 + job_id % 4096))
+                return job_id
+            except OSError:
+                continue
+    raise AssertionError("no free port in 61440-65535 for a SLURM job's coordinator")
+
+
+def slurm_environment(job_id: int, task: int) -> dict:
+    """What SLURM gives task `task` of a job of two tasks on one node (srun), nothing else."""
+    return {
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": str(task),
+        "SLURM_LOCALID": str(task),
+    }
+
+
+def launch(script, args, logs_dir, name, slurm=False):
+    """Processes 0 and 1 of `script`, their output in logs_dir/name.<i>.log; with `slurm`,
+    SLURM's environment instead of the distributed flags."""
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
         "JAX_PLATFORMS": "cpu",
         "JAX_NUM_CPU_DEVICES": "2",
         "TF_CPP_MIN_LOG_LEVEL": "3",
     }
-    port = free_port()
+    port, job_id = free_port(), slurm_job_id() if slurm else None
     procs, logs = [], []
     for i in range(2):
         log = os.path.join(logs_dir, f"{name}.{i}.log")
         logs.append(log)
+        distributed = [
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ]
         with open(log, "w") as out:
             procs.append(
                 subprocess.Popen(
@@ -72,13 +105,11 @@ def launch(script, args, logs_dir, name):
                         sys.executable,
                         script,
                         *args,
-                        f"--coordinator_address=localhost:{port}",
-                        "--num_processes=2",
-                        f"--process_id={i}",
+                        *([] if slurm else distributed),
                         f"--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}",
                     ],
                     cwd=REPO,
-                    env=env,
+                    env={**env, **slurm_environment(job_id, i)} if slurm else env,
                     # train.py: everything in the log; eval.py: results on stdout, the log on stderr
                     stdout=out if script == "train.py" else subprocess.PIPE,
                     stderr=subprocess.STDOUT if script == "train.py" else out,
@@ -111,8 +142,9 @@ def wait_for(log, text, procs, timeout=300):
     raise AssertionError(f"{text!r} never appeared in {log}: {open(log).read()[-3000:]}")
 
 
-def train(workdir, logs_dir, name, *extra):
-    return launch("train.py", [*TINY_ARGS, *extra, f"--workdir={workdir}"], logs_dir, name)
+def train(workdir, logs_dir, name, *extra, slurm=False):
+    args = [*TINY_ARGS, *extra, f"--workdir={workdir}"]
+    return launch("train.py", args, logs_dir, name, slurm)
 
 
 def losses(workdir):
@@ -130,8 +162,9 @@ def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
     codes, texts = finish(*train(straight, tmp_path, "straight", steps))
     assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
 
-    # SIGTERM to both processes: they stop at the same step with one checkpoint.
-    procs, logs = train(resumed, tmp_path, "stopped", steps)
+    # Launched as SLURM starts its tasks (no distributed flags), then SIGTERM to both processes,
+    # as SLURM preempts a job: they stop at the same step with one checkpoint.
+    procs, logs = train(resumed, tmp_path, "stopped", steps, slurm=True)
     wait_for(logs[0], f"step 3/{NUM_STEPS}", procs)
     for p in procs:
         p.send_signal(signal.SIGTERM)
@@ -139,7 +172,9 @@ def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
     assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
     ckpts = checkpoint.Checkpoints(resumed, read_only=True)
     stopped = ckpts.latest_step()
+    layout = ckpts.read_meta(stopped)["data_layout"]
     ckpts.close()
+    assert layout["processes"] == 2
     assert stopped is not None and 3 <= stopped < NUM_STEPS, texts[0][-3000:]
     data_dir = os.path.join(resumed, "checkpoints", str(stopped), "data")
     assert sorted(f for f in os.listdir(data_dir) if f.endswith(".json")) == [
@@ -149,7 +184,7 @@ def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
 
     # The rerun resumes there (input streams restored, no replay) and trains exactly as the
     # uninterrupted run: the same programs on the same batches on the same CPU devices.
-    codes, texts = finish(*train(resumed, tmp_path, "resume", steps))
+    codes, texts = finish(*train(resumed, tmp_path, "resume", steps, slurm=True))
     assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
     assert f"resuming from step {stopped} (input stream restored)" in texts[0]
     assert losses(resumed) == losses(straight)

@@ -127,3 +127,32 @@ def test_a_mesh_the_slices_torus_cannot_hold_is_named(tmp_path):
         "mesh.shape (32, 2, 1) cannot be laid on these 64 TPU v5 devices: each mesh axis must be "
         "a product of some of the slice's physical axes (jax: Failed to find assignment"
     ), row
+
+
+@pytest.mark.slow  # 20 to 50 s: one compile
+def test_on_two_slices_only_all_reduces_cross_dcn(tmp_path):
+    """Two v5e-4 slices joined by DCN (`--num_slices=2`), data 4 = 2 slices x 2 chips, FSDP 2
+    inside each slice: the compiled step's collectives across slices (libtpu's multi-slice
+    transfers) are all-reduces only: the gradients' (summed inside each slice first, over ICI)
+    and the loss's sums; FSDP's all-gathers and reduce-scatters stay inside the slices.
+
+    The vocabulary is cut to 256: at quickstart's 4096 and this tiny batch (one row per chip),
+    XLA finds it cheaper to all-gather the embedding's cotangents across slices than to all-reduce
+    the table's gradient, and one ALL_GATHER crosses slices besides the 10 all-reduces."""
+    proc, rows = run(
+        tmp_path,
+        "--nokernels",
+        "--topologies=v5e:2x2",
+        "--num_slices=2",
+        "--config=configs/quickstart.py",
+        "--config.model.vocab_size=256",
+        "--config.model.num_layers=2",
+        "--config.mesh.shape=-1,2,1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = rows
+    assert (row["chips"], row["hosts"], row["slices"]) == (8, 2, 2)
+    assert row["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert row["dcn_collectives"] == {"ALL_REDUCE": 10}
+    assert row["fits"]
+    assert "collectives across slices: 10 ALL_REDUCE" in proc.stdout

@@ -761,8 +761,10 @@ def restore(
     def restore_step(s: int) -> Restored:
         run_cfg = run_config(ckpts, s, config)
         shape, names = run_cfg.mesh.shape, run_cfg.mesh.axis_names
-        devices = jax.devices()[:1] if single_device else None
-        mesh = sharding.make_mesh((1,) * len(names) if single_device else shape, names, devices)
+        if single_device:
+            mesh = sharding.make_mesh((1,) * len(names), names, jax.devices()[:1])
+        else:
+            mesh = sharding.make_mesh(shape, names, num_slices=run_cfg.mesh.num_slices)
         with jax.set_mesh(mesh):
             if (run_cfg, mesh) not in _STEP_FNS:
                 _STEP_FNS[run_cfg, mesh] = step_lib.build(run_cfg, mesh)

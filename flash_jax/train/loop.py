@@ -34,8 +34,10 @@ def check_mesh_fit(config, mesh) -> None:
         )
 
 
-def make_mesh(config):
-    return sharding.make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axis_names))
+def make_mesh(config, devices=None):
+    """`config.mesh` over `devices` (default: all of them)."""
+    m = config.mesh
+    return sharding.make_mesh(tuple(m.shape), tuple(m.axis_names), devices, m.num_slices)
 
 
 # ----------------------------------------------------------------------------- the loop
