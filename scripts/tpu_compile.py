@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flash_jax import cli, console, results, sharding, tpu_topology
+from flash_jax import benchmarks, cli, console, results, sharding, tpu_topology
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
 from flash_jax.train import memory, step
@@ -190,6 +190,7 @@ def compile_step(config, devices, row: dict) -> None:
         compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
     sizes = memory.step_memory(compiled)
     hbm = tpu_topology.HBM_BYTES_BY_KIND.get(devices[0].device_kind)
+    text = compiled.as_text()
     row.update(
         mesh=dict(mesh.shape),
         memory_per_chip_bytes=sizes["total"] if sizes else None,
@@ -197,7 +198,9 @@ def compile_step(config, devices, row: dict) -> None:
         fits=(sizes["total"] <= hbm) if sizes and hbm else None,
         # Mosaic kernels in the compiled program: the Pallas attention compiled as kernels
         # (flash_impl=pallas_tpu), not interpreted as XLA ops.
-        mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        mosaic_kernels=text.count('custom_call_target="tpu_custom_call"'),
+        # What the step's collectives move per chip, by kind (HLO result sizes).
+        collective_bytes=benchmarks.collective_bytes(text),
     )
 
 
@@ -208,9 +211,11 @@ def step_line(row: dict) -> str:
     gib = row["memory_per_chip_bytes"] / 2**30
     hbm = f" of {row['hbm_bytes'] / 2**30:.0f} GiB HBM" if row["hbm_bytes"] else ""
     verdict = {True: "fits", False: "DOES NOT FIT", None: "capacity unknown"}[row["fits"]]
+    moved = sum(row["collective_bytes"].values()) / 2**20
     return (
         f"train step  {where}, mesh {row['mesh']}: {gib:.2f} GiB per chip{hbm} ({verdict}), "
-        f"{row['mosaic_kernels']} Mosaic kernel calls; compiled in {row['seconds']:.1f} s"
+        f"collectives {moved:.1f} MiB per chip, {row['mosaic_kernels']} Mosaic kernel calls; "
+        f"compiled in {row['seconds']:.1f} s"
     )
 
 

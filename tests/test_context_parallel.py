@@ -9,7 +9,6 @@ apart and added to the passed state), so the two agree within twice those tolera
 import functools
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from tiny_models import tiny_config
 
 from configs import base, quickstart
-from flash_jax import models, sharding
+from flash_jax import benchmarks, models, sharding
 from flash_jax.config import RunConfig
 from flash_jax.layers import document_positions
 from flash_jax.ops import attention, context_parallel
@@ -183,31 +182,6 @@ def test_a_model_with_the_sequence_over_four_devices_equals_the_unsharded_one(na
         _close(got, want, GRAD_TOL, jax.tree_util.keystr(path))
 
 
-_COLLECTIVE = re.compile(
-    r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
-)
-_ARRAY = re.compile(r"(pred|s8|u8|s32|u32|bf16|f16|f32)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
-
-
-def collective_bytes(hlo_text):
-    """Bytes of the results of the collectives of a compiled program that cross devices (not
-    those whose device groups are single devices: the psums over a mesh axis of size 1), by
-    kind."""
-    totals = {}
-    for line in hlo_text.splitlines():
-        match = _COLLECTIVE.search(line)
-        if match is None or "replica_groups={{0},{1}" in line:
-            continue
-        result, kind = match.group(1), match.group(2)
-        size = sum(
-            _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-            for dtype, dims in _ARRAY.findall(result)
-        )
-        totals[kind] = totals.get(kind, 0) + size
-    return totals
-
-
 def _step_config(name, causal, seq_len, mesh_shape):
     config = base.get_config()
     m = config.model
@@ -240,7 +214,7 @@ def test_flash_moves_the_same_bytes_between_sequence_shards_at_any_context(causa
     moved = {}
     for T in (64, 256):
         hlo = _compiled_train_step(_step_config("flash", causal, T, (1, 1, 1, 4))).as_text()
-        moved[T] = collective_bytes(hlo)
+        moved[T] = benchmarks.collective_bytes(hlo)
     assert moved[64] == moved[256], moved
     # The edge states: B x directions x S x E float32 sums from each of the 4 devices.
     D = 1 if causal else 2
@@ -252,6 +226,20 @@ def test_flash_moves_the_same_bytes_between_sequence_shards_at_any_context(causa
 # devices' edges), the sequence axis against the data axis on the same batches.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _train_losses(workdir, model_name, mesh_shape):
@@ -266,16 +254,7 @@ def _train_losses(workdir, model_name, mesh_shape):
         "--config.mesh.axis_names=data,fsdp,tensor,sequence",
         f"--config.mesh.shape={mesh_shape}",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "train.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run("train.py", *args)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [r["loss"] for r in records if "loss" in r]
@@ -290,6 +269,9 @@ def test_train_py_with_the_sequence_over_four_devices_matches_data_parallel(tmp_
     data_parallel = _train_losses(tmp_path / "data", model_name, "4,1,1,1")
     assert len(sequence) == 4
     np.testing.assert_allclose(sequence, data_parallel, rtol=1e-4)
+    # eval.py restores the run with its mesh: the sequence axis, here.
+    result = _run("eval.py", f"--workdir={tmp_path / 'sequence'}", "--max_batches=1").stdout
+    assert np.isfinite(json.loads(result.strip().splitlines()[-1])["loss"])
 
 
 @pytest.mark.slow
