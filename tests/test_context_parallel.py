@@ -193,8 +193,10 @@ def _step_config(name, causal, seq_len, mesh_shape):
     return config
 
 
-def _compiled_train_step(config):
-    mesh = sharding.make_mesh(config.mesh.shape, config.mesh.axis_names, devices=jax.devices()[:4])
+def _compiled_train_step(config, devices=4):
+    mesh = sharding.make_mesh(
+        config.mesh.shape, config.mesh.axis_names, devices=jax.devices()[:devices]
+    )
     B, T = config.data.batch_size, config.data.seq_len
     ints = jax.ShapeDtypeStruct((B, T), jnp.int32)
     batch = {k: ints for k in step.BATCH_KEYS} | {
