@@ -208,19 +208,20 @@ def _compiled_train_step(config, devices=4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_flash_moves_the_same_bytes_between_sequence_shards_at_any_context(causal):
-    """What crosses devices in FLASH's train step on a sequence axis of 4: the edge states (one
-    `[S, E]` sum per device and direction), the loss's scalars and the parameters' gradients
-    (replicated over the axis): the same bytes at 64 and 256 tokens."""
+@pytest.mark.parametrize("name, causal", [("flash", True), ("flash", False), ("performer", True)])
+def test_constant_state_models_move_the_same_bytes_between_sequence_shards_at_any_context(
+    name, causal
+):
+    """What crosses devices in the train step on a sequence axis of 4: the edge states (FLASH:
+    one `[S, E]` sum per device and direction; Performer: `[H, M, D + 1]`), the loss's scalars
+    and the parameters' gradients (replicated over the axis): the same bytes at 64 and 256
+    tokens. Without the edge states GSPMD gathers 4x more at 4x the context."""
     moved = {}
     for T in (64, 256):
-        hlo = _compiled_train_step(_step_config("flash", causal, T, (1, 1, 1, 4))).as_text()
+        hlo = _compiled_train_step(_step_config(name, causal, T, (1, 1, 1, 4))).as_text()
         moved[T] = benchmarks.collective_bytes(hlo)
     assert moved[64] == moved[256], moved
-    # The edge states: B x directions x S x E float32 sums from each of the 4 devices.
-    D = 1 if causal else 2
-    assert moved[64]["all-gather"] >= 4 * 2 * D * 16 * 64 * 4, moved
+    assert "all-gather" in moved[64], moved  # the edge states
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +312,8 @@ def test_comma_separated_axis_names_parse_like_the_shape():
         ({"name": "flash", "chunk_size": 8}, r"data.seq_len \(48\) must be a multiple of 32 "),
         ({"name": "transformer_pp"}, None),
         ({"name": "flash", "chunk_size": 4, "flash_impl": "pallas_tpu"}, "flash_impl='pallas_tpu'"),
+        ({"name": "transformer_pp", "attention_impl": "splash"}, "attention_impl='splash'"),
+        ({"name": "performer", "chunk_size": 8}, r"must be a multiple of 32 "),
     ],
 )
 def test_a_sequence_that_does_not_split_into_whole_chunks_is_one_line(overrides, message):

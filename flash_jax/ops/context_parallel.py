@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flash_jax.ops import attention
+from flash_jax.ops import attention, multihead, performer
 
 _F32 = jnp.float32
 
@@ -51,6 +51,32 @@ def mixed_chunk_attention_sharded(
     )
 
 
+def favor_attention_sharded(q, k, v, projection, segment_ids, *, axis_name, causal, chunk_size):
+    """`performer.favor_attention` on this device's stretch of a sequence sharded over
+    `axis_name`: each device gathers the others' per-head sums phi(k) [v, 1]^T over their edge
+    runs, `[H, M, D + 1]` per device and direction, whatever the context."""
+    q, k, v, seg_BT = multihead.check_inputs(q, k, v, segment_ids)
+    phi_k = performer.favor_features(k, projection, query=False)
+    v1 = jnp.concatenate([v.astype(_F32), jnp.ones(v.shape[:3] + (1,), _F32)], axis=-1)
+
+    def edge_sums(member_BT):
+        phi_k_BTHM = jnp.where(member_BT[:, :, None, None], phi_k, 0.0)
+        return (jnp.einsum("bthm,bthe->bhme", phi_k_BTHM, v1),)
+
+    seg_BD, (sums_BDHME,) = edge_states(edge_sums, seg_BT, axis_name, causal)
+    boundary = attention.Boundary(seg_BD, sums_BDHME, jnp.zeros(seg_BD.shape, _F32))
+    return performer.favor_attention(
+        q,
+        k,
+        v,
+        projection,
+        causal=causal,
+        chunk_size=chunk_size,
+        segment_ids=seg_BT,
+        boundary=boundary,
+    )
+
+
 def document_positions_sharded(segment_ids_BT, *, axis_name):
     """`layers.document_positions` of this device's stretch: positions inside each document,
     counting the document's tokens on earlier devices (one all-gather of three ints per row and
@@ -60,8 +86,8 @@ def document_positions_sharded(segment_ids_BT, *, axis_name):
     local_BT = document_positions(segment_ids_BT)
     first_B, last_B = segment_ids_BT[:, 0], segment_ids_BT[:, -1]
     tail_B = jnp.sum(segment_ids_BT == last_B[:, None], axis=1, dtype=jnp.int32)
-    before_B, seg_before_B = _chained_from_before(
-        (tail_B,), first_B, last_B, last_B, axis_name, require_nonzero=False
+    before_B, seg_before_B = _chained(
+        (tail_B,), first_B, last_B, last_B, axis_name, step=1, require_nonzero=False
     )
     # The first run of the stretch (local position = index) may continue the document before it.
     in_first_run_BT = local_BT == jnp.arange(segment_ids_BT.shape[1])[None, :]
@@ -70,50 +96,50 @@ def document_positions_sharded(segment_ids_BT, *, axis_name):
 
 
 def _boundary(lin_k_BTS, v_BTE, seg_BT, axis_name, causal) -> attention.Boundary:
-    """The `Boundary` of this device's stretch: per direction, the id of the document that
+    """FLASH's `Boundary` of this device's stretch: per direction, the id of the document that
     continues across that end and its tokens' linear-attention sum and count on the other
     devices."""
-    first_B, last_B = seg_BT[:, 0], seg_BT[:, -1]
-    ends = [(last_B, 1)] + ([] if causal else [(first_B, -1)])
-    segs, sums, counts = [], [], []
-    for end_B, step in ends:
-        # This stretch's own edge run: its tokens of the document at that end.
-        member_BT = (seg_BT == end_B[:, None]) & (seg_BT != 0)
+
+    def edge_sums(member_BT):
         sum_BSE = jnp.einsum(
             "bts,bte->bse",
             jnp.where(member_BT[..., None], lin_k_BTS, 0),
             v_BTE,
             preferred_element_type=_F32,
         )
-        count_B = jnp.sum(member_BT, axis=1, dtype=_F32)
-        if step == 1:
-            chained = _chained_from_before((sum_BSE, count_B), first_B, last_B, last_B, axis_name)
-        else:
-            chained = _chained_from_after((sum_BSE, count_B), first_B, last_B, first_B, axis_name)
-        seg_B, (sum_in, count_in) = chained[-1], chained[:2]
+        return sum_BSE, jnp.sum(member_BT, axis=1, dtype=_F32)
+
+    seg_BD, (sum_BDSE, count_BD) = edge_states(edge_sums, seg_BT, axis_name, causal)
+    return attention.Boundary(seg_BD, sum_BDSE, count_BD)
+
+
+def edge_states(edge_sums, seg_BT, axis_name, causal):
+    """What the other devices contribute across this stretch's ends, for any state that is a sum
+    over a document's tokens: `edge_sums(member_BT)` gives a device's sums (a tuple of arrays
+    with leading B) over the tokens `member_BT`; per direction (1 causal, 2 bidirectional), the
+    other devices' edge-run sums that reach this stretch are added up. Returns (the ids of the
+    documents continuing across the ends `[B, D]`, the sums stacked on axis 1)."""
+    first_B, last_B = seg_BT[:, 0], seg_BT[:, -1]
+    ends = [(last_B, 1)] + ([] if causal else [(first_B, -1)])
+    segs, sums = [], []
+    for end_B, step in ends:
+        # This stretch's own edge run: its tokens of the document at that end.
+        member_BT = (seg_BT == end_B[:, None]) & (seg_BT != 0)
+        own = edge_sums(member_BT)
+        *chained, seg_B = _chained(own, first_B, last_B, end_B, axis_name, step, True)
         segs.append(seg_B)
-        sums.append(sum_in)
-        counts.append(count_in)
-    return attention.Boundary(
-        jnp.stack(segs, axis=1), jnp.stack(sums, axis=1), jnp.stack(counts, axis=1)
-    )
-
-
-def _chained_from_before(values, first_B, last_B, end_B, axis_name, require_nonzero=True):
-    """Sums over the devices before this one of `values` (per device, of its edge run at the
-    `end_B` side), keeping those whose document reaches this device's start: device k < me
-    counts when its `end_B` id is the id of the token before this stretch and every device in
-    between holds only that document. Returns (*sums, that id)."""
-    return _chained(values, first_B, last_B, end_B, axis_name, 1, require_nonzero)
-
-
-def _chained_from_after(values, first_B, last_B, end_B, axis_name):
-    """The mirror of `_chained_from_before`: the devices after this one, the token after this
-    stretch."""
-    return _chained(values, first_B, last_B, end_B, axis_name, -1, True)
+        sums.append(chained)
+    stacked = tuple(jnp.stack(parts, axis=1) for parts in zip(*sums, strict=True))
+    return jnp.stack(segs, axis=1), stacked
 
 
 def _chained(values, first_B, last_B, end_B, axis_name, step, require_nonzero):
+    """Sums over the other devices of `values` (per device, of its edge run at the `end_B`
+    side), keeping those whose document reaches this stretch: with step 1 the devices before
+    this one whose `end_B` id is that of the token before this stretch, when every device in
+    between holds only that document; with step -1 the mirror (the devices after, the token
+    after). Returns (*sums, that id, 0 where there is none). `require_nonzero`: padding (id 0)
+    passes nothing (the positions count padding runs like documents)."""
     n = jax.lax.axis_size(axis_name)
     me = jax.lax.axis_index(axis_name)
     gathered = [jax.lax.all_gather(x, axis_name) for x in (*values, first_B, last_B, end_B)]

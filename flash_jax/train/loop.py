@@ -42,17 +42,20 @@ def check_sequence_fit(model, seq_len: int, mesh, rules) -> None:
     shards = sharding.shard_count(mesh, "length", rules)
     if shards == 1:
         return
-    unit = model.chunk_size if model.name == "flash" else 1
+    unit = model.chunk_size if model.name in ("flash", "performer") else 1
     if seq_len % (shards * unit):
         what = f"{shards} devices x model.chunk_size {unit}" if unit > 1 else f"{shards} devices"
         raise ValueError(
             f"data.seq_len ({seq_len}) must be a multiple of {shards * unit} to split over the "
             f"sequence axis ({what}, mesh {dict(mesh.shape)})"
         )
-    if model.name == "flash" and model.flash_impl not in ("auto", "xla"):
+    impl_key = "flash_impl" if model.name == "flash" else "attention_impl"
+    impl = getattr(model, impl_key)
+    uses_impl = model.name in ("flash", "transformer", "transformer_plus", "transformer_pp")
+    if uses_impl and impl not in ("auto", "xla"):
         raise ValueError(
-            f"model.flash_impl={model.flash_impl!r} cannot run with the sequence split over the "
-            f"mesh (mesh {dict(mesh.shape)}): context parallelism runs the XLA path"
+            f"model.{impl_key}={impl!r} cannot run with the sequence split over the mesh (mesh "
+            f"{dict(mesh.shape)}): context parallelism runs the XLA path"
         )
 
 
