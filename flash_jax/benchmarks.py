@@ -1,11 +1,14 @@
 """What the benchmark scripts share (scripts/benchmark.py, step_breakdown.py, bench_checkpoint.py):
-the training config of a model at one context, synthetic batches, a compiled program's FLOPs.
+the training config of a model at one context, synthetic batches, a compiled program's FLOPs and
+the bytes its collectives move.
 
 Nothing here imports the data stack (TensorFlow, seqio): benchmarks feed synthetic tokens and run
 on accelerator machines that have JAX and Flax alone.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -96,3 +99,45 @@ def cost_flops(compiled) -> float | None:
         cost = cost[0] if cost else None
     value = (cost or {}).get("flops")
     return float(value) if value and value > 0 else None
+
+
+_COLLECTIVE = re.compile(
+    r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
+_ARRAY = re.compile(r"\b(pred|s8|u8|s32|u32|bf16|f16|f32)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of the results of a compiled program's collectives that cross devices, per device,
+    by kind (all-gather, all-reduce, ...). Collectives over groups of single devices (psums over
+    a mesh axis of size 1, which XLA keeps) move nothing and are left out."""
+    totals: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match is None or _group_size(line) == 1:
+            continue
+        result, kind = match.groups()
+        size = sum(
+            _ITEM_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+            for dtype, dims in _ARRAY.findall(result)
+        )
+        totals[kind] = totals.get(kind, 0) + size
+    return totals
+
+
+def _group_size(hlo_line: str) -> int | None:
+    """How many devices each group of an HLO collective spans, in the three ways XLA writes
+    replica groups (`{{0,1},{2,3}}`, iota `[2,2]<=[4]`, `mesh['x'=2,'y'=2] {'y'}`); None when
+    the line has none (collective-permute's pairs)."""
+    match = re.search(r"replica_groups=\{\{([\d,]*)\}", hlo_line)
+    if match:
+        return len(match.group(1).split(","))
+    match = re.search(r"replica_groups=\[\d+,(\d+)\]<=", hlo_line)
+    if match:
+        return int(match.group(1))
+    match = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", hlo_line)
+    if match:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
+        return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", match.group(2))]))
+    return None

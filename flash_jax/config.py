@@ -379,6 +379,9 @@ class MeshConfig:
     num_slices: int = 0
 
     def __post_init__(self):
+        # `--config.mesh.axis_names=data,fsdp,tensor,sequence` arrives as one string.
+        names = tuple(n.strip() for name in self.axis_names for n in str(name).split(","))
+        object.__setattr__(self, "axis_names", names)
         if len(self.shape) != len(self.axis_names):
             raise ValueError(
                 f"mesh.shape {self.shape} needs one entry per axis of mesh.axis_names "

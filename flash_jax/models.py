@@ -3,12 +3,14 @@ logits), its factory `create`, and named size presets mirroring the paper's scal
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flash_jax import sharding
 from flash_jax.config import ModelConfig, depth_factor
 from flash_jax.layers import (
     Dense,
@@ -20,6 +22,7 @@ from flash_jax.layers import (
     make_norm,
 )
 from flash_jax.layers.basic import float32_logits, param
+from flash_jax.ops import context_parallel
 from flash_jax.sharding import DEFAULT_RULES, LAYER_AXIS_METADATA, constrain
 
 LAYER_TYPES = {
@@ -107,12 +110,23 @@ class LanguageModel(nnx.Module):
             positions = (
                 jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
                 if segment_ids is None
-                else document_positions(segment_ids)
+                else self.document_positions(segment_ids)
             )
         x = self.embed(tokens)
         if self.cfg.name == "transformer":
             x = x + jnp.take(self.position_embed.value, positions, axis=0).astype(x.dtype)
         return x, positions
+
+    def document_positions(self, segment_ids_BT):
+        """Positions inside each document; with the sequence sharded over the mesh, each device
+        counts its stretch's and gets the counts before it (not the ids) from the others."""
+        rules = self.cfg.sharding_rules
+        sequence_axis = sharding.sequence_axis(rules)
+        if sequence_axis is None:
+            return document_positions(segment_ids_BT)
+        fn = functools.partial(context_parallel.document_positions_sharded, axis_name=sequence_axis)
+        axes = ("batch", "length")
+        return sharding.per_shard(fn, (axes,), axes, rules)(segment_ids_BT)
 
     def apply_layers(
         self, x_BTD: jax.Array, segment_ids: jax.Array | None, positions: jax.Array

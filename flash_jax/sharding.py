@@ -18,7 +18,9 @@ Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 # The default table; configs/base.py exposes it as config.mesh.rules.
 DEFAULT_RULES: tuple = (
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    # Context parallelism: a `sequence` mesh axis cuts every sequence into stretches of whole
+    # chunks, one per device (FLASH passes only its edge states between them).
+    ("length", "sequence"),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
@@ -168,6 +170,16 @@ def shard_count(mesh: jax.sharding.Mesh, logical_axis: str, rules: Rules = DEFAU
     spec = logical_to_spec((logical_axis,), rules, mesh.axis_names)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def sequence_axis(rules: Rules = DEFAULT_RULES):
+    """The mesh axis (or axes) that the active mesh cuts sequences along ("length"), None when
+    it does not (no mesh, or one device along it)."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return None
+    spec = logical_to_spec(("length",), rules, mesh.axis_names)[0]
+    return spec if spec is not None and shard_count(mesh, "length", rules) > 1 else None
 
 
 def per_shard(fn, in_axes, out_axes, rules: Rules = DEFAULT_RULES):

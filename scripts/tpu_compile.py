@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flash_jax import cli, console, results, tpu_topology
+from flash_jax import benchmarks, cli, console, results, tpu_topology
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
 from flash_jax.train import memory, step
@@ -201,8 +201,8 @@ def compile_step(config, devices, row: dict) -> None:
         fns = step.build(config, mesh)
         compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
     sizes = memory.step_memory(compiled)
-    text = compiled.as_text()
     hbm = tpu_topology.HBM_BYTES_BY_KIND.get(devices[0].device_kind)
+    text = compiled.as_text()
     row.update(
         mesh=dict(mesh.shape),
         memory_per_chip_bytes=sizes["total"] if sizes else None,
@@ -212,6 +212,8 @@ def compile_step(config, devices, row: dict) -> None:
         # (flash_impl=pallas_tpu), not interpreted as XLA ops.
         mosaic_kernels=text.count('custom_call_target="tpu_custom_call"'),
         dcn_collectives=tpu_topology.dcn_collectives(text),
+        # What the step's collectives move per chip, by kind (HLO result sizes).
+        collective_bytes=benchmarks.collective_bytes(text),
     )
 
 
@@ -227,9 +229,11 @@ def step_line(row: dict) -> str:
     if row["slices"] > 1:
         kinds = ", ".join(f"{n} {k}" for k, n in row["dcn_collectives"].items()) or "none"
         dcn = f", collectives across slices: {kinds}"
+    moved = sum(row["collective_bytes"].values()) / 2**20
     return (
         f"train step  {where}, mesh {row['mesh']}: {gib:.2f} GiB per chip{hbm} ({verdict}), "
-        f"{row['mosaic_kernels']} Mosaic kernel calls{dcn}; compiled in {row['seconds']:.1f} s"
+        f"collectives {moved:.1f} MiB per chip, {row['mosaic_kernels']} Mosaic kernel "
+        f"calls{dcn}; compiled in {row['seconds']:.1f} s"
     )
 
 

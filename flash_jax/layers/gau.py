@@ -10,6 +10,8 @@ at document positions; `attend` is flash_jax.ops.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,7 @@ from flash_jax import ops, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers.basic import Dense, make_norm, param
 from flash_jax.layers.positions import RelativePositionBias, apply_rope
+from flash_jax.ops import context_parallel
 from flash_jax.sharding import constrain
 
 
@@ -163,9 +166,23 @@ class FlashLayer(_GatedUnit):
 
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones(x_BTD.shape[:2], jnp.int32)
-        if impl != "xla":  # a Pallas kernel: each device runs it on its own rows (and E slice)
-            keys, values = ("batch", "length", None), ("batch", "length", "act_mlp")
-            in_axes = (keys, keys, keys, keys, values, ("batch", "length"), None)
+        keys, values = ("batch", "length", None), ("batch", "length", "act_mlp")
+        in_axes = (keys, keys, keys, keys, values, ("batch", "length"), None)
+        sequence_axis = sharding.sequence_axis(cfg.sharding_rules)
+        if sequence_axis is not None:  # each device its stretch, edge states between them
+            if impl != "xla":
+                raise ValueError(
+                    f"model.flash_impl={impl!r} cannot run with the sequence sharded over the "
+                    f"mesh (context parallelism runs the XLA path): use model.flash_impl=xla"
+                )
+            attend = functools.partial(
+                context_parallel.mixed_chunk_attention_sharded,
+                axis_name=sequence_axis,
+                chunk_size=cfg.chunk_size,
+                causal=cfg.causal,
+            )
+            attend = sharding.per_shard(attend, in_axes, values, cfg.sharding_rules)
+        elif impl != "xla":  # a Pallas kernel: each device runs it on its own rows (and E slice)
             attend = sharding.per_shard(attend, in_axes, values, cfg.sharding_rules)
         attended = attend(
             quad_q, quad_k, lin_q, lin_k, v, segment_ids_BT, self.bias(cfg.chunk_size)

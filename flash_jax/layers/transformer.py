@@ -8,6 +8,8 @@ Combiner-Fixed (`CombinerAttention`); same parameters as Transformer++.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -51,7 +53,16 @@ class MultiHeadAttention(nnx.Module):
         """[B, T, H, dh] queries, keys, values -> [B, T, H, dh]."""
         cfg = self.cfg
         impl = cfg.attention_impl
-        if impl == "auto":
+        if sharding.sequence_axis(cfg.sharding_rules) is not None:
+            # GSPMD partitions the XLA path along the sequence axis (it gathers keys and
+            # values); a kernel run per device would see its own stretch's keys alone.
+            if impl not in ("auto", "xla"):
+                raise ValueError(
+                    f"model.attention_impl={impl!r} cannot run with the sequence split over the "
+                    f"mesh: use model.attention_impl=xla"
+                )
+            impl = "xla"
+        elif impl == "auto":
             impl = ops.dot_product.auto_impl(q.shape[1], q.shape[-1], q.dtype)
 
         def attend(q, k, v, segment_ids_BT):
@@ -119,15 +130,32 @@ class PerformerAttention(MultiHeadAttention):
         self.features = RandomFeatures(features, **{LOGICAL_AXES: (None, "kv")})
 
     def attend(self, q, k, v, segment_ids_BT):
-        return ops.favor_attention(
-            q,
-            k,
-            v,
-            self.features.value,
-            causal=self.cfg.causal,
-            chunk_size=self.cfg.chunk_size,
-            segment_ids=segment_ids_BT,
+        cfg = self.cfg
+        sequence_axis = sharding.sequence_axis(cfg.sharding_rules)
+        if sequence_axis is None:
+            return ops.favor_attention(
+                q,
+                k,
+                v,
+                self.features.value,
+                causal=cfg.causal,
+                chunk_size=cfg.chunk_size,
+                segment_ids=segment_ids_BT,
+            )
+        # Each device its stretch; the feature sums of the documents crossing its ends come
+        # from the others (flash_jax/ops/context_parallel.py).
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones(q.shape[:2], jnp.int32)
+        attend = functools.partial(
+            ops.context_parallel.favor_attention_sharded,
+            axis_name=sequence_axis,
+            causal=cfg.causal,
+            chunk_size=cfg.chunk_size,
         )
+        heads = ("batch", "length", "act_heads", None)
+        in_axes = (heads, heads, heads, None, ("batch", "length"))
+        attend = sharding.per_shard(attend, in_axes, heads, cfg.sharding_rules)
+        return attend(q, k, v, self.features.value, segment_ids_BT)
 
     @staticmethod
     def init_cache(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:

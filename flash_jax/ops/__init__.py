@@ -1,6 +1,6 @@
 """Pure attention functions (no parameters): the seam where faster kernels plug in."""
 
-from flash_jax.ops import combiner, dot_product, performer
+from flash_jax.ops import combiner, context_parallel, dot_product, performer
 from flash_jax.ops.attention import mixed_chunk_attention, quadratic_attention
 from flash_jax.ops.combiner import combiner_attention
 from flash_jax.ops.dot_product import dot_product_attention
@@ -9,6 +9,7 @@ from flash_jax.ops.performer import favor_attention
 __all__ = [
     "combiner",
     "combiner_attention",
+    "context_parallel",
     "dot_product",
     "dot_product_attention",
     "favor_attention",

@@ -129,6 +129,7 @@ def mixed_chunk_attention(
     quad_bias=None,
     impl: str = "xla",
     interpret: bool | None = None,
+    boundary: Boundary | None = None,
 ):
     """FLASH mixed chunk attention (token-exact for packed documents).
 
@@ -166,6 +167,10 @@ def mixed_chunk_attention(
       interpret: run a Pallas kernel in interpret mode; None = exactly when the program is
         for CPUs (kernels there are for tests: slow, but the same kernel bodies): the active
         mesh's devices, else the default backend (`target_platform`).
+      boundary: None, or the states of the tokens beyond the ends of this stretch of the
+        sequence (`Boundary`: context parallelism, flash_jax/ops/context_parallel.py). Their
+        documents' tokens join L(i) and N_i exactly as if they were chunks before (and, when
+        bidirectional, after) these T tokens; their sums get the gradient. XLA path only.
 
     Returns:
       `[B, T, E]` in v's dtype; padding rows are exactly 0.
@@ -176,6 +181,8 @@ def mixed_chunk_attention(
     if impl == "auto":
         impl = flash_impl_for()
     if impl != "xla":
+        if boundary is not None:
+            raise ValueError(f"boundary (context parallelism) needs impl='xla', got {impl!r}")
         if interpret is None:
             interpret = target_platform() == "cpu"
         kernel = _kernel(impl)
@@ -216,11 +223,39 @@ def mixed_chunk_attention(
         return x.reshape((B, G, C) + x.shape[2:])
 
     inputs = [chunked(x.astype(dtype)) for x in (quad_q, quad_k, lin_q, lin_k, v)]
-    out_BGCE = _mixed_chunks(*inputs, chunked(seg_BT), quad_bias, causal)
+    if boundary is not None:
+        boundary = _check_boundary(boundary, B, lin_k.shape[2], v.shape[2], causal)
+    out_BGCE = _mixed_chunks(*inputs, chunked(seg_BT), quad_bias, boundary, causal)
     return out_BGCE.reshape(B, G * C, -1)[:, :T].astype(v.dtype)
 
 
 FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+class Boundary(NamedTuple):
+    """What the tokens beyond the ends of a stretch of the sequence contribute to its linear part,
+    per direction d (0: the tokens before the stretch, 1: those after it, bidirectional only):
+    the id of the document that continues across that end (0: none), and the float32 sum of
+    kl_j v_j^T and the count over its tokens out there. Documents are contiguous, so these are
+    all that crosses: one `[S, E]` sum per end, however long the sequence."""
+
+    seg_BD: jax.Array  # int ids
+    sum_BDSE: jax.Array  # float32
+    count_BD: jax.Array  # float32
+
+
+def _check_boundary(boundary: Boundary, B: int, S: int, E: int, causal: bool) -> Boundary:
+    D = 1 if causal else 2
+    expected = {"seg_BD": (B, D), "sum_BDSE": (B, D, S, E), "count_BD": (B, D)}
+    for name, shape in expected.items():
+        got = jnp.shape(getattr(boundary, name))
+        if got != shape:
+            raise ValueError(f"boundary.{name} must have shape {shape}, got {got}")
+    return Boundary(
+        jnp.asarray(boundary.seg_BD),
+        jnp.asarray(boundary.sum_BDSE, _F32),
+        jnp.asarray(boundary.count_BD, _F32),
+    )
 
 
 def target_device():
@@ -258,17 +293,17 @@ def _kernel(impl: str):
     return pallas_gpu.mixed_chunk_attention_gpu
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _mixed_chunks(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, causal):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _mixed_chunks(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary, causal):
     """`mixed_chunk_attention` on chunked inputs of one dtype: `[B, G, C, E]` in float32."""
-    args = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias)
+    args = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary)
     return _mixed_fwd(*args, causal)[0]
 
 
-def _mixed_fwd(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, causal):
+def _mixed_fwd(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary, causal):
     dtype = v_BGCE.dtype
-    links = _chunk_links(seg_BGC, causal)
-    states_BGXE = checkpoint_name(_chunk_states(links, kl_BGCS, v_BGCE), "attn_states")
+    links = _chunk_links(seg_BGC, causal, boundary)
+    states_BGXE = checkpoint_name(_chunk_states(links, kl_BGCS, v_BGCE, boundary), "attn_states")
     weights_BGCC, _ = _chunk_weights(
         qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, causal, transposed=False
     )
@@ -277,15 +312,15 @@ def _mixed_fwd(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, causal
     left_BGCK = _columns(weights_BGCC, _per_direction(ql_BGCS, links.use_BGCD), dtype)
     right_BGKE = _rows(v_BGCE, states_BGXE, dtype)
     out_BGCE = _dot("bgik,bgke->bgie", left_BGCK, right_BGKE, dtype)
-    residuals = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias)
+    residuals = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary)
     return out_BGCE, (residuals, states_BGXE)
 
 
 def _mixed_bwd(causal, residuals, d_out_BGCE):
-    (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias), states_BGXE = residuals
+    (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary), states_BGXE = residuals
     dtype = v_BGCE.dtype
     C = seg_BGC.shape[-1]
-    links = _chunk_links(seg_BGC, causal)
+    links = _chunk_links(seg_BGC, causal, boundary)
 
     # The states' side: out += ql_X states, states = (link A) / N, A = kl_X^T v per chunk.
     d_ql_BGCX = _dot("bgce,bgxe->bgcx", d_out_BGCE, states_BGXE, dtype)
@@ -315,7 +350,14 @@ def _mixed_bwd(causal, residuals, d_out_BGCE):
         d_ql_own, d_kl_own = _score_grads(d_lin_BGJI, ql_BGCS, kl_BGCS)
         d_ql, d_kl = d_ql + d_ql_own, d_kl + d_kl_own
     grads = (d_qq, d_kq, d_ql, d_kl, d_v)
-    return (*(g.astype(dtype) for g in grads), None, _bias_grad(d_scores_BGJI, bias))
+    d_boundary = None
+    if boundary is not None:  # the boundary sums enter every state their chunks receive
+        B, G, X, E = d_passed_BGXE.shape
+        d_passed_BGDSE = d_passed_BGXE.reshape(B, G, links.edge_BGD.shape[-1], -1, E)
+        d_sum_BDSE = jnp.einsum("bgd,bgdse->bdse", links.edge_BGD.astype(_F32), d_passed_BGDSE)
+        d_boundary = Boundary(None, d_sum_BDSE, jnp.zeros_like(boundary.count_BD))
+    bias_grad = _bias_grad(d_scores_BGJI, bias)
+    return (*(g.astype(dtype) for g in grads), None, bias_grad, d_boundary)
 
 
 _mixed_chunks.defvjp(_mixed_fwd, _mixed_bwd)
@@ -367,9 +409,10 @@ class _ChunkLinks(NamedTuple):
     link_BDHG: jax.Array  # the same, transposed (compared as such: see `_dot`)
     norm_BGC: jax.Array  # float32 1 / max(N_i, 1) of every token, N_i = |L(i)|
     norm_BGD: jax.Array  # float32: that of the tokens with use_BGCD (1 where none)
+    edge_BGD: jax.Array | None  # bool: chunk g receives the `Boundary` sum of direction d
 
 
-def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
+def _chunk_links(seg_BGC, causal: bool, boundary: Boundary | None = None) -> _ChunkLinks:
     """The cross-chunk structure of `mixed_chunk_attention`, from the chunked segment ids alone.
 
     Direction 0 (both modes): chunk h sums `A[h] = sum kl v^T` over its tokens of the document of
@@ -387,6 +430,10 @@ def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
     chunks' first tokens, h > g, run[g + 1], token (g + 1)C. Padding (id 0) is in no sum and
     reads nothing.
 
+    A `Boundary` is a virtual chunk beyond each end (before chunk 0 for d = 0, after chunk G - 1
+    for d = 1) whose end token has the boundary's id: chunk g receives its sum when g is the
+    first chunk past that end or the chunks in between form one run with that id (`edge`).
+
     Built from `[B, G, C]` ids and `[B, G, G]` comparisons only: no scan, no `[B, T, E]` work.
     With `_chunk_states` (the sums and the `[G, G]` matmul) and `_per_direction` (which queries
     read which state), it is what a kernel that passes states "as the XLA path does" reuses.
@@ -395,8 +442,9 @@ def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
     valid_BGC = seg_BGC != 0
     h_1H, g_G1 = jnp.arange(G)[None, :], jnp.arange(G)[:, None]
     ends = [(seg_BGC[:, :, -1], 1)] + ([] if causal else [(seg_BGC[:, :, 0], -1)])
-    members, uses, links, links_t, counts = [], [], [], [], []
-    for seg_end_BG, step in ends:
+    members, uses, links, links_t, counts, edges = [], [], [], [], [], []
+    for d, (seg_end_BG, step) in enumerate(ends):
+        seg_edge_B1 = 0 if boundary is None else boundary.seg_BD[:, d : d + 1]
         changes_BG = jnp.concatenate(
             [jnp.ones((B, 1), bool), seg_end_BG[:, 1:] != seg_end_BG[:, :-1]], axis=1
         )
@@ -404,7 +452,7 @@ def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
         # The neighbour that sums come from: chunk g - 1 (forward) or g + 1 (backward); -1 and 0
         # past the ends match no run and no token.
         run_from_BG = _shift_chunks(run_BG, step, fill=-1)
-        seg_from_BG = _shift_chunks(seg_end_BG, step, fill=0)
+        seg_from_BG = _shift_chunks(seg_end_BG, step, fill=seg_edge_B1)
         member_BGC = (seg_BGC == seg_end_BG[:, :, None]) & valid_BGC
         link_BGH = (h_1H < g_G1 if step == 1 else h_1H > g_G1) & (
             run_BG[:, None, :] == run_from_BG[:, :, None]
@@ -417,7 +465,16 @@ def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
         links.append(link_BGH)
         links_t.append(link_BHG)
         count_BH = jnp.sum(member_BGC, axis=-1, dtype=_F32)
-        counts.append(jnp.sum(jnp.where(link_BGH, count_BH[:, None, :], 0.0), axis=-1))
+        count_BG = jnp.sum(jnp.where(link_BGH, count_BH[:, None, :], 0.0), axis=-1)
+        if boundary is not None:
+            first = 0 if step == 1 else G - 1  # the chunk next to the boundary's end
+            edge_BG = (g_G1[:, 0] == first) | (
+                (run_from_BG == run_BG[:, first : first + 1])
+                & (seg_end_BG[:, first : first + 1] == seg_edge_B1)
+            )
+            edges.append(edge_BG)
+            count_BG = count_BG + jnp.where(edge_BG, boundary.count_BD[:, d : d + 1], 0.0)
+        counts.append(count_BG)
     use_BGCD = jnp.stack(uses, axis=-1)
     count_BGC = jnp.sum(jnp.where(use_BGCD, jnp.stack(counts, -1)[:, :, None, :], 0.0), axis=-1)
     if not causal:  # L(i) also holds the own chunk's tokens of the document
@@ -432,10 +489,11 @@ def _chunk_links(seg_BGC, causal: bool) -> _ChunkLinks:
         link_BDHG=jnp.stack(links_t, axis=1),
         norm_BGC=norm_BGC,
         norm_BGD=jnp.where(norm_BGD > 0, norm_BGD, 1.0),
+        edge_BGD=jnp.stack(edges, axis=-1) if edges else None,
     )
 
 
-def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
+def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE, boundary: Boundary | None = None):
     """The states the chunks read, `[B, G, X, E]` in the compute dtype (v's): per direction d
     (rows d * S ... (d + 1) * S - 1 of X), the passed sums of the float32 per-chunk sums
     `A[h, d] = sum_{c: member[h, c, d]} kl_c v_c^T` (`_pass_states`), divided by the count N of
@@ -445,6 +503,10 @@ def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE):
     kl_BGXC = _per_direction_transposed(kl_BGCS, links.member_BGCD)
     sums_BGXE = _dot("bgxc,bgce->bgxe", kl_BGXC, v_BGCE, dtype)
     passed_BGXE = _pass_states(links.link_BDGH, sums_BGXE, dtype)
+    if boundary is not None:  # float32, added before the one rounding of the passed state
+        edge_BGD11 = links.edge_BGD[..., None, None].astype(_F32)
+        edge_sums_BGDSE = edge_BGD11 * boundary.sum_BDSE[:, None]
+        passed_BGXE = passed_BGXE + edge_sums_BGDSE.reshape(passed_BGXE.shape)
     return (passed_BGXE * _per_state_row(links.norm_BGD, passed_BGXE.shape[2])).astype(dtype)
 
 
@@ -500,9 +562,9 @@ def _per_state_row(x_BGD, X):
 
 
 def _shift_chunks(x_BG, step, fill):
-    """x[:, g - step] (step 1: the previous chunk's value; -1: the next one's), `fill` past the
-    ends. Small `[B, G]` arrays only."""
-    edge = jnp.full_like(x_BG[:, :1], fill)
+    """x[:, g - step] (step 1: the previous chunk's value; -1: the next one's), `fill` (a scalar
+    or a `[B, 1]` column) past the ends. Small `[B, G]` arrays only."""
+    edge = jnp.broadcast_to(jnp.asarray(fill, x_BG.dtype), x_BG[:, :1].shape)
     if step == 1:
         return jnp.concatenate([edge, x_BG[:, :-1]], axis=1)
     return jnp.concatenate([x_BG[:, 1:], edge], axis=1)

@@ -86,7 +86,9 @@ def favor_features(x, projection_MD, *, query: bool) -> jax.Array:
     return jnp.exp(logits)
 
 
-def favor_attention(q, k, v, projection, *, causal: bool, chunk_size: int, segment_ids=None):
+def favor_attention(
+    q, k, v, projection, *, causal: bool, chunk_size: int, segment_ids=None, boundary=None
+):
     """Normalised FAVOR+ attention (module docstring), one projection shared by the heads.
 
     Args:
@@ -96,6 +98,10 @@ def favor_attention(q, k, v, projection, *, causal: bool, chunk_size: int, segme
       chunk_size: C, the block of the within-chunk part (a cost choice: the result does not
         depend on it beyond float rounding).
       segment_ids: int `[B, T]`, contiguous runs of equal ids, 0 = padding; None = one document.
+      boundary: None, or what the tokens beyond the ends of this stretch of the sequence add
+        (context parallelism, flash_jax/ops/context_parallel.py): an `attention.Boundary` whose
+        `sum_BDSE` holds, per direction and head, sum phi(k) [v, 1]^T `[B, D, H, M, D + 1]`
+        over the document continuing across that end (its counts are unused).
 
     Returns:
       `[B, T, H, D]` in v's dtype; padding rows are exactly 0.
@@ -110,12 +116,18 @@ def favor_attention(q, k, v, projection, *, causal: bool, chunk_size: int, segme
     v1 = jnp.concatenate([v.astype(_F32), jnp.ones((B, T, H, 1), _F32)], axis=-1)
     C = int(chunk_size)
     seg_BGC = multihead.chunked(seg_BT, C)
-    links = attention._chunk_links(seg_BGC, causal)  # shared by the heads
+    links = attention._chunk_links(seg_BGC, causal, boundary)  # shared by the heads
+    if boundary is None:
+        sums_BDHME = jnp.zeros((B, 1 if causal else 2, H, 1, 1), _F32)  # no edge: added nowhere
+    else:
+        sums_BDHME = boundary.sum_BDSE
 
-    def one_head(phi_q_BTM, phi_k_BTM, v1_BTE):
-        return _kernel_sums(phi_q_BTM, phi_k_BTM, v1_BTE, seg_BGC, links, causal)
+    def one_head(phi_q_BTM, phi_k_BTM, v1_BTE, edge_sums_BDME):
+        edge_sums_BDME = None if boundary is None else edge_sums_BDME
+        return _kernel_sums(phi_q_BTM, phi_k_BTM, v1_BTE, seg_BGC, links, causal, edge_sums_BDME)
 
-    return _normalise(multihead.per_head(one_head, phi_q, phi_k, v1)).astype(v.dtype)
+    out = multihead.per_head(one_head, phi_q, phi_k, v1, sums_BDHME)
+    return _normalise(out).astype(v.dtype)
 
 
 def _normalise(out_XE):
@@ -128,7 +140,7 @@ def _normalise(out_XE):
     return (numerator / scale) / (safe / scale)
 
 
-def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal):
+def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal, edge_sums_BDME=None):
     """sum_{j in L(i)} (phi_q_i . phi_k_j) v_j for one head, float32 `[B, T, E]`.
 
     Within chunk(i): a masked `[C, C]` kernel block. The other chunks: FLASH's linear-state
@@ -139,7 +151,8 @@ def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal):
     L(i) outside chunk(i) is exactly Performer's: i's document in earlier chunks (and, when
     bidirectional, later ones). `_chunk_states` itself does not fit: it divides the states by
     FLASH's token counts and rounds them to the compute dtype, while Performer's normaliser is
-    the column of ones in v and every sum stays float32.
+    the column of ones in v and every sum stays float32. `edge_sums_BDME`: the sums from beyond
+    the stretch's ends, added to the states of the chunks `links.edge_BGD` marks.
     """
     B, T, _ = phi_q_BTM.shape
     G, C = seg_BGC.shape[1:]
@@ -152,6 +165,9 @@ def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal):
     k_BGCX = attention._per_direction(k_BGCM, links.member_BGCD)
     sums_BGXE = jnp.einsum("bgcx,bgce->bgxe", k_BGCX, v_BGCE)
     passed_BGXE = attention._pass_states(links.link_BDGH, sums_BGXE, _F32)
+    if edge_sums_BDME is not None:
+        edge_BGDME = links.edge_BGD[..., None, None] * edge_sums_BDME[:, None]
+        passed_BGXE = passed_BGXE + edge_BGDME.reshape(passed_BGXE.shape)
     q_BGCX = attention._per_direction(q_BGCM, links.use_BGCD)
     out_BGCE = out_BGCE + jnp.einsum("bgcx,bgxe->bgce", q_BGCX, passed_BGXE)
     return out_BGCE.reshape(B, G * C, -1)[:, :T]

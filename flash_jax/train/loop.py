@@ -23,7 +23,8 @@ from flash_jax.train import workdir as workdir_lib
 
 
 def check_mesh_fit(config, mesh) -> None:
-    """The batch must split evenly over data-parallel devices and micro-batches."""
+    """The batch must split evenly over data-parallel devices and micro-batches, and sequences
+    into whole chunks per device along a sequence axis."""
     dp = step.data_parallel_size(mesh, config.mesh.rules)
     per = dp * config.train.grad_accum_steps
     if config.data.batch_size % per:
@@ -31,6 +32,30 @@ def check_mesh_fit(config, mesh) -> None:
             f"data.batch_size ({config.data.batch_size}) must be divisible by the data-parallel "
             f"size ({dp}, mesh {dict(mesh.shape)}) times train.grad_accum_steps "
             f"({config.train.grad_accum_steps})"
+        )
+    check_sequence_fit(config.model, config.data.seq_len, mesh, config.mesh.rules)
+
+
+def check_sequence_fit(model, seq_len: int, mesh, rules) -> None:
+    """Context parallelism: each device along the sequence axis holds whole chunks (FLASH's
+    chunks never straddle devices) and FLASH runs its XLA path there."""
+    shards = sharding.shard_count(mesh, "length", rules)
+    if shards == 1:
+        return
+    unit = model.chunk_size if model.name in ("flash", "performer") else 1
+    if seq_len % (shards * unit):
+        what = f"{shards} devices x model.chunk_size {unit}" if unit > 1 else f"{shards} devices"
+        raise ValueError(
+            f"data.seq_len ({seq_len}) must be a multiple of {shards * unit} to split over the "
+            f"sequence axis ({what}, mesh {dict(mesh.shape)})"
+        )
+    impl_key = "flash_impl" if model.name == "flash" else "attention_impl"
+    impl = getattr(model, impl_key)
+    uses_impl = model.name in ("flash", "transformer", "transformer_plus", "transformer_pp")
+    if uses_impl and impl not in ("auto", "xla"):
+        raise ValueError(
+            f"model.{impl_key}={impl!r} cannot run with the sequence split over the mesh (mesh "
+            f"{dict(mesh.shape)}): context parallelism runs the XLA path"
         )
 
 
