@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -407,6 +408,33 @@ def test_extreme_values_are_logged_alike_in_jsonl_and_tensorboard(tmp_path):
                 tb[(event.step, v.tag)] = float(tf.make_ndarray(v.tensor))
     assert tb[(1, "perplexity")] == np.inf and tb[(1, "x")] == -np.inf
     assert np.isnan(tb[(1, "grad_norm")]) and tb[(1, "loss")] == 1000.0
+
+
+def test_an_overflowing_loss_is_printed_in_scientific_notation_and_ends_in_a_summary(
+    tmp_path, caplog
+):
+    """A loss of 450 (what learning_rate=30 gives) has a perplexity of about 2.7e195: finite in
+    float64, past float32 (metrics.jsonl holds "inf"). The console line shows it in scientific
+    notation; the summary reads the "inf" and "nan" strings back without failing."""
+    from flash_jax import metrics
+
+    run = str(tmp_path)
+    reporter = report.Reporter(run, 12)
+    scalars = {"loss": 450.0, "perplexity": metrics.perplexity(450.0, 1.0), "grad_norm": 3e7}
+    with caplog.at_level(logging.INFO):
+        reporter.write(12, scalars)
+        reporter.console(12, scalars, 1.0)
+    nan = float("nan")
+    reporter.write(12, {"eval_loss": nan, "eval_perplexity": nan, "eval_tokens": 2048})
+    reporter.close()
+    (line,) = [m for m in messages(caplog, logging.INFO) if m.startswith("step 12/12")]
+    assert "loss 450.0000 | perplexity 2.707e+195" in line and "grad norm 3.000e+07" in line
+    assert not re.search(r"\d{10}", line), line  # no figure of hundreds of digits
+    summary = {"status": "done", "step": 12, "saved": 12, "checkpoint_dir": f"{run}/checkpoints"}
+    text = report.run_summary(summary, run, tiny_config())
+    assert "train  (step 12): loss 450.0000, token perplexity inf" in text
+    assert "eval   (step 12, validation, 2,048 tokens): loss nan, token perplexity nan" in text
+    assert report.figure("inf") == "inf" and report.figure(None) == "None"
 
 
 # ----------------------------------------------------------------------------- Ctrl-C, the lock

@@ -326,9 +326,9 @@ def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) 
     }
     reporter.write(done, scalars)
     logging.info(
-        "eval at step %d: loss %.4f, perplexity %.2f",
+        "eval at step %d: loss %s, perplexity %s",
         done,
-        scalars["eval_loss"],
-        scalars["eval_perplexity"],
+        report.figure(scalars["eval_loss"], ".4f"),
+        report.figure(scalars["eval_perplexity"]),
     )
     return scalars["eval_loss"]

@@ -61,6 +61,24 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+SCIENTIFIC_FROM = 1e6  # figures this large are printed as 1.234e+07, never as 200 digits
+
+
+def figure(value, spec: str = ".2f", scientific_from: float | None = SCIENTIFIC_FROM) -> str:
+    """A figure for the console: `value` formatted with `spec`; inf and nan as such, also when
+    they come back from metrics.jsonl as the strings "inf" / "nan"; a magnitude from
+    `scientific_from` on (None: never) in scientific notation; anything else as its text."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return str(number)
+    if scientific_from is not None and abs(number) >= scientific_from:
+        return f"{number:.3e}"
+    return format(number, spec)
+
+
 def _record_step(line: str) -> int | None:
     try:
         record = json.loads(line)
@@ -169,16 +187,17 @@ class Reporter:
 
     def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
         parts = [f"step {step}/{self.num_steps}"]
-        for key, fmt in (
-            ("loss", "{:.4f}"),
-            ("perplexity", "{:.2f}"),
-            ("learning_rate", "{:.2e}"),
-            ("grad_norm", "{:.3f}"),
-            ("tokens_per_sec", "{:,.0f}"),
-            ("mfu", "{:.1%}"),
+        for key, spec, scientific_from in (
+            ("loss", ".4f", SCIENTIFIC_FROM),
+            ("perplexity", ".2f", SCIENTIFIC_FROM),
+            ("learning_rate", ".2e", None),
+            ("grad_norm", ".3f", SCIENTIFIC_FROM),
+            ("tokens_per_sec", ",.0f", None),
+            ("mfu", ".1%", None),
         ):
             if scalars.get(key) is not None:
-                parts.append(f"{key.replace('_', ' ')} {fmt.format(scalars[key])}")
+                text = figure(scalars[key], spec, scientific_from)
+                parts.append(f"{key.replace('_', ' ')} {text}")
         if scalars.get("peak_bytes_in_use") is not None:
             parts.append(f"peak memory {memory.gib(scalars['peak_bytes_in_use'])}")
         if seconds_per_step:
@@ -317,14 +336,15 @@ def run_summary(summary: dict, workdir: str, config) -> str:
     train, evaluation = last_records(workdir)
     if train is not None:
         lines.append(
-            f"  train  (step {train['step']}): loss {train['loss']:.4f}, "
-            f"token perplexity {train['perplexity']:.2f}"
+            f"  train  (step {train['step']}): loss {figure(train['loss'], '.4f')}, "
+            f"token perplexity {figure(train.get('perplexity'))}"
         )
     if evaluation is not None:
         lines.append(
             f"  eval   (step {evaluation['step']}, {config.train.eval_split}, "
-            f"{evaluation.get('eval_tokens', 0):,.0f} tokens): loss {evaluation['eval_loss']:.4f}, "
-            f"token perplexity {evaluation['eval_perplexity']:.2f}"
+            f"{figure(evaluation.get('eval_tokens', 0), ',.0f', None)} tokens): "
+            f"loss {figure(evaluation.get('eval_loss'), '.4f')}, "
+            f"token perplexity {figure(evaluation['eval_perplexity'])}"
         )
     saved = summary.get("saved") or (step if status == "finished" else None)
     if saved is not None:
