@@ -455,6 +455,26 @@ def test_ctrl_c_saves_at_the_next_step_boundary_like_sigterm(tmp_path):
     assert not os.path.exists(os.path.join(run, workdir.LOCK_FILE))
 
 
+def test_sigterm_while_a_step_runs_saves_that_step_and_runs_no_other(tmp_path, monkeypatch):
+    """SIGTERM while step 3 runs (the loop is waiting for its loss): the checkpoint is of step 3
+    and step 4 is never dispatched (it used to be, and its state saved instead)."""
+    real_drain = report.StepMetrics.drain
+
+    def drain(self):
+        if self._pending is not None and self._pending[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 3 is in flight, not yet read
+        real_drain(self)
+
+    monkeypatch.setattr(report.StepMetrics, "drain", drain)
+    dispatched = []
+    run = str(tmp_path / "run")
+    config = tiny_config(eval_every=0, checkpoint_every=100)
+    summary = loop.train_and_evaluate(config, run, hooks=[dispatched.append])
+    assert summary["status"] == "preempted" and summary["stopped_by"] == "SIGTERM"
+    assert summary["step"] == summary["saved"] == 3 and steps_of(run) == [3]
+    assert dispatched == [1, 2, 3]
+
+
 def test_a_busy_workdir_stops_a_second_trainer_before_it_writes(tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(run)

@@ -58,9 +58,9 @@ def train_and_evaluate(
     again), or when no checkpoint of the workdir is intact;
     report.NonFiniteLossError when the loss diverges (only checkpoints whose own loss is finite
     are kept); checkpoint.CheckpointSaveError when the last checkpoint could not be saved.
-    SIGTERM or Ctrl-C stop the run at the next step boundary with a checkpoint (see
-    flash_jax/train/signals.py). `hooks` are called with the number of completed steps after each
-    step (tests use them).
+    SIGTERM or Ctrl-C stop the run with a checkpoint of the step in flight (no further step is
+    dispatched; see flash_jax/train/signals.py); that state's loss is checked by the resume.
+    `hooks` are called with the number of completed steps after each step (tests use them).
     """
     # ---- everything that can fail on bad input, before any compile or write
     config = RunConfig.from_config(config)
@@ -188,7 +188,10 @@ def train_and_evaluate(
         # ---- train
         status = "done"
         for _ in range(start, t.num_steps):
-            if stop.is_set() and not several:  # asked before the first step (compiling)
+            # Step `done` has finished (its loss is read) before the next one is dispatched: a
+            # stop asked while it ran (or while compiling) saves it, not the step after it.
+            step_metrics.drain()
+            if stop.is_set() and not several:
                 status = "preempted"
                 break
             with profiler.step(done + 1):
@@ -214,7 +217,9 @@ def train_and_evaluate(
         step_metrics.drain()
         if done > start:
             save()
-            if ckpts.unverified == done:
+            # A preempted run's last state is checked by its resume's first step instead: the
+            # forward pass (and its compile) would delay the exit a preemption grants time for.
+            if ckpts.unverified == done and status != "preempted":
                 # The last state's own loss (no later step computes it): one forward pass on
                 # the batch step done + 1 would take.
                 nll, weight = jax.device_get(
@@ -222,23 +227,16 @@ def train_and_evaluate(
                 )
                 step_metrics.check_loss(done + 1, float(nll) / max(float(weight), 1.0))
         ckpts.finish()  # CheckpointSaveError if the last save did not commit
-        saved = done if done > start else None
-        stopped_by = None
+        stopped_by = None  # train.py's summary line says what stopped the run
         if status == "preempted":
             stopped_by = "preemption" if several else stop.reason
-            logging.warning(
-                "stopped by %s at step %d; %s",
-                stopped_by,
-                done,
-                f"checkpoint saved in {ckpts.directory}" if saved else "nothing new to save",
-            )
         return {
             "status": status,
             "step": done,
             "last": step_metrics.last,
             "checkpoint_dir": ckpts.directory,
             "stopped_by": stopped_by,
-            "saved": saved,
+            "saved": done if done > start else None,
         }
 
 

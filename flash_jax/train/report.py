@@ -378,8 +378,9 @@ class NonFiniteLossError(RuntimeError):
 class StepMetrics:
     """The loop's metrics between two records, and the checks on them.
 
-    `push(k, metrics)` queues step k's device metrics and reads step k - 1's, so that the device
-    always has queued work (a step's metrics are read after the next step is dispatched). Every
+    `push(k, metrics)` queues step k's device metrics; the loop reads them (`drain`) before it
+    dispatches step k + 1, so that a stop asked while step k runs saves step k (the device waits
+    for the host between two steps: a batch transfer and a dispatch). Every
     loss is checked (`check_loss`: a non-finite one stops the run). Losses are averaged over the
     steps between records (every `train.log_every` steps and the last); step time counts neither
     the first step (compile, warm-up) nor the evaluation and checkpoint pauses (`paused`).
