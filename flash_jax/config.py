@@ -304,6 +304,10 @@ class TrainConfig:
     # eval loss (0: none; steps saved at eval steps compete).
     keep_every_steps: int = 0
     keep_best: int = 0
+    # The run stops (one line, keeping the newest committed checkpoint) once this many saves in a
+    # row have failed (a full disk, a quota, lost storage); 0: it trains on whatever fails, and
+    # only a failed last save ends it with an error.
+    max_failed_saves: int = 3
     # A jax.profiler trace of steps profile_start + 1 .. profile_start + profile_steps into the
     # run's tensorboard/ folder (0 steps: none); profile_port: a profiler server for on-demand
     # capture (0: none).
@@ -331,6 +335,7 @@ class TrainConfig:
             "warmup_steps",
             "keep_every_steps",
             "keep_best",
+            "max_failed_saves",
             "profile_start",
             "profile_steps",
             "profile_port",

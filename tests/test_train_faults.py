@@ -329,13 +329,15 @@ def test_a_state_of_another_layout_is_a_config_error_not_damage(finished_run, tm
 # ----------------------------------------------------------------------------- failed saves
 
 
-def fail_commit_of(monkeypatch, failing_step):
-    """Orbax's background commit of `failing_step` fails as on a full disk: the arrays are
-    written, then committing them raises ENOSPC, so the step never appears."""
+def fail_commit_of(monkeypatch, failing_step, *, and_later=False):
+    """Orbax's background commit of `failing_step` (and of every later one with `and_later`)
+    fails as on a full disk: the arrays are written, then committing them raises ENOSPC, so the
+    step never appears."""
     real = async_checkpointer._background_wait_for_commit_futures
 
     def commit(directory, commit_futures, on_commit_callback, **kwargs):
-        if epath.Path(directory).name == str(failing_step):
+        saving = int(epath.Path(directory).name)
+        if saving == failing_step or (and_later and saving > failing_step):
 
             def on_commit_callback():
                 raise OSError(errno.ENOSPC, "No space left on device (simulated)")
@@ -371,6 +373,66 @@ def test_a_failed_final_save_is_an_error_naming_the_last_committed_step(tmp_path
     ):
         loop.train_and_evaluate(tiny_config(eval_every=0), run)
     assert steps_of(run) == [2, 4]
+
+
+def test_saves_failing_in_a_row_stop_the_run_keeping_the_last_committed_one(tmp_path, monkeypatch):
+    """From step 3 on every save fails (a full disk): the run stops at the second failure in a
+    row (train.max_failed_saves=2) instead of training on to lose everything; step 2 is kept, and
+    the failed saves leave no temporary folder behind."""
+    fail_commit_of(monkeypatch, 3, and_later=True)
+    run = str(tmp_path / "run")
+    config = tiny_config(eval_every=0, checkpoint_every=1, num_steps=50, max_failed_saves=2)
+    with pytest.raises(
+        checkpoint.CheckpointSaveError,
+        match=r"^2 checkpoints in a row could not be saved in .*\(the last, step 4: OSError: "
+        r"\[Errno 28\] No space left on device \(simulated\)\); stopped \(train.max_failed_"
+        r"saves=2\); the newest committed checkpoint is step 2$",
+    ):
+        loop.train_and_evaluate(config, run)
+    assert steps_of(run) == [1, 2]
+    assert sorted(os.listdir(checkpoint_dir(run))) == ["1", "2"]  # no *.orbax-checkpoint-tmp*
+    assert len(read_jsonl(run)) < 10  # it stopped early
+
+
+def test_a_full_disk_that_fails_every_save_and_orbaxs_close_ends_in_one_error(
+    tmp_path, monkeypatch
+):
+    """Every save fails (ENOSPC) and closing Orbax's manager raises ENOSPC again: the run ends
+    with the one CheckpointSaveError (no OSError chained after it), saying that no checkpoint is
+    committed yet (it said "step None")."""
+    fail_commit_of(monkeypatch, 0, and_later=True)
+    real_close = checkpoint.ocp.CheckpointManager.close
+
+    def close(self):
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "close", close)
+    run = str(tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+        loop.train_and_evaluate(tiny_config(eval_every=0, max_failed_saves=0), run)
+    assert str(error.value).endswith("; no checkpoint is committed yet"), error.value
+    assert steps_of(run) == [] and os.listdir(checkpoint_dir(run)) == []
+
+
+def test_a_workdir_too_long_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):
+    """A workdir of 3,989 characters (each folder name under 256) can be created and locked, but
+    a checkpoint's paths run past the system's limit: one line before anything is compiled, and
+    the workdir the run created is removed again."""
+    parent = str(tmp_path)
+    while len(parent) < 3989 - 250:
+        parent = os.path.join(parent, "d" * 200)
+    os.makedirs(parent)
+    run = os.path.join(parent, "r" * (3989 - len(parent) - 1))
+    assert len(run) == 3989
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("nothing is compiled for a workdir that cannot hold a checkpoint")
+
+    monkeypatch.setattr(loop, "compile_train_step", must_not_run)
+    with pytest.raises(ValueError, match=r"cannot hold a checkpoint: writing a 4\d\d\d-character"):
+        loop.train_and_evaluate(tiny_config(), run)
+    assert not os.path.exists(run)
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -435,6 +497,45 @@ def test_an_overflowing_loss_is_printed_in_scientific_notation_and_ends_in_a_sum
     assert "train  (step 12): loss 450.0000, token perplexity inf" in text
     assert "eval   (step 12, validation, 2,048 tokens): loss nan, token perplexity nan" in text
     assert report.figure("inf") == "inf" and report.figure(None) == "None"
+
+
+def test_unwritable_metrics_at_the_start_are_one_warning_each_and_training_goes_on(
+    tmp_path, caplog
+):
+    """metrics.jsonl and tensorboard/ that cannot be opened (here a folder and a file in their
+    places) are one warning each; the run trains and checkpoints all the same."""
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)
+    (run / "tensorboard").write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        summary = loop.train_and_evaluate(tiny_config(eval_every=0, num_steps=2), str(run))
+    assert summary["status"] == "done" and steps_of(str(run)) == [2]
+    warnings = messages(caplog)
+    assert len([m for m in warnings if "could not write metrics.jsonl" in m]) == 1, warnings
+    assert len([m for m in warnings if "could not write TensorBoard events" in m]) == 1, warnings
+
+
+def test_tensorboard_write_failures_are_one_warning_without_tracebacks(
+    tmp_path, monkeypatch, caplog
+):
+    """A TensorBoard writer that fails every write (a full disk): one warning line, no traceback
+    (clu's AsyncWriter logged one per failed write, from its thread)."""
+    from clu import metric_writers
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    for name in ("write_scalars", "flush"):
+        monkeypatch.setattr(metric_writers.SummaryWriter, name, full)
+    with caplog.at_level(logging.INFO):
+        reporter = report.Reporter(str(tmp_path), 10)
+        for step_ in range(1, 6):
+            reporter.write(step_, {"loss": 1.0})
+        reporter.close()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    (warning,) = messages(caplog)
+    assert "could not write TensorBoard events ([Errno 28] No space left" in warning
+    assert [r["step"] for r in read_jsonl(str(tmp_path))] == [1, 2, 3, 4, 5]
 
 
 # ----------------------------------------------------------------------------- Ctrl-C, the lock

@@ -68,14 +68,7 @@ def train_and_evaluate(
     use_compilation_cache(t.compilation_cache_dir)
     finished = finished_step(config, workdir)
     if finished is not None:  # nothing to check, build, restore or compile
-        return {
-            "status": "finished",
-            "step": finished,
-            "last": {},
-            "checkpoint_dir": checkpoint.checkpoint_dir(workdir),
-            "stopped_by": None,
-            "saved": None,
-        }
+        return finished_summary(workdir, finished)
     splits = ["train", t.eval_split] if t.evaluates else ["train"]
     data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
@@ -96,6 +89,7 @@ def train_and_evaluate(
             stack.callback(lock.release)
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
+        checkpoint.check_writable(workdir, t.num_steps)  # not after training: every save failing
 
         # ---- build and compile: a config that cannot fit stops here, before anything is written
         fns = step.build(config, mesh)
@@ -118,7 +112,11 @@ def train_and_evaluate(
             wandb_run, wandb_continued = report.start_wandb(epath.Path(workdir), config)
             stack.callback(report.finish_wandb, wandb_run)  # after the reporter's last record
         ckpts = checkpoint.Checkpoints(
-            workdir, t.keep_checkpoints, keep_every_steps=t.keep_every_steps, keep_best=t.keep_best
+            workdir,
+            t.keep_checkpoints,
+            keep_every_steps=t.keep_every_steps,
+            keep_best=t.keep_best,
+            max_failed_saves=t.max_failed_saves,
         )
         stack.callback(ckpts.close)
         latest = ckpts.check_compatible(config.model)
@@ -287,6 +285,18 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
     finally:
         ckpts.close()
     return latest
+
+
+def finished_summary(workdir: str, finished: int) -> dict:
+    """`train_and_evaluate`'s summary for a run that had already finished at step `finished`."""
+    return {
+        "status": "finished",
+        "step": finished,
+        "last": {},
+        "checkpoint_dir": checkpoint.checkpoint_dir(workdir),
+        "stopped_by": None,
+        "saved": None,
+    }
 
 
 def next_batch(pipe, fns: step.StepFns) -> dict:

@@ -119,7 +119,8 @@ class Reporter:
 
     Records of steps after `start_step` (those the run is about to replay, or all of them for a
     run from scratch) are removed from metrics.jsonl first, so no step is logged twice. Failing
-    to write (a full disk, a TensorBoard error) is one warning line; the run goes on.
+    to open or write an output (a full disk, a read-only file, a TensorBoard error) is one warning
+    line for that output; the run goes on.
     """
 
     def __init__(
@@ -149,37 +150,53 @@ class Reporter:
         # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
         workdir = epath.Path(workdir)
         if is_main:
-            last_recorded = _drop_records_after(workdir / METRICS_FILE, start_step)
-            self._wandb_after = last_recorded if wandb_continued else 0
-            # Imported here: clu's TF summary writer pulls in TensorFlow.
+            last_recorded = self._safely(
+                METRICS_FILE, lambda: _drop_records_after(workdir / METRICS_FILE, start_step)
+            )
+            self._wandb_after = (last_recorded or 0) if wandb_continued else 0
+            # Imported here: clu's TF summary writer pulls in TensorFlow. Synchronous (a few
+            # scalars per record): clu's AsyncWriter logs a traceback for each failed write.
             from clu import metric_writers
 
-            self._writer = metric_writers.AsyncWriter(
-                metric_writers.SummaryWriter(str(workdir / TENSORBOARD_DIR))
+            self._writer = self._safely(
+                "TensorBoard events",
+                lambda: metric_writers.SummaryWriter(str(workdir / TENSORBOARD_DIR)),
             )
-            self._jsonl = (workdir / METRICS_FILE).open("a")
+            self._jsonl = self._safely(METRICS_FILE, (workdir / METRICS_FILE).open, "a")
             if config is not None:
                 hparams = flat_hparams(config.to_dict())
-                self._safely("TensorBoard events", lambda: self._writer.write_hparams(hparams))
+                self._safely("TensorBoard events", self._write_hparams, hparams)
 
-    def _safely(self, what: str, write: Callable[[], object]) -> None:
+    def _safely(self, what: str, write: Callable[..., object], *args):
+        """`write(*args)`'s result, or None when it fails: the first failure of each output is
+        one warning line, later ones are silent."""
         try:
-            write()
+            return write(*args)
         except Exception as e:  # noqa: BLE001 - metrics must never stop training
             if what not in self._failed:
                 self._failed.add(what)
                 logging.warning("could not write %s (%s); training goes on", what, e)
+            return None
+
+    def _write_hparams(self, hparams: dict) -> None:
+        if self._writer is not None:
+            self._writer.write_hparams(hparams)
+
+    def _write_scalars(self, step: int, scalars: dict) -> None:
+        if self._writer is not None:
+            self._writer.write_scalars(step, scalars)
 
     def _write_line(self, line: str) -> None:
-        self._jsonl.write(line)
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
 
     def write(self, step: int, scalars: dict) -> None:
         """One record: TensorBoard scalars and one JSON line {"step": ..., **scalars}."""
         scalars = {k: loggable(float(v)) for k, v in scalars.items() if v is not None}
         if not self.is_main:
             return
-        self._safely("TensorBoard events", lambda: self._writer.write_scalars(step, scalars))
+        self._safely("TensorBoard events", self._write_scalars, step, scalars)
         line = results.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
         self._safely(METRICS_FILE, lambda: self._write_line(line))
         if self._wandb is not None and step > self._wandb_after:
