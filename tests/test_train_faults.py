@@ -785,6 +785,7 @@ def test_cli_saves_that_cannot_be_written_are_one_line_each(tmp_path):
         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
     args = ["--config.train.num_steps=4", "--config.train.checkpoint_every=2"]
+    args.append("--config.train.max_failed_saves=0")  # each failure, up to the final one
     proc = subprocess.run(
         [sys.executable, "-c", limited, "train.py", *TINY_ARGS, *args, f"--workdir={run}"],
         cwd=REPO,
