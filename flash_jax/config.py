@@ -279,6 +279,10 @@ class TrainConfig:
 
     num_steps: int = 1000
     log_every: int = 10
+    # A record (console line, metrics.jsonl, TensorBoard) also for the first step of a run (or of
+    # a resume) and whenever this many seconds have passed since the last one, whatever log_every
+    # says: slow steps never leave the console silent for long (0: log_every alone).
+    log_every_seconds: int = 60
     eval_every: int = 200  # 0: no periodic evaluation
     eval_batches: int = 8
     eval_split: str = "validation"  # the split periodic eval reads
@@ -330,6 +334,7 @@ class TrainConfig:
         ):
             _check_int("train", key, getattr(self, key))
         for key in (
+            "log_every_seconds",
             "eval_every",
             "eval_batches",
             "warmup_steps",

@@ -36,6 +36,7 @@ from test_train import (  # noqa: F401 - fixtures, used by name
 )
 
 from flash_jax import data, sharding
+from flash_jax.config import RunConfig
 from flash_jax.train import checkpoint, loop, report, signals, step, workdir
 
 REAL_BUILD = step.build
@@ -536,6 +537,31 @@ def test_tensorboard_write_failures_are_one_warning_without_tracebacks(
     (warning,) = messages(caplog)
     assert "could not write TensorBoard events ([Errno 28] No space left" in warning
     assert [r["step"] for r in read_jsonl(str(tmp_path))] == [1, 2, 3, 4, 5]
+
+
+def test_slow_steps_are_logged_first_and_then_at_least_every_log_every_seconds(
+    tmp_path, monkeypatch
+):
+    """log_every=100 with steps of 25 s: records at the first step, then at the first step at
+    least 60 s (log_every_seconds) after the last record, and the last step; a resumed run's
+    first step is recorded too (it used to be silent until step 100)."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(report.time, "time", lambda: clock.now)
+    ckpts = types.SimpleNamespace(confirm=lambda s: None)
+    config = RunConfig.from_config(tiny_config(num_steps=8, log_every=100, log_every_seconds=60))
+
+    def recorded_steps(start, end):
+        reporter = report.Reporter(str(tmp_path), 8, is_main=False)
+        metrics_ = report.StepMetrics(config, reporter, ckpts, model_flops=1.0)
+        for done in range(start + 1, end + 1):
+            clock.now += 25.0
+            metrics_.push(done, {"loss": 2.0, "grad_norm": 1.0, "learning_rate": 1e-3})
+            metrics_.drain()
+            yield metrics_.last.get("step")
+
+    # Steps at 25, 50, ... s: step 1 (first), 4 (100 s: 75 s after step 1), 7, 8 (the last).
+    assert sorted(set(recorded_steps(0, 8))) == [1, 4, 7, 8]
+    assert sorted(set(recorded_steps(5, 8))) == [6, 8]  # a resume at step 5
 
 
 # ----------------------------------------------------------------------------- Ctrl-C, the lock

@@ -399,7 +399,8 @@ class StepMetrics:
     dispatches step k + 1, so that a stop asked while step k runs saves step k (the device waits
     for the host between two steps: a batch transfer and a dispatch). Every
     loss is checked (`check_loss`: a non-finite one stops the run). Losses are averaged over the
-    steps between records (every `train.log_every` steps and the last); step time counts neither
+    steps between records (the first step of the run or resume, every `train.log_every` steps, the
+    first after `train.log_every_seconds` and the last); step time counts neither
     the first step (compile, warm-up) nor the evaluation and checkpoint pauses (`paused`).
     """
 
@@ -413,6 +414,7 @@ class StepMetrics:
         self._pending = None  # (step, device metrics) not yet read
         self._losses: list[float] = []  # since the last record
         self._since: tuple[float, int] | None = None  # (time, step) the timing window starts at
+        self._last_record = time.time()
 
     def push(self, done: int, device_metrics) -> None:
         self.drain()
@@ -429,9 +431,10 @@ class StepMetrics:
         self.check_loss(done, loss, grad_norm)
         now = time.time()
         self._losses.append(loss)
-        if self._since is None:  # timing starts after the first step (warm-up)
+        first = self._since is None
+        if first:  # timing starts after the first step (warm-up)
             self._since = (now, done)
-        if done % self.config.log_every and done != self.config.num_steps:
+        if not (first or self._record_due(done, now)):
             return
         steps = done - self._since[1]
         step_time = (now - self._since[0]) / steps if steps else None
@@ -452,7 +455,14 @@ class StepMetrics:
         self.reporter.write(done, scalars)
         self.reporter.console(done, scalars, step_time)
         self.last = {**scalars, "step": done}
-        self._losses, self._since = [], (now, done)
+        self._losses, self._since, self._last_record = [], (now, done), now
+
+    def _record_due(self, done: int, now: float) -> bool:
+        """Every `log_every`-th step, the last one, and the first after `log_every_seconds`."""
+        t = self.config
+        if done % t.log_every == 0 or done == t.num_steps:
+            return True
+        return bool(t.log_every_seconds) and now - self._last_record >= t.log_every_seconds
 
     def check_loss(self, done: int, loss: float, grad_norm: float | None = None) -> None:
         """Step `done`'s loss is the loss of the state after step done - 1: it decides whether
