@@ -89,7 +89,7 @@ def train_and_evaluate(
             stack.callback(lock.release)
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
-        checkpoint.check_writable(workdir, t.num_steps)  # not after training: every save failing
+        checkpoint.check_writable(workdir, t.num_steps)  # before the compile, not at a save
 
         # ---- build and compile: a config that cannot fit stops here, before anything is written
         fns = step.build(config, mesh)
