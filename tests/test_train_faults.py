@@ -376,6 +376,7 @@ def test_a_failed_final_save_is_an_error_naming_the_last_committed_step(tmp_path
     assert steps_of(run) == [2, 4]
 
 
+@pytest.mark.slow  # four saves, two of them committed: about 15 s on 2 busy cores
 def test_saves_failing_in_a_row_stop_the_run_keeping_the_last_committed_one(tmp_path, monkeypatch):
     """From step 3 on every save fails (a full disk): the run stops at the second failure in a
     row (train.max_failed_saves=2) instead of training on to lose everything; step 2 is kept, and
