@@ -218,7 +218,7 @@ def test_a_process_that_dies_stops_the_other_within_the_heartbeat_timeout(tmp_pa
 
 
 @pytest.mark.slow  # two train.py processes: about 90 s
-def test_a_dead_peer_ends_the_other_trainer_at_once_with_one_line(tmp_path):
+def test_a_dead_peer_ends_the_other_trainer_with_one_line_naming_it(tmp_path):
     """Process 1 of a training run is killed: process 0 ends with one line naming process 1, exit
     1, after half the heartbeat timeout (it used to end at the full timeout, aborted by JAX with a
     stack dump, exit -6)."""
