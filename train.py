@@ -6,8 +6,8 @@
 
 Everything a run writes goes under --workdir (checkpoints/, metrics.jsonl, tensorboard/,
 config.json, and LOCK while it runs); a run started on a workdir with checkpoints resumes from the
-newest intact one. SIGTERM or Ctrl-C save a checkpoint at the next step and exit 0; a second
-Ctrl-C exits at once. Several processes: `--coordinator_address=HOST:PORT --num_processes=N
+newest intact one. SIGTERM or Ctrl-C save a checkpoint of the step in flight and exit 0; a
+second Ctrl-C exits at once. Several processes: `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` on each (JAX's cluster detection is the default on TPU pods and SLURM; see
 flash_jax/distributed.py and the README's "Pod-scale runs"). Errors (bad input, a workdir in
 use, divergence, a failed save) are one line on stderr and exit code 1. Every run ends with a
@@ -61,10 +61,17 @@ def main(argv):
         # a diverged run, a checkpoint that could not be saved.
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    message = ""
     if jax.process_index() == 0:
         # On stderr, after the log lines it follows (stdout is not ordered with them).
-        print(report.run_summary(summary, _WORKDIR.value, config), file=sys.stderr, flush=True)
-    return 0
+        message = report.run_summary(summary, _WORKDIR.value, config)
+    if jax.process_count() > 1:  # the others wait for this one at jax.distributed's shutdown
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        return 0
+    # Everything the run writes is closed: the teardown of TensorFlow's and XLA's threads would
+    # only delay the exit (seconds; a preemption grants a bounded time).
+    signals.exit_now(0, message)
 
 
 if __name__ == "__main__":

@@ -279,6 +279,10 @@ class TrainConfig:
 
     num_steps: int = 1000
     log_every: int = 10
+    # A record (console line, metrics.jsonl, TensorBoard) also for the first step of a run (or of
+    # a resume) and whenever this many seconds have passed since the last one, whatever log_every
+    # says: slow steps never leave the console silent for long (0: log_every alone).
+    log_every_seconds: int = 60
     eval_every: int = 200  # 0: no periodic evaluation
     eval_batches: int = 8
     eval_split: str = "validation"  # the split periodic eval reads
@@ -304,6 +308,10 @@ class TrainConfig:
     # eval loss (0: none; steps saved at eval steps compete).
     keep_every_steps: int = 0
     keep_best: int = 0
+    # The run stops (one line, keeping the newest committed checkpoint) once this many saves in a
+    # row have failed (a full disk, a quota, lost storage); 0: it trains on whatever fails, and
+    # only a failed last save ends it with an error.
+    max_failed_saves: int = 3
     # A jax.profiler trace of steps profile_start + 1 .. profile_start + profile_steps into the
     # run's tensorboard/ folder (0 steps: none); profile_port: a profiler server for on-demand
     # capture (0: none).
@@ -326,11 +334,13 @@ class TrainConfig:
         ):
             _check_int("train", key, getattr(self, key))
         for key in (
+            "log_every_seconds",
             "eval_every",
             "eval_batches",
             "warmup_steps",
             "keep_every_steps",
             "keep_best",
+            "max_failed_saves",
             "profile_start",
             "profile_steps",
             "profile_port",

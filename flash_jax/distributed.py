@@ -8,17 +8,23 @@ MPI jobs of several tasks, or JAX_COORDINATOR_ADDRESS in the environment start `
 with what the environment says; a single process needs nothing. CPU processes talk through gloo
 (jax's CPU collectives).
 
-A process that dies (killed, out of memory, a lost host) stops the others: JAX's coordination
-service misses its heartbeats for `--heartbeat_timeout_seconds` and terminates every other process
-with "Terminating process because the JAX distributed service detected fatal errors ... another
-task died"; nothing waits forever.
+A process that dies (killed, out of memory, a lost host) stops the others with one line naming
+it (`PeerWatch`): each process stamps a key of the coordination service every second and watches
+the others'; a stamp that stops changing for half of `--heartbeat_timeout_seconds` (or the
+coordination service, process 0's, that stops answering) ends the process with that line, exit
+code 1, before JAX's own heartbeat check would abort it with a stack dump at the full timeout.
+A process that ends normally says so first, so it is never taken for dead.
 
 Importing this module is cheap (no JAX): scripts define their flags before parsing them.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
+import time
 
 from absl import flags
 
@@ -96,7 +102,79 @@ def initialize(flag_holders: dict | None = None) -> bool:
         process_id=values["process_id"],
         heartbeat_timeout_seconds=values["heartbeat_timeout_seconds"],
     )
+    watch = PeerWatch(values["heartbeat_timeout_seconds"] / 2)
+    atexit.register(watch.stop)  # after JAX's shutdown hook, so it runs first
     return True
+
+
+class PeerWatch:
+    """Ends this process with one line naming a peer that died (see the module docstring)."""
+
+    STAMP_SECONDS = 1.0
+
+    def __init__(self, dead_after_seconds: float):
+        import jax
+        from jax._src import distributed as jax_distributed  # the coordination service client
+
+        self.client = jax_distributed.global_state.client
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.dead_after = max(dead_after_seconds, 2 * self.STAMP_SECONDS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="PeerWatch")
+        self._thread.start()
+
+    def _key(self, process: int) -> str:
+        return f"flash_jax/alive/{process}"
+
+    def _run(self) -> None:
+        seen: dict[int, tuple[str, float]] = {}  # process -> (its last stamp, when it changed)
+        stamp = 0
+        while not self._stop.wait(self.STAMP_SECONDS):
+            stamp += 1
+            try:
+                self.client.key_value_set(self._key(self.me), str(stamp), allow_overwrite=True)
+                stamps = {p: self._try_get(p) for p in range(self.count) if p != self.me}
+            except Exception:  # noqa: BLE001 - the coordination service itself is gone
+                if not self._stop.is_set():
+                    self._exit("process 0 (it runs the coordination service)")
+                return
+            now = time.monotonic()
+            for process, value in stamps.items():
+                if value is None or value == "done":  # not started yet, or ended normally
+                    continue
+                if seen.get(process, (None,))[0] != value:
+                    seen[process] = (value, now)
+                elif now - seen[process][1] > self.dead_after and not self._stop.is_set():
+                    self._exit(f"process {process}")
+
+    def _try_get(self, process: int) -> str | None:
+        try:
+            return self.client.key_value_try_get(self._key(process))
+        except Exception as e:  # noqa: BLE001 - NOT_FOUND: not stamped yet
+            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
+
+    def _exit(self, who: str) -> None:
+        from flash_jax.train import signals
+
+        program = os.path.basename(sys.argv[0]) or "python"
+        signals.exit_now(
+            1,
+            f"{program}: error: {who} of this run of {self.count} processes died or lost its "
+            f"connection (no sign of life for {self.dead_after:.0f} s; its log says why); "
+            f"process {self.me} stopped too. Rerun every process to resume from the last "
+            "checkpoint",
+        )
+
+    def stop(self) -> None:
+        """This process ends normally: the others are told, so they do not take it for dead."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.client.key_value_set(self._key(self.me), "done", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the service may be gone already
+            pass
 
 
 def barrier(name: str, timeout_seconds: int = 3600) -> None:

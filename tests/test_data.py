@@ -1,10 +1,13 @@
 """flash_jax.data: windows, packing, masking, hosts, resume, mesh, eval coverage, bad input."""
 
 import collections
+import contextlib
 import importlib
 import logging
 import os
 import tarfile
+import threading
+import time
 
 import jax
 import ml_collections
@@ -473,6 +476,35 @@ def test_every_document_is_trained_on_or_named(tmp_path, caplog, monkeypatch):
         ValueError, match=r"split 'validation' .* no readable text: .*4.txt is empty; .*5.txt is"
     ):
         data.check_data(byte_cfg(bad), ["validation"])
+
+
+def test_a_fifo_named_txt_is_skipped_with_a_warning_not_read(tmp_path, caplog, monkeypatch):
+    """A FIFO named 0.txt (read first) in a split: reading it would wait for a writer forever.
+    It is named in a warning and skipped. Should it be opened, a helper thread writes to it after
+    20 s, so that the test fails instead of hanging."""
+    monkeypatch.setattr(sources, "_reported", set())
+    root = tmp_path / "corpus"
+    (root / "validation").mkdir(parents=True)
+    fifo = root / "validation" / "0.txt"
+    os.mkfifo(fifo)
+    (root / "validation" / "1.txt").write_text("good text\n")
+    rescued = []
+
+    def rescue():
+        time.sleep(20)
+        with contextlib.suppress(OSError):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: nobody is reading
+            rescued.append(True)
+            os.close(fd)
+
+    threading.Thread(target=rescue, daemon=True).start()
+    with caplog.at_level(logging.WARNING):
+        data.check_data(byte_cfg(root), ["validation"])
+        rows, _ = collect(eval_pipe(byte_cfg(root), "validation"))
+    assert not rescued
+    assert rows["weights"].sum() == len("good text\n") + 1  # + EOS
+    log = [r.getMessage() for r in caplog.records]
+    assert any("0.txt is not a regular file (a FIFO" in m and "not trained on" in m for m in log)
 
 
 def test_bytes_cp1252_leaves_undefined_fall_back_to_latin1(tmp_path):

@@ -250,3 +250,22 @@ def test_a_process_that_dies_stops_the_other_within_the_heartbeat_timeout(tmp_pa
     # Never a hang: the survivor ends, with JAX's one line saying why.
     assert codes[0] != 0 and time.time() - killed < HEARTBEAT_SECONDS + 30
     assert "another task died" in texts[0], texts[0][-3000:]
+
+
+@pytest.mark.slow  # two train.py processes: about 90 s
+def test_a_dead_peer_ends_the_other_trainer_with_one_line_naming_it(tmp_path):
+    """Process 1 of a training run is killed: process 0 ends with one line naming process 1, exit
+    1, after half the heartbeat timeout (it used to end at the full timeout, aborted by JAX with a
+    stack dump, exit -6)."""
+    procs, logs = train(str(tmp_path / "run"), tmp_path, "dead", "--config.train.num_steps=100000")
+    wait_for(logs[0], "step 3/100000", procs)
+    procs[1].kill()
+    killed = time.time()
+    codes, texts = finish(procs, logs, timeout=HEARTBEAT_SECONDS + 60)
+    assert codes == [1, -signal.SIGKILL] and time.time() - killed < HEARTBEAT_SECONDS, texts[0]
+    assert "Traceback" not in texts[0] and "Check failure" not in texts[0], texts[0][-3000:]
+    last = texts[0].strip().splitlines()[-1]
+    assert last.startswith(
+        "train.py: error: process 1 of this run of 2 processes died or lost its connection (no "
+        "sign of life for 5 s; its log says why); process 0 stopped too."
+    ), texts[0][-3000:]

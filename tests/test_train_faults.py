@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from test_train import (  # noqa: F401 - fixtures, used by name
 )
 
 from flash_jax import data, sharding
+from flash_jax.config import RunConfig
 from flash_jax.train import checkpoint, loop, report, signals, step, workdir
 
 REAL_BUILD = step.build
@@ -328,13 +330,15 @@ def test_a_state_of_another_layout_is_a_config_error_not_damage(finished_run, tm
 # ----------------------------------------------------------------------------- failed saves
 
 
-def fail_commit_of(monkeypatch, failing_step):
-    """Orbax's background commit of `failing_step` fails as on a full disk: the arrays are
-    written, then committing them raises ENOSPC, so the step never appears."""
+def fail_commit_of(monkeypatch, failing_step, *, and_later=False):
+    """Orbax's background commit of `failing_step` (and of every later one with `and_later`)
+    fails as on a full disk: the arrays are written, then committing them raises ENOSPC, so the
+    step never appears."""
     real = async_checkpointer._background_wait_for_commit_futures
 
     def commit(directory, commit_futures, on_commit_callback, **kwargs):
-        if epath.Path(directory).name == str(failing_step):
+        saving = int(epath.Path(directory).name)
+        if saving == failing_step or (and_later and saving > failing_step):
 
             def on_commit_callback():
                 raise OSError(errno.ENOSPC, "No space left on device (simulated)")
@@ -370,6 +374,67 @@ def test_a_failed_final_save_is_an_error_naming_the_last_committed_step(tmp_path
     ):
         loop.train_and_evaluate(tiny_config(eval_every=0), run)
     assert steps_of(run) == [2, 4]
+
+
+@pytest.mark.slow  # four saves, two of them committed: about 15 s on 2 busy cores
+def test_saves_failing_in_a_row_stop_the_run_keeping_the_last_committed_one(tmp_path, monkeypatch):
+    """From step 3 on every save fails (a full disk): the run stops at the second failure in a
+    row (train.max_failed_saves=2) instead of training on to lose everything; step 2 is kept, and
+    the failed saves leave no temporary folder behind."""
+    fail_commit_of(monkeypatch, 3, and_later=True)
+    run = str(tmp_path / "run")
+    config = tiny_config(eval_every=0, checkpoint_every=1, num_steps=50, max_failed_saves=2)
+    with pytest.raises(
+        checkpoint.CheckpointSaveError,
+        match=r"^2 checkpoints in a row could not be saved in .*\(the last, step 4: OSError: "
+        r"\[Errno 28\] No space left on device \(simulated\)\); stopped \(train.max_failed_"
+        r"saves=2\); the newest committed checkpoint is step 2$",
+    ):
+        loop.train_and_evaluate(config, run)
+    assert steps_of(run) == [1, 2]
+    assert sorted(os.listdir(checkpoint_dir(run))) == ["1", "2"]  # no *.orbax-checkpoint-tmp*
+    assert len(read_jsonl(run)) < 10  # it stopped early
+
+
+def test_a_full_disk_that_fails_every_save_and_orbaxs_close_ends_in_one_error(
+    tmp_path, monkeypatch
+):
+    """Every save fails (ENOSPC) and closing Orbax's manager raises ENOSPC again: the run ends
+    with the one CheckpointSaveError (no OSError chained after it), saying that no checkpoint is
+    committed yet (it said "step None")."""
+    fail_commit_of(monkeypatch, 0, and_later=True)
+    real_close = checkpoint.ocp.CheckpointManager.close
+
+    def close(self):
+        real_close(self)
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "close", close)
+    run = str(tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+        loop.train_and_evaluate(tiny_config(eval_every=0, max_failed_saves=0), run)
+    assert str(error.value).endswith("; no checkpoint is committed yet"), error.value
+    assert steps_of(run) == [] and os.listdir(checkpoint_dir(run)) == []
+
+
+def test_a_workdir_too_long_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):
+    """A workdir of 3,989 characters (each folder name under 256) can be created and locked, but
+    a checkpoint's paths run past the system's limit: one line before anything is compiled, and
+    the workdir the run created is removed again."""
+    parent = str(tmp_path)
+    while len(parent) < 3989 - 250:
+        parent = os.path.join(parent, "d" * 200)
+    os.makedirs(parent)
+    run = os.path.join(parent, "r" * (3989 - len(parent) - 1))
+    assert len(run) == 3989
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("nothing is compiled for a workdir that cannot hold a checkpoint")
+
+    monkeypatch.setattr(loop, "compile_train_step", must_not_run)
+    with pytest.raises(ValueError, match=r"cannot hold a checkpoint: writing a 4\d\d\d-character"):
+        loop.train_and_evaluate(tiny_config(), run)
+    assert not os.path.exists(run)
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl
@@ -409,6 +474,97 @@ def test_extreme_values_are_logged_alike_in_jsonl_and_tensorboard(tmp_path):
     assert np.isnan(tb[(1, "grad_norm")]) and tb[(1, "loss")] == 1000.0
 
 
+def test_an_overflowing_loss_is_printed_in_scientific_notation_and_ends_in_a_summary(
+    tmp_path, caplog
+):
+    """A loss of 450 (what learning_rate=30 gives) has a perplexity of about 2.7e195: finite in
+    float64, past float32 (metrics.jsonl holds "inf"). The console line shows it in scientific
+    notation; the summary reads the "inf" and "nan" strings back without failing."""
+    from flash_jax import metrics
+
+    run = str(tmp_path)
+    reporter = report.Reporter(run, 12)
+    scalars = {"loss": 450.0, "perplexity": metrics.perplexity(450.0, 1.0), "grad_norm": 3e7}
+    with caplog.at_level(logging.INFO):
+        reporter.write(12, scalars)
+        reporter.console(12, scalars, 1.0)
+    nan = float("nan")
+    reporter.write(12, {"eval_loss": nan, "eval_perplexity": nan, "eval_tokens": 2048})
+    reporter.close()
+    (line,) = [m for m in messages(caplog, logging.INFO) if m.startswith("step 12/12")]
+    assert "loss 450.0000 | perplexity 2.707e+195" in line and "grad norm 3.000e+07" in line
+    assert not re.search(r"\d{10}", line), line  # no figure of hundreds of digits
+    summary = {"status": "done", "step": 12, "saved": 12, "checkpoint_dir": f"{run}/checkpoints"}
+    text = report.run_summary(summary, run, tiny_config())
+    assert "train  (step 12): loss 450.0000, token perplexity inf" in text
+    assert "eval   (step 12, validation, 2,048 tokens): loss nan, token perplexity nan" in text
+    assert report.figure("inf") == "inf" and report.figure(None) == "None"
+
+
+def test_unwritable_metrics_at_the_start_are_one_warning_each_and_training_goes_on(
+    tmp_path, caplog
+):
+    """metrics.jsonl and tensorboard/ that cannot be opened (here a folder and a file in their
+    places) are one warning each; the run trains and checkpoints all the same."""
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)
+    (run / "tensorboard").write_text("not a folder")
+    with caplog.at_level(logging.WARNING):
+        summary = loop.train_and_evaluate(tiny_config(eval_every=0, num_steps=2), str(run))
+    assert summary["status"] == "done" and steps_of(str(run)) == [2]
+    warnings = messages(caplog)
+    assert len([m for m in warnings if "could not write metrics.jsonl" in m]) == 1, warnings
+    assert len([m for m in warnings if "could not write TensorBoard events" in m]) == 1, warnings
+
+
+def test_tensorboard_write_failures_are_one_warning_without_tracebacks(
+    tmp_path, monkeypatch, caplog
+):
+    """A TensorBoard writer that fails every write (a full disk): one warning line, no traceback
+    (clu's AsyncWriter logged one per failed write, from its thread)."""
+    from clu import metric_writers
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    for name in ("write_scalars", "flush"):
+        monkeypatch.setattr(metric_writers.SummaryWriter, name, full)
+    with caplog.at_level(logging.INFO):
+        reporter = report.Reporter(str(tmp_path), 10)
+        for step_ in range(1, 6):
+            reporter.write(step_, {"loss": 1.0})
+        reporter.close()
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+    (warning,) = messages(caplog)
+    assert "could not write TensorBoard events ([Errno 28] No space left" in warning
+    assert [r["step"] for r in read_jsonl(str(tmp_path))] == [1, 2, 3, 4, 5]
+
+
+def test_slow_steps_are_logged_first_and_then_at_least_every_log_every_seconds(
+    tmp_path, monkeypatch
+):
+    """log_every=100 with steps of 25 s: records at the first step, then at the first step at
+    least 60 s (log_every_seconds) after the last record, and the last step; a resumed run's
+    first step is recorded too (it used to be silent until step 100)."""
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(report.time, "time", lambda: clock.now)
+    ckpts = types.SimpleNamespace(confirm=lambda s: None)
+    config = RunConfig.from_config(tiny_config(num_steps=8, log_every=100, log_every_seconds=60))
+
+    def recorded_steps(start, end):
+        reporter = report.Reporter(str(tmp_path), 8, is_main=False)
+        metrics_ = report.StepMetrics(config, reporter, ckpts, model_flops=1.0)
+        for done in range(start + 1, end + 1):
+            clock.now += 25.0
+            metrics_.push(done, {"loss": 2.0, "grad_norm": 1.0, "learning_rate": 1e-3})
+            metrics_.drain()
+            yield metrics_.last.get("step")
+
+    # Steps at 25, 50, ... s: step 1 (first), 4 (100 s: 75 s after step 1), 7, 8 (the last).
+    assert sorted(set(recorded_steps(0, 8))) == [1, 4, 7, 8]
+    assert sorted(set(recorded_steps(5, 8))) == [6, 8]  # a resume at step 5
+
+
 # ----------------------------------------------------------------------------- Ctrl-C, the lock
 
 
@@ -425,6 +581,26 @@ def test_ctrl_c_saves_at_the_next_step_boundary_like_sigterm(tmp_path):
     assert summary["step"] == summary["saved"] == 3 and 3 in steps_of(run)
     assert signal.getsignal(signal.SIGINT) is before  # pytest's own handler is back
     assert not os.path.exists(os.path.join(run, workdir.LOCK_FILE))
+
+
+def test_sigterm_while_a_step_runs_saves_that_step_and_runs_no_other(tmp_path, monkeypatch):
+    """SIGTERM while step 3 runs (the loop is waiting for its loss): the checkpoint is of step 3
+    and step 4 is never dispatched (it used to be, and its state saved instead)."""
+    real_drain = report.StepMetrics.drain
+
+    def drain(self):
+        if self._pending is not None and self._pending[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 3 is in flight, not yet read
+        real_drain(self)
+
+    monkeypatch.setattr(report.StepMetrics, "drain", drain)
+    dispatched = []
+    run = str(tmp_path / "run")
+    config = tiny_config(eval_every=0, checkpoint_every=100)
+    summary = loop.train_and_evaluate(config, run, hooks=[dispatched.append])
+    assert summary["status"] == "preempted" and summary["stopped_by"] == "SIGTERM"
+    assert summary["step"] == summary["saved"] == 3 and steps_of(run) == [3]
+    assert dispatched == [1, 2, 3]
 
 
 def test_a_busy_workdir_stops_a_second_trainer_before_it_writes(tmp_path):
@@ -636,6 +812,7 @@ def test_cli_saves_that_cannot_be_written_are_one_line_each(tmp_path):
         "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
     )
     args = ["--config.train.num_steps=4", "--config.train.checkpoint_every=2"]
+    args.append("--config.train.max_failed_saves=0")  # each failure, up to the final one
     proc = subprocess.run(
         [sys.executable, "-c", limited, "train.py", *TINY_ARGS, *args, f"--workdir={run}"],
         cwd=REPO,

@@ -1,6 +1,7 @@
 """flash_jax.train.workdir: the workdir lock (local flock and the gs:// heartbeat record) and
 one-line errors for a workdir that cannot be a directory."""
 
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,25 @@ def test_a_held_lock_stops_a_second_holder_naming_the_first(tmp_path):
     first.release()
     assert not (tmp_path / workdir.LOCK_FILE).exists()
     workdir.lock(str(tmp_path)).release()  # free again
+
+
+def test_a_read_only_workdir_is_one_line_naming_the_lock_file(tmp_path, monkeypatch):
+    """The lock file cannot be created (EROFS, a read-only mount; injected: tests run as root):
+    ValueError naming the file, no OSError traceback."""
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(workdir.LOCK_FILE):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(ValueError) as error:
+        workdir.lock(str(tmp_path))
+    assert str(error.value) == (
+        f"workdir {str(tmp_path)!r} cannot be written: its lock file {tmp_path / 'LOCK'} cannot "
+        "be created (Read-only file system); use a writable --workdir"
+    )
 
 
 def test_a_lock_held_by_another_process_is_refused_and_freed_when_it_dies(tmp_path):

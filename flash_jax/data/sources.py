@@ -233,8 +233,11 @@ def decode_document(path: str) -> tuple[str | None, str]:
     """(text, note) of one document: text None when it cannot be trained on, and why.
 
     The note is "" for UTF-8 text, else says what happened ("decoded as cp1252", "is empty",
-    "is not text", "cannot be read (...)").
+    "is not text", "is not a regular file", "cannot be read (...)").
     """
+    if "://" not in path and os.path.exists(path) and not os.path.isfile(path):
+        # A FIFO or a device named *.txt: reading it could wait forever (SIGTERM included).
+        return None, "is not a regular file (a FIFO, a device or a folder)"
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             raw = f.read()

@@ -42,6 +42,7 @@ parameters of a checkpoint with the config they were trained with, ready for a f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -109,6 +110,49 @@ def _reason(error: BaseException, limit: int = 300) -> str:
     # Long messages name the path first and the cause ("No space left on device") last.
     text = text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+# A save writes under `<step>.orbax-checkpoint-tmp-<time>/<item>.orbax-checkpoint-tmp-<time>/`;
+# the deepest files below that are the data item's TF files (about 100 characters). The probe
+# writes this many characters there: the deepest file, with a margin.
+PROBE_TAIL_CHARS = 128
+
+
+def check_writable(workdir: str, num_steps: int) -> None:
+    """ValueError (one line) unless `workdir/checkpoints` can hold a checkpoint: writes, then
+    removes, a file at a path as long as the longest a save of step `num_steps` writes, so that a
+    path past the system's limit ("File name too long"), a read-only or unwritable folder stops
+    the run before it trains instead of failing every save."""
+    root = epath.Path(checkpoint_dir(workdir))
+    existed = root.exists()
+    # Orbax's temporary suffix (a probe left by a crash is cleaned as an unfinished save), one
+    # per process: each process writes and removes its own.
+    tmp = f"orbax-checkpoint-tmp-{jax.process_index():019d}"
+    step_dir = root / f"{num_steps}.{tmp}"
+    tail = "probe".ljust(PROBE_TAIL_CHARS // 2, "_")
+    path = step_dir / f"state.{tmp}" / tail / tail
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("flash_jax checks that a checkpoint can be written here")
+    except Exception as e:  # noqa: BLE001 - OSError locally, tf / gcs errors remotely
+        raise ValueError(
+            f"workdir {workdir!r} cannot hold a checkpoint: writing a {len(str(path))}-character "
+            f"path under {root} failed ({_reason(e)}); use a shorter or writable --workdir"
+        ) from e
+    finally:
+        _remove_quietly(step_dir)
+        if not existed and "://" not in str(root):
+            with contextlib.suppress(OSError):  # only when empty: other processes probe too
+                os.rmdir(root)
+
+
+def _remove_quietly(path: epath.Path) -> None:
+    """Removes folder `path` if it is there; a failure is one warning line."""
+    try:
+        if path.exists():
+            path.rmtree()
+    except Exception as e:  # noqa: BLE001 - what is left is Orbax's to clean, or harmless
+        logging.warning("could not remove %s (%s)", path, _reason(e))
 
 
 def _few(names: list[str], n: int = 3) -> str:
@@ -304,8 +348,13 @@ class Checkpoints:
         keep_best: int = 0,
         async_save: bool = True,
         read_only: bool = False,
+        max_failed_saves: int = 0,
     ):
+        """`max_failed_saves`: after this many failed saves in a row, `poll` and `save` raise
+        CheckpointSaveError (0: never; the last save is checked by `finish`)."""
         self.workdir = workdir
+        self.max_failed_saves = max_failed_saves
+        self._failures_in_a_row: list[str] = []  # "step N: reason" of each, since the last commit
         self.directory = checkpoint_dir(workdir)
         self.keep = keep
         self.policy = retention_policy(keep, keep_every_steps, keep_best)
@@ -514,6 +563,7 @@ class Checkpoints:
         if self.read_only:
             raise RuntimeError(f"{self.directory} was opened read-only")
         self._settle(block=True)
+        self._stop_if_failing()
         self._prune()
         if step in self.damaged:
             self._set_aside(step)
@@ -534,14 +584,32 @@ class Checkpoints:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - a full disk, lost storage, ...
             self._save_failed(step, e)
+            self._stop_if_failing()
             return False
         self._in_flight = self.unverified = step
         self._eval_losses[step] = meta.get("eval_loss")
         return True
 
     def poll(self) -> None:
-        """At a step boundary: reports a save that has committed or failed since the last call."""
+        """At a step boundary: reports a save that has committed or failed since the last call;
+        CheckpointSaveError after `max_failed_saves` failures in a row."""
         self._settle(block=False)
+        self._stop_if_failing()
+
+    def _stop_if_failing(self) -> None:
+        failures = self._failures_in_a_row
+        if self.max_failed_saves and len(failures) >= self.max_failed_saves:
+            raise CheckpointSaveError(
+                f"{len(failures)} checkpoints in a row could not be saved in {self.directory} "
+                f"(the last, {failures[-1]}); stopped (train.max_failed_saves="
+                f"{self.max_failed_saves}); {self._committed()}"
+            )
+
+    def _committed(self) -> str:
+        good = self.latest_good_step()
+        if good is None:
+            return "no checkpoint is committed yet"
+        return f"the newest committed checkpoint is step {good}"
 
     def finish(self) -> None:
         """Waits for the last save; CheckpointSaveError (one line) if it did not commit."""
@@ -550,8 +618,7 @@ class Checkpoints:
         if last is not None and self._failed == last:
             raise CheckpointSaveError(
                 f"the checkpoint of step {last} could not be saved in {self.directory} (see the "
-                f"warning above); the newest committed checkpoint is step "
-                f"{self.latest_good_step()}"
+                f"warning above); {self._committed()}"
             )
         self._prune()
 
@@ -584,19 +651,24 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - the background commit failed
             self._save_failed(step, e)
             return
+        self._failures_in_a_row = []
         logging.info("checkpoint saved at step %d in %s", step, self.directory)
 
     def _save_failed(self, step: int, error: Exception) -> None:
         self._failed = step
+        self._failures_in_a_row.append(f"step {step}: {_reason(error)}")
         if self.unverified == step:
             self.unverified = None
+        if jax.process_index() == 0:  # what the failed save left (Orbax cleans only on restart)
+            for unfinished in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+                _remove_quietly(unfinished)
         logging.warning(
             "checkpoint step %d could not be saved in %s (%s); training goes on and the next "
-            "checkpoint tries again; the newest committed checkpoint is step %s",
+            "checkpoint tries again; %s",
             step,
             self.directory,
             _reason(error),
-            self.latest_good_step(),
+            self._committed(),
         )
 
     def _eval_loss(self, step: int) -> float | None:
@@ -651,7 +723,10 @@ class Checkpoints:
         try:
             self._settle(block=True)
         finally:
-            self.manager.close()
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001 - the failed save it re-raises is reported
+                logging.warning("closing the checkpoints in %s: %s", self.directory, _reason(e))
 
 
 # ----------------------------------------------------------------------------- reading a run

@@ -85,9 +85,9 @@ def train_and_evaluate(
     again), or when no checkpoint of the workdir is intact;
     report.NonFiniteLossError when the loss diverges (only checkpoints whose own loss is finite
     are kept); checkpoint.CheckpointSaveError when the last checkpoint could not be saved.
-    SIGTERM or Ctrl-C stop the run at the next step boundary with a checkpoint (see
-    flash_jax/train/signals.py). `hooks` are called with the number of completed steps after each
-    step (tests use them).
+    SIGTERM or Ctrl-C stop the run with a checkpoint of the step in flight (no further step is
+    dispatched; see flash_jax/train/signals.py); that state's loss is checked by the resume.
+    `hooks` are called with the number of completed steps after each step (tests use them).
     """
     # ---- everything that can fail on bad input, before any compile or write
     config = RunConfig.from_config(config)
@@ -95,14 +95,7 @@ def train_and_evaluate(
     use_compilation_cache(t.compilation_cache_dir)
     finished = finished_step(config, workdir)
     if finished is not None:  # nothing to check, build, restore or compile
-        return {
-            "status": "finished",
-            "step": finished,
-            "last": {},
-            "checkpoint_dir": checkpoint.checkpoint_dir(workdir),
-            "stopped_by": None,
-            "saved": None,
-        }
+        return finished_summary(workdir, finished)
     splits = ["train", t.eval_split] if t.evaluates else ["train"]
     data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
@@ -123,6 +116,7 @@ def train_and_evaluate(
             stack.callback(lock.release)
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
+        checkpoint.check_writable(workdir, t.num_steps)  # before the compile, not at a save
 
         # ---- build and compile: a config that cannot fit stops here, before anything is written
         fns = step.build(config, mesh)
@@ -145,7 +139,11 @@ def train_and_evaluate(
             wandb_run, wandb_continued = report.start_wandb(epath.Path(workdir), config)
             stack.callback(report.finish_wandb, wandb_run)  # after the reporter's last record
         ckpts = checkpoint.Checkpoints(
-            workdir, t.keep_checkpoints, keep_every_steps=t.keep_every_steps, keep_best=t.keep_best
+            workdir,
+            t.keep_checkpoints,
+            keep_every_steps=t.keep_every_steps,
+            keep_best=t.keep_best,
+            max_failed_saves=t.max_failed_saves,
         )
         stack.callback(ckpts.close)
         latest = ckpts.check_compatible(config.model)
@@ -215,7 +213,10 @@ def train_and_evaluate(
         # ---- train
         status = "done"
         for _ in range(start, t.num_steps):
-            if stop.is_set() and not several:  # asked before the first step (compiling)
+            # Step `done` has finished (its loss is read) before the next one is dispatched: a
+            # stop asked while it ran (or while compiling) saves it, not the step after it.
+            step_metrics.drain()
+            if stop.is_set() and not several:
                 status = "preempted"
                 break
             with profiler.step(done + 1):
@@ -241,7 +242,9 @@ def train_and_evaluate(
         step_metrics.drain()
         if done > start:
             save()
-            if ckpts.unverified == done:
+            # A preempted run's last state is checked by its resume's first step instead: the
+            # forward pass (and its compile) would delay the exit a preemption grants time for.
+            if ckpts.unverified == done and status != "preempted":
                 # The last state's own loss (no later step computes it): one forward pass on
                 # the batch step done + 1 would take.
                 nll, weight = jax.device_get(
@@ -249,23 +252,16 @@ def train_and_evaluate(
                 )
                 step_metrics.check_loss(done + 1, float(nll) / max(float(weight), 1.0))
         ckpts.finish()  # CheckpointSaveError if the last save did not commit
-        saved = done if done > start else None
-        stopped_by = None
+        stopped_by = None  # train.py's summary line says what stopped the run
         if status == "preempted":
             stopped_by = "preemption" if several else stop.reason
-            logging.warning(
-                "stopped by %s at step %d; %s",
-                stopped_by,
-                done,
-                f"checkpoint saved in {ckpts.directory}" if saved else "nothing new to save",
-            )
         return {
             "status": status,
             "step": done,
             "last": step_metrics.last,
             "checkpoint_dir": ckpts.directory,
             "stopped_by": stopped_by,
-            "saved": saved,
+            "saved": done if done > start else None,
         }
 
 
@@ -318,6 +314,18 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
     return latest
 
 
+def finished_summary(workdir: str, finished: int) -> dict:
+    """`train_and_evaluate`'s summary for a run that had already finished at step `finished`."""
+    return {
+        "status": "finished",
+        "step": finished,
+        "last": {},
+        "checkpoint_dir": checkpoint.checkpoint_dir(workdir),
+        "stopped_by": None,
+        "saved": None,
+    }
+
+
 def next_batch(pipe, fns: step.StepFns) -> dict:
     return step.put_batch(next(pipe), fns.batch_sharding)
 
@@ -353,9 +361,9 @@ def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) 
     }
     reporter.write(done, scalars)
     logging.info(
-        "eval at step %d: loss %.4f, perplexity %.2f",
+        "eval at step %d: loss %s, perplexity %s",
         done,
-        scalars["eval_loss"],
-        scalars["eval_perplexity"],
+        report.figure(scalars["eval_loss"], ".4f"),
+        report.figure(scalars["eval_perplexity"]),
     )
     return scalars["eval_loss"]

@@ -61,6 +61,24 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+SCIENTIFIC_FROM = 1e6  # figures this large are printed as 1.234e+07, never as 200 digits
+
+
+def figure(value, spec: str = ".2f", scientific_from: float | None = SCIENTIFIC_FROM) -> str:
+    """A figure for the console: `value` formatted with `spec`; inf and nan as such, also when
+    they come back from metrics.jsonl as the strings "inf" / "nan"; a magnitude from
+    `scientific_from` on (None: never) in scientific notation; anything else as its text."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(number):
+        return str(number)
+    if scientific_from is not None and abs(number) >= scientific_from:
+        return f"{number:.3e}"
+    return format(number, spec)
+
+
 def _record_step(line: str) -> int | None:
     try:
         record = json.loads(line)
@@ -101,7 +119,8 @@ class Reporter:
 
     Records of steps after `start_step` (those the run is about to replay, or all of them for a
     run from scratch) are removed from metrics.jsonl first, so no step is logged twice. Failing
-    to write (a full disk, a TensorBoard error) is one warning line; the run goes on.
+    to open or write an output (a full disk, a read-only file, a TensorBoard error) is one warning
+    line for that output; the run goes on.
     """
 
     def __init__(
@@ -131,37 +150,53 @@ class Reporter:
         # epath: local paths and gs:// alike (TPU pod workdirs live on GCS).
         workdir = epath.Path(workdir)
         if is_main:
-            last_recorded = _drop_records_after(workdir / METRICS_FILE, start_step)
-            self._wandb_after = last_recorded if wandb_continued else 0
-            # Imported here: clu's TF summary writer pulls in TensorFlow.
+            last_recorded = self._safely(
+                METRICS_FILE, lambda: _drop_records_after(workdir / METRICS_FILE, start_step)
+            )
+            self._wandb_after = (last_recorded or 0) if wandb_continued else 0
+            # Imported here: clu's TF summary writer pulls in TensorFlow. Synchronous (a few
+            # scalars per record): clu's AsyncWriter logs a traceback for each failed write.
             from clu import metric_writers
 
-            self._writer = metric_writers.AsyncWriter(
-                metric_writers.SummaryWriter(str(workdir / TENSORBOARD_DIR))
+            self._writer = self._safely(
+                "TensorBoard events",
+                lambda: metric_writers.SummaryWriter(str(workdir / TENSORBOARD_DIR)),
             )
-            self._jsonl = (workdir / METRICS_FILE).open("a")
+            self._jsonl = self._safely(METRICS_FILE, (workdir / METRICS_FILE).open, "a")
             if config is not None:
                 hparams = flat_hparams(config.to_dict())
-                self._safely("TensorBoard events", lambda: self._writer.write_hparams(hparams))
+                self._safely("TensorBoard events", self._write_hparams, hparams)
 
-    def _safely(self, what: str, write: Callable[[], object]) -> None:
+    def _safely(self, what: str, write: Callable[..., object], *args):
+        """`write(*args)`'s result, or None when it fails: the first failure of each output is
+        one warning line, later ones are silent."""
         try:
-            write()
+            return write(*args)
         except Exception as e:  # noqa: BLE001 - metrics must never stop training
             if what not in self._failed:
                 self._failed.add(what)
                 logging.warning("could not write %s (%s); training goes on", what, e)
+            return None
+
+    def _write_hparams(self, hparams: dict) -> None:
+        if self._writer is not None:
+            self._writer.write_hparams(hparams)
+
+    def _write_scalars(self, step: int, scalars: dict) -> None:
+        if self._writer is not None:
+            self._writer.write_scalars(step, scalars)
 
     def _write_line(self, line: str) -> None:
-        self._jsonl.write(line)
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(line)
+            self._jsonl.flush()
 
     def write(self, step: int, scalars: dict) -> None:
         """One record: TensorBoard scalars and one JSON line {"step": ..., **scalars}."""
         scalars = {k: loggable(float(v)) for k, v in scalars.items() if v is not None}
         if not self.is_main:
             return
-        self._safely("TensorBoard events", lambda: self._writer.write_scalars(step, scalars))
+        self._safely("TensorBoard events", self._write_scalars, step, scalars)
         line = results.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
         self._safely(METRICS_FILE, lambda: self._write_line(line))
         if self._wandb is not None and step > self._wandb_after:
@@ -169,16 +204,17 @@ class Reporter:
 
     def console(self, step: int, scalars: dict, seconds_per_step: float | None) -> None:
         parts = [f"step {step}/{self.num_steps}"]
-        for key, fmt in (
-            ("loss", "{:.4f}"),
-            ("perplexity", "{:.2f}"),
-            ("learning_rate", "{:.2e}"),
-            ("grad_norm", "{:.3f}"),
-            ("tokens_per_sec", "{:,.0f}"),
-            ("mfu", "{:.1%}"),
+        for key, spec, scientific_from in (
+            ("loss", ".4f", SCIENTIFIC_FROM),
+            ("perplexity", ".2f", SCIENTIFIC_FROM),
+            ("learning_rate", ".2e", None),
+            ("grad_norm", ".3f", SCIENTIFIC_FROM),
+            ("tokens_per_sec", ",.0f", None),
+            ("mfu", ".1%", None),
         ):
             if scalars.get(key) is not None:
-                parts.append(f"{key.replace('_', ' ')} {fmt.format(scalars[key])}")
+                text = figure(scalars[key], spec, scientific_from)
+                parts.append(f"{key.replace('_', ' ')} {text}")
         if scalars.get("peak_bytes_in_use") is not None:
             parts.append(f"peak memory {memory.gib(scalars['peak_bytes_in_use'])}")
         if seconds_per_step:
@@ -317,14 +353,15 @@ def run_summary(summary: dict, workdir: str, config) -> str:
     train, evaluation = last_records(workdir)
     if train is not None:
         lines.append(
-            f"  train  (step {train['step']}): loss {train['loss']:.4f}, "
-            f"token perplexity {train['perplexity']:.2f}"
+            f"  train  (step {train['step']}): loss {figure(train['loss'], '.4f')}, "
+            f"token perplexity {figure(train.get('perplexity'))}"
         )
     if evaluation is not None:
         lines.append(
             f"  eval   (step {evaluation['step']}, {config.train.eval_split}, "
-            f"{evaluation.get('eval_tokens', 0):,.0f} tokens): loss {evaluation['eval_loss']:.4f}, "
-            f"token perplexity {evaluation['eval_perplexity']:.2f}"
+            f"{figure(evaluation.get('eval_tokens', 0), ',.0f', None)} tokens): "
+            f"loss {figure(evaluation.get('eval_loss'), '.4f')}, "
+            f"token perplexity {figure(evaluation['eval_perplexity'])}"
         )
     saved = summary.get("saved") or (step if status == "finished" else None)
     if saved is not None:
@@ -358,10 +395,12 @@ class NonFiniteLossError(RuntimeError):
 class StepMetrics:
     """The loop's metrics between two records, and the checks on them.
 
-    `push(k, metrics)` queues step k's device metrics and reads step k - 1's, so that the device
-    always has queued work (a step's metrics are read after the next step is dispatched). Every
+    `push(k, metrics)` queues step k's device metrics; the loop reads them (`drain`) before it
+    dispatches step k + 1, so that a stop asked while step k runs saves step k (the device waits
+    for the host between two steps: a batch transfer and a dispatch). Every
     loss is checked (`check_loss`: a non-finite one stops the run). Losses are averaged over the
-    steps between records (every `train.log_every` steps and the last); step time counts neither
+    steps between records (the first step of the run or resume, every `train.log_every` steps, the
+    first after `train.log_every_seconds` and the last); step time counts neither
     the first step (compile, warm-up) nor the evaluation and checkpoint pauses (`paused`).
     """
 
@@ -375,6 +414,7 @@ class StepMetrics:
         self._pending = None  # (step, device metrics) not yet read
         self._losses: list[float] = []  # since the last record
         self._since: tuple[float, int] | None = None  # (time, step) the timing window starts at
+        self._last_record = time.time()
 
     def push(self, done: int, device_metrics) -> None:
         self.drain()
@@ -391,9 +431,10 @@ class StepMetrics:
         self.check_loss(done, loss, grad_norm)
         now = time.time()
         self._losses.append(loss)
-        if self._since is None:  # timing starts after the first step (warm-up)
+        first = self._since is None
+        if first:  # timing starts after the first step (warm-up)
             self._since = (now, done)
-        if done % self.config.log_every and done != self.config.num_steps:
+        if not (first or self._record_due(done, now)):
             return
         steps = done - self._since[1]
         step_time = (now - self._since[0]) / steps if steps else None
@@ -414,7 +455,14 @@ class StepMetrics:
         self.reporter.write(done, scalars)
         self.reporter.console(done, scalars, step_time)
         self.last = {**scalars, "step": done}
-        self._losses, self._since = [], (now, done)
+        self._losses, self._since, self._last_record = [], (now, done), now
+
+    def _record_due(self, done: int, now: float) -> bool:
+        """Every `log_every`-th step, the last one, and the first after `log_every_seconds`."""
+        t = self.config
+        if done % t.log_every == 0 or done == t.num_steps:
+            return True
+        return bool(t.log_every_seconds) and now - self._last_record >= t.log_every_seconds
 
     def check_loss(self, done: int, loss: float, grad_norm: float | None = None) -> None:
         """Step `done`'s loss is the loss of the state after step done - 1: it decides whether

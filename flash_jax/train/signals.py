@@ -4,7 +4,7 @@
         ...
         if stop.is_set(): save, then return   # at a step boundary
 
-The first signal asks the loop to save a checkpoint at the next step boundary and exit 0. A second
+The first signal asks the loop to save the step in flight (once it ends) and exit 0. A second
 Ctrl-C exits at once (code 130) without saving: it flushes the logs, runs the `at_exit` callbacks
 (the workdir lock's release) and calls `os._exit`, which skips the interpreter's teardown of the
 threads TensorFlow, XLA and Orbax still run. "At once" holds even while the main thread is inside a
@@ -71,7 +71,7 @@ class StopRequest:
                 " (Ctrl-C again exits at once, without saving)" if signum == signal.SIGINT else ""
             )
             logging.warning(
-                "%s received: saving a checkpoint at the next step boundary, then stopping%s",
+                "%s received: saving a checkpoint of the step in flight, then stopping%s",
                 self.reason,
                 again,
             )
@@ -80,18 +80,27 @@ class StopRequest:
         for callback in self.at_exit:
             with contextlib.suppress(Exception):
                 callback()
-        for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
+        exit_now(
+            IMMEDIATE_EXIT_CODE,
+            f"{self.program}: interrupted twice: stopped at once without saving; rerun the same "
+            "command to resume from the last saved checkpoint",
+        )
+
+
+def exit_now(code: int, message: str = "") -> None:
+    """Flushes the logs and stdout, prints `message` (if any) on stderr and ends the process with
+    `code` at once: `os._exit` skips the interpreter's teardown of the threads TensorFlow, XLA and
+    Orbax still run (seconds on a small CPU run), so call it only once everything the process
+    writes is closed."""
+    for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
         with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            print(
-                f"{self.program}: interrupted twice: stopped at once without saving; rerun the "
-                "same command to resume from the last saved checkpoint",
-                file=sys.stderr,
-                flush=True,
-            )
-        os._exit(IMMEDIATE_EXIT_CODE)
+            handler.flush()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        sys.stderr.flush()
+    os._exit(code)
 
 
 _active: StopRequest | None = None

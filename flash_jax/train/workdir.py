@@ -196,10 +196,22 @@ class WorkdirLock:
 
     # ---- public
     def acquire(self) -> WorkdirLock:
-        if self.remote:
-            self._acquire_remote()
-        else:
-            self._acquire_local()
+        """Takes the lock; ValueError (one line) naming the holder, or the lock file when it
+        cannot be written (a read-only or full workdir)."""
+        try:
+            if self.remote:
+                self._acquire_remote()
+            else:
+                self._acquire_local()
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError locally, tf / gcs errors remotely
+            self.release()
+            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            raise ValueError(
+                f"workdir {self.workdir!r} cannot be written: its lock file {self.path} cannot "
+                f"be created ({reason}); use a writable --workdir"
+            ) from e
         return self
 
     def release(self) -> None:
