@@ -213,3 +213,30 @@ class WorkdirLock:
 def lock(workdir: str, *, remote: bool | None = None) -> WorkdirLock:
     """Takes the workdir's lock (see the module docstring); ValueError naming the holder."""
     return WorkdirLock(workdir, remote=remote).acquire()
+
+
+def holder(workdir: str) -> dict | None:
+    """The lock record of the trainer holding `workdir` ({} if it wrote none yet), or None when
+    no trainer holds it. Creates nothing: for readers of a run that may be live (eval.py).
+
+    Local: a shared flock tried without waiting (a trainer's exclusive one refuses it), released
+    at once. gs://: a record whose heartbeat is younger than STALE_SECONDS.
+    """
+    lock_path = WorkdirLock(workdir)
+    if lock_path.remote:
+        record = lock_path._read_remote()
+        fresh = time.time() - float(record.get("heartbeat", 0)) < STALE_SECONDS
+        return record if record and fresh else None
+    try:
+        fd = os.open(os.fspath(lock_path.path), os.O_RDONLY)
+    except OSError:  # no lock file: no trainer
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
