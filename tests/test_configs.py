@@ -264,3 +264,39 @@ def test_replicate_settings_compare_models_of_equal_size(setting):
         )
     for model, count in counts.items():
         assert abs(count - counts["transformer_pp"]) / counts["transformer_pp"] < 0.1, model
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["--config=configs/pg19_flash.py:nosuchpreset"],
+            "train.py: error: config argument 'nosuchpreset': the context length must be one of",
+        ),
+        (
+            ["--config=configs/quickstart.py", "--config.train.num_steps=abc"],
+            "train.py: error: flag --config.train.num_steps=abc: expected an integer, got 'abc'",
+        ),
+        (
+            ["--config=configs/quickstart.py", "--config.train.learning_rate=1e-3x"],
+            "train.py: error: flag --config.train.learning_rate=1e-3x: expected a number, got "
+            "'1e-3x'",
+        ),
+    ],
+    ids=["preset", "integer", "number"],
+)
+def test_config_errors_are_plain_words(args, line, tmp_path):
+    """A config file's ValueError without its type name; Python's parse errors in plain words."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args, f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(line), proc.stderr[-2000:]
+    assert "ValueError" not in proc.stderr and "invalid literal" not in proc.stderr
+    assert not (tmp_path / "run").exists()
