@@ -310,3 +310,37 @@ def test_export_cli_errors_are_one_line_and_write_nothing(quickstart_run, tmp_pa
         "export.py: error: --dtype must be one of ('float32', 'bfloat16'), got 'float16'"
     )
     assert not out.exists()
+    # An --out that cannot be written: one line before the checkpoint is read, and no noise of
+    # TensorFlow's or CUDA's startup on stderr (the quiet console).
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    bad_out = _export_cli(f"--workdir={quickstart_run}", f"--out={afile}/out")
+    assert bad_out.returncode == 1
+    assert bad_out.stderr.strip().splitlines() == [
+        f"export.py: error: --out '{afile}/out' cannot be a folder: {afile} is a file"
+    ]
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """Tests run as root, which writes through chmod: a path under a regular file, and a
+    read-only file system injected (EROFS) where the probe writes."""
+    import errno
+    import tempfile
+
+    from flash_jax import export
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=f"--out '{afile}/out' cannot be a folder: {afile} is a"):
+        export.check_out(str(afile / "out"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match="cannot be written: Read-only file system"):
+        export.check_out(str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    export.check_out(str(tmp_path / "new" / "out"))  # writable: nothing is left behind
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
