@@ -348,3 +348,16 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_pa
     monkeypatch.undo()
     export.check_out(str(tmp_path / "new" / "out"))  # writable: nothing is left behind
     assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_numpy_reads_a_bfloat16_export_once_ml_dtypes_is_imported(tmp_path):
+    """What the README tells NumPy users: safetensors.numpy needs ml_dtypes imported first."""
+    path = str(tmp_path / "model.safetensors")
+    safetensors_file.write(path, {"w": np.ones(3, ml_dtypes.bfloat16)})
+    read = f"from safetensors.numpy import load_file; print(load_file({path!r})['w'].dtype)"
+    without = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True)
+    assert without.returncode != 0 and "data type 'bfloat16' not understood" in without.stderr
+    with_ = subprocess.run(
+        [sys.executable, "-c", "import ml_dtypes; " + read], capture_output=True, text=True
+    )
+    assert with_.returncode == 0 and with_.stdout.strip() == "bfloat16", with_.stderr
