@@ -148,3 +148,17 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
     assert "runs/quickstart/tensorboard" in board and "runs/quickstart_tpp/tensorboard" in board
     assert "_hparams_/session_start_info" in board
     assert "eval_py/validation_first2batches/perplexity" in board
+
+
+def test_the_readme_quotes_the_recorded_figures():
+    """The figures the README gives about its own commands are the ones scripts/readme_figures.py
+    recorded (docs/results/readme_figures.json), so that they cannot drift apart."""
+    with open(os.path.join(REPO, "docs", "results", "readme_figures.json")) as f:
+        figures = json.load(f)
+    with open(README) as f:
+        text = " ".join(f.read().split())
+    memory = figures["memory_example"]
+    assert (
+        f"needs about {memory['needs_gib']:.2f} GiB per device ... and the device has "
+        f"{memory['device_gib']:.2f} GiB\", {memory['seconds']} s after the command" in text
+    )
