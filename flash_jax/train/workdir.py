@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -56,13 +57,20 @@ def prepare(workdir: str) -> bool:
     return True
 
 
-def remove_if_empty(workdir: str) -> None:
-    """Removes a local `workdir` if nothing is in it (a run that stopped before writing
-    anything). gs:// has no empty folders: a prefix with no objects is no folder."""
-    if "://" in workdir:
+def remove_if_unused(workdir: str) -> None:
+    """Removes a local `workdir` that this run created (the caller knows) if the run left nothing
+    worth keeping: no checkpoint step and no logged record (a run stopped before or during its
+    first compile, by its config or Ctrl-C). Everything in it is then this run's own skeleton
+    (config.json, empty checkpoints/ and tensorboard/ folders). gs:// is left as it is."""
+    if "://" in workdir or not os.path.isdir(workdir):
         return
-    with contextlib.suppress(OSError):  # not empty, already gone, or not removable
-        os.rmdir(workdir)  # only ever removes an empty folder
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+        return
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _holder_record(token: str = "") -> dict:
