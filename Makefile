@@ -58,7 +58,7 @@ sample: setup
 		--temperature=0.8 --top_k=40 $(ARGS)
 
 tensorboard: setup
-	$(VENV)/bin/tensorboard --logdir=$(LOGDIR) $(ARGS)
+	$(PY) scripts/run_tensorboard.py --logdir=$(LOGDIR) $(ARGS)
 
 smoke: setup
 	$(PY) train.py --config=$(PAPER):smoke --workdir=$(SMOKE_WORKDIR) $(ARGS)

@@ -12,12 +12,18 @@ the checkpoint's model. Every window of every document is scored once (`--max_ba
 early: then bits per byte and word perplexity, which need the whole split, are null).
 
 Output: progress on stderr; per checkpoint a summary line and a JSON object on stdout (the last line
-printed is the last JSON object), also appended to `<workdir>/eval/results.jsonl` and written as
-scalars at the checkpoint's step into the run's TensorBoard (`eval_py/<split>/perplexity`, ...;
-`eval_py/<split>_first<N>batches/...` with --max_batches). With
+printed is the last JSON object), also recorded in `<workdir>/eval/results.jsonl` (one record per
+step and settings: the scoring flags, --split, --max_batches, ..., and the data read, in its
+"settings") and written as scalars at the checkpoint's step into the run's TensorBoard
+(`eval_py/<split>/perplexity`, ...; `eval_py/<split>_first<N>batches/...` with --max_batches). With
 `--all_steps`, a PNG of perplexity against step (and training time, from metrics.jsonl) with one
 line per workdir: `<workdir>/eval/perplexity_<split>.png` for one workdir, the first workdir's
-`eval/compare_<split>.png` for several, or `--plot=PATH`. Bad input (no checkpoint, unknown step,
+`eval/compare_<split>.png` for several, or `--plot=PATH`. A step already scored with the same
+settings is not scored again: its recorded result is printed (`--rescore` scores it again and
+replaces the record). The result is printed before it is recorded: a workdir that cannot be
+written gets one warning line, and the result stays on stdout. On a run that is still training
+(saving and pruning), a step removed while it is read is skipped (--all_steps) or replaced by the
+newest committed one; it is never reported as damaged. Bad input (no checkpoint, unknown step,
 a config of another model, a split the dataset lacks, a damaged checkpoint asked for by --step)
 gives one line on stderr and exit code 1, and leaves every workdir unchanged. A damaged latest
 checkpoint is reported in one line and the newest intact one is evaluated; --all_steps skips
@@ -52,6 +58,9 @@ _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Stop after this many batches (default: the whole split)."
 )
 _PLOT = flags.DEFINE_string("plot", "", "Where --all_steps writes its PNG (default: see above).")
+_RESCORE = flags.DEFINE_bool(
+    "rescore", False, "Score steps already scored with the same settings again (else reused)."
+)
 _DISTRIBUTED = distributed.define_flags()
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show every library's startup lines and INFO logs (TensorFlow, XLA, ...)."
@@ -80,6 +89,68 @@ def _summary(result: dict) -> str:
     return ", ".join(parts)
 
 
+# eval.py's flags that do not change a score; every other flag it defines is a scoring setting,
+# recorded with each result (a result is reused only for the same settings).
+NOT_SCORING = ("config", "workdir", "step", "all_steps", "plot", "verbose", "rescore")
+
+
+def _scoring_flags() -> dict:
+    module = flags.FLAGS.find_module_defining_flag(_SPLIT.name)  # this file, however started
+    return {
+        f.name: f.value
+        for f in flags.FLAGS.get_flags_for_module(module)
+        if f.name not in NOT_SCORING
+    }
+
+
+def _score(workdir, ckpts, step, settings, is_main) -> dict | None:
+    """Scores checkpoint `step`, or with None the newest committed one (a live run saves and
+    prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
+    for a damaged or removed step under --all_steps (skipped)."""
+    from flash_jax import evaluation, results
+    from flash_jax.train import checkpoint, report
+
+    try:
+        run = checkpoint.restore(workdir, step, config=_CONFIG.value, ckpts=ckpts)
+    except checkpoint.RemovedCheckpointError as e:
+        if step is None or not _ALL_STEPS.value:
+            raise
+        logging.info("%s; skipped", e)
+        return None
+    except checkpoint.DamagedCheckpointError as e:
+        if step is None or not _ALL_STEPS.value:
+            raise
+        logging.warning("%s; skipped", e)
+        return None
+    label = f"{workdir} step {run.step} {_SPLIT.value}"
+    result = evaluation.evaluate_split(
+        run,
+        _SPLIT.value,
+        max_batches=_MAX_BATCHES.value,
+        progress=evaluation.progress_logger(label),
+    )
+    result["settings"] = settings
+    if not is_main:
+        return result
+    # Printed first: a workdir that cannot be written (read-only) loses no result.
+    print(_summary(result), flush=True)
+    print(results.to_json(result), flush=True)
+    try:
+        path = results.record_result(workdir, result)
+        tags = report.write_eval_scalars(workdir, result)
+    except Exception as e:  # noqa: BLE001 - OSError here, TensorFlow's errors from TensorBoard
+        logging.warning(
+            "the result above could not be recorded in %s (%s)",
+            os.path.join(workdir, results.EVAL_DIR),
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        return result
+    logging.info(
+        "recorded in %s; TensorBoard: %s at step %d", path, tags[0].rsplit("/", 1)[0], run.step
+    )
+    return result
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -101,76 +172,58 @@ def main(argv):
     # Imported here: the flags above fail without paying for JAX / Orbax.
     import jax
 
-    from flash_jax.train import checkpoint, report
+    from flash_jax.train import checkpoint
 
     is_main = jax.process_index() == 0  # several processes: process 0 reports and writes
 
     cli.quiet_library_logs("eval.py", verbose=_VERBOSE.value)
 
     # ---- resolve every workdir, step and config first: bad input changes nothing anywhere
-    jobs = []  # (workdir, checkpoints, [steps])
+    jobs, configs = [], []  # (workdir, checkpoints, [steps]); the run config of each
     try:
         for workdir in workdirs:
             ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-            steps = checkpoint.steps_to_evaluate(
+            steps, config = checkpoint.steps_to_evaluate(
                 ckpts, _STEP.value, _ALL_STEPS.value, _CONFIG.value
             )
             jobs.append((workdir, ckpts, steps))
-        configs = [checkpoint.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
+            configs.append(config)
+            logging.info(
+                "%s: evaluating step %s on %s", workdir, ", ".join(map(str, steps)), _SPLIT.value
+            )
         # TensorFlow (the data pipeline): imported once the cheaper checks have passed.
-        from flash_jax import data, evaluation, results
+        from flash_jax import data, results
 
         for config in configs:
             data.check_data(config.data, [_SPLIT.value])
     except ValueError as e:
         _error(str(e))
 
-    # ---- evaluate
+    # ---- evaluate (a step already scored with the same settings is reused, unless --rescore)
     curves = []
     try:
-        for workdir, ckpts, steps in jobs:
-            result = None
+        for (workdir, ckpts, steps), config in zip(jobs, configs, strict=True):
+            settings = results.scoring_settings(_scoring_flags(), config.data)
+            scored = {}  # step -> result, this call's
             for s in steps:
-                try:
-                    # The latest: an earlier step if this one's arrays turn out damaged.
-                    run = checkpoint.restore(
-                        workdir,
-                        s,
-                        config=_CONFIG.value,
-                        ckpts=ckpts,
-                        fall_back=_STEP.value is None and not _ALL_STEPS.value,
-                    )
-                except checkpoint.DamagedCheckpointError as e:
-                    if not _ALL_STEPS.value:
-                        raise
-                    logging.warning("%s; skipped", e)
-                    continue
-                label = f"{workdir} step {run.step} {_SPLIT.value}"
-                result = evaluation.evaluate_split(
-                    run,
-                    _SPLIT.value,
-                    max_batches=_MAX_BATCHES.value,
-                    progress=evaluation.progress_logger(label),
-                )
-                if is_main:
-                    path = results.append_result(workdir, result)
-                    tags = report.write_eval_scalars(workdir, result)
-                    print(_summary(result), flush=True)
+                result = None if _RESCORE.value else results.recorded_result(workdir, s, settings)
+                if result is None:
+                    latest = _STEP.value is None and not _ALL_STEPS.value
+                    result = _score(workdir, ckpts, None if latest else s, settings, is_main)
+                elif is_main:
+                    print(_summary(result) + " (recorded before; --rescore scores it again)")
                     print(results.to_json(result), flush=True)
-                    logging.info(
-                        "appended to %s; TensorBoard: %s at step %d",
-                        path,
-                        tags[0].rsplit("/", 1)[0],
-                        run.step,
-                    )
+                if result is not None:
+                    scored[result["step"]] = result
+            if not scored:  # --all_steps, and a live run pruned every step listed: its newest
+                result = _score(workdir, ckpts, None, settings, is_main)
+                scored[result["step"]] = result
             ckpts.close()
-            if result is None:  # --all_steps, and every step turned out damaged
-                raise ValueError(f"no intact checkpoint in {ckpts.directory}")
             if _ALL_STEPS.value:
-                points = results.curve(workdir, _SPLIT.value, result["seq_len"], _MAX_BATCHES.value)
-                curves.append(
-                    (f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})", points)
-                )
+                points = {r["step"]: r for r in results.curve(workdir, settings)} | scored
+                label = os.path.basename(os.path.normpath(workdir))
+                model = next(iter(scored.values()))["model"]
+                curves.append((f"{label} ({model})", [points[k] for k in sorted(points)]))
     except ValueError as e:
         _error(str(e))
     if _ALL_STEPS.value and is_main:
@@ -181,7 +234,11 @@ def main(argv):
             if len(workdirs) == 1
             else f"compare_{_SPLIT.value}.png",
         )
-        results.plot_curves(curves, plot, title=f"{_SPLIT.value} split")
+        try:
+            results.plot_curves(curves, plot, title=f"{_SPLIT.value} split")
+        except OSError as e:  # a read-only workdir: the results are printed above
+            logging.warning("the plot could not be written to %s (%s)", plot, e.strerror or e)
+            return 0
         logging.info("plot written to %s", plot)
         # The plot path goes first; the last line printed stays the last JSON object.
         print(f"plot: {plot}", file=sys.stderr)
@@ -190,4 +247,7 @@ def main(argv):
 
 if __name__ == "__main__":
     console.quiet(sys.argv)  # before TensorFlow and XLA load: their startup lines stay off
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "eval.py"))
+    app.run(
+        cli.interruptible(main, "eval.py"),
+        flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "eval.py"),
+    )

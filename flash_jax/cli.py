@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import re
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -36,13 +37,43 @@ def parse_flags(argv: Sequence[str], config_flag, program: str) -> list[str]:
             config_flag.value.keys()  # loads the config file now, inside the try
     except flags.Error as e:
         # config_flags folds the config file's traceback into the message; its last line says it.
-        fail(program, _last_line(e) or repr(e), 2)
+        fail(program, _plain(_last_line(e)) or repr(e), 2)
     except Exception as e:  # noqa: BLE001 - e.g. the config file raises on import
         message = f"{type(e).__name__}: {_last_line(e)}"
         if isinstance(e, (AttributeError, KeyError)):  # perhaps an override of an unknown key
             message = _unknown_override(argv, path) or message
-        fail(program, message, 2)
+        fail(program, _plain(message), 2)
     return argv
+
+
+# Python's words for a value that does not parse, and ours; a config file's ValueError (folded
+# into absl's message as its traceback's last line) is its own one-line refusal.
+_PLAIN_WORDS = (
+    (re.compile(r"^ValueError: "), ""),
+    (re.compile(r"invalid literal for int\(\) with base 10: (.*)"), r"expected an integer, got \1"),
+    (re.compile(r"could not convert string to float: (.*)"), r"expected a number, got \1"),
+)
+
+
+def _plain(message: str) -> str:
+    """`message` with Python's parse errors in plain words."""
+    for pattern, words in _PLAIN_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
+def interruptible(main: Callable[[list[str]], object], program: str) -> Callable:
+    """`main` for absl's `app.run`, with Ctrl-C as one line and exit status 130 (128 + SIGINT)
+    instead of a KeyboardInterrupt traceback. What was printed before stays valid."""
+
+    def run(argv):
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"\n{program}: interrupted (Ctrl-C)\n")
+            sys.exit(130)
+
+    return run
 
 
 def _config_path(argv: Sequence[str]) -> str | None:

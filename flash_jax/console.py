@@ -49,6 +49,10 @@ NOISE = re.compile(
             _CPP + r"google_auth_provider\.cc:\d+\] All attempts to get a Google authentication "
             r"bearer token failed",
             r"normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty",  # sentencepiece
+            # TensorBoard's note on its data loader (three lines), at every start.
+            r"NOTE: Using experimental fast data loading logic\. To disable, pass",
+            r'    "--load_fast=false" and report issues on GitHub\. More details:',
+            r"    https://github\.com/tensorflow/tensorboard/issues/4784",
             # JAX's probe for a TPU, at INFO, on a machine without one.
             r"I\d{4} [\d:.]+ \d+ xla_bridge\.py:\d+\] Unable to initialize backend 'tpu'",
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,24 @@ def vocabulary_entry(data_config) -> dict:
         extra_ids=vocab.extra_ids,  # ids appended after the model's pieces (masked LM)
         **ids,
     )
+
+
+def check_out(out_dir: str) -> None:
+    """ValueError (one line naming `out_dir`) if a local `out_dir` cannot be created or written:
+    its nearest existing folder is a file, or refuses a file (read-only, no permission). Writes
+    nothing that stays."""
+    if "://" in out_dir:  # gs:// and the like: the write itself reports
+        return
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {out_dir!r} cannot be a folder: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out_dir!r} cannot be written: {e.strerror} ({existing})") from e
 
 
 def save(out_dir: str, params: nnx.State, model_config, dtype: str = "float32", **extra) -> list:

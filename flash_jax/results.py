@@ -6,7 +6,8 @@ A run's workdir (written by `flash_jax.train.loop`; paths local or gs://):
     config.json          the resolved run config
     metrics.jsonl        one JSON object per logged step: training records ("loss", "step_time",
                          ...) and periodic-eval records ("eval_loss", "eval_perplexity", ...)
-    eval/results.jsonl   eval.py's whole-split results, one per line (`append_result`)
+    eval/results.jsonl   eval.py's results, one per line and one per (step, settings): the split,
+                         the other scoring flags and the data read (`record_result`)
 
 JSON has no nan / inf literals: every record is written with them as strings (`to_json`), so that
 each line parses. Readers skip a line cut by a crash.
@@ -139,30 +140,65 @@ def results_path(workdir: str) -> epath.Path:
     return epath.Path(workdir) / EVAL_DIR / RESULTS_FILE
 
 
-def append_result(workdir: str, result: dict) -> str:
-    """Appends one line to `workdir/eval/results.jsonl` (main process only); returns its path."""
+# Keys of config.data that do not change a score (how batches are made, not what is read).
+_DATA_NOT_SCORING = ("batch_size", "shuffle_buffer", "prefetch", "use_cached")
+
+
+def scoring_settings(flag_values: dict, data_config) -> dict:
+    """What a result depends on besides its checkpoint: eval.py's scoring flags (`flag_values`:
+    split, max_batches, ...) and the data read (`data_config`, a DataConfig)."""
+    data = {k: v for k, v in dataclasses.asdict(data_config).items() if k not in _DATA_NOT_SCORING}
+    return json_safe({**flag_values, "data": data})
+
+
+def same_setting(record: dict, step: int, settings: dict) -> bool:
+    """Whether `record` is the result of checkpoint `step` scored with `settings` (eval.py's
+    scoring flags and the data it read; records written before settings existed match none)."""
+    return record.get("step") == step and record.get("settings") == json_safe(settings)
+
+
+def recorded_result(workdir: str, step: int, settings: dict) -> dict | None:
+    """The result of `step` with `settings` in `workdir/eval/results.jsonl`, if one is there."""
+    found = [r for r in read_jsonl(results_path(workdir)) if same_setting(r, step, settings)]
+    return found[-1] if found else None
+
+
+def record_result(workdir: str, result: dict) -> str:
+    """Writes `result` (with its "step" and "settings") to `workdir/eval/results.jsonl`, in place
+    of an earlier result of the same step and settings: one record each (main process only).
+    Returns the file's path; OSError (or the storage's error) if it cannot be written."""
     path = results_path(workdir)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(to_json(result) + "\n")
+        kept = [
+            line
+            for line in (path.read_text().splitlines() if path.exists() else [])
+            if not _line_of_setting(line, result["step"], result.get("settings"))
+        ]
+        path.write_text("".join(line + "\n" for line in [*kept, to_json(result)]))
     return str(path)
 
 
-def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
-    """The results of `workdir` for one setting, one per step (the latest), sorted by step.
+def _line_of_setting(line: str, step: int, settings: dict | None) -> bool:
+    if settings is None:  # a result without settings replaces nothing
+        return False
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # a line cut by a crash is kept as it is (readers skip it)
+    return isinstance(record, dict) and same_setting(record, step, settings)
+
+
+def curve(workdir: str, settings: dict) -> list[dict]:
+    """The results of `workdir` scored with `settings`, one per step, sorted by step.
 
     Includes earlier evaluations of checkpoints that have since been deleted, so a run evaluated
     now and then gets a full curve although only the last K checkpoints are kept.
     """
-    by_step = {}
-    for r in read_jsonl(results_path(workdir)):
-        if (r.get("split"), r.get("seq_len"), r.get("max_batches")) == (
-            split,
-            seq_len,
-            max_batches,
-        ):
-            by_step[r["step"]] = r
+    wanted = json_safe(settings)
+    by_step = {
+        r["step"]: r for r in read_jsonl(results_path(workdir)) if r.get("settings") == wanted
+    }
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -48,18 +48,17 @@ and `<norm>.bias` [d].
       performer: layers.i.attention.features [M, k], M = random_features: FAVOR+'s fixed random
           features W (not trained: drawn from the seed at init), shared by the layer's heads
 
-A missing checkpoint, step or workdir gives one line on stderr and exit code 1, and writes
-nothing. Runs on one device (the first); the config defaults to the checkpoint's own.
+A missing checkpoint, step or workdir, or an --out that cannot be written (checked first), gives
+one line on stderr and exit code 1, and writes nothing. Runs on one device (the first); the config
+defaults to the checkpoint's own.
 """
 
-import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from flash_jax import cli  # noqa: E402
+from flash_jax import cli, console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (optional; default: the checkpoint's own).", lock_config=True
@@ -69,6 +68,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _OUT = flags.DEFINE_string("out", None, "Folder to write model.safetensors, config.json and vocab.")
 _DTYPE = flags.DEFINE_string(
     "dtype", "float32", "Dtype of the exported tensors: float32 or bfloat16."
+)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show every library's startup lines and INFO logs (TensorFlow, XLA, ...)."
 )
 flags.mark_flags_as_required(["workdir", "out"])
 
@@ -84,8 +86,9 @@ def main(argv):
     if _DTYPE.value not in export.DTYPES:
         cli.fail("export.py", f"--dtype must be one of {export.DTYPES}, got {_DTYPE.value!r}", 2)
     logging.set_verbosity(logging.INFO)
-    cli.quiet_library_logs("export.py")
+    cli.quiet_library_logs("export.py", verbose=_VERBOSE.value)
     try:
+        export.check_out(_OUT.value)  # before the checkpoint is read
         run = checkpoint.restore(
             _WORKDIR.value, _STEP.value, config=_CONFIG.value, single_device=True
         )
@@ -107,4 +110,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    console.quiet(sys.argv)  # before TensorFlow and XLA load: their startup lines stay off
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "export.py"))

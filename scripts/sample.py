@@ -77,4 +77,7 @@ def main(argv):
 
 if __name__ == "__main__":
     console.quiet(sys.argv)  # before TensorFlow and XLA load: their startup lines stay off
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "sample.py"))
+    app.run(
+        cli.interruptible(main, "sample.py"),
+        flags_parser=lambda argv: cli.parse_flags(argv, _CONFIG, "sample.py"),
+    )

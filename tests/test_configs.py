@@ -193,6 +193,42 @@ def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path, caplog):
         data.check_data(config.data)
 
 
+def test_the_offline_fix_names_the_model_vocab_size_the_shipped_vocabulary_needs(tmp_path):
+    """Following the offline line's overrides gives a model of the shipped vocabulary's size: the
+    line names model.vocab_size too (T5's 32,128 would train 28,032 embedding rows no token uses),
+    and data.vocab alone is one line naming model.vocab_size."""
+    config = headline_config_offline(tmp_path)
+    assert config.model.vocab_size == paper.T5_VOCAB_SIZE
+    with pytest.raises(ValueError) as error:
+        data.check_data(config.data, vocab_size=config.model.vocab_size)
+    overrides = str(error.value).split("--config.data.vocab=")[1].split(" (the shipped")[0]
+    assert overrides.split(" ")[1] == "--config.model.vocab_size=4096"
+    config.data.update(vocab=base.SHIPPED_VOCAB, source="local", data_dir=base.SHIPPED_CORPUS)
+    with pytest.raises(ValueError) as error:  # the vocabulary alone: the model's size is named
+        data.check_data(config.data, vocab_size=config.model.vocab_size)
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(
+        "model.vocab_size (32128) is larger than needed for the data vocabulary (4096 tokens, "
+    )
+    assert str(error.value).endswith(
+        "-> --config.model.vocab_size=4096 (its size rounded up to a multiple of 128)"
+    )
+    config.model.vocab_size = 4096  # the line's fix
+    data.check_data(config.data, vocab_size=config.model.vocab_size)
+    # The shipped vocabulary with a model already of its size: only data.vocab is named.
+    config = headline_config_offline(tmp_path)
+    with pytest.raises(ValueError) as error:
+        data.check_data(config.data, vocab_size=4096)
+    assert "--config.model.vocab_size" not in str(error.value)
+
+
+@pytest.mark.parametrize("tokens, fitted", [(259, 384), (4096, 4096), (32100, 32128), (1, 128)])
+def test_fitted_vocab_size_rounds_up_to_a_multiple_of_128(tokens, fitted):
+    from flash_jax.data import checks
+
+    assert checks.fitted_vocab_size(tokens) == fitted
+
+
 def test_training_on_unreachable_data_stops_before_writing(tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(ValueError, match="cannot reach the config's data"):
@@ -228,3 +264,39 @@ def test_replicate_settings_compare_models_of_equal_size(setting):
         )
     for model, count in counts.items():
         assert abs(count - counts["transformer_pp"]) / counts["transformer_pp"] < 0.1, model
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["--config=configs/pg19_flash.py:nosuchpreset"],
+            "train.py: error: config argument 'nosuchpreset': the context length must be one of",
+        ),
+        (
+            ["--config=configs/quickstart.py", "--config.train.num_steps=abc"],
+            "train.py: error: flag --config.train.num_steps=abc: expected an integer, got 'abc'",
+        ),
+        (
+            ["--config=configs/quickstart.py", "--config.train.learning_rate=1e-3x"],
+            "train.py: error: flag --config.train.learning_rate=1e-3x: expected a number, got "
+            "'1e-3x'",
+        ),
+    ],
+    ids=["preset", "integer", "number"],
+)
+def test_config_errors_are_plain_words(args, line, tmp_path):
+    """A config file's ValueError without its type name; Python's parse errors in plain words."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args, f"--workdir={tmp_path / 'run'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(line), proc.stderr[-2000:]
+    assert "ValueError" not in proc.stderr and "invalid literal" not in proc.stderr
+    assert not (tmp_path / "run").exists()

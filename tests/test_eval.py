@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -219,6 +220,7 @@ def _damaged_copy(trained_run, tmp_path, damage_meta=False):
 
 
 BAD_INPUTS = {
+    "no_workdir": ([], "workdir '"),  # ... does not exist (not "no checkpoints in")
     "no_checkpoint": ([], "no checkpoints in"),
     "missing_step": (["--step=7"], "no checkpoint for step 7"),
     "damaged_step": (["--step=2"], "checkpoint step 2 in "),
@@ -230,6 +232,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize(
     "case",
     [
+        "no_workdir",
         "no_checkpoint",
         "missing_step",
         pytest.param("damaged_step", marks=pytest.mark.slow),  # restores: ~15 s
@@ -245,6 +248,9 @@ def test_bad_input_one_line_nonzero_exit_workdir_unchanged(trained_run, tmp_path
         os.makedirs(os.path.join(workdir, "something"))
     if case == "damaged_step":
         workdir = _damaged_copy(trained_run, tmp_path)
+    if case == "no_workdir":
+        workdir = str(tmp_path / "nowhere")
+        message = f"workdir {workdir!r} does not exist"
     before = _snapshot(workdir)
     proc = _eval_cli(f"--workdir={workdir}", *args)
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -294,7 +300,7 @@ def test_a_damaged_latest_checkpoint_falls_back_with_one_warning(
         with pytest.raises(checkpoint.DamagedCheckpointError, match="step 2 in .* is damaged"):
             checkpoint.restore(workdir, 2)  # asked for by number: an error
         ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-        assert checkpoint.steps_to_evaluate(ckpts, None, all_steps=False) == [
+        assert checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)[0] == [
             1 if damage_meta else 2  # a damaged meta is seen before anything is restored
         ]
         ckpts.close()
@@ -325,20 +331,63 @@ def test_training_time_sums_logged_step_times_last_record_wins(tmp_path):
     assert results.training_time(str(tmp_path / "nowhere")) is None
 
 
-def test_curve_keeps_the_latest_result_per_step_of_one_setting(tmp_path):
+def test_one_record_per_step_and_settings_and_curves_of_one_setting(tmp_path):
     workdir = str(tmp_path)
+    validation = {"split": "validation", "max_batches": None, "data": {"seq_len": 32}}
     rows = [
-        dict(step=200, split="validation", seq_len=32, max_batches=None, perplexity=9.0),
-        dict(step=100, split="validation", seq_len=32, max_batches=None, perplexity=12.0),
-        dict(step=200, split="validation", seq_len=32, max_batches=None, perplexity=8.0),
-        dict(step=100, split="test", seq_len=32, max_batches=None, perplexity=1.0),
-        dict(step=100, split="validation", seq_len=32, max_batches=5, perplexity=1.0),
-        dict(step=100, split="validation", seq_len=64, max_batches=None, perplexity=1.0),
+        dict(step=200, settings=validation, perplexity=9.0),
+        dict(step=100, settings=validation, perplexity=12.0),
+        dict(step=200, settings=validation, perplexity=8.0),  # scored again: replaces 9.0
+        dict(step=100, settings={**validation, "split": "test"}, perplexity=1.0),
+        dict(step=100, settings={**validation, "max_batches": 5}, perplexity=1.0),
+        dict(step=100, settings={**validation, "data": {"seq_len": 64}}, perplexity=1.0),
+        dict(step=100, split="validation", seq_len=32, max_batches=None, perplexity=1.0),  # old
     ]
     for r in rows:
-        results.append_result(workdir, r)
-    got = results.curve(workdir, "validation", 32, None)
+        results.record_result(workdir, r)
+    records = results.read_jsonl(results.results_path(workdir))
+    assert len(records) == len(rows) - 1  # step 200's first record was replaced
+    got = results.curve(workdir, validation)
     assert [(r["step"], r["perplexity"]) for r in got] == [(100, 12.0), (200, 8.0)]
+    assert results.recorded_result(workdir, 200, validation)["perplexity"] == 8.0
+    assert results.recorded_result(workdir, 300, validation) is None
+    assert results.recorded_result(workdir, 100, {**validation, "max_batches": 6}) is None
+
+
+@pytest.mark.slow  # three eval.py processes: about 90 s on 2 busy cores
+def test_a_step_scored_with_the_same_settings_is_reused_and_recorded_once(trained_run, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained_run[0], workdir)
+    first = _eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _eval_cli(f"--workdir={workdir}", "--all_steps", "--max_batches=1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    lines = second.stdout.splitlines()
+    assert "(recorded before; --rescore scores it again)" in lines[0]  # step 1: reused
+    assert json.loads(lines[1]) == json.loads(first.stdout.splitlines()[-1])
+    assert "recorded before" not in lines[2]  # step 2: scored
+    records = results.read_jsonl(results.results_path(workdir))
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["settings"] == {
+        "split": "validation",
+        "max_batches": 1,
+        "data": records[0]["settings"]["data"],
+    }
+    assert records[0]["settings"]["data"]["seq_len"] == SEQ_LEN
+
+    # --rescore scores again; a results file that cannot be written (here a folder in its place:
+    # root writes through chmod) loses nothing: the result is printed, then one warning line.
+    path = results.results_path(workdir)
+    os.rename(path, f"{path}.kept")
+    os.makedirs(path)
+    third = _eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1", "--rescore")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Traceback" not in third.stderr
+    assert "recorded before" not in third.stdout
+    rescored = json.loads(third.stdout.splitlines()[-1])
+    assert rescored["loss"] == pytest.approx(records[0]["loss"], rel=1e-6)
+    (warning,) = [line for line in third.stderr.splitlines() if "could not be recorded" in line]
+    assert f"the result above could not be recorded in {workdir}/eval (" in warning
 
 
 def test_plot_curves_writes_a_png_with_a_training_time_panel(tmp_path):
@@ -355,3 +404,135 @@ def test_plot_curves_writes_a_png_with_a_training_time_panel(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to plot"):
         results.plot_curves([("empty", [])], str(tmp_path / "q.png"))
+
+
+# ----------------------------------------------------------------------------- a live run
+
+
+def _prune_on_first_read(ckpts, workdir, save_step=None):
+    """Makes `ckpts` see what a live trainer does between a reader's listing and its reading:
+    before the first read, step `save_step` is committed (a copy of step 2, written aside and
+    renamed as Orbax commits) and steps 1 and 2 are pruned."""
+    directory = os.path.join(workdir, "checkpoints")
+    read = ckpts.manager.restore
+    done = []
+
+    def restore(step, *args, **kwargs):
+        if not done:
+            done.append(step)
+            if save_step is not None:
+                aside = os.path.join(directory, f"{save_step}.orbax-checkpoint-tmp")
+                shutil.copytree(os.path.join(directory, "2"), aside)
+                os.rename(aside, os.path.join(directory, str(save_step)))
+            for pruned in ("1", "2"):
+                shutil.rmtree(os.path.join(directory, pruned))
+        return read(step, *args, **kwargs)
+
+    ckpts.manager.restore = restore
+    return done
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_step_pruned_between_listing_and_reading_is_not_damage(trained_run, tmp_path, caplog):
+    workdir = str(tmp_path / "live")
+    shutil.copytree(trained_run[0], workdir)
+    with caplog.at_level(logging.INFO):
+        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+        first_read = _prune_on_first_read(ckpts, workdir, save_step=3)
+        steps, config = checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)
+        ckpts.close()
+    assert first_read == [2]  # the newest listed, pruned before it was read
+    assert steps == [3] and config.model.name == "flash"  # listed again: the newest committed
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "step 2 in " in caplog.text and "was removed while it was read" in caplog.text
+
+    # --all_steps: the pruned steps are skipped in one INFO line each, the new one is taken.
+    shutil.rmtree(workdir)
+    shutil.copytree(trained_run[0], workdir)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+        _prune_on_first_read(ckpts, workdir)
+        with pytest.raises(ValueError, match="no checkpoints in"):  # everything went
+            checkpoint.steps_to_evaluate(ckpts, None, all_steps=True)
+        ckpts.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_advice_to_move_the_checkpoints_of_a_workdir_a_trainer_holds(
+    trained_run, tmp_path, monkeypatch
+):
+    from flash_jax.train import workdir as workdir_lib
+
+    monkeypatch.setattr(checkpoint, "REMOVAL_SECONDS", 0.2)
+    workdir = _damaged_copy(trained_run, tmp_path, damage_meta=True)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "1"))  # step 2, damaged, is all there is
+    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    with pytest.raises(ValueError, match=r"steps \[2\] are damaged .* move .* away"):
+        checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)
+    assert workdir_lib.holder(workdir) is None
+    lock = workdir_lib.lock(workdir)
+    try:
+        assert workdir_lib.holder(workdir)["pid"] == os.getpid()
+        with pytest.raises(ValueError, match="steps \\[2\\] are damaged") as error:
+            checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)
+        assert "away" not in str(error.value)
+        assert f"the run writing it (process {os.getpid()} on host" in str(error.value)
+    finally:
+        lock.release()
+        ckpts.close()
+
+
+LIVE_TRAINER = [  # the quickstart, smaller, saving every step and keeping 2
+    "--config=configs/quickstart.py",
+    "--config.model.num_layers=1",
+    "--config.model.d_model=32",
+    "--config.model.expansion_dim=64",
+    "--config.model.qk_dim=16",
+    "--config.data.batch_size=2",
+    "--config.data.seq_len=64",
+    "--config.train.eval_every=0",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=1",
+    "--config.train.keep_checkpoints=2",
+    "--config.train.num_steps=1000000",
+]
+
+
+@pytest.mark.slow  # a live trainer beside readers: about 90 s on 2 busy cores
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_eval_on_a_live_run_that_saves_every_step(tmp_path, caplog):
+    run = str(tmp_path / "live")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    trainer = subprocess.Popen(
+        [sys.executable, "train.py", *LIVE_TRAINER, f"--workdir={run}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while not os.path.isdir(os.path.join(run, "checkpoints", "3")):
+            assert trainer.poll() is None and time.time() < deadline, "the trainer did not save"
+            time.sleep(0.5)
+        steps_read = []
+        with caplog.at_level(logging.INFO):
+            for _ in range(12):  # each read races the trainer's next save and prune
+                restored = checkpoint.restore(run)
+                ckpts = checkpoint.Checkpoints(run, read_only=True)
+                steps, _ = checkpoint.steps_to_evaluate(ckpts, None, all_steps=True)
+                ckpts.close()
+                steps_read += [restored.step, *steps]
+        assert len(set(steps_read)) > 3, steps_read  # the trainer went on meanwhile
+        assert "damaged" not in caplog.text
+        for args in (["--max_batches=2"], ["--max_batches=1", "--all_steps"]):
+            proc = _eval_cli(f"--workdir={run}", *args)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "damaged" not in proc.stderr and "Traceback" not in proc.stderr
+            assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] > 3
+        assert trainer.poll() is None  # the trainer was never disturbed
+    finally:
+        trainer.terminate()
+        trainer.wait(timeout=120)

@@ -248,7 +248,9 @@ def quickstart_run(tmp_path_factory):
 def _export_cli(*args):
     # This checkout's flash_jax, whichever one the environment has installed.
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=path)
+    # TensorFlow's log level as a user's shell has it: the quiet console is what keeps it down.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=path)
     return subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "export.py"), *args],
         cwd=REPO,
@@ -266,6 +268,8 @@ def test_exported_quickstart_model_gives_the_jax_logits(quickstart_run, tmp_path
     out = tmp_path / "export"
     result = _export_cli(f"--workdir={quickstart_run}", f"--out={out}")
     assert result.returncode == 0, result.stderr
+    startup = ("E0000", "cuInit", "cudart_stub", "InitializeLog", "oneDNN", "read only")
+    assert not [line for line in result.stderr.splitlines() if any(n in line for n in startup)]
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "sentencepiece.model"]
     assert result.stdout.split() == [
         str(out / name) for name in ("model.safetensors", "config.json", "sentencepiece.model")
@@ -310,3 +314,50 @@ def test_export_cli_errors_are_one_line_and_write_nothing(quickstart_run, tmp_pa
         "export.py: error: --dtype must be one of ('float32', 'bfloat16'), got 'float16'"
     )
     assert not out.exists()
+    # An --out that cannot be written: one line before the checkpoint is read, and no noise of
+    # TensorFlow's or CUDA's startup on stderr (the quiet console).
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    bad_out = _export_cli(f"--workdir={quickstart_run}", f"--out={afile}/out")
+    assert bad_out.returncode == 1
+    assert bad_out.stderr.strip().splitlines() == [
+        f"export.py: error: --out '{afile}/out' cannot be a folder: {afile} is a file"
+    ]
+
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, monkeypatch):
+    """Tests run as root, which writes through chmod: a path under a regular file, and a
+    read-only file system injected (EROFS) where the probe writes."""
+    import errno
+    import tempfile
+
+    from flash_jax import export
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match=f"--out '{afile}/out' cannot be a folder: {afile} is a"):
+        export.check_out(str(afile / "out"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(ValueError, match="cannot be written: Read-only file system"):
+        export.check_out(str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    export.check_out(str(tmp_path / "new" / "out"))  # writable: nothing is left behind
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_numpy_reads_a_bfloat16_export_once_ml_dtypes_is_imported(tmp_path):
+    """What the README tells NumPy users: safetensors.numpy needs ml_dtypes imported first."""
+    path = str(tmp_path / "model.safetensors")
+    safetensors_file.write(path, {"w": np.ones(3, ml_dtypes.bfloat16)})
+    read = f"from safetensors.numpy import load_file; print(load_file({path!r})['w'].dtype)"
+    without = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True)
+    assert without.returncode != 0 and "data type 'bfloat16' not understood" in without.stderr
+    with_ = subprocess.run(
+        [sys.executable, "-c", "import ml_dtypes; " + read], capture_output=True, text=True
+    )
+    assert with_.returncode == 0 and with_.stdout.strip() == "bfloat16", with_.stderr

@@ -1,11 +1,16 @@
 """scripts/sample.py: text from a trained checkpoint through incremental decoding, checked against
 greedy decoding by repeated full forward passes."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import sentencepiece as spm
 from flax import nnx
-from test_eval import base, train_tiny_run
+from test_eval import REPO, base, train_tiny_run
 
 from flash_jax import decoding
 from flash_jax.train import checkpoint
@@ -54,3 +59,43 @@ def test_bad_sampling_arguments_are_value_errors(run):
         decoding.sample_text(run, "her", 0)
     with pytest.raises(ValueError, match="top_k"):
         decoding.sample_text(run, "her", 4, top_k=10**6)
+
+
+def _interrupted(script, args, started):
+    """Runs `script`, sends Ctrl-C's SIGINT once a stderr line contains `started` (an INFO line
+    of its main), and returns (exit status, stderr)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, script), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if started in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    lines += proc.stderr.read().splitlines(keepends=True)
+    return proc.wait(timeout=120), "".join(lines)
+
+
+@pytest.mark.slow  # two processes: about 40 s on 2 busy cores
+@pytest.mark.parametrize(
+    "script, args, started",
+    [
+        # Decoding 100,000 tokens outlasts the signal by far.
+        ("scripts/sample.py", ["--num_tokens=100000"], "sampling from"),
+        # Its first line, before the data check, the restore and the compile (seconds).
+        ("eval.py", [], ": evaluating step 2 on validation"),
+    ],
+    ids=["sample", "eval"],
+)
+def test_ctrl_c_is_one_line_and_exit_status_130(run, script, args, started):
+    status, stderr = _interrupted(script, [f"--workdir={run.workdir}", *args], started)
+    assert status == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1] == f"{os.path.basename(script)}: interrupted (Ctrl-C)"

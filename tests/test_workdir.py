@@ -118,3 +118,62 @@ def test_prepare_names_a_workdir_that_cannot_be_a_directory(tmp_path, where):
         workdir.prepare(str(path))
     workdir.prepare(str(tmp_path / "new" / "run"))
     assert (tmp_path / "new" / "run").is_dir()
+
+
+def test_remove_if_unused_keeps_a_workdir_with_a_checkpoint_or_a_record(tmp_path):
+    skeleton = tmp_path / "skeleton"
+    for folder in ("checkpoints", "tensorboard"):
+        (skeleton / folder).mkdir(parents=True)
+    (skeleton / "config.json").write_text("{}")
+    (skeleton / "metrics.jsonl").write_text("")
+    saved = tmp_path / "saved"
+    (saved / "checkpoints" / "2").mkdir(parents=True)
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "metrics.jsonl").write_text('{"step": 1}\n')
+    for path in (skeleton, saved, logged):
+        workdir.remove_if_unused(str(path))
+    assert sorted(os.listdir(tmp_path)) == ["logged", "saved"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow  # a training process up to its compile: about 20 s
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_the_first_compile_leaves_no_workdir_it_created(tmp_path, presses):
+    """One Ctrl-C (stop at the first step boundary, before anything is saved) or two (exit at
+    once): the workdir the run created is gone; a folder that was there is kept with its files."""
+    import signal
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    for run in (tmp_path / "run", existing):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                "--config=configs/quickstart.py",
+                "--config.train.num_steps=5",
+                f"--workdir={run}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        output = []
+        for line in proc.stdout:  # "model ...: N parameters" comes just before the compile
+            output.append(line)
+            if "parameters; mesh" in line:
+                for _ in range(presses):
+                    proc.send_signal(signal.SIGINT)
+                break
+        output += proc.stdout.readlines()
+        proc.wait(timeout=300)
+        assert "Traceback" not in "".join(output), "".join(output)[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["existing"]
+    assert (existing / "notes.txt").read_text() == "mine"

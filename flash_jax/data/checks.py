@@ -3,9 +3,10 @@
     data.check_data(config.data, splits=("train", "validation"), vocab_size=4096)
 
 In order: the vocabulary, the local corpus or the TFDS dataset can be reached (one line naming
-every key to override, e.g. offline with T5's vocabulary on gs://); the vocabulary fits the
-model's `vocab_size`; each split can be read (a missing split, a bad metadata.csv, a split
-without readable text: the pipeline is built, no batch is read).
+every key to override, e.g. offline with T5's vocabulary on gs://); the model's `vocab_size` is
+the vocabulary's size, rounded up to a multiple of 128 at most; each split can be read (a missing
+split, a bad metadata.csv, a split without readable text: the pipeline is built, no batch is
+read).
 """
 
 from __future__ import annotations
@@ -18,34 +19,53 @@ from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, DataConfig
 from flash_jax.data import sources, vocabularies
 from flash_jax.data.pipeline import InputPipeline
 
+# Model vocabularies are the data vocabulary's size rounded up to a multiple of this (as T5 pads
+# its 32,100 tokens to 32,128), so that sentinel ids fit and the vocab dimension shards evenly.
+VOCAB_MULTIPLE = 128
+
+
+def fitted_vocab_size(data_vocab_size: int) -> int:
+    """The model.vocab_size the configs give a data vocabulary of `data_vocab_size` tokens."""
+    return -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
 
 def check_data(data_config, splits: Sequence[str] = (), *, vocab_size: int | None = None) -> None:
     """ValueError, one line naming the keys or the path, if the data of `data_config` cannot be
-    read as a run needs it (see the module docstring); `vocab_size`: the model's."""
+    read as a run needs it (see the module docstring); `vocab_size`: the model's, which must be
+    the data vocabulary's size up to `fitted_vocab_size` of it (a bigger one trains embedding
+    rows no token uses: another data.vocab without its model.vocab_size)."""
     cfg = DataConfig.from_config(data_config)
-    _check_reachable(cfg)
+    _check_reachable(cfg, vocab_size)
     if vocab_size is not None:
         data_vocab_size = vocabularies.get_vocabulary(cfg).vocab_size
-        if data_vocab_size > vocab_size:
+        fitted = fitted_vocab_size(data_vocab_size)
+        if not data_vocab_size <= vocab_size <= fitted:
+            relation = "smaller than" if vocab_size < data_vocab_size else "larger than needed for"
             raise ValueError(
-                f"model.vocab_size ({vocab_size}) is smaller than the data vocabulary "
-                f"({data_vocab_size} tokens, data.vocab={cfg.vocab!r})"
+                f"model.vocab_size ({vocab_size}) is {relation} the data vocabulary "
+                f"({data_vocab_size} tokens, data.vocab={cfg.vocab!r}) -> "
+                f"--config.model.vocab_size={fitted} (its size rounded up to a multiple of "
+                f"{VOCAB_MULTIPLE})"
             )
     for split in splits:
         InputPipeline(cfg, split, shuffle=False, repeat=False).close()
 
 
-def _check_reachable(cfg) -> None:
+def _check_reachable(cfg, vocab_size: int | None) -> None:
     """The vocabulary, the local corpus or the TFDS dataset that this machine cannot reach (offline:
-    T5's vocabulary on gs://, a TFDS dataset never prepared), with the keys to override and what
-    to pass. Reads metadata only: seconds."""
+    T5's vocabulary on gs://, a TFDS dataset never prepared), with every override to pass (the
+    shipped vocabulary's model.vocab_size too, when the model's `vocab_size` is another). Reads
+    metadata only: seconds."""
     problems = []
     if str(cfg.vocab) != "byte":
         reason = _unreadable(str(cfg.vocab))
         if reason:
+            shipped = vocabularies.vocabulary(SHIPPED_VOCAB, str(cfg.objective))
+            fitted = fitted_vocab_size(shipped.vocab_size)
+            model = f" --config.model.vocab_size={fitted}" if vocab_size != fitted else ""
             problems.append(
                 f"data.vocab {cfg.vocab!r} ({reason}) -> "
-                f"--config.data.vocab={_shown(SHIPPED_VOCAB)} (the shipped one)"
+                f"--config.data.vocab={_shown(SHIPPED_VOCAB)}{model} (the shipped one)"
             )
     if cfg.source == "local":
         reason = _unreadable(str(cfg.data_dir))

@@ -38,6 +38,9 @@ Saving is asynchronous: `poll` (called at every step boundary) reports a save th
 Reading a finished or running run (eval.py, sample.py, export.py): `Checkpoints(workdir,
 read_only=True)` never creates, deletes or cleans anything; `restore(workdir)` gives the
 parameters of a checkpoint with the config they were trained with, ready for a forward pass.
+A live trainer saves and prunes while a reader works: the reader lists the steps afresh each time
+it asks, and a step that disappears while it is read (or whose folder a live trainer is removing)
+is not damage but a `RemovedCheckpointError`: falling back takes the newest committed step then.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -61,12 +65,18 @@ from jax.experimental import multihost_utils
 
 from flash_jax import results, sharding
 from flash_jax.config import ModelConfig, RunConfig
+from flash_jax.train import workdir as workdir_lib
 
 policies = ocp.checkpoint_managers
 
 CHECKPOINT_DIR = "checkpoints"
 # A damaged step is moved here (never deleted) when the run is about to save that step again.
 DAMAGED_DIR = "damaged_checkpoints"
+# A reader waits this long for the folder of a step that fails to read to disappear, when a live
+# trainer holds the workdir (its prune removes a step's files one by one).
+REMOVAL_SECONDS = 3.0
+# Listing the steps of a live run fails when a step is pruned while Orbax reads it: tries.
+LIST_ATTEMPTS = 5
 # Keys that change how the model is computed, not what it is: a resumed run may change them.
 RESUMABLE_MODEL_KEYS = ("remat", "attention_impl", "flash_impl")
 
@@ -77,6 +87,17 @@ class DamagedCheckpointError(ValueError):
     def __init__(self, step: int, path: str, reason: str):
         self.step, self.path, self.reason = step, path, reason
         super().__init__(f"checkpoint step {step} in {path} is damaged: {reason}")
+
+
+class RemovedCheckpointError(ValueError):
+    """A step that was listed but disappeared while it was read: a live trainer pruned it."""
+
+    def __init__(self, step: int, directory: str):
+        self.step = step
+        super().__init__(
+            f"checkpoint step {step} in {directory} was removed while it was read (the run "
+            "writing it keeps only its newest checkpoints)"
+        )
 
 
 class CheckpointSaveError(RuntimeError):
@@ -336,6 +357,17 @@ def retention_policy(
 # ----------------------------------------------------------------------------- the manager
 
 
+class _WithoutMessage(std_logging.Filter):
+    """Drops the log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
 class Checkpoints:
     """The run's `CheckpointManager` under `workdir/checkpoints` (see the module docstring)."""
 
@@ -359,14 +391,27 @@ class Checkpoints:
         self.keep = keep
         self.policy = retention_policy(keep, keep_every_steps, keep_best)
         self._eval_losses: dict[int, float | None] = {}  # step -> its meta's eval_loss (cache)
+        self._listed_steps: set[int] = set()  # every step listed so far
         self.read_only = read_only
         if read_only:
             # A run that may be live: nothing is created, deleted or cleaned.
+            if not epath.Path(workdir).is_dir():
+                raise ValueError(f"workdir {workdir!r} does not exist")
             if not epath.Path(self.directory).is_dir():
                 raise ValueError(f"no checkpoints in {workdir!r} ({self.directory} does not exist)")
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, save_interval_steps=0
             )
+            read_only_notice = _WithoutMessage("Given directory is read only")
+            std_logging.getLogger("absl").addFilter(read_only_notice)  # what was asked for
+            try:
+                self.manager = self._listed(
+                    lambda: ocp.CheckpointManager(
+                        self.directory, options=options, item_names=("state", "meta", "data")
+                    )
+                )
+            finally:
+                std_logging.getLogger("absl").removeFilter(read_only_notice)
         else:
             options = ocp.CheckpointManagerOptions(
                 # No max_to_keep: `_prune` removes old steps, counting only verified ones.
@@ -378,9 +423,9 @@ class Checkpoints:
                 cleanup_tmp_directories=True,
                 create=True,
             )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta", "data")
-        )
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "meta", "data")
+            )
         self.unverified: int | None = None  # newest saved state whose loss is not yet known
         self.damaged: dict[int, str] = {}  # step -> reason, found by `first_intact`
         self._in_flight: int | None = None  # saving, commit not yet seen
@@ -392,10 +437,52 @@ class Checkpoints:
         return str(epath.Path(self.directory) / str(step))
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """The committed steps; read afresh from storage when read-only (a live run's change)."""
+        if self.read_only:
+            self._listed(self.manager.reload)
+        steps = sorted(self.manager.all_steps())
+        self._listed_steps.update(steps)
+        return steps
+
+    def _listed(self, list_steps: Callable[[], Any]) -> Any:
+        """`list_steps()` (Orbax listing the step folders), tried again when a step it found is
+        removed by a live trainer before Orbax reads its metadata."""
+        for attempt in range(LIST_ATTEMPTS):
+            try:
+                return list_steps()
+            except Exception as e:  # noqa: BLE001 - FileNotFoundError, or Orbax's wrapping of it
+                if attempt == LIST_ATTEMPTS - 1:
+                    raise ValueError(
+                        f"the checkpoints in {self.directory} cannot be listed ({_reason(e)})"
+                    ) from e
+                time.sleep(0.1)
+
+    def live_holder(self) -> dict | None:
+        """The trainer holding a read-only reader's workdir, if one does (its lock record)."""
+        return workdir_lib.holder(self.workdir) if self.read_only else None
+
+    def removed(self, step: int) -> bool:
+        """Whether listed `step` has gone (read-only readers only): its folder no longer exists,
+        or disappears within REMOVAL_SECONDS while a trainer holds the workdir."""
+        if not self.read_only:
+            return False
+        path = epath.Path(self.step_path(step))
+        deadline = time.time() + (REMOVAL_SECONDS if self.live_holder() is not None else 0.0)
+        while path.exists():
+            if time.time() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _removed_or(self, error: DamagedCheckpointError) -> ValueError:
+        """`error`, or a RemovedCheckpointError when its step has gone (see `removed`)."""
+        if self.removed(error.step):
+            return RemovedCheckpointError(error.step, self.directory)
+        return error
 
     def latest_good_step(self) -> int | None:
         """The newest step that is neither damaged nor awaiting its loss check."""
@@ -403,12 +490,15 @@ class Checkpoints:
         return good[-1] if good else None
 
     def resolve_step(self, step: int | None) -> int:
-        """`step`, or the latest one; ValueError naming the steps there are."""
+        """`step`, or the latest one; ValueError naming the steps there are (a
+        RemovedCheckpointError for a step listed before that has gone since)."""
         steps = self.all_steps()
         if not steps:
             raise ValueError(f"no checkpoints in {self.directory}")
         if step is None:
             return steps[-1]
+        if step not in steps and step in self._listed_steps:  # seen before: pruned since
+            raise RemovedCheckpointError(step, self.directory)
         if step not in steps:
             raise ValueError(
                 f"no checkpoint for step {step} in {self.directory}; it has steps {steps}"
@@ -417,7 +507,15 @@ class Checkpoints:
 
     # ---- reading
     def read_meta(self, step: int | None = None) -> dict:
+        """The meta JSON of `step` (the latest by default); DamagedCheckpointError if it does not
+        read back, RemovedCheckpointError if the step went while it was read."""
         step = self.latest_step() if step is None else step
+        try:
+            return self._read_meta(step)
+        except DamagedCheckpointError as e:
+            raise self._removed_or(e) from e
+
+    def _read_meta(self, step: int) -> dict:
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -476,11 +574,18 @@ class Checkpoints:
         `partial`, `abstract` is part of the state (e.g. {"params": ...}) and only that is read.
         With `pipe` (a new InputPipeline), the input stream is restored too (`restore_data`).
 
-        DamagedCheckpointError if anything does not read back as written; ValueError for another
-        model config (`model_config`), another state layout or another host layout (`pipe`).
+        DamagedCheckpointError if anything does not read back as written (RemovedCheckpointError
+        if the step went while it was read); ValueError for another model config (`model_config`),
+        another state layout or another host layout (`pipe`).
         """
         step = self.latest_step() if step is None else step
-        meta = self.read_meta(step)
+        try:
+            return self._restore(abstract, step, model_config, partial=partial, pipe=pipe)
+        except DamagedCheckpointError as e:
+            raise self._removed_or(e) from e
+
+    def _restore(self, abstract, step: int, model_config, *, partial: bool, pipe) -> tuple:
+        meta = self._read_meta(step)
         if model_config is not None:
             check_model_config(self.directory, step, meta, model_config)
         if pipe is not None:  # before the arrays are read: a wrong layout is a quick error
@@ -519,23 +624,40 @@ class Checkpoints:
                 step, self.step_path(step), f"its data state cannot be read ({_reason(e)})"
             ) from e
 
-    def first_intact(self, steps: Iterable[int], restore_one: Callable[[int], Any]):
-        """(step, restore_one(step)) for the first of `steps` that is intact.
+    def first_intact(self, restore_one: Callable[[int], Any], upto: int | None = None):
+        """(step, restore_one(step)) for the newest intact step (up to `upto`, if given).
 
         Each damaged step is reported in one warning line and remembered in `damaged`; nothing is
-        deleted. ValueError (one line) when every step is damaged.
+        deleted. A step removed while it was read (a live trainer's prune) is no damage: the steps
+        are listed again and the newest committed one is tried. ValueError (one line) when every
+        step is damaged.
         """
-        tried = []
-        for step in steps:
+        tried, damaged = set(), []
+        while True:
+            steps = [s for s in self.all_steps() if (upto is None or s <= upto) and s not in tried]
+            if not steps:
+                break
+            step = steps[-1]
+            tried.add(step)
             try:
                 return step, restore_one(step)
+            except RemovedCheckpointError as e:
+                logging.info("%s; taking the newest committed one", e)
             except DamagedCheckpointError as e:
                 logging.warning("%s; trying an earlier checkpoint (nothing was deleted)", e)
                 self.damaged[step] = e.reason
-                tried.append(step)
+                damaged.append(step)
+        if not damaged:
+            raise ValueError(f"no checkpoints in {self.directory}")
+        holder = self.live_holder()
+        advice = (
+            f"move {self.directory} away to start afresh"
+            if holder is None
+            else f"the run writing it ({workdir_lib.describe(holder)}) will save another one"
+        )
         raise ValueError(
-            f"no intact checkpoint in {self.directory}: steps {tried} are damaged (see the "
-            f"warnings); move {self.directory} away to start afresh"
+            f"no intact checkpoint in {self.directory}: steps {sorted(damaged)} are damaged (see "
+            f"the warnings); {advice}"
         )
 
     def restore_newest(
@@ -549,7 +671,7 @@ class Checkpoints:
                 abstract_state, s, model_config, pipe=pipe if self.has_data(s) else None
             )
 
-        step, (state, meta) = self.first_intact(reversed(self.all_steps()), restore_one)
+        step, (state, meta) = self.first_intact(restore_one)
         return state, meta, step
 
     # ---- saving
@@ -755,32 +877,39 @@ def run_config(ckpts: Checkpoints, step: int, config=None) -> RunConfig:
     return config
 
 
-def steps_to_evaluate(ckpts: Checkpoints, step: int | None, all_steps: bool, config=None):
-    """The checkpoints eval.py evaluates, each checked for its config (see `run_config`).
+def steps_to_evaluate(
+    ckpts: Checkpoints, step: int | None, all_steps: bool, config=None
+) -> tuple[list[int], RunConfig]:
+    """The checkpoints eval.py evaluates, and the run config of the last (see `run_config`).
 
-    `all_steps`: every step (a damaged one is skipped with one warning line); `step`: that one (a
-    damaged one is an error); neither: the newest whose meta reads (falling back over damaged
-    ones, one warning line each). ValueError (one line) when there is nothing to evaluate.
+    `all_steps`: every step (a damaged one is skipped with one warning line, one removed by a live
+    trainer while it was read with an INFO line); `step`: that one (a damaged one is an error);
+    neither: the newest whose meta reads (falling back over damaged ones, one warning line each).
+    ValueError (one line) when there is nothing to evaluate.
     """
     if step is not None and not all_steps:
-        run_config(ckpts, ckpts.resolve_step(step), config)
-        return [step]
+        return [step], run_config(ckpts, ckpts.resolve_step(step), config)
     if not all_steps:
-        newest = ckpts.resolve_step(None)
-        candidates = [s for s in reversed(ckpts.all_steps()) if s <= newest]
-        found, _ = ckpts.first_intact(candidates, lambda s: run_config(ckpts, s, config))
-        return [found]
-    steps = []
+        ckpts.resolve_step(None)  # "no checkpoints in ..." for an empty folder
+        found, run_cfg = ckpts.first_intact(lambda s: run_config(ckpts, s, config))
+        return [found], run_cfg
+    steps, run_cfg, damaged = [], None, []
     for s in ckpts.all_steps():
         try:
-            run_config(ckpts, s, config)
+            run_cfg = run_config(ckpts, s, config)
+        except RemovedCheckpointError as e:
+            logging.info("%s; skipped", e)
+            continue
         except DamagedCheckpointError as e:
             logging.warning("%s; skipped", e)
+            damaged.append(s)
             continue
         steps.append(s)
-    if not steps:
-        raise ValueError(f"no intact checkpoint in {ckpts.directory}")
-    return steps
+    if damaged and not steps:
+        raise ValueError(f"no intact checkpoint in {ckpts.directory}: steps {damaged} are damaged")
+    if not steps:  # a live run removed every step listed: its newest committed one
+        return steps_to_evaluate(ckpts, None, False, config)
+    return steps, run_cfg
 
 
 @dataclasses.dataclass
@@ -823,9 +952,10 @@ def restore(
     config's, or with `single_device` the first device alone (sampling). ValueError (one line,
     naming the path or key) for a workdir without checkpoints, a step that does not exist or a
     config of another model. The parameters are checked (see the module docstring): a damaged
-    checkpoint is a DamagedCheckpointError, unless `fall_back` (the default when no step is
-    given): then the newest intact checkpoint up to `step` is restored, with one warning line per
-    damaged one.
+    checkpoint is a DamagedCheckpointError (one removed by a live trainer while it was read a
+    RemovedCheckpointError), unless `fall_back` (the default when no step is given): then the
+    newest intact checkpoint up to `step` (the newest committed one when no step is given) is
+    restored, with one warning line per damaged one.
     """
     from flash_jax.train import step as step_lib
 
@@ -852,8 +982,7 @@ def restore(
         first = ckpts.resolve_step(step)
         if not fall_back:
             return restore_step(first)
-        candidates = [s for s in reversed(ckpts.all_steps()) if s <= first]
-        return ckpts.first_intact(candidates, restore_step)[1]
+        return ckpts.first_intact(restore_step, upto=step)[1]
     finally:
         if own:
             ckpts.close()

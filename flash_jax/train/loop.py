@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -110,12 +111,18 @@ def train_and_evaluate(
         # Several processes stop together at the preemption sync point, never on a local signal.
         several = jax.process_count() > 1
         stop = stack.enter_context(signals.stop_requests(enabled=not several))
-        if created:  # a run that stops on its config leaves no empty workdir behind
-            stack.callback(workdir_lib.remove_if_empty, workdir)
+        # A run that stops before it has saved or logged anything (its config, Ctrl-C during the
+        # first compile) leaves no skeleton of the workdir it created behind.
+        remove_unused = functools.partial(workdir_lib.remove_if_unused, workdir)
+        if created:
+            stack.callback(remove_unused)
         if lock is not None:
             stack.callback(lock.release)
             stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
             stack.callback(stop.at_exit.remove, lock.release)
+        if created:  # ... also when a second Ctrl-C exits at once
+            stop.at_exit.append(remove_unused)
+            stack.callback(stop.at_exit.remove, remove_unused)
         checkpoint.check_writable(workdir, t.num_steps)  # before the compile, not at a save
 
         # ---- build and compile: a config that cannot fit stops here, before anything is written

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -56,13 +57,20 @@ def prepare(workdir: str) -> bool:
     return True
 
 
-def remove_if_empty(workdir: str) -> None:
-    """Removes a local `workdir` if nothing is in it (a run that stopped before writing
-    anything). gs:// has no empty folders: a prefix with no objects is no folder."""
-    if "://" in workdir:
+def remove_if_unused(workdir: str) -> None:
+    """Removes a local `workdir` that this run created (the caller knows) if the run left nothing
+    worth keeping: no checkpoint step and no logged record (a run stopped before or during its
+    first compile, by its config or Ctrl-C). Everything in it is then this run's own skeleton
+    (config.json, empty checkpoints/ and tensorboard/ folders). gs:// is left as it is."""
+    if "://" in workdir or not os.path.isdir(workdir):
         return
-    with contextlib.suppress(OSError):  # not empty, already gone, or not removable
-        os.rmdir(workdir)  # only ever removes an empty folder
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints)):
+        return
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _holder_record(token: str = "") -> dict:
@@ -225,3 +233,30 @@ class WorkdirLock:
 def lock(workdir: str, *, remote: bool | None = None) -> WorkdirLock:
     """Takes the workdir's lock (see the module docstring); ValueError naming the holder."""
     return WorkdirLock(workdir, remote=remote).acquire()
+
+
+def holder(workdir: str) -> dict | None:
+    """The lock record of the trainer holding `workdir` ({} if it wrote none yet), or None when
+    no trainer holds it. Creates nothing: for readers of a run that may be live (eval.py).
+
+    Local: a shared flock tried without waiting (a trainer's exclusive one refuses it), released
+    at once. gs://: a record whose heartbeat is younger than STALE_SECONDS.
+    """
+    lock_path = WorkdirLock(workdir)
+    if lock_path.remote:
+        record = lock_path._read_remote()
+        fresh = time.time() - float(record.get("heartbeat", 0)) < STALE_SECONDS
+        return record if record and fresh else None
+    try:
+        fd = os.open(os.fspath(lock_path.path), os.O_RDONLY)
+    except OSError:  # no lock file: no trainer
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _parse(os.pread(fd, 4096, 0).decode(errors="replace"))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

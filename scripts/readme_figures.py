@@ -1,0 +1,99 @@
+"""Measures the figures the README quotes about its own commands and writes them to
+docs/results/readme_figures.json (and .md), where the README's figures come from.
+
+    python scripts/readme_figures.py                 # the memory example (about a minute)
+    python scripts/readme_figures.py --smoke         # also `make smoke` (minutes)
+
+Each figure records the command, its wall time from start to exit, what it printed that the
+README quotes, and the machine (and whether it was shared with other jobs, as timings then
+vary). tests/test_readme.py checks that the README quotes the recorded figures.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from flash_jax import console, results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "docs", "results", "readme_figures")
+# configs/pg19_flash.py at its full size on the shipped corpus and vocabulary: the train step
+# does not fit a small machine, which says so before the first step.
+MEMORY_COMMAND = [
+    "train.py",
+    "--config=configs/pg19_flash.py",
+    "--config.data.source=local",
+    "--config.data.vocab=flash_jax/data/vocabs/austen_spm_4k.model",
+    "--config.model.vocab_size=4096",
+    "--workdir=/tmp/flash_jax_readme_memory",
+]
+SMOKE_COMMAND = ["make", "smoke", "SMOKE_WORKDIR=/tmp/flash_jax_readme_smoke"]
+
+_SMOKE = flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).")
+
+
+def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    argv = [sys.executable, *command] if command[0].endswith(".py") else command
+    start = time.time()
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+    return round(time.time() - start, 1), proc
+
+
+def memory_example() -> dict:
+    seconds, proc = timed(MEMORY_COMMAND)
+    found = re.search(
+        r"needs about ([\d.]+) GiB per device .* the device has ([\d.]+) GiB", proc.stderr
+    )
+    if proc.returncode != 1 or not found:
+        raise RuntimeError(
+            f"unexpected output of {' '.join(MEMORY_COMMAND)}:\n{proc.stderr[-2000:]}"
+        )
+    return {
+        "command": " ".join(MEMORY_COMMAND),
+        "seconds": seconds,
+        "needs_gib": float(found.group(1)),
+        "device_gib": float(found.group(2)),
+    }
+
+
+def smoke() -> dict:
+    subprocess.run(["rm", "-rf", SMOKE_COMMAND[-1].split("=", 1)[1]], check=True)
+    seconds, proc = timed(SMOKE_COMMAND)
+    if proc.returncode != 0:
+        raise RuntimeError(f"make smoke failed:\n{proc.stderr[-2000:]}")
+    return {"command": " ".join(SMOKE_COMMAND), "seconds": seconds}
+
+
+def main(argv):
+    del argv
+    import json
+
+    report = {}
+    if os.path.exists(OUT + ".json"):
+        with open(OUT + ".json") as f:
+            report = json.load(f)
+    report["memory_example"] = memory_example()
+    if _SMOKE.value:
+        report["make_smoke"] = smoke()
+    report["machine"] = results.machine_info()
+    print("\n".join(results.write_report(OUT, report, markdown(report))))
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Figures the README quotes", "", results.machine_line(report["machine"]), ""]
+    for name, figure in report.items():
+        if name != "machine":
+            found = ", ".join(
+                f"{k} {v}" for k, v in figure.items() if k not in ("command", "seconds")
+            )
+            lines.append(f"- {name}: `{figure['command']}`: {figure['seconds']} s ({found})")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    console.quiet(sys.argv)  # before JAX loads (machine_info): its startup lines stay off
+    app.run(main)
