@@ -51,7 +51,23 @@ _SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate (validati
 _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Stop after this many batches (default: the whole split)."
 )
-_PLOT = flags.DEFINE_string("plot", "", "Where --all_steps writes its PNG (default: see above).")
+_PLOT = flags.DEFINE_string(
+    "plot",
+    "",
+    "Where the PNG goes: --all_steps's, or else perplexity by position (default: see above).",
+)
+_CONTEXT = flags.DEFINE_integer(
+    "context", None, "Window length in tokens (default: the training length)."
+)
+_STRIDE = flags.DEFINE_integer(
+    "stride", None, "Sliding windows of --context tokens advancing by this many."
+)
+_WHOLE_DOCUMENTS = flags.DEFINE_bool(
+    "whole_documents", False, "Each document one stream, the state carried (FLASH)."
+)
+_BUCKET = flags.DEFINE_integer(
+    "bucket", None, "Equal position buckets of this width (default: doubling from the chunk)."
+)
 _DISTRIBUTED = distributed.define_flags()
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show every library's startup lines and INFO logs (TensorFlow, XLA, ...)."
@@ -91,8 +107,12 @@ def main(argv):
     workdirs = [w for w in _WORKDIR.value if w]
     if not workdirs:
         _error("--workdir is empty")
-    if _PLOT.value and not _ALL_STEPS.value:
-        _error("--plot needs --all_steps")
+    if _CONTEXT.value is not None and _CONTEXT.value < 1:
+        _error(f"--context must be >= 1, got {_CONTEXT.value}")
+    if _STRIDE.value is not None and _STRIDE.value < 1:
+        _error(f"--stride must be >= 1, got {_STRIDE.value}")
+    if _BUCKET.value is not None and _BUCKET.value < 1:
+        _error(f"--bucket must be >= 1, got {_BUCKET.value}")
 
     try:
         distributed.initialize(_DISTRIBUTED)
@@ -118,15 +138,20 @@ def main(argv):
             jobs.append((workdir, ckpts, steps))
         configs = [checkpoint.run_config(c, steps[-1], _CONFIG.value) for _, c, steps in jobs]
         # TensorFlow (the data pipeline): imported once the cheaper checks have passed.
-        from flash_jax import data, evaluation, results
+        from flash_jax import data, evaluation, long_context, results
 
+        settings = long_context.Settings(
+            _CONTEXT.value, _STRIDE.value, _WHOLE_DOCUMENTS.value, _BUCKET.value
+        )
         for config in configs:
+            long_context.check(settings, config.model, config.data.seq_len)
+            long_context.check_one_process(settings)
             data.check_data(config.data, [_SPLIT.value])
     except ValueError as e:
         _error(str(e))
 
     # ---- evaluate
-    curves = []
+    curves, lasts = [], []
     try:
         for workdir, ckpts, steps in jobs:
             result = None
@@ -151,6 +176,7 @@ def main(argv):
                     _SPLIT.value,
                     max_batches=_MAX_BATCHES.value,
                     progress=evaluation.progress_logger(label),
+                    settings=settings,
                 )
                 if is_main:
                     path = results.append_result(workdir, result)
@@ -164,13 +190,13 @@ def main(argv):
                         run.step,
                     )
             ckpts.close()
+            if result is not None:
+                lasts.append((_label(workdir, result), result))
             if result is None:  # --all_steps, and every step turned out damaged
                 raise ValueError(f"no intact checkpoint in {ckpts.directory}")
             if _ALL_STEPS.value:
                 points = results.curve(workdir, _SPLIT.value, result["seq_len"], _MAX_BATCHES.value)
-                curves.append(
-                    (f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})", points)
-                )
+                curves.append((_label(workdir, result), points))
     except ValueError as e:
         _error(str(e))
     if _ALL_STEPS.value and is_main:
@@ -185,7 +211,14 @@ def main(argv):
         logging.info("plot written to %s", plot)
         # The plot path goes first; the last line printed stays the last JSON object.
         print(f"plot: {plot}", file=sys.stderr)
+    elif _PLOT.value and is_main:
+        results.plot_by_position(lasts, _PLOT.value, title=f"{_SPLIT.value} split")
+        print(f"plot: {_PLOT.value}", file=sys.stderr)
     return 0
+
+
+def _label(workdir: str, result: dict) -> str:
+    return f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})"
 
 
 if __name__ == "__main__":

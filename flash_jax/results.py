@@ -149,6 +149,16 @@ def append_result(workdir: str, result: dict) -> str:
     return str(path)
 
 
+def is_default_windows(result: dict) -> bool:
+    """Scored in windows of the training length (records from before long-context settings
+    existed are)."""
+    return (
+        result.get("context", result.get("seq_len")) == result.get("seq_len")
+        and result.get("stride") is None
+        and not result.get("whole_documents")
+    )
+
+
 def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> list[dict]:
     """The results of `workdir` for one setting, one per step (the latest), sorted by step.
 
@@ -161,7 +171,7 @@ def curve(workdir: str, split: str, seq_len: int, max_batches: int | None) -> li
             split,
             seq_len,
             max_batches,
-        ):
+        ) and is_default_windows(r):
             by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
 
@@ -269,6 +279,22 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, titl
         xlabel = "training time (hours, excluding eval and checkpoint pauses)"
         panels.append(Panel(xlabel, ylabel, by_time, log_y=log_y))
     return plot_panels(path, panels, f"{title}: {ylabel}" if title else ylabel)
+
+
+def plot_by_position(lines: Sequence[tuple[str, dict]], path: str, *, title: str = "") -> str:
+    """Token perplexity against position in the window (or document): one line per
+    (label, eval result with `loss_by_position`), a point per non-empty bucket at its end
+    (log2 x axis: the default buckets double)."""
+    panel_lines = []
+    for label, result in lines:
+        buckets = [b for b in result["loss_by_position"] if b["loss"] is not None]
+        panel_lines.append(
+            (label, [b["end"] for b in buckets], [math.exp(b["loss"]) for b in buckets])
+        )
+    if not any(xs for _, xs, _ in panel_lines):
+        raise ValueError("nothing to plot: no loss by position")
+    panel = Panel("position (end of bucket, tokens)", "token perplexity", panel_lines, log_x=True)
+    return plot_panels(path, [panel], f"{title}: perplexity by position" if title else "")
 
 
 # ----------------------------------------------------------------------------- measurements
