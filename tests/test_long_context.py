@@ -224,11 +224,12 @@ def test_eval_cli_context_results_tensorboard_and_plot(tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     records = results.read_jsonl(results.results_path(run.workdir))
-    assert len(records) == before + 1 and records[-1]["loss_by_position"] == line[
-        "loss_by_position"
-    ]
-    assert line["context"] == 256 and sum(b["tokens"] for b in line["loss_by_position"]) == (
-        line["tokens"]
+    assert (
+        len(records) == before + 1 and records[-1]["loss_by_position"] == line["loss_by_position"]
+    )
+    assert (
+        line["context"] == 256
+        and sum(b["tokens"] for b in line["loss_by_position"]) == (line["tokens"])
     )
     assert plot.stat().st_size > 0
     events = "".join(os.listdir(os.path.join(run.workdir, "tensorboard")))
