@@ -5,11 +5,23 @@
     python eval.py --workdir=runs/flash,runs/tfm_pp --all_steps   # every kept checkpoint + a plot
     python eval.py --config=configs/quickstart.py --workdir=runs/quickstart \
         --config.data.batch_size=32 --max_batches=10
+    python eval.py --workdir=runs/flash --context=16384 --plot=by_position.png   # long windows
+    python eval.py --workdir=runs/tfm_pp --context=2048 --stride=512              # sliding
+    python eval.py --workdir=runs/flash --whole_documents                         # state carried
 
 The config defaults to the one saved with each checkpoint (so several runs of different models can
 be compared in one call); `--config` (with `--config.*` overrides) replaces it, and must describe
 the checkpoint's model. Every window of every document is scored once (`--max_batches` stops
 early: then bits per byte and word perplexity, which need the whole split, are null).
+
+Windows (flash_jax.long_context): `--context=N` cuts every document into consecutive windows of N
+tokens (default: the training length, today's windows), each scored alone; FLASH, Performer and
+Combiner take any N, the models whose cache grows (Transformers, FLASH-Quad) at most model.max_len,
+past which `--stride=S` scores sliding windows of N tokens advancing by S (each token with at
+least N - S before it). `--whole_documents` (FLASH) scores each document as one stream, N tokens at
+a time with the cross-chunk state carried. Every result has `loss_by_position` (buckets doubling
+from the chunk size, or `--bucket=W` wide) and its settings (context, stride, whole_documents,
+bucket); without --all_steps, `--plot=PATH` draws perplexity by position, one line per workdir.
 
 Output: progress on stderr; per checkpoint a summary line and a JSON object on stdout (the last line
 printed is the last JSON object), also appended to `<workdir>/eval/results.jsonl` and written as
@@ -80,8 +92,13 @@ def _error(message: str, code: int = 1):
 
 
 def _summary(result: dict) -> str:
+    windows = f"context {result['context']}" + (
+        f", stride {result['stride']}" if result["stride"] is not None else ""
+    )
+    if result["whole_documents"]:
+        windows = f"whole documents, windows of {result['context']}"
     parts = [
-        f"{result['workdir']} step {result['step']} {result['split']}: "
+        f"{result['workdir']} step {result['step']} {result['split']} ({windows}): "
         f"{result['tokens']:,} tokens, loss {result['loss']:.4f}, "
         f"perplexity {result['perplexity']:.3f}"
     ]
