@@ -4,7 +4,7 @@ by position inside the window (or the document).
     from flash_jax import long_context
     settings = long_context.Settings(context=16384)             # windows of 16,384 tokens
     settings = long_context.check(settings, run.model_config, run.config.data.seq_len)
-    result = long_context.evaluate_split(run, "validation", settings)
+    result = evaluation.evaluate_split(run, "validation", settings=settings)
 
 Three ways to cut a split (every token of every document is scored exactly once in each):
 - windows (the default; `context` = the training length unless given): each document cut into
@@ -161,7 +161,8 @@ def _token_nll(logits_BTV, targets_BT, weights_BT):
     return jnp.where(weights_BT > 0, nll * weights_BT, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+# Replicated sums (called under the run's mesh): every process reads them, as the eval step's.
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), out_shardings=jax.sharding.PartitionSpec())
 def score_windows(graphdef, params, rest, batch, buckets: Buckets, num_buckets: int):
     """One batch of windows: (nll_sum, weight_sum) exactly as the eval step computes them, and
     the summed NLL and weight per position bucket."""

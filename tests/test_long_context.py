@@ -85,6 +85,7 @@ def test_default_context_is_todays_eval_exactly(tiny):
     assert sum(b["tokens"] for b in buckets) == result["tokens"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [8, 64])
 def test_flash_scores_windows_far_past_max_len_against_a_direct_forward(tiny, factor):
     run, texts = tiny
@@ -106,6 +107,7 @@ def test_flash_scores_windows_far_past_max_len_against_a_direct_forward(tiny, fa
     assert_buckets(result["loss_by_position"], hand_buckets(nll, positions, edges))
 
 
+@pytest.mark.slow
 def test_sliding_windows_score_each_token_once_with_the_context_before_it(tiny):
     run, texts = tiny
     context, stride = 16, 5
@@ -142,6 +144,7 @@ def test_whole_document_state_carried_equals_one_forward_over_the_document(tiny)
     np.testing.assert_allclose(carried, whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_whole_documents_score_every_token_bucketed_by_position_in_the_document(tiny):
     run, texts = tiny
     settings = long_context.Settings(context=16, whole_documents=True)
