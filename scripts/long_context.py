@@ -7,7 +7,7 @@ runs/long/combiner --contexts=512,1024,2048,4096,8192,16384 --name=long_context_
 
 Per run (latest checkpoint, validation split): windows of each context. Models whose cache grows
 (Transformer++, FLASH-Quad, ...) are scored only up to their max_len, plus sliding windows of
-max_len advancing by max_len / 4 (each token with at least 3/4 max_len before it); FLASH also
+max_len advancing by max_len / 2 (each token with at least max_len / 2 before it); FLASH also
 as whole documents (the state carried, windows of its training length). Writes
 `<out_dir>/<name>.{json,md}`, `<name>_by_context.png` (perplexity against window length) and
 `<name>_by_position.png` (perplexity by position, at the longest context and whole documents).
@@ -15,10 +15,10 @@ as whole documents (the state carried, windows of its training length). Writes
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
-import time
 
 from absl import flags
 
@@ -31,6 +31,12 @@ flags.DEFINE_list("contexts", CONTEXTS, "Window lengths.", flag_values=FLAGS)
 flags.DEFINE_string("split", "validation", "Split.", flag_values=FLAGS)
 flags.DEFINE_string("out_dir", "docs/results", "Where the report goes.", flag_values=FLAGS)
 flags.DEFINE_string("name", "long_context_cpu", "Output file name stem.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "reuse",
+    "",
+    "A report of this script whose runs (same workdir and step) are not rescored.",
+    flag_values=FLAGS,
+)
 
 
 def settings_for(model_cfg, train_len: int, contexts: list[int]):
@@ -44,13 +50,13 @@ def settings_for(model_cfg, train_len: int, contexts: list[int]):
         out.append((str(n), lc.Settings(context=n)))
     if model_cfg.name in lc.GROWING_CACHE:
         m = model_cfg.max_len
-        out.append((f"sliding {m}/{m // 4}", lc.Settings(context=m, stride=m // 4)))
+        out.append((f"sliding {m}/{m // 2}", lc.Settings(context=m, stride=m // 2)))
     if model_cfg.name in lc.WHOLE_DOCUMENT_MODELS:
         out.append(("whole documents", lc.Settings(context=train_len, whole_documents=True)))
     return out
 
 
-def markdown(rows: list[dict], contexts: list[int], machine: str, seconds: float) -> str:
+def markdown(rows: list[dict], contexts: list[int], machine: str) -> str:
     """The table: perplexity per run and window setting ("-": not scored, see the docstring)."""
     from flash_jax.config import DISPLAY_NAMES
 
@@ -60,16 +66,19 @@ def markdown(rows: list[dict], contexts: list[int], machine: str, seconds: float
     lines = [
         "# Long context: validation perplexity by window length",
         "",
-        f"{machine} Evaluation time: {seconds:.0f} s in all.",
+        machine,
         "",
-        "| model | trained at | " + " | ".join(labels) + " |",
-        "|---|---|" + "---|" * len(labels),
+        "| model | trained at | " + " | ".join(labels) + " | evaluation time |",
+        "|---|---|" + "---|" * (len(labels) + 1),
     ]
     for row in rows:
         got = row["results"]
         cells = [f"{got[k]['perplexity']:.2f}" if k in got else "-" for k in labels]
         name = DISPLAY_NAMES.get(row["model"], row["model"])
-        lines.append(f"| {name} | {row['train_len']} | " + " | ".join(cells) + " |")
+        eval_seconds = sum(r["seconds"] for r in got.values())
+        lines.append(
+            f"| {name} | {row['train_len']} | " + " | ".join(cells) + f" | {eval_seconds:.0f} s |"
+        )
     lines += [
         "",
         "Perplexity by position in the window (the longest window scored, and whole documents):",
@@ -110,9 +119,17 @@ def main(argv=()) -> dict:
     from flash_jax import evaluation, results
     from flash_jax.train import checkpoint
 
-    rows, start = [], time.time()
+    reused = {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)
+        reused = {(r["workdir"], r["step"]): r for r in earlier["runs"]}
+    rows = []
     for workdir in args.workdir:
         run = checkpoint.restore(workdir)
+        if (workdir, run.step) in reused:
+            rows.append(reused[workdir, run.step])
+            continue
         train_len = run.config.data.seq_len
         row = {"workdir": workdir, "model": run.model_config.name, "step": run.step}
         row.update(train_len=train_len, max_len=run.model_config.max_len, results={})
@@ -125,11 +142,10 @@ def main(argv=()) -> dict:
             )
             row["results"][label] = result
         rows.append(row)
-    seconds = time.time() - start
     info = results.machine_info()
-    report = {"machine": info, "seconds": seconds, "contexts": contexts, "runs": rows}
+    report = {"machine": info, "contexts": contexts, "runs": rows}
     stem = os.path.join(args.out_dir, args.name)
-    text = markdown(rows, contexts, results.machine_line(info), seconds)
+    text = markdown(rows, contexts, results.machine_line(info))
     results.write_report(stem, report, text)
     print(text)
     _plots(rows, contexts, stem)
