@@ -164,7 +164,10 @@ def _plots(rows: list[dict], contexts: list[int], stem: str) -> None:
     for row in rows:
         scored = [n for n in contexts if str(n) in row["results"]]
         lines.append((name(row), scored, [row["results"][str(n)]["perplexity"] for n in scored]))
-    panel = results.Panel("window length (tokens)", "token perplexity", lines, log_x=True)
+    # A linear y axis: the values span a few percent, where a log axis labels no tick.
+    panel = results.Panel(
+        "window length (tokens)", "token perplexity", lines, log_x=True, log_y=False
+    )
     results.plot_panels(f"{stem}_by_context.png", [panel], "validation perplexity by window")
     by_position = []
     for row in rows:

@@ -262,3 +262,14 @@ def test_results_of_other_windows_get_tags_and_curves_of_their_own():
     assert report.windows_tag({**base_result, "whole_documents": True}) == "_whole_documents32"
     assert results.is_default_windows(base_result) and results.is_default_windows({"seq_len": 8})
     assert not results.is_default_windows({**base_result, "context": 256})
+
+
+def test_the_study_scores_growing_cache_models_up_to_max_len_then_sliding():
+    from scripts import long_context as study
+
+    def labels(name):
+        return [label for label, _ in study.settings_for(tiny_config(name), 32, [32, 64, 128])]
+
+    assert labels("transformer_pp") == ["32", "64", "sliding 64/32"]  # max_len 64
+    assert labels("flash") == ["32", "64", "128", "whole documents"]
+    assert labels("combiner") == ["32", "64", "128"]
