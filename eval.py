@@ -5,11 +5,23 @@
     python eval.py --workdir=runs/flash,runs/tfm_pp --all_steps   # every kept checkpoint + a plot
     python eval.py --config=configs/quickstart.py --workdir=runs/quickstart \
         --config.data.batch_size=32 --max_batches=10
+    python eval.py --workdir=runs/flash --context=16384 --plot=by_position.png   # long windows
+    python eval.py --workdir=runs/tfm_pp --context=2048 --stride=512              # sliding
+    python eval.py --workdir=runs/flash --whole_documents                         # state carried
 
 The config defaults to the one saved with each checkpoint (so several runs of different models can
 be compared in one call); `--config` (with `--config.*` overrides) replaces it, and must describe
 the checkpoint's model. Every window of every document is scored once (`--max_batches` stops
 early: then bits per byte and word perplexity, which need the whole split, are null).
+
+Windows (flash_jax.long_context): `--context=N` cuts every document into consecutive windows of N
+tokens (default: the training length, today's windows), each scored alone; FLASH, Performer and
+Combiner take any N, the models whose cache grows (Transformers, FLASH-Quad) at most model.max_len,
+past which `--stride=S` scores sliding windows of N tokens advancing by S (each token with at
+least N - S before it). `--whole_documents` (FLASH) scores each document as one stream, N tokens at
+a time with the cross-chunk state carried. Every result has `loss_by_position` (buckets doubling
+from the chunk size, or `--bucket=W` wide) and its settings (context, stride, whole_documents,
+bucket); without --all_steps, `--plot=PATH` draws perplexity by position, one line per workdir.
 
 Output: progress on stderr; per checkpoint a summary line and a JSON object on stdout (the last line
 printed is the last JSON object), also recorded in `<workdir>/eval/results.jsonl` (one record per
@@ -57,9 +69,25 @@ _SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate (validati
 _MAX_BATCHES = flags.DEFINE_integer(
     "max_batches", None, "Stop after this many batches (default: the whole split)."
 )
-_PLOT = flags.DEFINE_string("plot", "", "Where --all_steps writes its PNG (default: see above).")
+_PLOT = flags.DEFINE_string(
+    "plot",
+    "",
+    "Where the PNG goes: --all_steps's, or else perplexity by position (default: see above).",
+)
 _RESCORE = flags.DEFINE_bool(
     "rescore", False, "Score steps already scored with the same settings again (else reused)."
+)
+_CONTEXT = flags.DEFINE_integer(
+    "context", None, "Window length in tokens (default: the training length)."
+)
+_STRIDE = flags.DEFINE_integer(
+    "stride", None, "Sliding windows of --context tokens advancing by this many."
+)
+_WHOLE_DOCUMENTS = flags.DEFINE_bool(
+    "whole_documents", False, "Each document one stream, the state carried (FLASH)."
+)
+_BUCKET = flags.DEFINE_integer(
+    "bucket", None, "Equal position buckets of this width (default: doubling from the chunk)."
 )
 _DISTRIBUTED = distributed.define_flags()
 _VERBOSE = flags.DEFINE_bool(
@@ -73,8 +101,13 @@ def _error(message: str, code: int = 1):
 
 
 def _summary(result: dict) -> str:
+    windows = f"context {result.get('context', result['seq_len'])}" + (
+        f", stride {result['stride']}" if result.get("stride") is not None else ""
+    )
+    if result.get("whole_documents"):
+        windows = f"whole documents, windows of {result['context']}"
     parts = [
-        f"{result['workdir']} step {result['step']} {result['split']}: "
+        f"{result['workdir']} step {result['step']} {result['split']} ({windows}): "
         f"{result['tokens']:,} tokens, loss {result['loss']:.4f}, "
         f"perplexity {result['perplexity']:.3f}"
     ]
@@ -103,7 +136,7 @@ def _scoring_flags() -> dict:
     }
 
 
-def _score(workdir, ckpts, step, settings, is_main) -> dict | None:
+def _score(workdir, ckpts, step, settings, windows, is_main) -> dict | None:
     """Scores checkpoint `step`, or with None the newest committed one (a live run saves and
     prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
     for a damaged or removed step under --all_steps (skipped)."""
@@ -128,6 +161,7 @@ def _score(workdir, ckpts, step, settings, is_main) -> dict | None:
         _SPLIT.value,
         max_batches=_MAX_BATCHES.value,
         progress=evaluation.progress_logger(label),
+        settings=windows,
     )
     result["settings"] = settings
     if not is_main:
@@ -162,8 +196,9 @@ def main(argv):
     workdirs = [w for w in _WORKDIR.value if w]
     if not workdirs:
         _error("--workdir is empty")
-    if _PLOT.value and not _ALL_STEPS.value:
-        _error("--plot needs --all_steps")
+    for flag in (_CONTEXT, _STRIDE, _BUCKET):
+        if flag.value is not None and flag.value < 1:
+            _error(f"--{flag.name} must be >= 1, got {flag.value}")
 
     try:
         distributed.initialize(_DISTRIBUTED)
@@ -192,15 +227,20 @@ def main(argv):
                 "%s: evaluating step %s on %s", workdir, ", ".join(map(str, steps)), _SPLIT.value
             )
         # TensorFlow (the data pipeline): imported once the cheaper checks have passed.
-        from flash_jax import data, results
+        from flash_jax import data, long_context, results
 
+        windows = long_context.Settings(
+            _CONTEXT.value, _STRIDE.value, _WHOLE_DOCUMENTS.value, _BUCKET.value
+        )
         for config in configs:
+            long_context.check(windows, config.model, config.data.seq_len)
+            long_context.check_one_process(windows)
             data.check_data(config.data, [_SPLIT.value])
     except ValueError as e:
         _error(str(e))
 
     # ---- evaluate (a step already scored with the same settings is reused, unless --rescore)
-    curves = []
+    curves, lasts = [], []  # per workdir: its curve (--all_steps), its last result
     try:
         for (workdir, ckpts, steps), config in zip(jobs, configs, strict=True):
             settings = results.scoring_settings(_scoring_flags(), config.data)
@@ -209,21 +249,22 @@ def main(argv):
                 result = None if _RESCORE.value else results.recorded_result(workdir, s, settings)
                 if result is None:
                     latest = _STEP.value is None and not _ALL_STEPS.value
-                    result = _score(workdir, ckpts, None if latest else s, settings, is_main)
+                    step = None if latest else s
+                    result = _score(workdir, ckpts, step, settings, windows, is_main)
                 elif is_main:
                     print(_summary(result) + " (recorded before; --rescore scores it again)")
                     print(results.to_json(result), flush=True)
                 if result is not None:
                     scored[result["step"]] = result
             if not scored:  # --all_steps, and a live run pruned every step listed: its newest
-                result = _score(workdir, ckpts, None, settings, is_main)
+                result = _score(workdir, ckpts, None, settings, windows, is_main)
                 scored[result["step"]] = result
             ckpts.close()
+            last = scored[max(scored)]
+            lasts.append((_label(workdir, last), last))
             if _ALL_STEPS.value:
                 points = {r["step"]: r for r in results.curve(workdir, settings)} | scored
-                label = os.path.basename(os.path.normpath(workdir))
-                model = next(iter(scored.values()))["model"]
-                curves.append((f"{label} ({model})", [points[k] for k in sorted(points)]))
+                curves.append((_label(workdir, last), [points[k] for k in sorted(points)]))
     except ValueError as e:
         _error(str(e))
     if _ALL_STEPS.value and is_main:
@@ -242,7 +283,18 @@ def main(argv):
         logging.info("plot written to %s", plot)
         # The plot path goes first; the last line printed stays the last JSON object.
         print(f"plot: {plot}", file=sys.stderr)
+    elif _PLOT.value and is_main:
+        try:
+            results.plot_by_position(lasts, _PLOT.value, title=f"{_SPLIT.value} split")
+        except OSError as e:
+            logging.warning("the plot could not be written to %s (%s)", _PLOT.value, e)
+            return 0
+        print(f"plot: {_PLOT.value}", file=sys.stderr)
     return 0
+
+
+def _label(workdir: str, result: dict) -> str:
+    return f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,11 @@ DISPLAY_NAMES = {
 TRANSFORMER_BLOCKS = ("transformer", "transformer_plus", "transformer_pp", "performer", "combiner")
 # Models whose decoding state does not grow with the context: they decode past model.max_len.
 CONSTANT_STATE = ("flash", "performer")
+# Models whose math depends on model.max_len, so that they run on at most max_len tokens: the
+# vanilla Transformer's learned absolute positions (a max_len table) and FLASH-Quad's score scale
+# n = max_len and its relative bias over that span. The others (FLASH's scale is C; RoPE) take
+# any length (flash_jax.long_context evaluates them past it).
+MAX_LEN_BOUND = ("transformer", "flash_quad")
 NORMS = ("scale_norm", "layer_norm")
 REL_POS = ("auto", "toeplitz", "rope", "none")
 REMAT = ("none", "full", "save_proj", "save_attn")
@@ -117,7 +122,7 @@ class ModelConfig:
     mlp_dim: int = 1024  # Transformer FFN hidden width (4d; SwiGLU uses 2/3 of it per branch)
     random_features: int = 256  # Performer only: FAVOR+ random features per head (m ~ d log d)
     vocab_size: int = 4096  # must be >= the data vocabulary's size
-    max_len: int = 512  # the training length: also FLASH-Quad's fixed score scale n
+    max_len: int = 512  # the training length; bounds only MAX_LEN_BOUND models (FLASH-Quad's n)
     causal: bool = True  # False: bidirectional (masked LM)
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
     param_dtype: str = "float32"

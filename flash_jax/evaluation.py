@@ -17,15 +17,17 @@ Byte and word figures need the whole split; with `max_batches` they are None.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
-from flash_jax import data, metrics, results
+from flash_jax import data, long_context, metrics, results
 from flash_jax.train import step
 
 # Datasets whose papers quote word-level perplexity.
@@ -76,25 +78,33 @@ def evaluate(
     *,
     max_batches: int | None = None,
     progress: Callable[[int, int | None, float], None] | None = None,
+    data_config=None,
+    buckets: long_context.Buckets | None = None,
 ) -> dict:
     """Summed NLL and token count over `split` (its first `max_batches` batches, or all of it).
 
-    `config` is the run's (its data, seed and mesh rules). Returns {"nll_sum", "tokens",
-    "batches", "complete"}: `complete` when the split ended (every window was scored once; the
-    padding rows of the last batch carry weight 0). `progress(batches_done, total_or_None,
+    `config` is the run's (its data, seed and mesh rules); `data_config` replaces its data config
+    (windows of another length). Returns {"nll_sum", "tokens", "batches", "complete"}: `complete`
+    when the split ended (every window was scored once; the padding rows of the last batch carry
+    weight 0); with `buckets`, also the summed NLL and tokens per position bucket ("bucket_nll",
+    "bucket_tokens") and "span" (the window length). `progress(batches_done, total_or_None,
     tokens_so_far)` is called after each batch, one batch late, so that the device always has the
     next batch queued.
     """
-    key = (data.task_name(config.data), split, config.data.seq_len, config.data.batch_size)
+    data_config = config.data if data_config is None else data_config
+    key = (data.task_name(data_config), split, data_config.seq_len, data_config.batch_size)
     total = _BATCH_COUNTS.get(key)
     if max_batches is not None:
         total = max_batches if total is None else min(total, max_batches)
     nll_sum, weight_sum = jnp.float32(0), jnp.float32(0)
+    if buckets is not None:
+        num_buckets = buckets.count(data_config.seq_len)
+        bucket_nll, bucket_tokens = jnp.zeros(num_buckets), jnp.zeros(num_buckets)
     batches, complete, pending = 0, False, None
     with (
         jax.set_mesh(fns.mesh),
         data.InputPipeline(
-            config.data,
+            data_config,
             split=split,
             mesh=fns.mesh,
             seed=config.seed,
@@ -108,7 +118,14 @@ def evaluate(
             if batch is None:
                 complete = True
                 break
-            nll, weight = fns.eval_step(params, rest, step.put_batch(batch, fns.batch_sharding))
+            batch = step.put_batch(batch, fns.batch_sharding)
+            if buckets is None:
+                nll, weight = fns.eval_step(params, rest, batch)
+            else:
+                nll, weight, by_bucket, tokens = long_context.score_windows(
+                    fns.graphdef, params, rest, batch, buckets, num_buckets
+                )
+                bucket_nll, bucket_tokens = bucket_nll + by_bucket, bucket_tokens + tokens
             nll_sum, weight_sum = nll_sum + nll, weight_sum + weight
             batches += 1
             if progress is not None and pending is not None:
@@ -120,12 +137,19 @@ def evaluate(
         progress(*pending)
     if complete:
         _BATCH_COUNTS[key] = batches
-    return {
+    sums = {
         "nll_sum": float(nll_sum),
         "tokens": float(weight_sum),
         "batches": batches,
         "complete": complete,
     }
+    if buckets is not None:
+        sums.update(
+            bucket_nll=np.asarray(bucket_nll, np.float64),
+            bucket_tokens=np.asarray(bucket_tokens, np.float64),
+            span=data_config.seq_len,
+        )
+    return sums
 
 
 def evaluate_split(
@@ -134,17 +158,47 @@ def evaluate_split(
     *,
     max_batches: int | None = None,
     progress: Callable[[int, int | None, float], None] | None = None,
+    settings: long_context.Settings | None = None,
 ) -> dict:
     """Loss, perplexity, bits per byte (and word perplexity for PG-19) of a restored run
     (`checkpoint.restore`) over a whole split, or its first `max_batches` batches (then the byte
-    and word figures, which need the whole split, are None); see `evaluate` for `progress`."""
+    and word figures, which need the whole split, are None); see `evaluate` for `progress`.
+
+    `settings` (`long_context.Settings`; default: windows of the training length) say how the
+    split is cut: windows of another length, sliding windows, or whole documents (there
+    `max_batches` counts documents). The result carries them and `loss_by_position`."""
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     cfg = run.config.data
-    t0 = time.time()
-    sums = evaluate(
-        run.fns, run.params, run.rest, run.config, split, max_batches=max_batches, progress=progress
+    settings = long_context.check(
+        settings or long_context.Settings(), run.model_config, cfg.seq_len
     )
+    long_context.check_one_process(settings)
+    buckets = long_context.Buckets(run.model_config.chunk_size, settings.bucket)
+    t0 = time.time()
+    if settings.whole_documents or settings.stride is not None:
+        score = (
+            long_context.score_whole_documents
+            if settings.whole_documents
+            else long_context.score_sliding_windows
+        )
+        sums = score(run, split, settings, buckets, max_batches=max_batches, progress=progress)
+    else:
+        rows = long_context.window_rows(
+            run.config, settings.context, run.fns.mesh, run.config.mesh.rules
+        )
+        windows = dataclasses.replace(cfg, seq_len=settings.context, batch_size=rows)
+        sums = evaluate(
+            run.fns,
+            run.params,
+            run.rest,
+            run.config,
+            split,
+            max_batches=max_batches,
+            progress=progress,
+            data_config=windows,
+            buckets=buckets,
+        )
     seconds = time.time() - t0
     nll_sum, tokens = sums["nll_sum"], sums["tokens"]
     result = {
@@ -165,6 +219,10 @@ def evaluate_split(
         "bytes": None,
         "seconds": round(seconds, 3),
         "tokens_per_sec": tokens / seconds if seconds > 0 else None,
+        **settings.as_dict(),
+        "loss_by_position": buckets.summary(
+            sums["bucket_nll"], sums["bucket_tokens"], sums["span"]
+        ),
     }
     if cfg.objective == "lm" and cfg.dataset in WORD_LEVEL_DATASETS:
         result.update(words=None, word_perplexity=None)

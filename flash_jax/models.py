@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flash_jax import sharding
-from flash_jax.config import ModelConfig, depth_factor
+from flash_jax.config import MAX_LEN_BOUND, ModelConfig, depth_factor
 from flash_jax.layers import (
     Dense,
     Embed,
@@ -218,9 +218,10 @@ class LanguageModel(nnx.Module):
                 )
             if not jnp.issubdtype(value.dtype, jnp.integer):
                 raise ValueError(f"{name} must be integers, got dtype {value.dtype}")
-        if tokens.shape[1] > self.cfg.max_len:
+        if tokens.shape[1] > self.cfg.max_len and self.cfg.name in MAX_LEN_BOUND:
             raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds model.max_len {self.cfg.max_len}"
+                f"sequence length {tokens.shape[1]} exceeds model.max_len {self.cfg.max_len}, "
+                f"which {self.cfg.name}'s math depends on"
             )
 
 

@@ -307,6 +307,22 @@ def plot_curves(curves: Sequence[tuple[str, Sequence[dict]]], path: str, *, titl
     return plot_panels(path, panels, f"{title}: {ylabel}" if title else ylabel)
 
 
+def plot_by_position(lines: Sequence[tuple[str, dict]], path: str, *, title: str = "") -> str:
+    """Token perplexity against position in the window (or document): one line per
+    (label, eval result with `loss_by_position`), a point per non-empty bucket at its end
+    (log2 x axis: the default buckets double)."""
+    panel_lines = []
+    for label, result in lines:
+        buckets = [b for b in result["loss_by_position"] if b["loss"] is not None]
+        panel_lines.append(
+            (label, [b["end"] for b in buckets], [math.exp(b["loss"]) for b in buckets])
+        )
+    if not any(xs for _, xs, _ in panel_lines):
+        raise ValueError("nothing to plot: no loss by position")
+    panel = Panel("position (end of bucket, tokens)", "token perplexity", panel_lines, log_x=True)
+    return plot_panels(path, [panel], f"{title}: perplexity by position" if title else "")
+
+
 # ----------------------------------------------------------------------------- measurements
 
 

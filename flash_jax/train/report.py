@@ -289,20 +289,39 @@ def finish_wandb(run) -> None:
         logging.warning("could not finish the W&B run (%s)", e)
 
 
+def windows_tag(result: dict) -> str:
+    """ "" for windows of the training length, else "_context<N>[_stride<S>]" or
+    "_whole_documents<N>": results of other windows go to tags of their own."""
+    if result.get("whole_documents"):
+        return f"_whole_documents{result['context']}"
+    if result.get("stride") is not None:
+        return f"_context{result['context']}_stride{result['stride']}"
+    if result.get("context", result["seq_len"]) != result["seq_len"]:
+        return f"_context{result['context']}"
+    return ""
+
+
 def write_eval_scalars(workdir: str, result: dict) -> list[str]:
     """eval.py's result for one checkpoint as scalars at its step in the run's TensorBoard
     (main process only): `eval_py/<split>/{loss,perplexity,bits_per_byte,word_perplexity}`, or
-    `eval_py/<split>_first<N>batches/...` for a partial pass (--max_batches). Returns the tags."""
+    `eval_py/<split>_first<N>batches/...` for a partial pass (--max_batches), with `windows_tag`
+    after the split, and `.../perplexity_by_position/<start>-<end>` per bucket. Returns the
+    tags."""
     split = (
         result["split"]
         if result["complete"]
         else f"{result['split']}_first{result['batches']}batches"
     )
+    split += windows_tag(result)
     scalars = {
         f"eval_py/{split}/{key}": float(result[key])
         for key in ("loss", "perplexity", "bits_per_byte", "word_perplexity")
         if result.get(key) is not None
     }
+    for bucket in result.get("loss_by_position") or []:
+        if bucket["loss"] is not None:
+            tag = f"eval_py/{split}/perplexity_by_position/{bucket['start']}-{bucket['end']}"
+            scalars[tag] = math.exp(bucket["loss"])
     if jax.process_index() == 0:
         from clu import metric_writers
 
