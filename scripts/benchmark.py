@@ -1,5 +1,5 @@
 """Training-step speed of the paper's six models (FLASH, FLASH-Quad, Transformer, Transformer++,
-Performer, Combiner) against context length at a fixed number of tokens per step (issues #6, #12).
+Performer, Combiner) against context length at a fixed number of tokens per step.
 
 For each model and context length T: the project's own jitted train step (flash_jax.train.step:
 forward, backward and optimizer update, remat as configured) on synthetic batches of uniformly

@@ -371,6 +371,10 @@ def test_a_step_scored_with_the_same_settings_is_reused_and_recorded_once(traine
     assert records[0]["settings"] == {
         "split": "validation",
         "max_batches": 1,
+        "context": None,  # the window flags' defaults: windows of the training length
+        "stride": None,
+        "whole_documents": False,
+        "bucket": None,
         "data": records[0]["settings"]["data"],
     }
     assert records[0]["settings"]["data"]["seq_len"] == SEQ_LEN

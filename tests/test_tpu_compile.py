@@ -83,7 +83,7 @@ def test_a_topology_libtpu_does_not_know_is_one_line(tmp_path):
     assert "--topologies: 'v9x:2x2' is not a TPU topology libtpu knows" in line
 
 
-# Both chips, both directions, over the whole range of contexts: at 32K alone the
+# Both chips, both directions, over the whole range of contexts: at 32K alone the
 # state-passing matmul's layout once cost 16 KiB per token (109 causal on v4, 178 bidirectional
 # on v5e, against 93 and 162).
 @pytest.mark.slow  # about 40 s

@@ -1,5 +1,5 @@
-"""Faults lose nothing (issue 14's probes): divergence, damaged checkpoints, a busy workdir, failed
-saves, Ctrl-C, restarts and metrics.jsonl, bad data and workdirs.
+"""Faults lose nothing (a fault-injection pass's probes): divergence, damaged checkpoints, a busy
+workdir, failed saves, Ctrl-C, restarts and metrics.jsonl, bad data and workdirs.
 
 In-process runs use tests/test_train.py's synthetic pipeline and tiny config (seconds each); the
 CLI tests run train.py on the shipped corpus (slow).
@@ -130,7 +130,7 @@ def test_divergence_keeps_only_checkpoints_whose_own_loss_is_finite(tmp_path, mo
 
 
 def test_divergence_from_the_first_update_says_no_checkpoint_is_kept(tmp_path):
-    """The issue's probe: learning rate 1e4 saving every step; no "step None"."""
+    """The fault pass's probe: learning rate 1e4 saving every step; no "step None"."""
     run = str(tmp_path / "run")
     config = tiny_config(learning_rate=1e4, warmup_steps=0, checkpoint_every=1, eval_every=0)
     with pytest.raises(report.NonFiniteLossError) as error:
@@ -772,12 +772,17 @@ def test_cli_a_second_trainer_on_a_busy_workdir_stops_at_once(tmp_path):
     assert not os.path.exists(os.path.join(run, workdir.LOCK_FILE))
 
 
-@pytest.mark.slow  # about 15 s
-@pytest.mark.parametrize("presses", [1, 2])
-def test_cli_ctrl_c_while_compiling(tmp_path, presses):
-    """One Ctrl-C: a clean stop before the first step (exit 0, one line); two: exit at once."""
-    run = str(tmp_path / "run")
-    proc = start_train(run, "--config.train.num_steps=50")
+@pytest.mark.slow  # about 15 s each
+@pytest.mark.parametrize("presses,existing", [(1, False), (2, True)])
+def test_cli_ctrl_c_while_compiling(tmp_path, presses, existing):
+    """One Ctrl-C: a clean stop before the first step (exit 0, one line); two: exit at once.
+    Either way nothing was saved: a workdir the run created is removed, a folder that was there
+    before is kept with its own files (and without the run's lock)."""
+    run = tmp_path / "run"
+    if existing:
+        run.mkdir()
+        (run / "notes.txt").write_text("mine")
+    proc = start_train(str(run), "--config.train.num_steps=50")
     out = []
     assert read_until(proc, "model flash", out), "".join(out)[-3000:]  # compiling now
     t0 = time.time()
@@ -791,12 +796,15 @@ def test_cli_ctrl_c_while_compiling(tmp_path, presses):
     if presses == 1:
         assert code == 0, text[-3000:]
         assert "train.py: stopped by Ctrl-C before its first step" in text
-        assert steps_of(run) == []
     else:
         assert code == signals.IMMEDIATE_EXIT_CODE, text[-3000:]
         assert "train.py: interrupted twice: stopped at once without saving" in text
         assert "compiled the train step" not in text and time.time() - t0 < 10
-    assert not os.path.exists(os.path.join(run, workdir.LOCK_FILE))
+    if existing:
+        assert (run / "notes.txt").read_text() == "mine"
+        assert not (run / workdir.LOCK_FILE).exists()
+    else:
+        assert not run.exists()
 
 
 @pytest.mark.slow  # about 15 s

@@ -296,7 +296,7 @@ def windows_tag(result: dict) -> str:
         return f"_whole_documents{result['context']}"
     if result.get("stride") is not None:
         return f"_context{result['context']}_stride{result['stride']}"
-    if result.get("context", result["seq_len"]) != result["seq_len"]:
+    if result.get("context") not in (None, result.get("seq_len")):
         return f"_context{result['context']}"
     return ""
 
