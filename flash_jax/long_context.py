@@ -265,41 +265,36 @@ def flash_layer_window(layer, x_BWD, positions_BW, state):
     """A FLASH layer over a window of W = G * C tokens of one document whose earlier chunks are
     summarised by `state` ({"sum" [B, s, e], "count" []}); returns (output, state after it).
 
-    The same math as the layer's chunked forward over the whole document: relu^2 attention inside
-    each chunk (`ops.quadratic_attention`, score scale C and the chunk's relative bias), plus the
-    linear part, the mean of k_lin v^T over every completed chunk before the token's own, read by
-    the linear query (0 while no chunk is complete). The padding after a document's last token
-    comes after it and changes nothing before it.
+    The layer's own op, `ops.mixed_chunk_attention`, with the state as the `Boundary` before the
+    window (as context parallelism passes it between devices): every token's linear part is the
+    mean of k_lin v^T over every completed chunk of the document before its own. The padding
+    after a document's last token comes after it and changes nothing before it.
     """
     from flash_jax import ops
 
     cfg = layer.cfg
     B, W, _ = x_BWD.shape
-    C = cfg.chunk_size
-    G = W // C
     u, v, (quad_q, quad_k, lin_q, lin_k) = layer.project(x_BWD, positions_BW)
-
-    def chunks(a):  # [B, W, X] -> [B * G, C, X]
-        return a.reshape(B * G, C, a.shape[-1])
-
-    quad = ops.quadratic_attention(
-        chunks(quad_q), chunks(quad_k), chunks(v), n=C, causal=True, bias=layer.bias(C)
-    ).reshape(B, G, C, -1)
-    kv_BGSE = jnp.einsum(
-        "bgcs,bgce->bgse",
-        lin_k.reshape(B, G, C, -1),
-        v.reshape(B, G, C, -1),
-        preferred_element_type=jnp.float32,
+    one_document_BW = jnp.ones((B, W), jnp.int32)
+    boundary = ops.attention.Boundary(
+        seg_BD=jnp.ones((B, 1), jnp.int32),
+        sum_BDSE=state["sum"][:, None],
+        count_BD=jnp.broadcast_to(state["count"], (B, 1)),
     )
-    # Sum and count before each chunk: the carried state plus this window's earlier chunks.
-    before_BGSE = state["sum"][:, None] + jnp.cumsum(kv_BGSE, axis=1) - kv_BGSE
-    count_G = state["count"] + C * jnp.arange(G, dtype=jnp.float32)
-    lin = jnp.einsum("bgcs,bgse->bgce", lin_q.reshape(B, G, C, -1).astype(jnp.float32), before_BGSE)
-    lin = jnp.where(
-        count_G[None, :, None, None] > 0, lin / jnp.maximum(count_G, 1.0)[:, None, None], 0.0
+    attended = ops.mixed_chunk_attention(
+        quad_q,
+        quad_k,
+        lin_q,
+        lin_k,
+        v,
+        chunk_size=cfg.chunk_size,
+        causal=True,
+        segment_ids=one_document_BW,
+        quad_bias=layer.bias(cfg.chunk_size),
+        boundary=boundary,
     )
-    attended = (quad.astype(jnp.float32) + lin).reshape(B, W, -1).astype(v.dtype)
-    new_state = {"sum": state["sum"] + jnp.sum(kv_BGSE, axis=1), "count": state["count"] + W}
+    window_sum_BSE = jnp.einsum("bws,bwe->bse", lin_k, v, preferred_element_type=jnp.float32)
+    new_state = {"sum": state["sum"] + window_sum_BSE, "count": state["count"] + W}
     return layer.output(x_BWD, u, attended), new_state
 
 
