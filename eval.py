@@ -50,7 +50,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli, console, distributed
+from flash_jax import cli, console
+from flash_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -140,7 +141,7 @@ def _score(workdir, ckpts, step, settings, windows, is_main) -> dict | None:
     """Scores checkpoint `step`, or with None the newest committed one (a live run saves and
     prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
     for a damaged or removed step under --all_steps (skipped)."""
-    from flash_jax import evaluation, results
+    from flash_jax import evaluation, runs
     from flash_jax.train import checkpoint, report
 
     try:
@@ -168,14 +169,14 @@ def _score(workdir, ckpts, step, settings, windows, is_main) -> dict | None:
         return result
     # Printed first: a workdir that cannot be written (read-only) loses no result.
     print(_summary(result), flush=True)
-    print(results.to_json(result), flush=True)
+    print(runs.to_json(result), flush=True)
     try:
-        path = results.record_result(workdir, result)
+        path = runs.record_result(workdir, result)
         tags = report.write_eval_scalars(workdir, result)
     except Exception as e:  # noqa: BLE001 - OSError here, TensorFlow's errors from TensorBoard
         logging.warning(
             "the result above could not be recorded in %s (%s)",
-            os.path.join(workdir, results.EVAL_DIR),
+            os.path.join(workdir, runs.EVAL_DIR),
             str(e).splitlines()[0] if str(e) else type(e).__name__,
         )
         return result
@@ -227,7 +228,8 @@ def main(argv):
                 "%s: evaluating step %s on %s", workdir, ", ".join(map(str, steps)), _SPLIT.value
             )
         # TensorFlow (the data pipeline): imported once the cheaper checks have passed.
-        from flash_jax import data, long_context, results
+        from flash_jax import data, long_context, runs
+        from flash_jax.tools import plots
 
         windows = long_context.Settings(
             _CONTEXT.value, _STRIDE.value, _WHOLE_DOCUMENTS.value, _BUCKET.value
@@ -243,17 +245,17 @@ def main(argv):
     curves, lasts = [], []  # per workdir: its curve (--all_steps), its last result
     try:
         for (workdir, ckpts, steps), config in zip(jobs, configs, strict=True):
-            settings = results.scoring_settings(_scoring_flags(), config.data)
+            settings = runs.scoring_settings(_scoring_flags(), config.data)
             scored = {}  # step -> result, this call's
             for s in steps:
-                result = None if _RESCORE.value else results.recorded_result(workdir, s, settings)
+                result = None if _RESCORE.value else runs.recorded_result(workdir, s, settings)
                 if result is None:
                     latest = _STEP.value is None and not _ALL_STEPS.value
                     step = None if latest else s
                     result = _score(workdir, ckpts, step, settings, windows, is_main)
                 elif is_main:
                     print(_summary(result) + " (recorded before; --rescore scores it again)")
-                    print(results.to_json(result), flush=True)
+                    print(runs.to_json(result), flush=True)
                 if result is not None:
                     scored[result["step"]] = result
             if not scored:  # --all_steps, and a live run pruned every step listed: its newest
@@ -263,20 +265,20 @@ def main(argv):
             last = scored[max(scored)]
             lasts.append((_label(workdir, last), last))
             if _ALL_STEPS.value:
-                points = {r["step"]: r for r in results.curve(workdir, settings)} | scored
+                points = {r["step"]: r for r in runs.curve(workdir, settings)} | scored
                 curves.append((_label(workdir, last), [points[k] for k in sorted(points)]))
     except ValueError as e:
         _error(str(e))
     if _ALL_STEPS.value and is_main:
         plot = _PLOT.value or os.path.join(
             workdirs[0],
-            results.EVAL_DIR,
+            runs.EVAL_DIR,
             f"perplexity_{_SPLIT.value}.png"
             if len(workdirs) == 1
             else f"compare_{_SPLIT.value}.png",
         )
         try:
-            results.plot_curves(curves, plot, title=f"{_SPLIT.value} split")
+            plots.plot_curves(curves, plot, title=f"{_SPLIT.value} split")
         except OSError as e:  # a read-only workdir: the results are printed above
             logging.warning("the plot could not be written to %s (%s)", plot, e.strerror or e)
             return 0
@@ -285,7 +287,7 @@ def main(argv):
         print(f"plot: {plot}", file=sys.stderr)
     elif _PLOT.value and is_main:
         try:
-            results.plot_by_position(lasts, _PLOT.value, title=f"{_SPLIT.value} split")
+            plots.plot_by_position(lasts, _PLOT.value, title=f"{_SPLIT.value} split")
         except OSError as e:
             logging.warning("the plot could not be written to %s (%s)", _PLOT.value, e)
             return 0

@@ -9,7 +9,7 @@ config.json, and LOCK while it runs); a run started on a workdir with checkpoint
 newest intact one. SIGTERM or Ctrl-C save a checkpoint of the step in flight and exit 0; a
 second Ctrl-C exits at once. Several processes: `--coordinator_address=HOST:PORT --num_processes=N
 --process_id=I` on each (JAX's cluster detection is the default on TPU pods and SLURM; see
-flash_jax/distributed.py and the README's "Pod-scale runs"). Errors (bad input, a workdir in
+flash_jax/train/distributed.py and the README's "Pod-scale runs"). Errors (bad input, a workdir in
 use, divergence, a failed save) are one line on stderr and exit code 1. Every run ends with a
 summary on stderr (final train and eval figures, the checkpoint, the eval / sample / TensorBoard
 commands); a finished run rerun says so and returns without compiling. Library startup lines are
@@ -21,8 +21,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli, console, distributed
-from flash_jax.train import signals  # light: JAX and TensorFlow are imported in main()
+from flash_jax import cli, console
+from flash_jax.train import (
+    distributed,
+    signals,  # light: JAX and TensorFlow are imported in main()
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

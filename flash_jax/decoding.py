@@ -113,7 +113,7 @@ def sample_text(
     The model is conditioned as in training: position 0 sees the start token, then the prompt;
     each continuation is cut at the end-of-document token and decoded by the run's vocabulary.
     """
-    from flash_jax import data  # TensorFlow: only for text (generate needs none)
+    from flash_jax import data  # TensorFlow: only for text (generate needs none
 
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")

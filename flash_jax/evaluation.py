@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from flash_jax import data, long_context, metrics, results
+from flash_jax import data, long_context, losses, runs
 from flash_jax.train import step
 
 # Datasets whose papers quote word-level perplexity.
@@ -214,7 +214,7 @@ def evaluate_split(
         "tokens": int(round(tokens)),
         "nll_sum": nll_sum,
         "loss": nll_sum / tokens if tokens > 0 else math.nan,
-        "perplexity": metrics.perplexity(nll_sum, tokens),
+        "perplexity": losses.perplexity(nll_sum, tokens),
         "bits_per_byte": None,
         "bytes": None,
         "seconds": round(seconds, 3),
@@ -229,11 +229,11 @@ def evaluate_split(
     if cfg.objective == "lm" and sums["complete"]:
         stats = data.split_statistics(cfg, split)
         result["bytes"] = stats["bytes"]
-        result["bits_per_byte"] = metrics.bits_per_byte(nll_sum, stats["bytes"])
+        result["bits_per_byte"] = losses.bits_per_byte(nll_sum, stats["bytes"])
         if cfg.dataset in WORD_LEVEL_DATASETS:
             result["words"] = stats["words"]
-            result["word_perplexity"] = metrics.perplexity(nll_sum, stats["words"])
-    train_time = results.training_time(run.workdir)
+            result["word_perplexity"] = losses.perplexity(nll_sum, stats["words"])
+    train_time = runs.training_time(run.workdir)
     if train_time is not None:
         result["train_seconds"] = train_time(run.step)
     return result

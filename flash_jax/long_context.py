@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flash_jax import metrics
+from flash_jax import losses
 from flash_jax.config import DataConfig
 from flash_jax.sharding import LAYER_AXIS_METADATA
 
@@ -168,7 +168,7 @@ def score_windows(graphdef, params, rest, batch, buckets: Buckets, num_buckets: 
     the summed NLL and weight per position bucket."""
     model = nnx.merge(graphdef, params, rest)
     logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"])
-    nll_sum, weight_sum = metrics.cross_entropy(logits, batch["targets"], batch["weights"])
+    nll_sum, weight_sum = losses.cross_entropy(logits, batch["targets"], batch["weights"])
     index = buckets.index(batch["positions"]).reshape(-1)
     weights = batch["weights"].astype(jnp.float32)
     token_nll = _token_nll(logits, batch["targets"], weights).reshape(-1)

@@ -17,7 +17,8 @@ import time
 import jax
 from absl import app, flags
 
-from flash_jax import benchmarks, cli, sharding
+from flash_jax import cli, sharding
+from flash_jax.tools import benchmarks
 from flash_jax.train import checkpoint, step  # no data stack: runs where JAX runs
 
 _SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Size presets of FLASH.")

@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from flash_jax import cli, decoding, models, results
+from flash_jax import cli, decoding, models
 from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig
+from flash_jax.tools import benchmarks, plots
 
 _MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
 _LENGTHS = cli.define_int_list("lengths", [256, 512, 1024, 2048, 4096, 8192], "Context lengths.")
@@ -131,7 +132,7 @@ def plot(rows: list[dict], names: list[str], path: str, title: str) -> None:
         n: sorted((r for r in rows if r["model"] == n), key=lambda r: r["context"]) for n in names
     }
     panels = [
-        results.Panel(
+        plots.Panel(
             "context length (tokens)",
             ylabel,
             [
@@ -145,7 +146,7 @@ def plot(rows: list[dict], names: list[str], path: str, title: str) -> None:
             ("decoding state (MiB)", lambda r: r["cache_bytes"] / 2**20),
         )
     ]
-    results.plot_panels(path, panels, title)
+    plots.plot_panels(path, panels, title)
 
 
 def main(argv):
@@ -162,7 +163,7 @@ def main(argv):
         cli.fail(
             "bench_decode.py", "--lengths, --steps, --repeats and --batch_size must be >= 1", 1
         )
-    machine = results.machine_line(results.machine_info())
+    machine = benchmarks.machine_line(benchmarks.machine_info())
     rows = []
     for n in names:
         for length in lengths:
@@ -183,7 +184,7 @@ def main(argv):
     )
     text = f"{machine}\nSetting: {setting}\n\n{table(rows, names, lengths)}\n"
     stem = os.path.join(_OUT_DIR.value, "bench_decode")
-    results.write_report(stem, {"machine": machine, "setting": setting, "results": rows}, text)
+    benchmarks.write_report(stem, {"machine": machine, "setting": setting, "results": rows}, text)
     plot(rows, names, stem + ".png", f"Incremental decoding, {setting}")
     print(text)
     print(f"wrote {stem}.json, {stem}.md and {stem}.png", file=sys.stderr)

@@ -5,9 +5,10 @@ For each model and context length T: the project's own jitted train step (flash_
 forward, backward and optimizer update, remat as configured) on synthetic batches of uniformly
 random tokens (one document per row), batch = tokens_per_step / T. Reports the median step time over
 `--repeats` timed steps after `--warmup` untimed ones, tokens/s, achieved TFLOP/s from the compiled
-program's cost analysis and from the analytic count (`flash_jax.flops`), model FLOPs utilisation
-against the device's peak where known, and peak device memory (`device.memory_stats()`, n/a where
-the backend has none, e.g. CPU; the compiled program's own memory estimate is given too).
+program's cost analysis and from the analytic count (`flash_jax.train.flops`), model FLOPs
+utilisation against the device's peak where known, and peak device memory
+(`device.memory_stats()`, n/a where the backend has none, e.g. CPU; the compiled program's own
+memory estimate is given too).
 
     # CPU (small widths: a few minutes)
     python scripts/benchmark.py
@@ -44,10 +45,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import flash_jax
-from flash_jax import benchmarks, cli, flops, models, results, sharding
+from flash_jax import cli, models, runs, sharding
 from flash_jax.config import ATTENTION_IMPLS, DISPLAY_NAMES, DTYPES, FLASH_IMPLS, REMAT
+from flash_jax.tools import benchmarks, plots
+from flash_jax.train import flops, step
 from flash_jax.train import report as train_report
-from flash_jax.train import step
 
 MODELS = ("flash", "flash_quad", "transformer", "transformer_pp", "performer", "combiner")
 # Models whose cost per token does not grow (or grows slowly) with the context: never skipped by
@@ -370,7 +372,7 @@ def run_all(args, on_row=None) -> tuple[list[dict], dict]:
             if on_row is not None:
                 on_row(row)
     if machine is None:  # not isolated, or no child succeeded: describe this process
-        machine = results.machine_info()
+        machine = benchmarks.machine_info()
     return rows, machine
 
 
@@ -448,7 +450,7 @@ def markdown(report: dict) -> str:
         f"of {setup['repeats']} timed steps after {setup['warmup']} warm-up steps (range in "
         f"brackets).",
         "",
-        results.machine_line(report["machine"]),
+        benchmarks.machine_line(report["machine"]),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -497,7 +499,7 @@ def plot(report: dict, path: str) -> None:
         if not r["error"]:
             by_model.setdefault(r["label"], []).append(r)
     panels = [
-        results.Panel(
+        plots.Panel(
             "context length (tokens)",
             ylabel,
             [
@@ -514,14 +516,14 @@ def plot(report: dict, path: str) -> None:
     setup = report["setup"]
     title = (
         f"Train step at {setup['tokens_per_step']:,} tokens/step, size {setup['size']}, "
-        f"{setup['dtype']}: {results.device_name(report['machine'])}"
+        f"{setup['dtype']}: {benchmarks.device_name(report['machine'])}"
     )
-    results.plot_panels(path, panels, title)
+    plots.plot_panels(path, panels, title)
 
 
 def write_outputs(report: dict, out_dir: str, name: str) -> str:
     stem = os.path.join(out_dir, name)
-    results.write_report(stem, report, markdown(report))
+    benchmarks.write_report(stem, report, markdown(report))
     plot(report, stem + ".png")
     return stem
 
@@ -587,7 +589,7 @@ def main(argv=()) -> dict | None:
         model, context = args.only.split(":")
         row = measure(args, model, int(context))
         with open(args.row_out, "w") as f:
-            f.write(results.to_json({"row": row, "machine": results.machine_info()}))
+            f.write(runs.to_json({"row": row, "machine": benchmarks.machine_info()}))
         return None
     if args.render_only:
         report = rerender(args.render_only, args.out_dir, args.name)
@@ -599,7 +601,7 @@ def main(argv=()) -> dict | None:
     with open(rows_path, "w") as rows_file:
 
         def on_row(row):
-            rows_file.write(results.to_json(row) + "\n")
+            rows_file.write(runs.to_json(row) + "\n")
             rows_file.flush()
 
         rows, machine = run_all(args, on_row)

@@ -13,9 +13,10 @@ Writes into --out (created if needed; files of an earlier export there are repla
                          for SentencePiece, the file and extra_ids (ids after the model's pieces)
     sentencepiece.model  the run's SentencePiece vocabulary (none for the byte vocabulary)
 
-`flash_jax.numpy_model.load(DIR)` reads it back; `numpy_model.forward` gives the JAX model's logits
-(float64 numpy, written for reading). Inputs are conditioned as in training: position 0 of each
-document sees the start token 0 (the shifted-in padding id), then the document's tokens.
+`flash_jax.export.numpy_model.load(DIR)` reads it back; `numpy_model.forward` gives the JAX
+model's logits (float64 numpy, written for reading). Inputs are conditioned as in training:
+position 0 of each document sees the start token 0 (the shifted-in padding id), then the
+document's tokens.
 
 Parameter names and shapes. V = vocab_size, d = d_model, e = expansion_dim, s = qk_dim,
 n = max_len, C = chunk_size, H = num_heads, k = d / H, m = mlp_dim, i = 0 ... num_layers - 1.
@@ -80,19 +81,19 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     import jax
 
-    from flash_jax import export
+    from flash_jax.export import weights
     from flash_jax.train import checkpoint
 
-    if _DTYPE.value not in export.DTYPES:
-        cli.fail("export.py", f"--dtype must be one of {export.DTYPES}, got {_DTYPE.value!r}", 2)
+    if _DTYPE.value not in weights.DTYPES:
+        cli.fail("export.py", f"--dtype must be one of {weights.DTYPES}, got {_DTYPE.value!r}", 2)
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("export.py", verbose=_VERBOSE.value)
     try:
-        export.check_out(_OUT.value)  # before the checkpoint is read
+        weights.check_out(_OUT.value)  # before the checkpoint is read
         run = checkpoint.restore(
             _WORKDIR.value, _STEP.value, config=_CONFIG.value, single_device=True
         )
-        paths = export.export(run, _OUT.value, _DTYPE.value)
+        paths = weights.export(run, _OUT.value, _DTYPE.value)
     except ValueError as e:
         cli.fail("export.py", str(e), 1)
     num_params = sum(int(x.size) for x in jax.tree.leaves(run.params))

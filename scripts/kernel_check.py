@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from flash_jax import cli, ops, results
+from flash_jax import cli, ops, runs
 from flash_jax.ops import pallas_gpu
+from flash_jax.tools import benchmarks
 
 GRAD_NAMES = ("quad_q", "quad_k", "lin_q", "lin_k", "v", "quad_bias")
 
@@ -228,7 +229,7 @@ def main(argv=()):
         case_start = time.perf_counter()
         rows.append(run_case(args, T, causal))
         rows[-1]["case_s"] = time.perf_counter() - case_start
-        print(results.to_json({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
+        print(runs.to_json({k: v for k, v in rows[-1].items() if k != "errors"}), flush=True)
         for stage, message in rows[-1]["errors"].items():
             print(f"T={T} causal={causal} {stage} FAILED:\n{message}", flush=True)
     table = markdown(rows, device)
@@ -241,7 +242,7 @@ def main(argv=()):
         "total_s": time.perf_counter() - start,
         "rows": rows,
     }
-    results.write_report(os.path.join(args.out_dir, "kernel_check"), summary, table)
+    benchmarks.write_report(os.path.join(args.out_dir, "kernel_check"), summary, table)
     return summary
 
 

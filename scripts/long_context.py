@@ -116,7 +116,8 @@ def main(argv=()) -> dict:
     except ValueError:
         cli.fail("long_context.py", f"--contexts must be integers, got {args.contexts}", 2)
 
-    from flash_jax import evaluation, results
+    from flash_jax import evaluation
+    from flash_jax.tools import benchmarks
     from flash_jax.train import checkpoint
 
     reused = {}
@@ -142,11 +143,11 @@ def main(argv=()) -> dict:
             )
             row["results"][label] = result
         rows.append(row)
-    info = results.machine_info()
+    info = benchmarks.machine_info()
     report = {"machine": info, "contexts": contexts, "runs": rows}
     stem = os.path.join(args.out_dir, args.name)
-    text = markdown(rows, contexts, results.machine_line(info))
-    results.write_report(stem, report, text)
+    text = markdown(rows, contexts, benchmarks.machine_line(info))
+    benchmarks.write_report(stem, report, text)
     print(text)
     _plots(rows, contexts, stem)
     print(f"wrote {stem}.json, {stem}.md, {stem}_by_context.png, {stem}_by_position.png")
@@ -154,8 +155,8 @@ def main(argv=()) -> dict:
 
 
 def _plots(rows: list[dict], contexts: list[int], stem: str) -> None:
-    from flash_jax import results
     from flash_jax.config import DISPLAY_NAMES
+    from flash_jax.tools import plots
 
     def name(row):
         return DISPLAY_NAMES.get(row["model"], row["model"])
@@ -165,17 +166,17 @@ def _plots(rows: list[dict], contexts: list[int], stem: str) -> None:
         scored = [n for n in contexts if str(n) in row["results"]]
         lines.append((name(row), scored, [row["results"][str(n)]["perplexity"] for n in scored]))
     # A linear y axis: the values span a few percent, where a log axis labels no tick.
-    panel = results.Panel(
+    panel = plots.Panel(
         "window length (tokens)", "token perplexity", lines, log_x=True, log_y=False
     )
-    results.plot_panels(f"{stem}_by_context.png", [panel], "validation perplexity by window")
+    plots.plot_panels(f"{stem}_by_context.png", [panel], "validation perplexity by window")
     by_position = []
     for row in rows:
         longest = longest_window(row)
         by_position.append((f"{name(row)}, windows of {longest}", row["results"][longest]))
         if "whole documents" in row["results"]:
             by_position.append((f"{name(row)}, whole documents", row["results"]["whole documents"]))
-    results.plot_by_position(by_position, f"{stem}_by_position.png", title="validation split")
+    plots.plot_by_position(by_position, f"{stem}_by_position.png", title="validation split")
 
 
 if __name__ == "__main__":

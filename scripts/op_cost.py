@@ -30,8 +30,9 @@ import jax.numpy as jnp
 from absl import flags
 from flax import nnx
 
-from flash_jax import cli, models, ops, tpu_topology
+from flash_jax import cli, models, ops
 from flash_jax.config import DTYPES, REMAT, ModelConfig
+from flash_jax.tools import tpu_topology
 
 KIB = 1024.0
 
@@ -50,7 +51,7 @@ flags.DEFINE_string(
     "tpu_topology",
     None,
     "Compile for one chip of this TPU slice (e.g. v5e:2x2; libtpu, no TPU needed: "
-    "flash_jax/tpu_topology.py) instead of for this CPU.",
+    "flash_jax/tools/tpu_topology.py) instead of for this CPU.",
     flag_values=FLAGS,
 )
 

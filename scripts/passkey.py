@@ -212,7 +212,7 @@ def main(argv=()) -> dict:
         cli.fail("passkey.py", f"--depths must lie in [0, 1], got {depths}", 2)
     if args.trials < 1 or args.distractors < 1:
         cli.fail("passkey.py", "--trials and --distractors must be >= 1", 2)
-    from flash_jax import results
+    from flash_jax import runs
     from flash_jax.train import checkpoint
 
     try:
@@ -221,12 +221,12 @@ def main(argv=()) -> dict:
         report = run_probe(run, lengths, depths, args.trials, args.distractors, args.seed)
     except ValueError as e:
         cli.fail("passkey.py", str(e), 1)
-    stem = args.out or os.path.join(args.workdir, results.EVAL_DIR, "passkey")
+    stem = args.out or os.path.join(args.workdir, runs.EVAL_DIR, "passkey")
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as f:
-        f.write(results.to_json(report, indent=2))
+        f.write(runs.to_json(report, indent=2))
     heat_map(report, stem + ".png")
-    print(results.to_json(report))
+    print(runs.to_json(report))
     print(f"wrote {stem}.json, {stem}.png", file=sys.stderr)
     return report
 

@@ -27,8 +27,9 @@ import time
 import jax
 from absl import flags
 
-from flash_jax import benchmarks, cli, sharding
+from flash_jax import cli, sharding
 from flash_jax.config import DTYPES, REMAT
+from flash_jax.tools import benchmarks
 from flash_jax.train import step
 
 FLAGS = flags.FlagValues()

@@ -17,7 +17,8 @@ import time
 
 from absl import app, flags
 
-from flash_jax import console, results
+from flash_jax import console
+from flash_jax.tools import benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "docs", "results", "readme_figures")
@@ -79,12 +80,12 @@ def main(argv):
     report["memory_example"] = memory_example()
     if _SMOKE.value:
         report["make_smoke"] = smoke()
-    report["machine"] = results.machine_info()
-    print("\n".join(results.write_report(OUT, report, markdown(report))))
+    report["machine"] = benchmarks.machine_info()
+    print("\n".join(benchmarks.write_report(OUT, report, markdown(report))))
 
 
 def markdown(report: dict) -> str:
-    lines = ["# Figures the README quotes", "", results.machine_line(report["machine"]), ""]
+    lines = ["# Figures the README quotes", "", benchmarks.machine_line(report["machine"]), ""]
     for name, figure in report.items():
         if name != "machine":
             found = ", ".join(

@@ -29,8 +29,9 @@ from absl import flags, logging
 from flax import nnx
 
 from configs import replicate
-from flash_jax import cli, models, results
+from flash_jax import cli, models, runs
 from flash_jax.config import DISPLAY_NAMES as LABELS
+from flash_jax.tools import benchmarks, plots
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_enum("setting", "cpu", list(replicate.SETTINGS), "Setting.", flag_values=FLAGS)
@@ -113,7 +114,7 @@ def run(args) -> dict:
         summary = loop.train_and_evaluate(config, workdir)
         if summary["status"] != "done":
             raise RuntimeError(f"{model}: training stopped early ({summary['status']})")
-        curve = results.training_curve(workdir)
+        curve = runs.training_curve(workdir)
         trained[model] = {
             "label": LABELS.get(model, model),
             "workdir": workdir,
@@ -168,7 +169,7 @@ def markdown(report: dict) -> str:
         f"eval every {info['eval_every']} steps on {info['eval_batches']} validation batches of "
         f"the shipped corpus ({info['dataset']}, {info['data_source']}).",
         "",
-        results.machine_line(report["machine"]),
+        benchmarks.machine_line(report["machine"]),
         "",
         f"Command: `{report['command']}`",
         "",
@@ -227,15 +228,17 @@ def plot(report: dict, path: str) -> None:
         for r in report["models"].values()
     }
     panels = [
-        results.Panel(
+        plots.Panel(
             xlabel,
             "validation perplexity",
             [(k, c[x], c["eval_perplexity"]) for k, c in lines.items()],
         )
         for x, xlabel in (("step", "training step"), ("train_time_s", "training wall time (s)"))
     ]
-    title = f"Replication ({report['setup']['setting']}): {results.device_name(report['machine'])}"
-    results.plot_panels(path, panels, title)
+    title = (
+        f"Replication ({report['setup']['setting']}): {benchmarks.device_name(report['machine'])}"
+    )
+    plots.plot_panels(path, panels, title)
 
 
 def parse_args(argv=()):
@@ -257,7 +260,7 @@ def main(argv=()) -> dict:
     config = model_config(args.models[0], args.setting, args)
     report = {
         "command": " ".join(["python scripts/replicate.py", *argv]),
-        "machine": results.machine_info(),
+        "machine": benchmarks.machine_info(),
         "setup": {
             "setting": args.setting,
             "seq_len": int(config.data.seq_len),
@@ -276,7 +279,7 @@ def main(argv=()) -> dict:
     }
     stem = os.path.join(args.out_dir, args.name)
     text = markdown(report)
-    results.write_report(stem, report, text)
+    benchmarks.write_report(stem, report, text)
     plot(report, stem + ".png")
     print(text)
     print(f"wrote {stem}.json, {stem}.md, {stem}.png")

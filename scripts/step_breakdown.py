@@ -31,9 +31,10 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from flash_jax import benchmarks, metrics, models, ops, results, sharding
+from flash_jax import losses, models, ops, sharding
 from flash_jax.config import DTYPES, REMAT
 from flash_jax.layers import FlashLayer
+from flash_jax.tools import benchmarks
 from flash_jax.train import optim, step
 
 _CONTEXT = flags.DEFINE_integer("context", 256, "Context length.")
@@ -130,7 +131,7 @@ def measure(impls: list[str], repeats: int) -> dict:
 
     def head_loss(params, x):
         logits = nnx.merge(head_graph, params).logits(x)
-        return metrics.cross_entropy(logits, targets, weights)[0]
+        return losses.cross_entropy(logits, targets, weights)[0]
 
     head_grad = jax.jit(jax.grad(head_loss, (0, 1)))
     record("head + loss", median_ms(head_grad, head_params, x, repeats=repeats))
@@ -185,7 +186,7 @@ def main(argv):
     result = measure(_IMPLS.value, _REPEATS.value)
     text = markdown(result)
     print(text)
-    results.write_report(os.path.join(_OUT_DIR.value, _NAME.value), result, text)
+    benchmarks.write_report(os.path.join(_OUT_DIR.value, _NAME.value), result, text)
 
 
 if __name__ == "__main__":

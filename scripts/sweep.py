@@ -25,7 +25,8 @@ import sys
 
 from absl import flags
 
-from flash_jax import cli, results
+from flash_jax import cli, runs
+from flash_jax.tools import benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where train.py is
 
@@ -84,12 +85,12 @@ def commands(config: str, workdir: str, runs: list[dict], extra: list[str]) -> l
 def run_row(name: str, workdir: str) -> dict:
     """One run's line of the table, from its workdir's config.json and metrics.jsonl."""
     row = {"run": name, "workdir": workdir}
-    records = results.read_jsonl(os.path.join(workdir, results.METRICS_FILE))
+    records = runs.read_jsonl(os.path.join(workdir, runs.METRICS_FILE))
     train = [r for r in records if "loss" in r and "eval_perplexity" not in r]
     evals = [r for r in records if "eval_perplexity" in r]
     if not train:
         return {**row, "status": "missing"}
-    config_path = os.path.join(workdir, results.CONFIG_FILE)
+    config_path = os.path.join(workdir, runs.CONFIG_FILE)
     config = {}
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -152,7 +153,7 @@ def markdown_table(rows: list[dict]) -> str:
 def write_table(workdir: str, runs: list[dict]) -> list[str]:
     """`<workdir>/sweep.md` and `sweep.json`: one row per run of the sweep."""
     rows = [run_row(run_name(o), os.path.join(workdir, run_name(o))) for o in runs]
-    return results.write_report(
+    return benchmarks.write_report(
         os.path.join(workdir, "sweep"), {"runs": rows}, markdown_table(rows)
     )
 

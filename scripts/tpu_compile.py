@@ -38,9 +38,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flash_jax import benchmarks, cli, console, results, tpu_topology
+from flash_jax import cli, console, runs
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
+from flash_jax.tools import benchmarks, tpu_topology
 from flash_jax.train import memory, step
 
 # Chip generations: v4, v5e, v5p, v6e (Trillium); 4 to 8 TensorCores on one host.
@@ -271,7 +272,7 @@ def main(argv):
     print(f"{PROGRAM}: {len(rows) - len(failed)} of {len(rows)} compiled for TPU")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
-            f.write(results.to_json({"jax": jax.__version__, "rows": rows}, indent=1))
+            f.write(runs.to_json({"jax": jax.__version__, "rows": rows}, indent=1))
     return 1 if failed else 0
 
 

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-from flash_jax import benchmarks, flops, results
+from flash_jax import runs
 from flash_jax.config import ModelConfig
+from flash_jax.tools import benchmarks
+from flash_jax.train import flops
 from scripts import benchmark, profile_step, replicate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,13 +66,13 @@ def test_read_curve_accumulates_training_time_and_skips_eval_time(tmp_path):
     ]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-    curve = results.training_curve(str(tmp_path))
+    curve = runs.training_curve(str(tmp_path))
     assert curve["step"] == [2, 4]
     assert curve["train_time_s"] == pytest.approx([2.0, 8.0])
     assert curve["eval_perplexity"] == pytest.approx([math.exp(4.0), math.exp(3.8)])
     assert curve["mean_step_time_s"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="no metrics.jsonl"):
-        results.training_curve(str(tmp_path / "missing"))
+        runs.training_curve(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- FLOP counts

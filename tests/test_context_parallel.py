@@ -21,10 +21,11 @@ from jax.sharding import PartitionSpec as P
 from tiny_models import tiny_config
 
 from configs import base, quickstart
-from flash_jax import benchmarks, models, sharding
+from flash_jax import models, sharding
 from flash_jax.config import RunConfig
 from flash_jax.layers import document_positions
 from flash_jax.ops import attention, context_parallel
+from flash_jax.tools import benchmarks
 from flash_jax.train import loop, memory, step
 
 C, S, E = 4, 8, 6

@@ -21,7 +21,8 @@ import pytest
 import sentencepiece as spm
 
 from configs import base
-from flash_jax import evaluation, results
+from flash_jax import evaluation, runs
+from flash_jax.tools import plots
 from flash_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,7 +281,7 @@ def test_all_steps_over_two_workdirs_writes_results_and_a_png(trained_run, valid
     np.testing.assert_allclose(last["loss"], here["loss"], rtol=1e-5)
     np.testing.assert_allclose(last["word_perplexity"], here["word_perplexity"], rtol=1e-4)
     for w in workdirs:
-        with open(results.results_path(w)) as f:
+        with open(runs.results_path(w)) as f:
             assert [json.loads(line)["step"] for line in f] == [1, 2]
     with open(plot, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -323,12 +324,12 @@ def test_training_time_sums_logged_step_times_last_record_wins(tmp_path):
     ]
     with open(tmp_path / "metrics.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in records) + "\n" + '{"step": 40, "ste')
-    at = results.training_time(str(tmp_path))
+    at = runs.training_time(str(tmp_path))
     assert at(10) == pytest.approx(5.0)
     assert at(20) == pytest.approx(5.0 + 10 * 2.0)
     assert at(15) == pytest.approx(5.0 + 5 * 2.0)
     assert at(21) is None
-    assert results.training_time(str(tmp_path / "nowhere")) is None
+    assert runs.training_time(str(tmp_path / "nowhere")) is None
 
 
 def test_one_record_per_step_and_settings_and_curves_of_one_setting(tmp_path):
@@ -344,14 +345,14 @@ def test_one_record_per_step_and_settings_and_curves_of_one_setting(tmp_path):
         dict(step=100, split="validation", seq_len=32, max_batches=None, perplexity=1.0),  # old
     ]
     for r in rows:
-        results.record_result(workdir, r)
-    records = results.read_jsonl(results.results_path(workdir))
+        runs.record_result(workdir, r)
+    records = runs.read_jsonl(runs.results_path(workdir))
     assert len(records) == len(rows) - 1  # step 200's first record was replaced
-    got = results.curve(workdir, validation)
+    got = runs.curve(workdir, validation)
     assert [(r["step"], r["perplexity"]) for r in got] == [(100, 12.0), (200, 8.0)]
-    assert results.recorded_result(workdir, 200, validation)["perplexity"] == 8.0
-    assert results.recorded_result(workdir, 300, validation) is None
-    assert results.recorded_result(workdir, 100, {**validation, "max_batches": 6}) is None
+    assert runs.recorded_result(workdir, 200, validation)["perplexity"] == 8.0
+    assert runs.recorded_result(workdir, 300, validation) is None
+    assert runs.recorded_result(workdir, 100, {**validation, "max_batches": 6}) is None
 
 
 @pytest.mark.slow  # three eval.py processes: about 90 s on 2 busy cores
@@ -366,7 +367,7 @@ def test_a_step_scored_with_the_same_settings_is_reused_and_recorded_once(traine
     assert "(recorded before; --rescore scores it again)" in lines[0]  # step 1: reused
     assert json.loads(lines[1]) == json.loads(first.stdout.splitlines()[-1])
     assert "recorded before" not in lines[2]  # step 2: scored
-    records = results.read_jsonl(results.results_path(workdir))
+    records = runs.read_jsonl(runs.results_path(workdir))
     assert [r["step"] for r in records] == [1, 2]
     assert records[0]["settings"] == {
         "split": "validation",
@@ -381,7 +382,7 @@ def test_a_step_scored_with_the_same_settings_is_reused_and_recorded_once(traine
 
     # --rescore scores again; a results file that cannot be written (here a folder in its place:
     # root writes through chmod) loses nothing: the result is printed, then one warning line.
-    path = results.results_path(workdir)
+    path = runs.results_path(workdir)
     os.rename(path, f"{path}.kept")
     os.makedirs(path)
     third = _eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1", "--rescore")
@@ -401,13 +402,13 @@ def test_plot_curves_writes_a_png_with_a_training_time_panel(tmp_path):
             for s in (100, 200, 400, 800)
         ]
 
-    path = results.plot_curves(
+    path = plots.plot_curves(
         [("flash", points(1.0)), ("transformer_pp", points(1.2))], str(tmp_path / "p.png")
     )
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to plot"):
-        results.plot_curves([("empty", [])], str(tmp_path / "q.png"))
+        plots.plot_curves([("empty", [])], str(tmp_path / "q.png"))
 
 
 # ----------------------------------------------------------------------------- a live run

@@ -1,6 +1,7 @@
-"""Weights out of JAX: scripts/export.py, flash_jax.export, the safetensors file (read back by the
-`safetensors` package, an independent reader) and flash_jax.numpy_model against the JAX logits of
-every model family and of the quickstart model trained by the project's own loop."""
+"""Weights out of JAX: scripts/export.py, flash_jax.export.weights, the safetensors file (read
+back by the `safetensors` package, an independent reader) and flash_jax.export.numpy_model against
+the JAX logits of every model family and of the quickstart model trained by the project's own
+loop."""
 
 import json
 import os
@@ -16,7 +17,8 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from flash_jax import export, models, numpy_model, safetensors_file
+from flash_jax import models
+from flash_jax.export import numpy_model, safetensors_file, weights
 from flash_jax.train import checkpoint
 from tests.test_models import packed_segments, random_tokens, randomise
 from tests.tiny_models import TINY, tiny_config
@@ -42,7 +44,7 @@ def assert_logits_match(got, want, real=None):
 
 
 def save_and_load(tmp_path, model, cfg, dtype="float32"):
-    export.save(str(tmp_path), nnx.state(model, export.EXPORTED), cfg, dtype)
+    weights.save(str(tmp_path), nnx.state(model, weights.EXPORTED), cfg, dtype)
     return numpy_model.load(str(tmp_path))
 
 
@@ -130,11 +132,11 @@ def documented_shapes(name, cfg):
 def test_parameter_names_and_shapes_are_the_documented_ones(name):
     cfg = tiny_config(name)
     model = models.create(cfg, rngs=nnx.Rngs(0))
-    tensors = export.parameter_tensors(nnx.state(model, export.EXPORTED))
+    tensors = weights.parameter_tensors(nnx.state(model, weights.EXPORTED))
     assert {k: v.shape for k, v in tensors.items()} == documented_shapes(name, cfg)
     assert all(v.dtype == np.float32 for v in tensors.values())
     # One tensor per layer: layer i of the file is slice i of the scanned stack.
-    for path, param in nnx.to_flat_state(nnx.state(model, export.EXPORTED)["layers"]):
+    for path, param in nnx.to_flat_state(nnx.state(model, weights.EXPORTED)["layers"]):
         for i in range(cfg.num_layers):
             name = f"layers.{i}." + ".".join(path)
             np.testing.assert_array_equal(tensors[name], np.asarray(param.value[i]))
@@ -142,12 +144,12 @@ def test_parameter_names_and_shapes_are_the_documented_ones(name):
 
 def test_layer_norm_rope_bias_and_tied_embeddings_change_the_names():
     cfg = tiny_config("flash", norm="layer_norm", rel_pos="rope", tie_embeddings=True)
-    names = export.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    names = weights.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     assert names["final_norm.scale"].shape == names["final_norm.bias"].shape == (cfg.d_model,)
     assert names["layers.1.rel_bias.a"].shape == names["layers.1.rel_bias.b"].shape == (16,)
     assert "head.kernel" not in names and "layers.0.rel_bias.weight" not in names
     cfg = tiny_config("flash_quad", rel_pos="none")
-    names = export.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    names = weights.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     assert not any("rel_bias" in name for name in names)
 
 
@@ -211,7 +213,7 @@ def test_bfloat16_export_rounds_each_parameter_once(tmp_path):
             lambda p: p.astype(jnp.bfloat16).astype(jnp.float32), nnx.state(model, nnx.Param)
         ),
     )
-    for name, value in export.parameter_tensors(nnx.state(model, nnx.Param)).items():
+    for name, value in weights.parameter_tensors(nnx.state(model, nnx.Param)).items():
         np.testing.assert_array_equal(loaded.params[name], value)
         np.testing.assert_array_equal(theirs[name].astype(np.float32), value)
     tokens = random_tokens(0, (2, 24))
@@ -223,7 +225,7 @@ def test_numpy_model_names_what_it_cannot_run():
     with pytest.raises(ValueError, match="no numpy forward pass for model 'mamba'"):
         numpy_model.forward(model, np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="dtype must be one of"):
-        export.parameter_tensors(
+        weights.parameter_tensors(
             nnx.state(models.create(tiny_config("flash"), rngs=nnx.Rngs(0))), "float16"
         )
 
@@ -331,22 +333,22 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_pa
     import errno
     import tempfile
 
-    from flash_jax import export
+    from flash_jax.export import weights
 
     afile = tmp_path / "afile"
     afile.write_text("")
     with pytest.raises(ValueError, match=f"--out '{afile}/out' cannot be a folder: {afile} is a"):
-        export.check_out(str(afile / "out"))
+        weights.check_out(str(afile / "out"))
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(ValueError, match="cannot be written: Read-only file system"):
-        export.check_out(str(tmp_path / "new" / "out"))
+        weights.check_out(str(tmp_path / "new" / "out"))
     assert not (tmp_path / "new").exists()
     monkeypatch.undo()
-    export.check_out(str(tmp_path / "new" / "out"))  # writable: nothing is left behind
+    weights.check_out(str(tmp_path / "new" / "out"))  # writable: nothing is left behind
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 

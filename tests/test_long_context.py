@@ -16,7 +16,7 @@ import pytest
 import sentencepiece as spm
 
 from configs import base
-from flash_jax import evaluation, long_context, results
+from flash_jax import evaluation, long_context, runs
 from flash_jax.train import checkpoint
 from tests.test_eval import SEQ_LEN, _error_line, _eval_cli, _snapshot, train_tiny_run
 from tests.tiny_models import tiny_config
@@ -222,11 +222,11 @@ def test_doubling_buckets_from_the_chunk_size():
 def test_eval_cli_context_results_tensorboard_and_plot(tiny, tmp_path):
     run, _ = tiny
     plot = tmp_path / "by_position.png"
-    before = len(results.read_jsonl(results.results_path(run.workdir)))
+    before = len(runs.read_jsonl(runs.results_path(run.workdir)))
     proc = _eval_cli(f"--workdir={run.workdir}", "--context=256", f"--plot={plot}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
-    records = results.read_jsonl(results.results_path(run.workdir))
+    records = runs.read_jsonl(runs.results_path(run.workdir))
     assert (
         len(records) == before + 1 and records[-1]["loss_by_position"] == line["loss_by_position"]
     )
@@ -253,7 +253,7 @@ def test_eval_cli_bad_settings_write_nothing(tiny):
 
 
 def test_results_of_other_windows_get_tags_of_their_own():
-    """(Their curves are their own too: `results.curve` matches a record's whole settings,
+    """(Their curves are their own too: `runs.curve` matches a record's whole settings,
     windows included; tests/test_eval.py.)"""
     from flash_jax.train import report
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flash_jax import export, models, numpy_model, sharding
+from flash_jax import models, sharding
 from flash_jax.config import MeshConfig, ModelConfig
+from flash_jax.export import numpy_model, weights
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
 from flash_jax.layers.positions import RelativePositionBias, _toeplitz
 from flash_jax.train import checkpoint
@@ -40,12 +41,12 @@ def first_layer(model):
 
 # ---------------------------------------------------------------------------------------------
 # The independent float64 numpy reference of the layers, written from the spec:
-# flash_jax.numpy_model (tests/test_export.py holds whole models to it).
+# flash_jax.export.numpy_model (tests/test_export.py holds whole models to it).
 
 
 def np_params(module):
     """A module's parameters under the exported names (`proj_in.kernel`, ...), in float64."""
-    tensors = export.parameter_tensors(nnx.state(module, nnx.Param))
+    tensors = weights.parameter_tensors(nnx.state(module, nnx.Param))
     return {name: t.astype(np.float64) for name, t in tensors.items()}
 
 

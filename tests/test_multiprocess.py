@@ -1,5 +1,5 @@
 """Two processes on this machine (2 CPU devices each, gloo collectives): train.py and eval.py as a
-pod slice runs them (flash_jax/distributed.py). Every launch starts two JAX processes, so the
+pod slice runs them (flash_jax/train/distributed.py). Every launch starts two JAX processes, so the
 checks share launches: one uninterrupted run, one run stopped by SIGTERM and resumed, one eval,
 one run whose second process dies. The uninterrupted run gets the distributed flags; the stopped
 and resumed ones only what SLURM gives each task (scripts/launch/slurm.sbatch), as on a cluster.
@@ -218,7 +218,7 @@ def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
 # until process 1 kills itself (no TensorFlow, no model: a few seconds to start).
 DYING = """
 import os, signal, sys, types
-from flash_jax import distributed
+from flash_jax.train import distributed
 flags = dict(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
              heartbeat_timeout_seconds=int(sys.argv[3]))
 distributed.initialize({k: types.SimpleNamespace(value=v) for k, v in flags.items()})

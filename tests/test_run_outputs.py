@@ -15,8 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from flash_jax import console, data, results
+from flash_jax import console, data, runs
 from flash_jax.config import RunConfig
+from flash_jax.tools import plots
 from flash_jax.train import loop, report
 from scripts import sweep
 from tests.test_train import (  # noqa: F401 - compile_cache: the module's runs compile once
@@ -73,7 +74,7 @@ def test_a_finished_run_rerun_returns_at_once_with_a_summary(tracked_run, monkey
     assert summary["status"] == "finished" and summary["step"] == 4
 
     text = report.run_summary(summary, workdir, config)
-    records = results.read_jsonl(os.path.join(workdir, results.METRICS_FILE))
+    records = runs.read_jsonl(os.path.join(workdir, runs.METRICS_FILE))
     train = [r for r in records if "loss" in r][-1]
     evaluation = [r for r in records if "eval_perplexity" in r][-1]
     assert text.splitlines()[0] == (
@@ -262,7 +263,7 @@ def test_wandb_gets_each_step_once_when_a_crashed_run_replays_steps(
     num_files, steps, _ = wandb_history_and_configs(str(tmp_path))
     assert num_files == (2 if first_tracked else 1)
     assert [s for s, is_train, _ in steps if is_train] == resumed_steps
-    with open(os.path.join(str(tmp_path), results.METRICS_FILE)) as f:
+    with open(os.path.join(str(tmp_path), runs.METRICS_FILE)) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
@@ -273,11 +274,11 @@ def test_wandb_gets_each_step_once_when_a_crashed_run_replays_steps(
 def write_run(root, name, model, records):
     workdir = os.path.join(root, name)
     os.makedirs(workdir)
-    with open(os.path.join(workdir, results.CONFIG_FILE), "w") as f:
+    with open(os.path.join(workdir, runs.CONFIG_FILE), "w") as f:
         json.dump(
             {"model": {"name": model}, "train": {"eval_split": "validation", "eval_batches": 4}}, f
         )
-    with open(os.path.join(workdir, results.METRICS_FILE), "w") as f:
+    with open(os.path.join(workdir, runs.METRICS_FILE), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
@@ -328,10 +329,10 @@ def test_perplexity_plot_names_its_kind_and_its_labels_do_not_overlap(tmp_path, 
     curves = [
         ("run", [{"step": s, "perplexity": float(v)} for s, v in zip(steps, values, strict=True)])
     ]
-    path = results.plot_curves(curves, str(tmp_path / "p.png"), title="validation split")
+    path = plots.plot_curves(curves, str(tmp_path / "p.png"), title="validation split")
     assert os.path.getsize(path) > 0
-    panels = [results.Panel("training step", "token perplexity", [("run", steps, list(values))])]
-    fig = results.panels_figure(panels, "validation split: token perplexity")
+    panels = [plots.Panel("training step", "token perplexity", [("run", steps, list(values))])]
+    fig = plots.panels_figure(panels, "validation split: token perplexity")
     fig.canvas.draw()
     ax = fig.axes[0]
     assert ax.get_ylabel() == "token perplexity" and ax.get_yscale() == "log"

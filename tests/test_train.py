@@ -20,9 +20,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from configs import base
-from flash_jax import data, flops, models, sharding
+from flash_jax import data, models, sharding
 from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, loop, report, signals, step
+from flash_jax.train import checkpoint, flops, loop, report, signals, step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -480,11 +480,11 @@ def test_an_overflowing_loss_is_printed_in_scientific_notation_and_ends_in_a_sum
     """A loss of 450 (what learning_rate=30 gives) has a perplexity of about 2.7e195: finite in
     float64, past float32 (metrics.jsonl holds "inf"). The console line shows it in scientific
     notation; the summary reads the "inf" and "nan" strings back without failing."""
-    from flash_jax import metrics
+    from flash_jax import losses
 
     run = str(tmp_path)
     reporter = report.Reporter(run, 12)
-    scalars = {"loss": 450.0, "perplexity": metrics.perplexity(450.0, 1.0), "grad_norm": 3e7}
+    scalars = {"loss": 450.0, "perplexity": losses.perplexity(450.0, 1.0), "grad_norm": 3e7}
     with caplog.at_level(logging.INFO):
         reporter.write(12, scalars)
         reporter.console(12, scalars, 1.0)

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from flash_jax import metrics, sharding
+from flash_jax import losses, sharding
 from flash_jax.layers.basic import float32_logits
 from flash_jax.train import loop, optim, step
 
@@ -55,7 +55,7 @@ def test_cross_entropy_matches_numpy_reference():
     weights = rng.random((2, 5)).astype(np.float32) * (rng.random((2, 5)) > 0.3)
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-    nll_sum, weight_sum = metrics.cross_entropy(
+    nll_sum, weight_sum = losses.cross_entropy(
         jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights)
     )
     np.testing.assert_allclose(nll_sum, (nll * weights).sum(), rtol=1e-6)
@@ -64,7 +64,7 @@ def test_cross_entropy_matches_numpy_reference():
 
 def test_cross_entropy_ignores_masked_positions_even_if_nonfinite():
     logits = jnp.zeros((1, 2, 4)).at[0, 1].set(jnp.inf)
-    nll_sum, weight_sum = metrics.cross_entropy(
+    nll_sum, weight_sum = losses.cross_entropy(
         logits, jnp.zeros((1, 2), jnp.int32), jnp.array([[1.0, 0.0]])
     )
     np.testing.assert_allclose(nll_sum, math.log(4), rtol=1e-6)
@@ -81,7 +81,7 @@ def test_cross_entropy_gradient_matches_float64_reference():
     weights = rng.random((2, 5)) * (rng.random((2, 5)) > 0.3)
     softmax = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     expected = weights[..., None] * (softmax - np.eye(7)[targets])
-    grad = jax.grad(lambda x: metrics.cross_entropy(x, targets, weights.astype(np.float32))[0])(
+    grad = jax.grad(lambda x: losses.cross_entropy(x, targets, weights.astype(np.float32))[0])(
         jnp.asarray(logits, jnp.float32)
     )
     np.testing.assert_allclose(grad, expected, atol=1e-6)
@@ -90,7 +90,7 @@ def test_cross_entropy_gradient_matches_float64_reference():
 def test_cross_entropy_gradient_is_zero_at_masked_nonfinite_positions():
     logits = jnp.zeros((1, 2, 4)).at[0, 1].set(jnp.inf)
     grad = jax.grad(
-        lambda x: metrics.cross_entropy(x, jnp.zeros((1, 2), jnp.int32), jnp.array([[1.0, 0.0]]))[0]
+        lambda x: losses.cross_entropy(x, jnp.zeros((1, 2), jnp.int32), jnp.array([[1.0, 0.0]]))[0]
     )(logits)
     np.testing.assert_allclose(grad[0, 0], [-0.75, 0.25, 0.25, 0.25], rtol=1e-6)
     np.testing.assert_array_equal(grad[0, 1], 0.0)
@@ -102,7 +102,7 @@ def test_cross_entropy_nan_weight_gives_a_nan_gradient_as_autodiff_does():
     # gradient-norm check (test_train.py) stops on it.
     logits, targets = jnp.zeros((1, 2, 4)), jnp.zeros((1, 2), jnp.int32)
     weights = jnp.array([[1.0, jnp.nan]])
-    grad = jax.grad(lambda x: metrics.cross_entropy(x, targets, weights)[0])(logits)
+    grad = jax.grad(lambda x: losses.cross_entropy(x, targets, weights)[0])(logits)
     assert np.all(np.isnan(grad[0, 1])) and np.all(np.isfinite(grad[0, 0]))
 
 
@@ -122,7 +122,7 @@ def test_blocked_head_loss_matches_float64_reference():
     d_logits = weights[..., None] * (np.exp(logits - log_z[..., None]) - np.eye(V)[targets])
 
     def loss(x, W):  # 3 shards of rows: W's gradient summed per row shard, then over them
-        return metrics.blocked_head_cross_entropy(x, W, targets, weights.astype(np.float32), 4, 3)
+        return losses.blocked_head_cross_entropy(x, W, targets, weights.astype(np.float32), 4, 3)
 
     (nll_sum, weight_sum), (d_x, d_W) = jax.jit(
         jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
@@ -148,10 +148,10 @@ def test_blocked_head_loss_in_bf16_equals_the_logits_path():
     weights = jnp.asarray(rng.random((B, T)) > 0.2, jnp.float32)
 
     def logits_path(x, W):
-        return metrics.cross_entropy(float32_logits(x, W), targets, weights)[0]
+        return losses.cross_entropy(float32_logits(x, W), targets, weights)[0]
 
     def blocked(x, W):
-        return metrics.blocked_head_cross_entropy(x, W, targets, weights, 3)[0]
+        return losses.blocked_head_cross_entropy(x, W, targets, weights, 3)[0]
 
     want, (want_dx, want_dW) = jax.value_and_grad(logits_path, argnums=(0, 1))(x, W)
     got, (got_dx, got_dW) = jax.value_and_grad(blocked, argnums=(0, 1))(x, W)
@@ -163,11 +163,11 @@ def test_blocked_head_loss_in_bf16_equals_the_logits_path():
 
 
 def test_perplexity_and_bits_per_byte():
-    assert metrics.perplexity(2 * math.log(3), 2) == pytest.approx(3.0)
-    assert math.isnan(metrics.perplexity(0.0, 0.0))
-    assert metrics.bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
+    assert losses.perplexity(2 * math.log(3), 2) == pytest.approx(3.0)
+    assert math.isnan(losses.perplexity(0.0, 0.0))
+    assert losses.bits_per_byte(math.log(2) * 10, 5) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="byte count"):
-        metrics.bits_per_byte(1.0, 0)
+        losses.bits_per_byte(1.0, 0)
 
 
 # ----------------------------------------------------------------------------- schedules

@@ -21,8 +21,7 @@ from test_train import (  # noqa: F401 - fixtures, used by name
     tiny_config,
 )
 
-from flash_jax import distributed
-from flash_jax.train import checkpoint, loop, memory
+from flash_jax.train import checkpoint, distributed, loop, memory
 
 # ----------------------------------------------------------------------------- retention
 

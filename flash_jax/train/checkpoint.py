@@ -63,7 +63,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flash_jax import results, sharding
+from flash_jax import runs, sharding
 from flash_jax.config import ModelConfig, RunConfig
 from flash_jax.train import workdir as workdir_lib
 
@@ -865,7 +865,7 @@ def run_config(ckpts: Checkpoints, step: int, config=None) -> RunConfig:
     if config is None:
         config = meta.get("config")
         if config is None:
-            path = epath.Path(ckpts.workdir) / results.CONFIG_FILE
+            path = epath.Path(ckpts.workdir) / runs.CONFIG_FILE
             if not path.exists():
                 raise ValueError(
                     f"checkpoint {step} in {ckpts.directory} holds no run config and there is "

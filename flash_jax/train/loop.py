@@ -14,10 +14,10 @@ from absl import logging
 from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
-from flash_jax import data, distributed, evaluation, flops, metrics, results, sharding
+from flash_jax import data, evaluation, losses, runs, sharding
 from flash_jax.config import RunConfig
-from flash_jax.results import json_safe, to_json
-from flash_jax.train import checkpoint, memory, profiling, report, signals, step
+from flash_jax.runs import json_safe, to_json
+from flash_jax.train import checkpoint, distributed, flops, memory, profiling, report, signals, step
 from flash_jax.train import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- checks
@@ -174,7 +174,7 @@ def train_and_evaluate(
                 pipe.close()
                 pipe = train_pipeline(config, mesh, start_batch=position)
         if is_main:
-            (epath.Path(workdir) / results.CONFIG_FILE).write_text(to_json(resolved, indent=2))
+            (epath.Path(workdir) / runs.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
         # Records of the steps this run replays are dropped (a step is never logged twice).
         reporter = report.Reporter(
@@ -363,7 +363,7 @@ def periodic_eval(config, fns: step.StepFns, params, rest, reporter, done: int) 
     nll_sum, tokens = sums["nll_sum"], sums["tokens"]
     scalars = {
         "eval_loss": nll_sum / tokens if tokens > 0 else math.nan,
-        "eval_perplexity": metrics.perplexity(nll_sum, tokens),
+        "eval_perplexity": losses.perplexity(nll_sum, tokens),
         "eval_tokens": tokens,
     }
     reporter.write(done, scalars)

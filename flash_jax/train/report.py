@@ -19,8 +19,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from flash_jax import metrics, results
-from flash_jax.results import METRICS_FILE
+from flash_jax import losses, runs
+from flash_jax.runs import METRICS_FILE
 from flash_jax.train import memory
 
 TENSORBOARD_DIR = "tensorboard"
@@ -197,7 +197,7 @@ class Reporter:
         if not self.is_main:
             return
         self._safely("TensorBoard events", self._write_scalars, step, scalars)
-        line = results.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
+        line = runs.to_json({"step": step, "time": time.time(), **scalars}) + "\n"
         self._safely(METRICS_FILE, lambda: self._write_line(line))
         if self._wandb is not None and step > self._wandb_after:
             self._safely("W&B records", lambda: self._wandb.log(scalars, step=step))
@@ -241,7 +241,7 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
         elif isinstance(value, (bool, int, float, str)):
             flat[name] = value
         else:
-            flat[name] = results.to_json(results.json_safe(value))
+            flat[name] = runs.to_json(runs.json_safe(value))
     return flat
 
 
@@ -267,7 +267,7 @@ def start_wandb(workdir: epath.Path, config):
             id=run_id,  # None: a new run, whose id is kept below
             resume="allow",
             name=workdir.name,
-            config=results.json_safe(config.to_dict()),
+            config=runs.json_safe(config.to_dict()),
             dir=str(workdir) if local else None,
         )
     except Exception as e:  # noqa: BLE001 - W&B's errors are many; the user needs one line
@@ -335,7 +335,7 @@ def last_records(workdir: str) -> tuple[dict | None, dict | None]:
     """The last training record (with a loss) and the last periodic-eval record of a run's
     metrics.jsonl."""
     train = evaluation = None
-    for record in results.read_jsonl(epath.Path(workdir) / METRICS_FILE):
+    for record in runs.read_jsonl(epath.Path(workdir) / METRICS_FILE):
         if "eval_perplexity" in record:
             evaluation = record
         elif "loss" in record:
@@ -460,7 +460,7 @@ class StepMetrics:
         mean_loss = sum(self._losses) / len(self._losses)
         scalars = {
             "loss": mean_loss,
-            "perplexity": metrics.perplexity(mean_loss, 1.0),
+            "perplexity": losses.perplexity(mean_loss, 1.0),
             "learning_rate": float(host["learning_rate"]),
             "grad_norm": grad_norm,
             "step_time": step_time,

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flash_jax import metrics, models, sharding
+from flash_jax import losses, models, sharding
 from flash_jax.train import optim
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -76,7 +76,7 @@ def summed_grads(
     """Gradients of the summed token NLL, with that sum and the summed weight.
 
     With `loss_blocks` > 1 the loss takes the final hidden states and the output projection
-    and scores the tokens in blocks (`metrics.blocked_head_cross_entropy`): no `[B, T, V]`
+    and scores the tokens in blocks (`losses.blocked_head_cross_entropy`): no `[B, T, V]`
     logits; `batch_shards` (the mesh's data-parallel size) keeps the head gradient's sum over
     the blocks on each device.
 
@@ -96,10 +96,10 @@ def summed_grads(
             if loss_blocks > 1:
                 x_BTD = model.hidden(*inputs)
                 kernel_DV = model.head_kernel(x_BTD.dtype)
-                return metrics.blocked_head_cross_entropy(
+                return losses.blocked_head_cross_entropy(
                     x_BTD, kernel_DV, targets, weights, loss_blocks, batch_shards
                 )
-            return metrics.cross_entropy(model(*inputs), targets, weights)
+            return losses.cross_entropy(model(*inputs), targets, weights)
 
         (nll_sum, weight_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, nll_sum, weight_sum
@@ -215,7 +215,7 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         logits_BTV = model(
             batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"]
         )
-        return metrics.cross_entropy(logits_BTV, batch["targets"], batch["weights"])
+        return losses.cross_entropy(logits_BTV, batch["targets"], batch["weights"])
 
     return StepFns(
         mesh=mesh,

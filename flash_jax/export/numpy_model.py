@@ -1,6 +1,6 @@
 """Every flash_jax model as a plain numpy forward pass in float64: docs/model.md, for reading.
 
-    from flash_jax import numpy_model
+    from flash_jax.export import numpy_model
     model = numpy_model.load("runs/quickstart/export")   # model.safetensors + config.json
     logits_BTV = numpy_model.forward(model, tokens_BT)   # float64 [B, T, vocab]
 
@@ -29,7 +29,7 @@ import os
 
 import numpy as np
 
-from flash_jax import safetensors_file
+from flash_jax.export import safetensors_file
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

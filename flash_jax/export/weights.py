@@ -1,12 +1,12 @@
 """Trained weights out of JAX: a checkpoint as a flat safetensors file, config.json and the
 vocabulary (scripts/export.py is the command; its docstring lists the names and shapes).
 
-    from flash_jax import export
+    from flash_jax.export import weights
     from flash_jax.train import checkpoint
     run = checkpoint.restore("runs/quickstart", single_device=True)
-    export.export(run, "runs/quickstart/export", dtype="float32")
+    weights.export(run, "runs/quickstart/export", dtype="float32")
 
-`flash_jax.numpy_model` reads the folder back and computes the same logits in numpy.
+`flash_jax.export.numpy_model` reads the folder back and computes the same logits in numpy.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flash_jax import safetensors_file
+from flash_jax.export import safetensors_file
+from flash_jax.export.numpy_model import CONFIG_FILE, WEIGHTS_FILE
 from flash_jax.layers.transformer import RandomFeatures
-from flash_jax.numpy_model import CONFIG_FILE, WEIGHTS_FILE
 from flash_jax.train import checkpoint
 
 DTYPES = ("float32", "bfloat16")

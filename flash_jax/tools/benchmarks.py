@@ -1,6 +1,6 @@
 """What the benchmark scripts share (scripts/benchmark.py, step_breakdown.py, bench_checkpoint.py):
 the training config of a model at one context, synthetic batches, a compiled program's FLOPs and
-the bytes its collectives move.
+the bytes its collectives move, the machine a measurement ran on and the report files.
 
 Nothing here imports the data stack (TensorFlow, seqio): benchmarks feed synthetic tokens and run
 on accelerator machines that have JAX and Flax alone.
@@ -8,11 +8,15 @@ on accelerator machines that have JAX and Flax alone.
 
 from __future__ import annotations
 
+import os
+import platform
 import re
+import subprocess
 
+import jax
 import numpy as np
 
-from flash_jax import models
+from flash_jax import models, runs
 from flash_jax.config import RunConfig, default_config_dict, depth_factor
 
 # The config key that `model@impl` sets: only FLASH and the softmax Transformers have a choice of
@@ -141,3 +145,56 @@ def _group_size(hlo_line: str) -> int | None:
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", match.group(1)))
         return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", match.group(2))]))
     return None
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def machine_info() -> dict:
+    """What measurements came from: CPU model, cores, device, jax version, and whether the
+    machine was shared (FLASH_JAX_BENCH_SHARED=0 on a dedicated one). Initialises the backend."""
+    cpu = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.lower().startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "platform": device.platform,
+        "device": device.device_kind,
+        "num_devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "shared": os.environ.get("FLASH_JAX_BENCH_SHARED", "1") == "1",
+    }
+
+
+def device_name(info: dict) -> str:
+    """The CPU model on CPU, else the accelerator's kind (for plot titles)."""
+    return info["cpu"] if info["platform"] == "cpu" else info["device"]
+
+
+def machine_line(info: dict) -> str:
+    shared = (
+        " The machine was shared with other jobs while this ran: timings are noisy."
+        if info.get("shared")
+        else ""
+    )
+    return (
+        f"Machine: {info['cpu']} ({info['cpu_cores']} cores), {info['num_devices']} x "
+        f"{info['platform']} device ({info['device']}), jax {info['jax_version']}.{shared}"
+    )
+
+
+def write_report(stem: str, report: dict, markdown: str) -> list[str]:
+    """`<stem>.json` (NaN-safe) and `<stem>.md`; returns their paths."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        f.write(runs.to_json(report, indent=2))
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    return [stem + ".json", stem + ".md"]
