@@ -1,0 +1,70 @@
+"""The documentation's relative links lead somewhere, and the README stays short."""
+
+import glob
+import os
+import re
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = sorted(
+    [os.path.join(REPO, "README.md"), os.path.join(REPO, "DEVELOPERS.md")]
+    + glob.glob(os.path.join(REPO, "docs", "*.md"))
+)
+README_MAX_LINES = 300
+
+FENCE = re.compile(r"^(```|~~~).*?^\1", flags=re.DOTALL | re.MULTILINE)
+INLINE_CODE = re.compile(r"`[^`\n]*`")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """The page without its fenced code blocks and inline code (no links live there)."""
+    return INLINE_CODE.sub("", FENCE.sub("", text))
+
+
+def anchors(path: str) -> set[str]:
+    """The heading anchors GitHub gives a markdown page."""
+    with open(path) as f:
+        text = FENCE.sub("", f.read())
+    seen: dict[str, int] = {}
+    result = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        result.add(slug if count == 0 else f"{slug}-{count}")
+    return result
+
+
+def relative_links(path: str) -> list[str]:
+    with open(path) as f:
+        targets = LINK.findall(prose(f.read()))
+    return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]  # no http:, mailto:
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_relative_link_points_at_an_existing_file(page):
+    broken = []
+    for target in relative_links(page):
+        file_part, _, anchor = target.partition("#")
+        resolved = (
+            os.path.normpath(os.path.join(os.path.dirname(page), file_part)) if file_part else page
+        )
+        if not resolved.startswith(REPO + os.sep) and resolved != REPO:
+            broken.append(f"{target} (outside the repository)")
+        elif not os.path.exists(resolved):
+            broken.append(f"{target} (no such file)")
+        elif anchor and resolved.endswith(".md") and anchor not in anchors(resolved):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{os.path.relpath(page, REPO)}: {broken}"
+
+
+def test_the_pages_are_found():
+    assert len(PAGES) > 2 and all(os.path.exists(p) for p in PAGES)
+
+
+def test_the_readme_is_at_most_300_lines():
+    with open(os.path.join(REPO, "README.md")) as f:
+        lines = f.read().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
