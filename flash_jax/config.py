@@ -134,7 +134,7 @@ class ModelConfig:
     # True: the layer stack is unrolled (straight-line code) instead of one scanned body. The
     # backward's saved activations are then separate buffers rather than slices of a stacked
     # [num_layers, ...] buffer that the loop zero-fills and updates in place: an 11% faster step
-    # on an H100 (README, "On one H100"), at num_layers times the compile work.
+    # on an H100 (docs/benchmarks.md, "On one H100"), at num_layers times the compile work.
     unroll_layers: bool = False
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
     # else XLA) | xla | cudnn | splash
@@ -253,7 +253,7 @@ class DataConfig:
     shuffle_buffer: int = 1024
     prefetch: int = 2
     # "" tokenizes on the fly; a folder (local or gs://) reads seqio's offline cache of the task
-    # there, built by scripts/cache_data.py (or seqio's cache_tasks_main; see the README). A saved
+    # there, built by scripts/cache_data.py (or seqio's cache_tasks_main; see docs/data.md). A saved
     # config without the key (written before it existed) gets "".
     use_cached: str = ""
 

@@ -232,7 +232,7 @@ def test_use_cached_errors_name_the_key(corpus, tmp_path):
 
 @pytest.mark.slow  # tokenizes the shipped validation book and reads it twice: about 10 s
 def test_cache_of_the_shipped_corpus(tmp_path):
-    """The command the README documents, on the shipped corpus and its 4k vocabulary."""
+    """The command docs/data.md documents, on the shipped corpus and its 4k vocabulary."""
     result = subprocess.run(
         [
             sys.executable,

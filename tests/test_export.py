@@ -353,7 +353,8 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_pa
 
 
 def test_numpy_reads_a_bfloat16_export_once_ml_dtypes_is_imported(tmp_path):
-    """What the README tells NumPy users: safetensors.numpy needs ml_dtypes imported first."""
+    """What docs/evaluation.md tells NumPy users: safetensors.numpy needs ml_dtypes imported
+    first."""
     path = str(tmp_path / "model.safetensors")
     safetensors_file.write(path, {"w": np.ones(3, ml_dtypes.bfloat16)})
     read = f"from safetensors.numpy import load_file; print(load_file({path!r})['w'].dtype)"
