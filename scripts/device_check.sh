@@ -14,9 +14,7 @@
 #   MODELS=flash@xla,flash@pallas_tpu,transformer_pp@splash bash scripts/device_check.sh  # TPU
 #   LOSS_BLOCKS=8 MODELS=flash@xla bash scripts/device_check.sh  # the loss without whole logits
 #
-# On a machine without the project's pinned Flax / ml_collections, put their wheels in .whl/
-# (see DEVELOPERS.md) and they are installed to /tmp/site first. The data stack (TensorFlow,
-# seqio) is not needed: the benchmark feeds synthetic tokens.
+# The data stack (TensorFlow, seqio) is not needed: the benchmark feeds synthetic tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,11 +27,6 @@ LOSS_BLOCKS=${LOSS_BLOCKS:-1}  # train.loss_blocks
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 FLASH_JAX_BENCH_SHARED=0
 

@@ -13,7 +13,8 @@ from flash_jax import runs
 from flash_jax.config import ModelConfig
 from flash_jax.tools import benchmarks
 from flash_jax.train import flops
-from scripts import benchmark, profile_step, replicate
+from scripts import benchmark, replicate
+from scripts.bench import profile_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -319,7 +320,7 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_bench_decode_end_to_end(tmp_path):
     """The decode benchmark runs at a tiny size and writes its table, JSON and plot."""
     result = run_script(
-        "bench_decode.py",
+        "bench/bench_decode.py",
         "--lengths=32,64",
         "--steps=4",
         "--repeats=1",
@@ -408,7 +409,7 @@ def test_profile_groups_kernels_by_their_source_op_and_direction():
 @pytest.mark.slow
 def test_profile_step_end_to_end(tmp_path):
     """The profiler script traces a tiny step on the CPU and writes its two tables."""
-    result = run_script("profile_step.py", f"--out_dir={tmp_path}")
+    result = run_script("bench/profile_step.py", f"--out_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "profile.json").read_text())
     assert report["device_ms_per_step"] > 0

@@ -14,7 +14,7 @@ import pytest
 from configs import base
 from flash_jax import data
 from flash_jax.data import pipeline, tasks
-from scripts import cache_data
+from scripts.data import cache_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the of and to a in that it was her not be he his as you she with for had".split()
@@ -236,7 +236,7 @@ def test_cache_of_the_shipped_corpus(tmp_path):
     result = subprocess.run(
         [
             sys.executable,
-            os.path.join(REPO, "scripts", "cache_data.py"),
+            os.path.join(REPO, "scripts", "data", "cache_data.py"),
             "--config=" + os.path.join(REPO, "configs", "quickstart.py"),
             f"--output_dir={tmp_path}",
             "--splits=validation",

@@ -4,7 +4,7 @@ The dense-mask XLA path is checked against a float64 numpy softmax reference; sp
 in Pallas interpret mode on this CPU and must equal it, forward and backward, and must lower for
 TPU; the cuDNN fast path's logic (one document per row -> padding lengths) is checked through
 JAX's XLA implementation of the same padding mask, since cuDNN itself needs a GPU
-(scripts/kernel_check.py compares it there).
+(scripts/bench/kernel_check.py compares it there).
 """
 
 import jax

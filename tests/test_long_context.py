@@ -265,7 +265,7 @@ def test_results_of_other_windows_get_tags_of_their_own():
 
 
 def test_the_study_scores_growing_cache_models_up_to_max_len_then_sliding():
-    from scripts import long_context as study
+    from scripts.bench import long_context as study
 
     def labels(name):
         return [label for label, _ in study.settings_for(tiny_config(name), 32, [32, 64, 128])]

@@ -6,7 +6,7 @@
 (b) Lowering: `jax.export` for platform "cuda" runs the Mosaic GPU lowering without a GPU, at the
     paper's shapes (S = 128, C = 256, E = 1536 and 2048, T up to 8192, bf16), forward + backward,
     so a block shape or a shared-memory overflow fails here. ptxas and the run itself happen
-    only on a GPU (scripts/kernel_check.py).
+    only on a GPU (scripts/bench/kernel_check.py).
 """
 
 import json
@@ -18,7 +18,7 @@ import pytest
 
 from flash_jax import ops
 from flash_jax.ops import pallas_gpu
-from scripts import kernel_check
+from scripts.bench import kernel_check
 
 # Tolerances. The kernels round their matmul operands to bf16 (relative error at most 2^-9 each):
 # the in-chunk weights W, the cross-chunk states X, the backward's g = dL/ds and dstate, and (for
@@ -185,7 +185,7 @@ def test_lowering_check_can_fail_on_shared_memory_overflow():
         _export_forward_backward(1024, 2048, False, block_e=128)
 
 
-# ---------------------------------------------------------------- scripts/kernel_check.py ----
+# ------------------------------------------------------------ scripts/bench/kernel_check.py ----
 
 
 def _kernel_check(tmp_path, *flags):

@@ -151,8 +151,9 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
 
 
 def test_the_readme_quotes_the_recorded_figures():
-    """The figures the README gives about its own commands are the ones scripts/readme_figures.py
-    recorded (docs/results/readme_figures.json), so that they cannot drift apart."""
+    """The figures the README gives about its own commands are the ones
+    scripts/bench/readme_figures.py recorded (docs/results/readme_figures.json), so that they
+    cannot drift apart."""
     with open(os.path.join(REPO, "docs", "results", "readme_figures.json")) as f:
         figures = json.load(f)
     with open(README) as f:

@@ -20,7 +20,7 @@ T5X does with seqio pipelines: the place in the input files, the documents being
 into windows, the shuffle buffer and its random state, the packer's open row and the prefetched
 batches, i.e. everything the next batch depends on, plus a JSON of `position` and `host_layout`.
 `restore_state(directory)` loads them into a newly built pipeline: a restart costs the same at step
-100K as at step 10 (scripts/bench_resume.py) and yields exactly the uninterrupted batches.
+100K as at step 10 (scripts/bench/bench_resume.py) and yields exactly the uninterrupted batches.
 
 Why not a pipeline whose position is an index: the order comes from streaming steps (file
 shuffle, 16 documents interleaved window by window, a shuffle buffer, greedy packing) whose state

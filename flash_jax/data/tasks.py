@@ -50,7 +50,7 @@ def cached_documents(cfg, split: str) -> int:
     task = get_task(cfg)
     where = cached_task_dir(cfg)
     build = (
-        f"build it with: python scripts/cache_data.py --config=<this config> "
+        f"build it with: python scripts/data/cache_data.py --config=<this config> "
         f"--output_dir={cache_dir(cfg)}"
     )
     if not tf.io.gfile.exists(os.path.join(where, "COMPLETED")):

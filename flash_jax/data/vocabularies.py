@@ -2,12 +2,13 @@
 
 `config.data.vocab` is "byte" (seqio.ByteVocabulary: 256 byte ids after pad/eos/unk, 259 in all)
 or the path of a SentencePiece model: the shipped 4096-piece Austen model (the default), T5's 32k
-model on GCS (`T5_VOCAB`, the paper-scale default), or one made by `scripts/train_spm.py`.
+model on GCS (`T5_VOCAB`, the paper-scale default), or one made by `scripts/data/train_spm.py`.
 
 Masked LM needs a mask token (`mlm_mask_spec`): the model's `<mask>` piece when it has one
-(`scripts/train_spm.py` adds it, so the shipped model has it at id 3); for the byte vocabulary the
-unk id 2, which byte encoding never produces; for any other SentencePiece model one extra id is
-appended (`<extra_id_0>`, the last id), so T5's vocabulary has 32001 ids under masked LM.
+(`scripts/data/train_spm.py` adds it, so the shipped model has it at id 3); for the byte
+vocabulary the unk id 2, which byte encoding never produces; for any other SentencePiece model one
+extra id is appended (`<extra_id_0>`, the last id), so T5's vocabulary has 32001 ids under masked
+LM.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def vocabulary(vocab: str, objective: str = "lm") -> seqio.Vocabulary:
     if "://" not in path and not os.path.isfile(path):
         raise ValueError(
             f"data.vocab {vocab!r} does not exist; expected 'byte' or the path of a "
-            "SentencePiece .model file (scripts/train_spm.py makes one)"
+            "SentencePiece .model file (scripts/data/train_spm.py makes one)"
         )
     extra_ids = 1 if objective == "mlm" and not _has_mask_piece(path) else 0
     return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)

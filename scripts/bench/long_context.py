@@ -2,7 +2,7 @@
 (flash_jax.long_context, what eval.py --context / --stride / --whole_documents do), one table,
 JSON and two plots.
 
-    python scripts/long_context.py --workdir=runs/long/flash,runs/long/transformer_pp,\
+    python scripts/bench/long_context.py --workdir=runs/long/flash,runs/long/transformer_pp,\
 runs/long/combiner --contexts=512,1024,2048,4096,8192,16384 --name=long_context_cpu
 
 Per run (latest checkpoint, validation split): windows of each context. Models whose cache grows

@@ -13,8 +13,8 @@ preset, `--transformer_layers`, bf16, remat, vocabulary, tokens per step):
 Each is the median of `--repeats` calls after a warm-up, on random inputs (bf16 activations of
 the model's shapes). `num_layers x layer + head + optimizer` should come close to `step`.
 
-    python scripts/step_breakdown.py                          # CPU, tiny: checks it runs
-    python scripts/step_breakdown.py --size=large --transformer_layers=4 --dtype=bfloat16 \
+    python scripts/bench/step_breakdown.py                          # CPU, tiny: checks it runs
+    python scripts/bench/step_breakdown.py --size=large --transformer_layers=4 --dtype=bfloat16 \
         --remat=save_attn --vocab_size=32128 --tokens_per_step=65536 --context=4096 \
         --impls=xla,pallas_gpu                                # one H100: about 2 minutes
 """

@@ -1,6 +1,6 @@
 """Prints a markdown table of parameter counts for every model at every size preset.
 
-    python scripts/param_counts.py [--vocab_size=32000] [--max_len=1024]
+    python scripts/bench/param_counts.py [--vocab_size=32000] [--max_len=1024]
 
 Counts come from abstract shapes (nnx.eval_shape): nothing is allocated, so even `large` is instant.
 """

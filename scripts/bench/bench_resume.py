@@ -1,7 +1,7 @@
 """Input-pipeline start-up when a run resumes at a given step: saved state against replay.
 
-    .venv/bin/python scripts/bench_resume.py                          # quickstart, steps 10, 3000
-    .venv/bin/python scripts/bench_resume.py --config=configs/pg19_flash.py:smoke --steps=10,30000
+    .venv/bin/python scripts/bench/bench_resume.py                  # quickstart, steps 10, 3000
+    python scripts/bench/bench_resume.py --config=configs/pg19_flash.py:smoke --steps=10,30000
 
 For each step k, the seconds from building the train pipeline to holding batch k (the first batch
 a run resumed after k steps trains on), on one host:

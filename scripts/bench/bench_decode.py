@@ -1,7 +1,7 @@
 """Decode benchmark: tokens/s and decoding-state memory against context length, per model.
 
-    python scripts/bench_decode.py                                    # CPU: small width, ~2 min
-    python scripts/bench_decode.py --size=base --dtype=bfloat16 --batch_size=8 \
+    python scripts/bench/bench_decode.py                                # CPU: small width, ~2 min
+    python scripts/bench/bench_decode.py --size=base --dtype=bfloat16 --batch_size=8 \
         --lengths=512,1024,2048,4096,8192,16384 --out_dir=runs/bench_decode_gpu      # accelerator
 
 For each model and context length L, the model's own incremental step (`decode_step`, the one

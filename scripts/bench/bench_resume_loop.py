@@ -1,7 +1,7 @@
 """Start-up of a resumed training run at a given step: a tiny model on the shipped corpus, one host.
 
-    .venv/bin/python scripts/bench_resume_loop.py                    # steps 10 and 3000
-    .venv/bin/python scripts/bench_resume_loop.py --steps=10,300 --repeats=1
+    .venv/bin/python scripts/bench/bench_resume_loop.py                    # steps 10 and 3000
+    .venv/bin/python scripts/bench/bench_resume_loop.py --steps=10,300 --repeats=1
 
 For each step k: a run of `k + 1` steps is stopped by SIGTERM after step k (a checkpoint at k, as
 a preemption leaves it), then resumed by rerunning it, --repeats times, each on a fresh copy of

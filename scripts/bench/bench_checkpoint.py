@@ -1,6 +1,6 @@
 """What checkpoint checksums cost: the checksum pass against the save it protects.
 
-    python scripts/bench_checkpoint.py --sizes=tiny,small,base --repeats=3
+    python scripts/bench/bench_checkpoint.py --sizes=tiny,small,base --repeats=3
 
 For FLASH at each size preset (32k vocabulary, AdamW state), on the default device: the time of
 `checkpoint.inspect_arrays` over the whole train state (the per-array checksums and finiteness

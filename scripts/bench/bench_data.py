@@ -1,7 +1,7 @@
 """Input-pipeline throughput (tokenize, window, pack, batch) on this machine, per vocabulary.
 
-    .venv/bin/python scripts/bench_data.py                      # shipped corpus, both vocabs
-    .venv/bin/python scripts/bench_data.py --seq_len=2048 --batch_size=16 --data_dir=/data/pg19
+    .venv/bin/python scripts/bench/bench_data.py                      # shipped corpus, both vocabs
+    python scripts/bench/bench_data.py --seq_len=2048 --batch_size=16 --data_dir=/data/pg19
 
 Two figures per vocabulary, in tokens (non-padding) per second on one host:
 - cold: the first pass over the training split: read, tokenize, window, shuffle, pack, batch

@@ -4,8 +4,8 @@ state carried window to window, and prints one JSON line with this process's pea
 memory (ru_maxrss) and XLA's memory analysis of the compiled window step. Run it once per length
 (a fresh process each, so that the peaks do not mix):
 
-    python scripts/whole_document_memory.py --workdir=runs/long/flash --tokens=16384
-    python scripts/whole_document_memory.py --workdir=runs/long/flash --tokens=131072
+    python scripts/bench/whole_document_memory.py --workdir=runs/long/flash --tokens=16384
+    python scripts/bench/whole_document_memory.py --workdir=runs/long/flash --tokens=131072
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ Every case runs in its own try/except: a failure (a Mosaic compile error, say) i
 full message in the JSON and the script goes on. Cases that would start after `--max_seconds` are
 recorded as skipped. Prints a markdown table; writes <out_dir>/kernel_check.json and .md.
 
-    python scripts/kernel_check.py --out_dir=runs/kernel_check          # on an H100: ~2-3 min
-    python scripts/kernel_check.py --interpret --tokens=128 --contexts=128 --S=64 --E=64 --C=64 \
-        --bidir_contexts= --repeats=1 --out_dir=/tmp/kc                  # CPU, the interpreter
+    python scripts/bench/kernel_check.py --out_dir=runs/kernel_check      # on an H100: ~2-3 min
+    python scripts/bench/kernel_check.py --interpret --tokens=128 --contexts=128 --S=64 --E=64 \
+        --C=64 --bidir_contexts= --repeats=1 --out_dir=/tmp/kc              # CPU, the interpreter
 """
 
 from __future__ import annotations

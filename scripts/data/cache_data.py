@@ -1,6 +1,6 @@
 r"""Builds seqio's offline cache of a config's data task on this machine (no Apache Beam needed).
 
-    python scripts/cache_data.py --config=configs/quickstart.py --output_dir=/data/seqio_cache
+    python scripts/data/cache_data.py --config=configs/quickstart.py --output_dir=/data/seqio_cache
     python train.py --config=configs/quickstart.py --workdir=runs/q \
         --config.data.use_cached=/data/seqio_cache
 

@@ -2,7 +2,7 @@
 document per row) and the dense-mask fallback (packed rows), agreement and forward + backward time.
 Results: docs/results/kernel_check_h100/cudnn_check.md.
 
-    python scripts/cudnn_check.py      # a GPU with cuDNN; about 20 s
+    python scripts/bench/cudnn_check.py      # a GPU with cuDNN; about 20 s
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Measures the figures the README quotes about its own commands and writes them to
 docs/results/readme_figures.json (and .md), where the README's figures come from.
 
-    python scripts/readme_figures.py                 # the memory example (about a minute)
-    python scripts/readme_figures.py --smoke         # also `make smoke` (minutes)
+    python scripts/bench/readme_figures.py                 # the memory example (about a minute)
+    python scripts/bench/readme_figures.py --smoke         # also `make smoke` (minutes)
 
 Each figure records the command, its wall time from start to exit, what it printed that the
 README quotes, and the machine (and whether it was shared with other jobs, as timings then
@@ -20,7 +20,7 @@ from absl import app, flags
 from flash_jax import console
 from flash_jax.tools import benchmarks
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(REPO, "docs", "results", "readme_figures")
 # configs/pg19_flash.py at its full size on the shipped corpus and vocabulary: the train step
 # does not fit a small machine, which says so before the first step.

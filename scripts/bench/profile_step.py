@@ -7,8 +7,8 @@ TPU ops) are summed by name, and each name is traced back to the JAX operation t
 through the compiled HLO's metadata (`op_name`, e.g. `jit(train_step)/.../dot_general`). Prints
 the top rows of both tables per step and writes them as JSON with the compiled HLO text.
 
-    python scripts/profile_step.py                                     # CPU, tiny: checks it runs
-    python scripts/profile_step.py --model=flash@xla --size=large --transformer_layers=4 \
+    python scripts/bench/profile_step.py                                # CPU, tiny: checks it runs
+    python scripts/bench/profile_step.py --model=flash@xla --size=large --transformer_layers=4 \
         --dtype=bfloat16 --remat=save_attn --vocab_size=32128 --tokens_per_step=65536 \
         --context=4096                                                 # one H100: about 1 minute
 """

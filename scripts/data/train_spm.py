@@ -1,7 +1,7 @@
 """Trains a SentencePiece vocabulary offline from a local corpus (T5 ids: pad=0, eos=1, unk=2).
 
-    .venv/bin/python scripts/train_spm.py                      # the shipped vocab, from Austen
-    .venv/bin/python scripts/train_spm.py --data_dir=/data/pg19 --vocab_size=32000 \
+    .venv/bin/python scripts/data/train_spm.py                      # the shipped vocab, from Austen
+    .venv/bin/python scripts/data/train_spm.py --data_dir=/data/pg19 --vocab_size=32000 \
         --output=/tmp/pg19_32k.model
 
 The corpus is read through flash_jax.data's local reader (PG-19-layout folder or .tar.xz, or a
