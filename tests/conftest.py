@@ -1,4 +1,4 @@
-"""Test-wide setup: eight simulated CPU devices, so mesh tests run anywhere."""
+"""Test-wide setup: eight simulated CPU devices, so mesh tests run anywhere; shared fixtures."""
 
 import os
 import tempfile
@@ -15,3 +15,35 @@ import jax  # noqa: E402
 # Must happen before any JAX backend is initialised.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
+
+import pytest  # noqa: E402
+
+# Shared fixtures, active only where a module names them (`pytestmark = pytest.mark.usefixtures`).
+# Their imports are inside them: flash_jax.data imports TensorFlow, which a test session that
+# never uses these fixtures need not load.
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+    """data.InputPipeline is tests/helpers.py's SyntheticPipeline (and no batches turn nan)."""
+    from flash_jax import data
+    from tests.helpers import SyntheticPipeline
+
+    monkeypatch.setattr(data, "InputPipeline", SyntheticPipeline)
+    monkeypatch.setattr(SyntheticPipeline, "nan_from", None)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """Identical runs in this module compile once (each run builds fresh jitted functions)."""
+    options = {
+        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    previous = {k: getattr(jax.config, k) for k in options}
+    for k, v in options.items():
+        jax.config.update(k, v)
+    yield
+    for k, v in previous.items():
+        jax.config.update(k, v)

@@ -3,9 +3,6 @@ references) and that both run end to end at a tiny size into well-formed outputs
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,8 +12,7 @@ from flash_jax.tools import benchmarks
 from flash_jax.train import flops
 from scripts import benchmark, replicate
 from scripts.bench import profile_step
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -301,19 +297,6 @@ def test_replicate_end_to_end(tmp_path):
     assert "| FLASH | 8 |" in md and "| Transformer++ | 4 |" in md
     assert "| 2 |" in md  # the per-step perplexity table
     assert (tmp_path / "out" / "rep.png").read_bytes().startswith(PNG_SIGNATURE)
-
-
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    """scripts/<script> with `args` in a CPU-only subprocess of this checkout."""
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", script), *args],
-        cwd=REPO,
-        # PYTHONPATH: this checkout's flash_jax, whatever copy of the package is installed.
-        env=dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 @pytest.mark.slow

@@ -17,11 +17,17 @@ import pytest
 
 from flash_jax import ops
 from flash_jax.ops import combiner
-from tests.test_performer import assert_no_T_by_T_array, inputs, packed_segments
+from tests.helpers import (
+    QKV_HEAD_DIM,
+    QKV_HEADS,
+    assert_no_T_by_T_array,
+    packed_segments,
+    qkv_inputs,
+)
 
 combiner_attention = jax.jit(ops.combiner_attention, static_argnames=("causal", "span_size"))
 
-H, D = 2, 8
+H, D = QKV_HEADS, QKV_HEAD_DIM  # of qkv_inputs
 
 
 def ref_attention_rows(q, k, seg, C, causal):
@@ -69,7 +75,7 @@ def ref_combiner(q, k, v, seg, C, causal):
 @pytest.mark.parametrize("span_size", [8, 4])
 def test_matches_factorised_reference(causal, span_size):
     seg = packed_segments()
-    q, k, v = inputs(2, 29, seed=1)
+    q, k, v = qkv_inputs(2, 29, seed=1)
     got = np.asarray(
         combiner_attention(q, k, v, causal=causal, span_size=span_size, segment_ids=seg)
     )
@@ -84,7 +90,7 @@ def test_the_attention_is_full():
     """Every token of the query's document (j <= i when causal) gets a positive weight, and the
     weights sum to 1: the factorisation covers the document exactly once."""
     seg = packed_segments()
-    q, k, _ = inputs(2, 29, seed=2)
+    q, k, _ = qkv_inputs(2, 29, seed=2)
     for causal in (True, False):
         A = ref_attention_rows(q, k, seg, 4, causal)
         T = seg.shape[1]
@@ -98,7 +104,7 @@ def test_the_attention_is_full():
 
 def test_one_span_is_softmax_attention():
     T = 12
-    q, k, v = inputs(1, T, seed=3)
+    q, k, v = qkv_inputs(1, T, seed=3)
     got = combiner_attention(q, k, v, causal=True, span_size=16)
     logits = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(D)
     logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
@@ -110,7 +116,7 @@ def test_one_span_is_softmax_attention():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_gradient_reaches_exactly_the_document(causal):
     seg = packed_segments()
-    q, k, v = inputs(2, 29, seed=4)
+    q, k, v = qkv_inputs(2, 29, seed=4)
     i = 12  # row 0: document 2 (tokens 5-18), spans of 4: the third span
 
     def out_i(v):
@@ -132,7 +138,7 @@ def test_cost_is_sub_quadratic():
 
 def test_decode_step_equals_the_causal_rows():
     C, T = 4, 11
-    q, k, v = inputs(1, T, seed=6)
+    q, k, v = qkv_inputs(1, T, seed=6)
     want = np.asarray(combiner_attention(q, k, v, causal=True, span_size=C))
     state = combiner.init_state(1, H, D, C, T, jnp.float32)
     for t in range(T):
@@ -142,7 +148,7 @@ def test_decode_step_equals_the_causal_rows():
 
 def test_bfloat16_and_large_inputs_stay_finite():
     seg = packed_segments()
-    q, k, v = inputs(2, 29, seed=7, scale=30.0)
+    q, k, v = qkv_inputs(2, 29, seed=7, scale=30.0)
 
     def loss(q, k, v):
         return jnp.sum(combiner_attention(q, k, v, causal=True, span_size=4, segment_ids=seg))
@@ -156,6 +162,6 @@ def test_bfloat16_and_large_inputs_stay_finite():
 
 
 def test_bad_shapes_are_named():
-    q, k, v = inputs(1, 8, seed=8)
+    q, k, v = qkv_inputs(1, 8, seed=8)
     with pytest.raises(ValueError, match="share one shape"):
         ops.combiner_attention(q, k, v[:, :4], causal=True, span_size=4)

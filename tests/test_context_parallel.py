@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from tiny_models import tiny_config
 
 from configs import base, quickstart
 from flash_jax import models, sharding
@@ -27,6 +26,7 @@ from flash_jax.layers import document_positions
 from flash_jax.ops import attention, context_parallel
 from flash_jax.tools import benchmarks
 from flash_jax.train import loop, memory, step
+from tests.helpers import REPO, tiny_model_config
 
 C, S, E = 4, 8, 6
 FWD_TOL, GRAD_TOL = 2e-5, 2e-4
@@ -165,7 +165,7 @@ def _loss_and_grads(model, tokens, seg):
     ],
 )
 def test_a_model_with_the_sequence_over_four_devices_equals_the_unsharded_one(name, causal):
-    model = models.create(tiny_config(name, causal=causal), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config(name, causal=causal), rngs=nnx.Rngs(0))
     seg = jnp.asarray(MODEL_SEGMENTS)
     tokens = jax.random.randint(jax.random.key(1), seg.shape, 0, 64, dtype=jnp.int32)
     want_loss, want_grads = _loss_and_grads(model, tokens, seg)
@@ -228,8 +228,6 @@ def test_constant_state_models_move_the_same_bytes_between_sequence_shards_at_an
 # ---------------------------------------------------------------------------------------------
 # train.py as a user runs it: 4 CPU devices, the shipped corpus (packed documents cross the
 # devices' edges), the sequence axis against the data axis on the same batches.
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script, *args):
@@ -319,7 +317,7 @@ def test_comma_separated_axis_names_parse_like_the_shape():
 )
 def test_a_sequence_that_does_not_split_into_whole_chunks_is_one_line(overrides, message):
     mesh = sharding.make_mesh((1, 4), ("data", "sequence"), devices=jax.devices()[:4])
-    model = tiny_config(**overrides)
+    model = tiny_model_config(**overrides)
     if message is None:  # 48 tokens split over 4 devices, 12 each: no chunks to respect
         loop.check_sequence_fit(model, 48, mesh, sharding.DEFAULT_RULES)
         return

@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 from flash_jax import decoding, models
-from tests.tiny_models import tiny_config
+from tests.helpers import tiny_model_config
 
 
 def tiny_model(name, **overrides):
-    return models.create(tiny_config(name, **overrides), rngs=nnx.Rngs(0))
+    return models.create(tiny_model_config(name, **overrides), rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize("prompt_length", [13, 16], ids=["inside_chunk", "chunk_end"])

@@ -24,66 +24,7 @@ from configs import base
 from flash_jax import evaluation, runs
 from flash_jax.tools import plots
 from flash_jax.train import checkpoint
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQ_LEN = 32
-WORDS = "the of and to a in that it was her not be he his as you she with for had".split()
-
-
-def _write_corpus(root):
-    """Train and validation books, no test/ folder."""
-    rng = np.random.default_rng(0)
-    books = {}
-    for split, sizes in (("train", [400, 250, 300]), ("validation", [260, 45, 170])):
-        os.makedirs(os.path.join(root, split))
-        for i, n in enumerate(sizes):
-            words = rng.choice(WORDS, size=n)
-            text = "\n".join(" ".join(words[j : j + 11]) for j in range(0, n, 11)) + "\n"
-            with open(os.path.join(root, split, f"{100 + i}.txt"), "w") as f:
-                f.write(text)
-            books.setdefault(split, []).append(text)
-    return books
-
-
-def tiny_config(corpus):
-    config = base.get_config()
-    config.model.update(
-        name="flash",
-        num_layers=2,
-        d_model=32,
-        expansion_dim=64,
-        qk_dim=16,
-        chunk_size=8,  # 4 chunks per window: the cross-chunk (linear) part is used
-        num_heads=2,
-        mlp_dim=64,
-        max_len=SEQ_LEN,
-    )
-    config.data.update(data_dir=str(corpus), seq_len=SEQ_LEN, batch_size=8, shuffle_buffer=16)
-    config.train.update(
-        num_steps=2,
-        log_every=1,
-        eval_every=0,
-        checkpoint_every=1,
-        keep_checkpoints=3,
-        warmup_steps=1,
-        learning_rate=1e-2,
-    )
-    return config
-
-
-def train_tiny_run(root):
-    """Trains (once per pytest session) and returns (workdir, validation texts)."""
-    workdir, corpus, done = root / "run", root / "corpus", root / "DONE"
-    if not done.exists():
-        from flash_jax.train import loop
-
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        books = _write_corpus(corpus)
-        summary = loop.train_and_evaluate(tiny_config(corpus), str(workdir))
-        assert summary["status"] == "done" and summary["step"] == 2
-        done.write_text(json.dumps(books))
-    return str(workdir), json.loads(done.read_text())["validation"]
+from tests.helpers import REPO, SEQ_LEN, error_line, eval_cli, snapshot, train_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -171,35 +112,6 @@ def test_restore_a_given_step_and_reuse_the_compiled_step(validation):
 # ----------------------------------------------------------------------------- the CLI
 
 
-def _eval_cli(*args, timeout=240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "eval.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _snapshot(folder):
-    found = []
-    for where, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            path = os.path.join(where, name)
-            found.append(
-                (os.path.relpath(path, folder), os.path.getsize(path), os.stat(path).st_mtime_ns)
-            )
-    return sorted(found)
-
-
-def _error_line(proc):
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return lines[-1]
-
-
 def _damaged_copy(trained_run, tmp_path, damage_meta=False):
     """A copy of the run whose step 2 is damaged: a data file cut in half, or its meta emptied."""
     workdir = str(tmp_path / "damaged")
@@ -252,15 +164,15 @@ def test_bad_input_one_line_nonzero_exit_workdir_unchanged(trained_run, tmp_path
     if case == "no_workdir":
         workdir = str(tmp_path / "nowhere")
         message = f"workdir {workdir!r} does not exist"
-    before = _snapshot(workdir)
-    proc = _eval_cli(f"--workdir={workdir}", *args)
+    before = snapshot(workdir)
+    proc = eval_cli(f"--workdir={workdir}", *args)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    line = _error_line(proc)
+    line = error_line(proc)
     assert line.startswith("eval.py: error: ") and message in line, line
     if case == "damaged_step":
         assert "/checkpoints/2 is damaged: " in line
     assert proc.stdout == ""
-    assert _snapshot(workdir) == before
+    assert snapshot(workdir) == before
 
 
 @pytest.mark.slow  # a fresh process: imports, one compile, 6 small evaluations (~40 s on 2 cores)
@@ -269,7 +181,7 @@ def test_all_steps_over_two_workdirs_writes_results_and_a_png(trained_run, valid
     for w in workdirs:
         shutil.copytree(trained_run[0], w)
     plot = tmp_path / "compare.png"
-    proc = _eval_cli(f"--workdir={','.join(workdirs)}", "--all_steps", f"--plot={plot}")
+    proc = eval_cli(f"--workdir={','.join(workdirs)}", "--all_steps", f"--plot={plot}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("step", "split", "tokens", "loss", "perplexity", "bits_per_byte", "words"):
@@ -359,9 +271,9 @@ def test_one_record_per_step_and_settings_and_curves_of_one_setting(tmp_path):
 def test_a_step_scored_with_the_same_settings_is_reused_and_recorded_once(trained_run, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained_run[0], workdir)
-    first = _eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1")
+    first = eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _eval_cli(f"--workdir={workdir}", "--all_steps", "--max_batches=1")
+    second = eval_cli(f"--workdir={workdir}", "--all_steps", "--max_batches=1")
     assert second.returncode == 0, second.stderr[-3000:]
     lines = second.stdout.splitlines()
     assert "(recorded before; --rescore scores it again)" in lines[0]  # step 1: reused
@@ -385,7 +297,7 @@ def test_a_step_scored_with_the_same_settings_is_reused_and_recorded_once(traine
     path = runs.results_path(workdir)
     os.rename(path, f"{path}.kept")
     os.makedirs(path)
-    third = _eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1", "--rescore")
+    third = eval_cli(f"--workdir={workdir}", "--step=1", "--max_batches=1", "--rescore")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Traceback" not in third.stderr
     assert "recorded before" not in third.stdout
@@ -533,7 +445,7 @@ def test_eval_on_a_live_run_that_saves_every_step(tmp_path, caplog):
         assert len(set(steps_read)) > 3, steps_read  # the trainer went on meanwhile
         assert "damaged" not in caplog.text
         for args in (["--max_batches=2"], ["--max_batches=1", "--all_steps"]):
-            proc = _eval_cli(f"--workdir={run}", *args)
+            proc = eval_cli(f"--workdir={run}", *args)
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert "damaged" not in proc.stderr and "Traceback" not in proc.stderr
             assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] > 3

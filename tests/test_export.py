@@ -20,10 +20,8 @@ from flax import nnx
 from flash_jax import models
 from flash_jax.export import numpy_model, safetensors_file, weights
 from flash_jax.train import checkpoint
-from tests.test_models import packed_segments, random_tokens, randomise
-from tests.tiny_models import TINY, tiny_config
+from tests.helpers import REPO, TINY, packed_segments, random_tokens, randomise, tiny_model_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_MODELS = list(models.LAYER_TYPES)
 
 # float32 JAX against float64 numpy. The numpy side is exact to ~1e-16, so the difference is JAX's
@@ -130,7 +128,7 @@ def documented_shapes(name, cfg):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_parameter_names_and_shapes_are_the_documented_ones(name):
-    cfg = tiny_config(name)
+    cfg = tiny_model_config(name)
     model = models.create(cfg, rngs=nnx.Rngs(0))
     tensors = weights.parameter_tensors(nnx.state(model, weights.EXPORTED))
     assert {k: v.shape for k, v in tensors.items()} == documented_shapes(name, cfg)
@@ -143,12 +141,12 @@ def test_parameter_names_and_shapes_are_the_documented_ones(name):
 
 
 def test_layer_norm_rope_bias_and_tied_embeddings_change_the_names():
-    cfg = tiny_config("flash", norm="layer_norm", rel_pos="rope", tie_embeddings=True)
+    cfg = tiny_model_config("flash", norm="layer_norm", rel_pos="rope", tie_embeddings=True)
     names = weights.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     assert names["final_norm.scale"].shape == names["final_norm.bias"].shape == (cfg.d_model,)
     assert names["layers.1.rel_bias.a"].shape == names["layers.1.rel_bias.b"].shape == (16,)
     assert "head.kernel" not in names and "layers.0.rel_bias.weight" not in names
-    cfg = tiny_config("flash_quad", rel_pos="none")
+    cfg = tiny_model_config("flash_quad", rel_pos="none")
     names = weights.parameter_tensors(nnx.state(models.create(cfg, rngs=nnx.Rngs(0)), nnx.Param))
     assert not any("rel_bias" in name for name in names)
 
@@ -166,7 +164,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_numpy_model_matches_jax(tmp_path, name, variant):
-    cfg = tiny_config(name, **VARIANTS[variant])
+    cfg = tiny_model_config(name, **VARIANTS[variant])
     model = models.create(cfg, rngs=nnx.Rngs(0))
     randomise(model, 1)  # larger than the init, so that every term matters
     seg = packed_segments()  # documents inside and across chunks of 8, then padding
@@ -180,7 +178,7 @@ def test_numpy_model_matches_jax(tmp_path, name, variant):
 def test_swapped_layers_are_far_outside_the_tolerance(tmp_path):
     """The tolerance is tight enough to see the layers out of order (what a wrong unstacking of
     the scanned [num_layers, ...] arrays would give)."""
-    cfg = tiny_config("flash")
+    cfg = tiny_model_config("flash")
     model = models.create(cfg, rngs=nnx.Rngs(0))
     randomise(model, 1)
     tokens = random_tokens(0, (2, 24))
@@ -197,7 +195,7 @@ def test_swapped_layers_are_far_outside_the_tolerance(tmp_path):
 
 
 def test_bfloat16_export_rounds_each_parameter_once(tmp_path):
-    cfg = tiny_config("flash_quad")
+    cfg = tiny_model_config("flash_quad")
     model = models.create(cfg, rngs=nnx.Rngs(0))
     randomise(model, 1)
     loaded = save_and_load(tmp_path, model, cfg, dtype="bfloat16")
@@ -226,7 +224,7 @@ def test_numpy_model_names_what_it_cannot_run():
         numpy_model.forward(model, np.zeros((1, 4), np.int32))
     with pytest.raises(ValueError, match="dtype must be one of"):
         weights.parameter_tensors(
-            nnx.state(models.create(tiny_config("flash"), rngs=nnx.Rngs(0))), "float16"
+            nnx.state(models.create(tiny_model_config("flash"), rngs=nnx.Rngs(0))), "float16"
         )
 
 

@@ -18,8 +18,14 @@ import sentencepiece as spm
 from configs import base
 from flash_jax import evaluation, long_context, runs
 from flash_jax.train import checkpoint
-from tests.test_eval import SEQ_LEN, _error_line, _eval_cli, _snapshot, train_tiny_run
-from tests.tiny_models import tiny_config
+from tests.helpers import (
+    SEQ_LEN,
+    error_line,
+    eval_cli,
+    snapshot,
+    tiny_model_config,
+    train_tiny_run,
+)
 
 C = 8  # the tiny run's chunk size
 # The eval's forward runs packed rows of another shape (several windows per row, padding, other
@@ -183,18 +189,18 @@ def test_whole_documents_score_every_token_bucketed_by_position_in_the_document(
 )
 def test_bad_settings_are_one_line_naming_the_flag(name, settings, message):
     with pytest.raises(ValueError, match=message):
-        long_context.check(long_context.Settings(**settings), tiny_config(name), 64)
+        long_context.check(long_context.Settings(**settings), tiny_model_config(name), 64)
 
 
 def test_settings_models_may_use():
     check = long_context.check
     for name in ("flash", "performer", "combiner"):  # any length
-        assert check(long_context.Settings(context=1 << 20), tiny_config(name), 64).context == (
-            1 << 20
-        )
+        assert check(
+            long_context.Settings(context=1 << 20), tiny_model_config(name), 64
+        ).context == (1 << 20)
     stride = long_context.Settings(context=64, stride=16)
-    assert check(stride, tiny_config("transformer_pp"), 64) == stride
-    assert check(long_context.Settings(), tiny_config("flash"), 32).context == 32
+    assert check(stride, tiny_model_config("transformer_pp"), 64) == stride
+    assert check(long_context.Settings(), tiny_model_config("flash"), 32).context == 32
 
 
 def test_sliding_windows_cover_a_document_once():
@@ -223,7 +229,7 @@ def test_eval_cli_context_results_tensorboard_and_plot(tiny, tmp_path):
     run, _ = tiny
     plot = tmp_path / "by_position.png"
     before = len(runs.read_jsonl(runs.results_path(run.workdir)))
-    proc = _eval_cli(f"--workdir={run.workdir}", "--context=256", f"--plot={plot}")
+    proc = eval_cli(f"--workdir={run.workdir}", "--context=256", f"--plot={plot}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     records = runs.read_jsonl(runs.results_path(run.workdir))
@@ -242,14 +248,14 @@ def test_eval_cli_context_results_tensorboard_and_plot(tiny, tmp_path):
 @pytest.mark.slow
 def test_eval_cli_bad_settings_write_nothing(tiny):
     run, _ = tiny
-    before = _snapshot(run.workdir)
+    before = snapshot(run.workdir)
     for args, message in [
         (["--context=0"], "--context must be >= 1, got 0"),
         (["--stride=40"], r"--stride must be in [1, --context=32], got 40"),
     ]:
-        proc = _eval_cli(f"--workdir={run.workdir}", *args)
-        assert proc.returncode == 1 and message in _error_line(proc)
-    assert _snapshot(run.workdir) == before
+        proc = eval_cli(f"--workdir={run.workdir}", *args)
+        assert proc.returncode == 1 and message in error_line(proc)
+    assert snapshot(run.workdir) == before
 
 
 def test_results_of_other_windows_get_tags_of_their_own():
@@ -268,7 +274,9 @@ def test_the_study_scores_growing_cache_models_up_to_max_len_then_sliding():
     from scripts.bench import long_context as study
 
     def labels(name):
-        return [label for label, _ in study.settings_for(tiny_config(name), 32, [32, 64, 128])]
+        return [
+            label for label, _ in study.settings_for(tiny_model_config(name), 32, [32, 64, 128])
+        ]
 
     assert labels("transformer_pp") == ["32", "64", "sliding 64/32"]  # max_len 64
     assert labels("flash") == ["32", "64", "128", "whole documents"]

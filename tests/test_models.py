@@ -16,21 +16,9 @@ from flash_jax.export import numpy_model, weights
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
 from flash_jax.layers.positions import RelativePositionBias, _toeplitz
 from flash_jax.train import checkpoint
-from tests.tiny_models import TINY, tiny_config
+from tests.helpers import TINY, packed_segments, random_tokens, randomise, tiny_model_config
 
 ALL_MODELS = list(models.LAYER_TYPES)
-
-
-def packed_segments(T=29):
-    """Two rows: documents that start and end inside chunks, one spanning several chunks, and
-    trailing padding; T is not a multiple of the chunk size 8."""
-    row0 = [1] * 5 + [2] * 14 + [3] * 6 + [0] * (T - 25)
-    row1 = [1] * 20 + [2] * (T - 20)
-    return jnp.array([row0, row1], dtype=jnp.int32)
-
-
-def random_tokens(key, shape, vocab=64):
-    return jax.random.randint(jax.random.key(key), shape, 0, vocab, dtype=jnp.int32)
 
 
 def first_layer(model):
@@ -56,20 +44,11 @@ def np_layer(layer, x, seg, pos, cfg, flash):
     return layer_fn(np_params(layer), x, seg, pos, checkpoint.model_config_dict(cfg))
 
 
-def randomise(layer, seed):
-    """Larger random parameters than the init, so every term of the layer matters."""
-    key = jax.random.key(seed)
-    for _, var in nnx.iter_graph(layer):
-        if isinstance(var, nnx.Param):
-            key, sub = jax.random.split(key)
-            var.value = 0.5 * jax.random.normal(sub, var.value.shape, var.value.dtype)
-
-
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "flash_quad"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("rel_pos", ["toeplitz", "rope", "none"])
 def test_layer_matches_dense_reference(flash, causal, rel_pos):
-    cfg = tiny_config("flash" if flash else "flash_quad", causal=causal, rel_pos=rel_pos)
+    cfg = tiny_model_config("flash" if flash else "flash_quad", causal=causal, rel_pos=rel_pos)
     layer = (FlashLayer if flash else GAULayer)(cfg, rngs=nnx.Rngs(0))
     randomise(layer, 1)
     seg = packed_segments()
@@ -82,10 +61,10 @@ def test_layer_matches_dense_reference(flash, causal, rel_pos):
 
 
 def test_rel_pos_auto_switches_at_512():
-    assert tiny_config("flash", chunk_size=256).rel_pos_kind == "toeplitz"
-    assert tiny_config("flash", chunk_size=1024, max_len=2048).rel_pos_kind == "rope"
-    assert tiny_config("flash_quad", max_len=512).rel_pos_kind == "toeplitz"
-    assert tiny_config("flash_quad", max_len=8192).rel_pos_kind == "rope"
+    assert tiny_model_config("flash", chunk_size=256).rel_pos_kind == "toeplitz"
+    assert tiny_model_config("flash", chunk_size=1024, max_len=2048).rel_pos_kind == "rope"
+    assert tiny_model_config("flash_quad", max_len=512).rel_pos_kind == "toeplitz"
+    assert tiny_model_config("flash_quad", max_len=8192).rel_pos_kind == "rope"
 
 
 @pytest.mark.parametrize("span, length", [(8, 8), (8, 5), (5, 1), (256, 256)])
@@ -93,7 +72,7 @@ def test_toeplitz_bias_block_equals_its_gather_forward_and_backward(span, length
     # The block is built by tiling (no gather, so its backward is no scatter): the same values,
     # and a weight gradient that sums each diagonal of the cotangent. Against float64 sums, the
     # float32 ones (any order) are within the recursive-summation bound n * 2^-24 * sum |terms|.
-    cfg = tiny_config("flash", rel_pos="toeplitz")
+    cfg = tiny_model_config("flash", rel_pos="toeplitz")
     bias = RelativePositionBias("toeplitz", span, cfg, rngs=nnx.Rngs(0))
     w = jax.random.normal(jax.random.key(3), (2 * span - 1,))
     i = jnp.arange(length)
@@ -123,7 +102,7 @@ def embed_inputs(model, tokens, positions):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_causal_models_never_see_the_future(name):
-    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config(name), rngs=nnx.Rngs(0))
     T = 24
     tokens = random_tokens(0, (2, T))
     positions = jnp.broadcast_to(jnp.arange(T), (2, T))
@@ -145,7 +124,7 @@ def test_causal_models_never_see_the_future(name):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_packed_documents_are_isolated(name, causal):
-    model = models.create(tiny_config(name, causal=causal), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config(name, causal=causal), rngs=nnx.Rngs(0))
     seg = packed_segments()
     tokens = random_tokens(0, seg.shape)
     logits = model(tokens, segment_ids=seg)
@@ -174,7 +153,7 @@ def test_packed_row_equals_separate_documents(name, first_length):
     scale n is fixed, isolation is exact). FLASH and Combiner chunk by row position, so a document
     has the same chunks (spans) only when it starts on a chunk boundary (16 = 2 chunks of 8);
     Performer's chunks are a cost choice only."""
-    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config(name), rngs=nnx.Rngs(0))
     doc_a, doc_b = random_tokens(0, (1, first_length)), random_tokens(1, (1, 13))
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
     seg = jnp.array([[1] * first_length + [2] * 13])
@@ -187,7 +166,7 @@ def test_flash_with_one_chunk_is_gau_with_the_chunk_as_n():
     """With one chunk covering the sequence FLASH's linear part is empty (causal), so a FLASH layer
     equals a GAU layer using FLASH's quadratic heads, with n = C."""
     T = 16
-    flash_cfg = tiny_config("flash", chunk_size=T, max_len=T)
+    flash_cfg = tiny_model_config("flash", chunk_size=T, max_len=T)
     flash = FlashLayer(flash_cfg, rngs=nnx.Rngs(0))
     randomise(flash, 3)
     gau = GAULayer(dataclasses.replace(flash_cfg, name="flash_quad"), rngs=nnx.Rngs(1))
@@ -200,7 +179,7 @@ def test_flash_with_one_chunk_is_gau_with_the_chunk_as_n():
     np.testing.assert_allclose(flash(x, None, pos), gau(x, None, pos), rtol=1e-6, atol=1e-6)
 
     # ...while with several chunks the linear part does contribute.
-    several = tiny_config("flash", chunk_size=4, max_len=T)
+    several = tiny_model_config("flash", chunk_size=4, max_len=T)
     short = FlashLayer(several, rngs=nnx.Rngs(0))
     randomise(short, 3)
     assert not np.allclose(short(x, None, pos), gau(x, None, pos), atol=1e-3)
@@ -220,7 +199,7 @@ def test_remat_gives_the_same_loss_and_gradients(name):
     policies = ("full", "save_proj") + (("save_attn",) if name == "flash" else ())
     results = {}
     for remat in ("none",) + policies:
-        model = models.create(tiny_config(name, remat=remat), rngs=nnx.Rngs(0))
+        model = models.create(tiny_model_config(name, remat=remat), rngs=nnx.Rngs(0))
         loss, grads = jax.jit(nnx.value_and_grad(loss_fn))(model, tokens, seg)
         results[remat] = (loss, jax.tree.leaves(nnx.state(grads)))
     base_loss, base_grads = results["none"]
@@ -239,7 +218,7 @@ def test_unrolled_layer_stack_gives_the_same_loss_and_gradients(name):
     tokens = random_tokens(0, seg.shape)
     results = []
     for unroll in (False, True):
-        cfg = tiny_config(name, remat="save_attn", unroll_layers=unroll)
+        cfg = tiny_model_config(name, remat="save_attn", unroll_layers=unroll)
         model = models.create(cfg, rngs=nnx.Rngs(0))
         loss, grads = jax.jit(nnx.value_and_grad(loss_fn))(model, tokens, seg)
         results.append((loss, jax.tree.leaves(nnx.state(grads))))
@@ -251,7 +230,7 @@ def test_unrolled_layer_stack_gives_the_same_loss_and_gradients(name):
 
 @pytest.mark.parametrize("name", ["flash", "flash_quad", "transformer", "performer"])
 def test_jit_and_eager_agree(name):
-    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config(name), rngs=nnx.Rngs(0))
     seg = packed_segments()
     tokens = random_tokens(0, seg.shape)
     eager = model(tokens, segment_ids=seg)
@@ -264,7 +243,7 @@ def test_layer_stack_is_one_scanned_body():
     layers (the layers live in one scan body)."""
 
     def num_equations(num_layers):
-        model = models.create(tiny_config("flash", num_layers=num_layers), rngs=nnx.Rngs(0))
+        model = models.create(tiny_model_config("flash", num_layers=num_layers), rngs=nnx.Rngs(0))
         graphdef, state = nnx.split(model)
         tokens = jnp.zeros((1, 16), jnp.int32)
         jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state)
@@ -274,7 +253,7 @@ def test_layer_stack_is_one_scanned_body():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    model = models.create(tiny_config("flash", dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config("flash", dtype="bfloat16"), rngs=nnx.Rngs(0))
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     seg = packed_segments()
@@ -282,13 +261,13 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     logits = model(tokens, segment_ids=seg)
     assert logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
-    want = models.create(tiny_config("flash"), rngs=nnx.Rngs(0))(tokens, segment_ids=seg)
+    want = models.create(tiny_model_config("flash"), rngs=nnx.Rngs(0))(tokens, segment_ids=seg)
     # bf16 keeps 8 mantissa bits; through two layers the logits stay within a few percent.
     np.testing.assert_allclose(logits, want, atol=0.05 * float(jnp.abs(want).max()))
 
 
 def test_multi_head_attention_matches_softmax_reference():
-    cfg = tiny_config("transformer_plus", num_layers=1)
+    cfg = tiny_model_config("transformer_plus", num_layers=1)
     mha = first_layer(models.create(cfg, rngs=nnx.Rngs(0))).attention
     seg = packed_segments()
     pos = document_positions(seg)
@@ -334,7 +313,7 @@ def test_rope_and_document_positions():
 def test_sharded_forward_matches_single_device(name):
     assert jax.device_count() == 8
     mesh = sharding.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
-    model = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config(name), rngs=nnx.Rngs(0))
     seg = jnp.concatenate([packed_segments(32)] * 2)  # batch 4: divisible by data x fsdp
     tokens = random_tokens(0, seg.shape)
     want = model(tokens, segment_ids=seg)
@@ -482,7 +461,7 @@ def test_bad_config_is_named(overrides, field):
 
 
 def test_bad_call_inputs_are_named():
-    model = models.create(tiny_config("flash"), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config("flash"), rngs=nnx.Rngs(0))
     tokens = jnp.zeros((2, 16), jnp.int32)
     with pytest.raises(ValueError, match="tokens must be \\[batch, length\\]"):
         model(tokens[0])
@@ -494,7 +473,7 @@ def test_bad_call_inputs_are_named():
         model(tokens, positions=jnp.ones((1, 16), jnp.int32))
     # Past max_len (64): refused where the math depends on it, run by FLASH (its scale is C).
     for name in ("transformer", "flash_quad"):
-        bound = models.create(tiny_config(name), rngs=nnx.Rngs(0))
+        bound = models.create(tiny_model_config(name), rngs=nnx.Rngs(0))
         with pytest.raises(ValueError, match="exceeds model.max_len 64"):
             bound(jnp.zeros((1, 65), jnp.int32))
     assert model(jnp.zeros((1, 65), jnp.int32)).shape == (1, 65, 64)

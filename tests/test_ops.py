@@ -6,7 +6,6 @@ never uses chunk carries, so it shares no logic with the efficient implementatio
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import pytest
 
 from flash_jax import ops
 from scripts import op_cost
+from tests.helpers import has_quadratic_array, num_instructions
 
 # Jitted once per shape: op-by-op (eager) dispatch compiles every primitive separately and is
 # several times slower on the test CPUs. `test_jit_and_vmap_match_eager` covers the eager path.
@@ -563,28 +563,6 @@ def test_pitfall6_quadratic_scale_is_n():
 # ---------------------------------------------------------------- linear cost, dtypes ----
 
 
-def _avals(jaxpr):
-    """All abstract values of a (closed) jaxpr, recursing into sub-jaxprs (scan, pjit, ...)."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    for var in list(jaxpr.invars) + list(jaxpr.constvars):
-        yield var.aval
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            yield var.aval
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else (param,):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    yield from _avals(sub)
-
-
-def _has_quadratic_array(fn, args, T):
-    for aval in _avals(jax.make_jaxpr(fn)(*args)):
-        shape = getattr(aval, "shape", ())
-        if sum(d >= T for d in shape) >= 2 or int(np.prod(shape)) >= T * T:
-            return True
-    return False
-
-
 def test_mixed_has_no_T_by_T_array():
     C = 8
     T = 8 * C
@@ -598,11 +576,11 @@ def test_mixed_has_no_T_by_T_array():
                 *a[:5], chunk_size=C, causal=causal, segment_ids=seg, quad_bias=a[5]
             )
 
-        assert not _has_quadratic_array(f, xs + [bias], T)
+        assert not has_quadratic_array(f, xs + [bias], T)
         grad_f = jax.grad(lambda *a, f=f: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4, 5))
-        assert not _has_quadratic_array(grad_f, xs + [bias], T)
+        assert not has_quadratic_array(grad_f, xs + [bias], T)
     # The check itself can fail: the quadratic function does build [T, T].
-    assert _has_quadratic_array(lambda *a: quadratic_attention(*a, n=T, causal=True), xs[2:], T)
+    assert has_quadratic_array(lambda *a: quadratic_attention(*a, n=T, causal=True), xs[2:], T)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -675,13 +653,9 @@ def test_bf16_program_has_only_bf16_matmuls_and_no_loop_over_chunks(fn_name, cau
     if fn_name == "mixed":
         # No scan over chunks in any form (an associative scan unrolls log2(G) levels of slices
         # and selects): the program is the same size at 4 and at 16 chunks.
-        assert _num_instructions(text) == _num_instructions(
+        assert num_instructions(text) == num_instructions(
             _lowered_bf16_fwd_bwd(fn_name, causal, G=4)
         )
-
-
-def _num_instructions(hlo_text):
-    return len(re.findall(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=", hlo_text, flags=re.MULTILINE))
 
 
 @pytest.mark.parametrize("fn_name", ["mixed", "quadratic"])

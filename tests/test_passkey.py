@@ -7,7 +7,7 @@ from flax import nnx
 
 from flash_jax import models
 from scripts import passkey
-from tests.tiny_models import tiny_config
+from tests.helpers import tiny_model_config
 
 
 def encode(text):
@@ -33,7 +33,7 @@ def test_the_prompt_has_the_length_and_the_key_at_its_depth(depth):
 
 
 def test_candidates_are_scored_as_a_full_forward_does():
-    model = models.create(tiny_config("flash"), rngs=nnx.Rngs(0))
+    model = models.create(tiny_model_config("flash"), rngs=nnx.Rngs(0))
     inputs, targets, weights = passkey.trial_batch(encode, 260, 0.5, ["11111", "2222", "333333"])
     got = passkey.score_rows(model, inputs, targets, weights)
     logits = np.asarray(model(inputs), np.float64)
@@ -46,7 +46,7 @@ def test_candidates_are_scored_as_a_full_forward_does():
 
 
 def test_lengths_past_max_len_only_for_constant_state_models():
-    passkey.check_lengths(tiny_config("flash"), [1 << 16])  # max_len 64: any length
-    passkey.check_lengths(tiny_config("combiner"), [1 << 16])
+    passkey.check_lengths(tiny_model_config("flash"), [1 << 16])  # max_len 64: any length
+    passkey.check_lengths(tiny_model_config("combiner"), [1 << 16])
     with pytest.raises(ValueError, match="exceed model.max_len 64 of transformer_pp"):
-        passkey.check_lengths(tiny_config("transformer_pp"), [64, 65])
+        passkey.check_lengths(tiny_model_config("transformer_pp"), [64, 65])

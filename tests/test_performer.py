@@ -16,23 +16,18 @@ import pytest
 
 from flash_jax import ops
 from flash_jax.ops import performer
-from tests.test_ops import _has_quadratic_array, _num_instructions
+from tests.helpers import (
+    QKV_HEAD_DIM,
+    QKV_HEADS,
+    assert_no_T_by_T_array,
+    num_instructions,
+    packed_segments,
+    qkv_inputs,
+)
 
 favor_attention = jax.jit(ops.favor_attention, static_argnames=("causal", "chunk_size"))
 
-H, D, M = 2, 8, 64
-
-
-def packed_segments(T=29):
-    """Documents that start and end inside chunks of 8, one across several chunks, padding."""
-    row0 = [1] * 5 + [2] * 14 + [3] * 6 + [0] * (T - 25)
-    row1 = [1] * 20 + [2] * (T - 20)
-    return np.array([row0, row1], np.int32)
-
-
-def inputs(B, T, seed, scale=1.0):
-    rng = np.random.default_rng(seed)
-    return [(scale * rng.normal(size=(B, T, H, D))).astype(np.float32) for _ in range(3)]
+H, D, M = QKV_HEADS, QKV_HEAD_DIM, 64  # H, D: of qkv_inputs
 
 
 def projection(seed=0, num_features=M, width=D):
@@ -62,7 +57,7 @@ def ref_favor(q, k, v, W, seg, causal):
 @pytest.mark.parametrize("chunk_size", [8, 32], ids=["chunks", "one_chunk"])
 def test_matches_dense_reference(causal, chunk_size):
     seg = packed_segments()
-    q, k, v = inputs(2, 29, seed=1)
+    q, k, v = qkv_inputs(2, 29, seed=1)
     W = projection(1)
     got = np.asarray(
         favor_attention(q, k, v, W, causal=causal, chunk_size=chunk_size, segment_ids=seg)
@@ -75,7 +70,7 @@ def test_matches_dense_reference(causal, chunk_size):
 
 
 def test_one_document_without_segment_ids():
-    q, k, v = inputs(1, 20, seed=2)
+    q, k, v = qkv_inputs(1, 20, seed=2)
     W = projection(2)
     got = favor_attention(q, k, v, W, causal=True, chunk_size=8)
     want = ref_favor(q, k, v, W, np.ones((1, 20), np.int32), causal=True)
@@ -102,7 +97,7 @@ def test_approximates_softmax_attention():
     """FAVOR+ is an unbiased estimator of the softmax kernel: with many features the attention it
     gives is close to softmax attention (Monte-Carlo error ~ 1 / sqrt(M))."""
     T = 16
-    q, k, v = inputs(1, T, seed=7, scale=0.5)
+    q, k, v = qkv_inputs(1, T, seed=7, scale=0.5)
     got = np.asarray(
         favor_attention(q, k, v, projection(7, num_features=8192), causal=True, chunk_size=8)
     )
@@ -121,7 +116,7 @@ def test_large_inputs_stay_finite():
     """Query norms never overflow (max subtraction); large keys may underflow but never give NaN
     or inf, in the output or the gradients."""
     seg = packed_segments()
-    q, k, v = inputs(2, 29, seed=8, scale=30.0)
+    q, k, v = qkv_inputs(2, 29, seed=8, scale=30.0)
     W = projection(8)
 
     def loss(q, k, v):
@@ -132,7 +127,7 @@ def test_large_inputs_stay_finite():
     for grad in jax.grad(loss, argnums=(0, 1, 2))(q, k, v):
         assert np.isfinite(np.asarray(grad)).all()
     bf16 = favor_attention(
-        *(x.astype(jnp.bfloat16) for x in inputs(2, 29, seed=8, scale=3.0)),
+        *(x.astype(jnp.bfloat16) for x in qkv_inputs(2, 29, seed=8, scale=3.0)),
         W,
         causal=False,
         chunk_size=8,
@@ -160,7 +155,7 @@ def test_gradients_finite_at_a_real_head_width():
 
 def test_gradient_never_reaches_the_future_or_other_documents():
     seg = packed_segments()
-    q, k, v = inputs(2, 29, seed=9)
+    q, k, v = qkv_inputs(2, 29, seed=9)
     W = projection(9)
     i = 12  # row 0: document 2 (tokens 5-18), second chunk
 
@@ -175,22 +170,6 @@ def test_gradient_never_reaches_the_future_or_other_documents():
     for grad in (d_k, d_v):  # exactly the document's tokens j <= i, row 0
         assert np.all(grad[0, 5 : i + 1] > 0)
         assert np.count_nonzero(grad) == i + 1 - 5
-
-
-def assert_no_T_by_T_array(attend, seed):
-    """`attend(q, k, v, causal, segment_ids)` builds no `[T, T]`-sized array, forward or backward
-    (T = 64 in chunks of 8, two documents and padding)."""
-    T = 64
-    seg = np.asarray([[1] * 20 + [2] * 40 + [0] * 4], np.int32)
-    args = inputs(1, T, seed=seed)
-    for causal in (True, False):
-
-        def f(q, k, v, causal=causal):
-            return attend(q, k, v, causal, seg)
-
-        assert not _has_quadratic_array(f, args, T)
-        grad_f = jax.grad(lambda *a, f=f: jnp.sum(f(*a)), argnums=(0, 1, 2))
-        assert not _has_quadratic_array(grad_f, args, T)
 
 
 def test_cost_is_linear():
@@ -226,11 +205,11 @@ def test_no_loop_over_chunks(causal):
     levels): the program is the same size at 4 and at 16 chunks."""
     text = _lowered_fwd_bwd(16, causal)
     assert " while(" not in text
-    assert _num_instructions(text) == _num_instructions(_lowered_fwd_bwd(4, causal))
+    assert num_instructions(text) == num_instructions(_lowered_fwd_bwd(4, causal))
 
 
 def test_decode_step_equals_the_causal_rows():
-    q, k, v = inputs(1, 11, seed=11)
+    q, k, v = qkv_inputs(1, 11, seed=11)
     W = projection(11)
     want = np.asarray(favor_attention(q, k, v, W, causal=True, chunk_size=4))
     state = jnp.zeros((1, H, M, D + 1), jnp.float32)
@@ -242,7 +221,7 @@ def test_decode_step_equals_the_causal_rows():
 
 
 def test_bad_shapes_are_named():
-    q, k, v = inputs(1, 8, seed=12)
+    q, k, v = qkv_inputs(1, 8, seed=12)
     with pytest.raises(ValueError, match="same shape|share one shape"):
         ops.favor_attention(q, k[:, :4], v, projection(), causal=True, chunk_size=4)
     with pytest.raises(ValueError, match="projection"):

@@ -2,7 +2,7 @@
 TensorBoard hyperparameters, W&B (offline mode), eval.py's TensorBoard scalars, the sweep table,
 the perplexity plot, and the quiet console's stderr filter.
 
-In-process runs use tests/test_train.py's synthetic pipeline and tiny config (seconds each).
+In-process runs use tests/helpers.py's synthetic pipeline and tiny config (seconds each).
 """
 
 import glob
@@ -20,18 +20,15 @@ from flash_jax.config import RunConfig
 from flash_jax.tools import plots
 from flash_jax.train import loop, report
 from scripts import sweep
-from tests.test_train import (  # noqa: F401 - compile_cache: the module's runs compile once
-    SyntheticPipeline,
-    compile_cache,
-    sigterm_at,
-    tiny_config,
-)
+from tests.helpers import SyntheticPipeline, sigterm_at, tiny_train_config
+
+pytestmark = pytest.mark.usefixtures("compile_cache")  # the module's runs compile once
 
 WANDB_PROJECT = "flash-jax-test"
 
 
 def run_config(wandb_project=WANDB_PROJECT):
-    config = tiny_config()
+    config = tiny_train_config()
     t = config.train
     t.num_steps, t.log_every, t.checkpoint_every, t.eval_every, t.eval_batches = 4, 1, 2, 2, 1
     config.log.wandb_project = wandb_project
@@ -97,7 +94,7 @@ def test_a_finished_run_rerun_returns_at_once_with_a_summary(tracked_run, monkey
 
 
 def test_mlm_with_a_causal_model_is_refused():
-    config = tiny_config()
+    config = tiny_train_config()
     config.data.objective = "mlm"
     with pytest.raises(ValueError, match=r"^data.objective='mlm' needs a bidirectional model"):
         RunConfig.from_config(config)

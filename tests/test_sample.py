@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from flax import nnx
-from test_eval import REPO, base, train_tiny_run
 
+from configs import base
 from flash_jax import decoding
 from flash_jax.train import checkpoint
+from tests.helpers import REPO, train_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import os
 import sys
 
 import pytest
-from test_benchmarks import run_script
+
+from tests.helpers import run_script
 
 LIBTPU_DIR = os.path.join(sys.prefix, "libtpu")
 # A FLASH model the TPU kernel serves (C a multiple of 128, S = 128, E = 256) at a test's size.

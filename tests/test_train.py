@@ -1,8 +1,8 @@
 """The training loop: resume exactness, SIGTERM, non-finite loss, bad inputs, and the CLI.
 
-In-process loop tests feed the loop a small deterministic stand-in for `data.InputPipeline` (same
-contract: global batches, `position`, `start_batch`) so that they take seconds; the slow CLI test
-runs `train.py` on the real shipped corpus.
+In-process loop tests feed the loop a small deterministic stand-in for `data.InputPipeline`
+(tests/helpers.py's SyntheticPipeline; same contract: global batches, `position`, `start_batch`)
+so that they take seconds; the slow CLI test runs `train.py` on the real shipped corpus.
 """
 
 import json
@@ -17,155 +17,23 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from configs import base
-from flash_jax import data, models, sharding
+from flash_jax import data, models
 from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, flops, loop, report, signals, step
+from flash_jax.train import checkpoint, flops, loop, report, signals
+from tests.helpers import (
+    REPO,
+    SyntheticPipeline,
+    files_under,
+    read_jsonl,
+    restore_params,
+    sigterm_at,
+    tiny_train_config,
+    train_losses,
+)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class SyntheticPipeline:
-    """Deterministic learnable batches (arithmetic progressions) keyed by batch position."""
-
-    nan_from: int | None = None  # batches from this position on get nan weights (fault test)
-
-    def __init__(
-        self,
-        data_config,
-        split="train",
-        *,
-        mesh=None,
-        seed=0,
-        shuffle=True,
-        repeat=True,
-        start_batch=0,
-        rules=sharding.DEFAULT_RULES,
-    ):
-        self.config, self.split, self.seed, self.repeat = data_config, split, seed, repeat
-        self.position = start_batch
-        cfg = data_config
-        self.layout = {  # the keys of data.host_layout
-            **{k: getattr(cfg, k) for k in ("batch_size", "seq_len", "shuffle_buffer")},
-            "use_cached": cfg.use_cached,
-            **{"processes": 1, "process_index": 0, "sharded_by": "documents", "seed": seed},
-            **{"batch_per_host": cfg.batch_size, "task": "synthetic", "documents": None},
-        }
-        spec = sharding.logical_to_spec(("batch", "length"), rules, mesh.axis_names)
-        self.sharding = NamedSharding(mesh, spec)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if not self.repeat and self.position >= 2:
-            raise StopIteration
-        B, T = self.config.batch_size, self.config.seq_len
-        rng = np.random.default_rng([self.seed, self.position, self.split == "train"])
-        start, stride = rng.integers(0, 50, (B, 1)), rng.integers(1, 4, (B, 1))
-        tokens = (start + stride * np.arange(T + 1)) % 50 + 5
-        weights = np.ones((B, T), np.float32)
-        if self.nan_from is not None and self.position >= self.nan_from:
-            weights[:] = np.nan
-        self.position += 1
-        batch = {
-            "inputs": tokens[:, :-1],
-            "targets": tokens[:, 1:],
-            "weights": weights,
-            "segment_ids": np.ones((B, T)),
-            "positions": np.broadcast_to(np.arange(T), (B, T)),
-        }
-        return {
-            k: jax.device_put(v.astype(np.float32 if k == "weights" else np.int32), self.sharding)
-            for k, v in batch.items()
-        }
-
-    def save_state(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "synthetic.json"), "w") as f:
-            json.dump({"position": self.position}, f)
-
-    def restore_state(self, directory):
-        with open(os.path.join(directory, "synthetic.json")) as f:
-            self.position = json.load(f)["position"]
-
-    def close(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-@pytest.fixture(autouse=True)
-def synthetic_data(monkeypatch):
-    monkeypatch.setattr(data, "InputPipeline", SyntheticPipeline)
-    monkeypatch.setattr(SyntheticPipeline, "nan_from", None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Identical runs in this module compile once (each run builds fresh jitted functions)."""
-    options = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    previous = {k: getattr(jax.config, k) for k in options}
-    for k, v in options.items():
-        jax.config.update(k, v)
-    yield
-    for k, v in previous.items():
-        jax.config.update(k, v)
-
-
-def tiny_config(**train):
-    config = base.get_config()
-    m = config.model
-    m.name = "flash"
-    m.num_layers, m.d_model, m.expansion_dim, m.qk_dim, m.chunk_size = 2, 32, 64, 16, 8
-    m.num_heads, m.mlp_dim, m.max_len = 2, 64, 32
-    m.vocab_size = 4096  # the shipped vocabulary (the loop checks it fits)
-    config.data.seq_len, config.data.batch_size = 32, 8
-    t = config.train
-    t.num_steps, t.log_every, t.checkpoint_every, t.keep_checkpoints = 6, 1, 2, 5
-    t.eval_every, t.eval_batches, t.warmup_steps, t.learning_rate = 3, 2, 2, 1e-2
-    t.update(train)
-    return config
-
-
-def read_jsonl(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(workdir):
-    return {r["step"]: r["loss"] for r in read_jsonl(workdir) if "loss" in r}
-
-
-def restore_params(workdir, config):
-    mesh = loop.make_mesh(config)
-    with jax.set_mesh(mesh):
-        fns = step.build(config, mesh)
-        ckpts = checkpoint.Checkpoints(workdir, 5)
-        try:
-            state, meta = ckpts.restore(fns.abstract_state)
-        finally:
-            ckpts.close()
-    return jax.tree.map(np.asarray, state), meta
-
-
-def sigterm_at(step_to_stop):
-    def hook(done):
-        if done == step_to_stop:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return hook
-
+# The synthetic pipeline stands in for data.InputPipeline; identical runs compile once.
+pytestmark = pytest.mark.usefixtures("compile_cache", "synthetic_data")
 
 FAKE_PEAK_FLOPS = 1e12
 
@@ -177,7 +45,7 @@ def straight_run(tmp_path_factory):
     mp.setattr(data, "InputPipeline", SyntheticPipeline)
     mp.setattr(report, "peak_flops_per_device", lambda kind: FAKE_PEAK_FLOPS)  # so MFU is reported
     workdir = str(tmp_path_factory.mktemp("straight"))
-    summary = loop.train_and_evaluate(tiny_config(), workdir)
+    summary = loop.train_and_evaluate(tiny_train_config(), workdir)
     mp.undo()
     return workdir, summary
 
@@ -195,7 +63,7 @@ def test_run_trains_logs_and_checkpoints(straight_run):
     assert train_record["perplexity"] == pytest.approx(np.exp(train_record["loss"]), rel=1e-6)
     # MFU: the analytic model FLOPs of a step (not XLA's count, which sees the scanned layer body
     # once) over step time and the peak of every device.
-    config = tiny_config()
+    config = tiny_train_config()
     model_flops = flops.analytic_flops(
         ModelConfig.from_config(config.model),
         config.data.seq_len,
@@ -214,13 +82,13 @@ def test_run_trains_logs_and_checkpoints(straight_run):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     # Checkpoints every 2 steps, kept (keep=5), and the data position saved with them.
     assert sorted(checkpoint.Checkpoints(workdir, 5).all_steps()) == [2, 4, 6]
-    _, meta = restore_params(workdir, tiny_config())
+    _, meta = restore_params(workdir, tiny_train_config())
     assert meta["step"] == 6 and meta["data_position"] == 6
 
 
 def test_resume_after_sigterm_is_exact(straight_run, tmp_path):
     workdir = str(tmp_path / "resumed")
-    config = tiny_config()
+    config = tiny_train_config()
     first = loop.train_and_evaluate(config, workdir, hooks=[sigterm_at(3)])
     # SIGTERM after step 3: a checkpoint at the next boundary (step 3), then a clean stop.
     assert first["status"] == "preempted" and first["step"] == 3
@@ -243,7 +111,7 @@ def test_resume_after_crash_replays_from_checkpoint_without_duplicate_records(
     workdir = str(tmp_path / "crashed")
     shutil.copytree(straight_run[0], workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before saving 6
-    summary = loop.train_and_evaluate(tiny_config(), workdir)
+    summary = loop.train_and_evaluate(tiny_train_config(), workdir)
     assert summary["step"] == 6
     steps = [r["step"] for r in read_jsonl(workdir) if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # the old records of steps 5-6 were replaced
@@ -262,9 +130,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(SyntheticPipeline, "nan_from", 4)  # the 5th batch: step 5 is nan
     workdir = str(tmp_path)
     with pytest.raises(report.NonFiniteLossError, match="non-finite gradient norm .* at step 5"):
-        loop.train_and_evaluate(tiny_config(), workdir)
+        loop.train_and_evaluate(tiny_train_config(), workdir)
     assert checkpoint.Checkpoints(workdir, 5).all_steps() == [2, 4]
-    state, _ = restore_params(workdir, tiny_config())
+    state, _ = restore_params(workdir, tiny_train_config())
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
 
 
@@ -272,7 +140,7 @@ def test_workdir_with_other_model_is_refused(straight_run, tmp_path):
     workdir = str(tmp_path / "copy")
     shutil.copytree(straight_run[0], workdir)
     before = {p: os.path.getmtime(os.path.join(workdir, p)) for p in os.listdir(workdir)}
-    config = tiny_config()
+    config = tiny_train_config()
     config.model.d_model = 64
     config.model.chunk_size = 16
     with pytest.raises(
@@ -300,7 +168,7 @@ def test_workdir_with_other_model_is_refused(straight_run, tmp_path):
     ],
 )
 def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
-    config = tiny_config()
+    config = tiny_train_config()
     change(config)
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
@@ -309,14 +177,6 @@ def test_bad_config_fails_before_anything_runs(tmp_path, change, message):
 
 
 # ----------------------------------------------------------------------------- input stream, layout
-
-
-def files_under(directory):
-    return sorted(
-        os.path.relpath(os.path.join(root, f), directory)
-        for root, _, names in os.walk(directory)
-        for f in names
-    )
 
 
 def test_checkpoints_hold_the_input_stream_and_its_layout(straight_run):
@@ -340,7 +200,7 @@ def test_a_checkpoint_without_input_stream_resumes_by_replay(straight_run, tmp_p
     shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))
     caplog.set_level("INFO")
-    loop.train_and_evaluate(tiny_config(), workdir)
+    loop.train_and_evaluate(tiny_train_config(), workdir)
     assert any("replaying the first 4 batches" in r.getMessage() for r in caplog.records)
     assert train_losses(workdir) == train_losses(straight_run[0])
 
@@ -373,7 +233,7 @@ def test_another_host_layout_stops_before_any_step_writing_nothing(
     workdir = str(tmp_path / "run")
     shutil.copytree(straight_run[0], workdir)
     before = {f: open(os.path.join(workdir, f), "rb").read() for f in files_under(workdir)}
-    config = tiny_config(num_steps=8)
+    config = tiny_train_config(num_steps=8)
     if change == "processes":
         monkeypatch.setattr(data, "InputPipeline", TwoHostLayout)
     else:

@@ -1,7 +1,7 @@
 """Faults lose nothing (a fault-injection pass's probes): divergence, damaged checkpoints, a busy
 workdir, failed saves, Ctrl-C, restarts and metrics.jsonl, bad data and workdirs.
 
-In-process runs use tests/test_train.py's synthetic pipeline and tiny config (seconds each); the
+In-process runs use tests/helpers.py's synthetic pipeline and tiny config (seconds each); the
 CLI tests run train.py on the shipped corpus (slow).
 """
 
@@ -24,20 +24,20 @@ import pytest
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint._src.checkpointers import async_checkpointer
-from test_train import (  # noqa: F401 - fixtures, used by name
-    REPO,
-    SyntheticPipeline,
-    compile_cache,
-    read_jsonl,
-    restore_params,
-    synthetic_data,
-    tiny_config,
-    train_losses,
-)
 
 from flash_jax import data, sharding
 from flash_jax.config import RunConfig
 from flash_jax.train import checkpoint, loop, report, signals, step, workdir
+from tests.helpers import (
+    REPO,
+    SyntheticPipeline,
+    read_jsonl,
+    restore_params,
+    tiny_train_config,
+    train_losses,
+)
+
+pytestmark = pytest.mark.usefixtures("compile_cache", "synthetic_data")
 
 REAL_BUILD = step.build
 
@@ -93,11 +93,11 @@ def blow_up_params_after(blown_step, factor=1e30):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """tiny_config's 6 steps in one go (checkpoints 2, 4, 6)."""
+    """tiny_train_config's 6 steps in one go (checkpoints 2, 4, 6)."""
     run = str(tmp_path_factory.mktemp("finished"))
     patch = pytest.MonkeyPatch()
     patch.setattr(data, "InputPipeline", SyntheticPipeline)
-    loop.train_and_evaluate(tiny_config(), run)
+    loop.train_and_evaluate(tiny_train_config(), run)
     patch.undo()
     return run
 
@@ -113,7 +113,7 @@ def messages(caplog, level=logging.WARNING):
 def test_divergence_keeps_only_checkpoints_whose_own_loss_is_finite(tmp_path, monkeypatch):
     monkeypatch.setattr(step, "build", blow_up_params_after(4))
     run = str(tmp_path / "run")
-    config = tiny_config(checkpoint_every=1, eval_every=0)
+    config = tiny_train_config(checkpoint_every=1, eval_every=0)
     expected = (
         r"non-finite loss \((nan|inf)\) at step 5, computed from the state after step 4; its "
         r"checkpoint was removed; .* the newest checkpoint with a finite loss is step 3 in "
@@ -132,7 +132,7 @@ def test_divergence_keeps_only_checkpoints_whose_own_loss_is_finite(tmp_path, mo
 def test_divergence_from_the_first_update_says_no_checkpoint_is_kept(tmp_path):
     """The fault pass's probe: learning rate 1e4 saving every step; no "step None"."""
     run = str(tmp_path / "run")
-    config = tiny_config(learning_rate=1e4, warmup_steps=0, checkpoint_every=1, eval_every=0)
+    config = tiny_train_config(learning_rate=1e4, warmup_steps=0, checkpoint_every=1, eval_every=0)
     with pytest.raises(report.NonFiniteLossError) as error:
         loop.train_and_evaluate(config, run)
     message = str(error.value)
@@ -146,7 +146,7 @@ def test_the_final_state_is_checked_before_it_is_kept(tmp_path, monkeypatch):
     # No later step computes the last state's loss: a forward pass on the next batch does.
     monkeypatch.setattr(step, "build", blow_up_params_after(6))
     run = str(tmp_path / "run")
-    config = tiny_config(checkpoint_every=2, eval_every=0)
+    config = tiny_train_config(checkpoint_every=2, eval_every=0)
     with pytest.raises(
         report.NonFiniteLossError, match=r"after step 6; its checkpoint was removed"
     ):
@@ -201,7 +201,7 @@ DAMAGES = {
 
 @pytest.fixture(scope="module")
 def abstract_state():
-    config = tiny_config()
+    config = tiny_train_config()
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         fns = REAL_BUILD(config, mesh)
@@ -271,7 +271,7 @@ def test_non_finite_parameters_are_refused_with_the_step_named(finished_run, tmp
 
     run = str(tmp_path / "copy")
     shutil.copytree(finished_run, run)
-    config = tiny_config()
+    config = tiny_train_config()
     state, meta = restore_params(run, config)
     state["params"] = jax.tree.map(lambda p: p * np.float32(np.nan), state["params"])
     meta = {k: v for k, v in meta.items() if k != "checksums"}  # as if written by older code
@@ -300,7 +300,7 @@ def test_training_falls_back_and_moves_the_damaged_step_aside_when_it_comes_agai
     step_dir = os.path.join(checkpoint_dir(run), "6")
     _truncate(step_dir)
     with caplog.at_level(logging.INFO):
-        summary = loop.train_and_evaluate(tiny_config(), run)
+        summary = loop.train_and_evaluate(tiny_train_config(), run)
     assert summary["status"] == "done" and summary["step"] == 6
     log = messages(caplog, logging.INFO)
     assert any(f"checkpoint step 6 in {step_dir} is damaged" in m for m in log)
@@ -311,8 +311,8 @@ def test_training_falls_back_and_moves_the_damaged_step_aside_when_it_comes_agai
     # Steps 5 and 6 were replayed exactly, once each in metrics.jsonl.
     assert train_losses(run) == train_losses(finished_run)
     assert [r["step"] for r in read_jsonl(run) if "loss" in r] == [1, 2, 3, 4, 5, 6]
-    resumed, _ = restore_params(run, tiny_config())
-    straight, _ = restore_params(finished_run, tiny_config())
+    resumed, _ = restore_params(run, tiny_train_config())
+    straight, _ = restore_params(finished_run, tiny_train_config())
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -321,7 +321,7 @@ def test_a_state_of_another_layout_is_a_config_error_not_damage(finished_run, tm
     run = str(tmp_path / "copy")
     shutil.copytree(finished_run, run)
     with pytest.raises(ValueError, match="laid out differently from this config's") as error:
-        loop.train_and_evaluate(tiny_config(optimizer="adafactor"), run)
+        loop.train_and_evaluate(tiny_train_config(optimizer="adafactor"), run)
     assert not isinstance(error.value, checkpoint.DamagedCheckpointError)
     assert steps_of(run) == [2, 4, 6]
     assert not os.path.exists(os.path.join(run, checkpoint.DAMAGED_DIR))
@@ -354,7 +354,7 @@ def test_a_failed_save_is_one_line_before_the_next_save_and_training_goes_on(
     fail_commit_of(monkeypatch, 4)
     run = str(tmp_path / "run")
     with caplog.at_level(logging.INFO):
-        summary = loop.train_and_evaluate(tiny_config(eval_every=0), run)
+        summary = loop.train_and_evaluate(tiny_train_config(eval_every=0), run)
     assert summary["status"] == "done" and steps_of(run) == [2, 6]
     log = messages(caplog, logging.INFO)
     failed = [i for i, m in enumerate(log) if "step 4 could not be saved" in m]
@@ -372,7 +372,7 @@ def test_a_failed_final_save_is_an_error_naming_the_last_committed_step(tmp_path
         checkpoint.CheckpointSaveError,
         match=r"checkpoint of step 6 could not be saved .* newest committed checkpoint is step 4",
     ):
-        loop.train_and_evaluate(tiny_config(eval_every=0), run)
+        loop.train_and_evaluate(tiny_train_config(eval_every=0), run)
     assert steps_of(run) == [2, 4]
 
 
@@ -383,7 +383,7 @@ def test_saves_failing_in_a_row_stop_the_run_keeping_the_last_committed_one(tmp_
     the failed saves leave no temporary folder behind."""
     fail_commit_of(monkeypatch, 3, and_later=True)
     run = str(tmp_path / "run")
-    config = tiny_config(eval_every=0, checkpoint_every=1, num_steps=50, max_failed_saves=2)
+    config = tiny_train_config(eval_every=0, checkpoint_every=1, num_steps=50, max_failed_saves=2)
     with pytest.raises(
         checkpoint.CheckpointSaveError,
         match=r"^2 checkpoints in a row could not be saved in .*\(the last, step 4: OSError: "
@@ -412,7 +412,7 @@ def test_a_full_disk_that_fails_every_save_and_orbaxs_close_ends_in_one_error(
     monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "close", close)
     run = str(tmp_path / "run")
     with pytest.raises(checkpoint.CheckpointSaveError) as error:
-        loop.train_and_evaluate(tiny_config(eval_every=0, max_failed_saves=0), run)
+        loop.train_and_evaluate(tiny_train_config(eval_every=0, max_failed_saves=0), run)
     assert str(error.value).endswith("; no checkpoint is committed yet"), error.value
     assert steps_of(run) == [] and os.listdir(checkpoint_dir(run)) == []
 
@@ -433,7 +433,7 @@ def test_a_workdir_too_long_for_a_checkpoint_stops_before_training(tmp_path, mon
 
     monkeypatch.setattr(loop, "compile_train_step", must_not_run)
     with pytest.raises(ValueError, match=r"cannot hold a checkpoint: writing a 4\d\d\d-character"):
-        loop.train_and_evaluate(tiny_config(), run)
+        loop.train_and_evaluate(tiny_train_config(), run)
     assert not os.path.exists(run)
 
 
@@ -442,7 +442,7 @@ def test_a_workdir_too_long_for_a_checkpoint_stops_before_training(tmp_path, mon
 
 def test_a_restart_without_checkpoint_logs_each_step_once(tmp_path):
     run = str(tmp_path / "run")
-    config = tiny_config(eval_every=0)
+    config = tiny_train_config(eval_every=0)
     loop.train_and_evaluate(config, run)
     shutil.rmtree(checkpoint_dir(run))  # as if killed before its first save
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
@@ -495,7 +495,7 @@ def test_an_overflowing_loss_is_printed_in_scientific_notation_and_ends_in_a_sum
     assert "loss 450.0000 | perplexity 2.707e+195" in line and "grad norm 3.000e+07" in line
     assert not re.search(r"\d{10}", line), line  # no figure of hundreds of digits
     summary = {"status": "done", "step": 12, "saved": 12, "checkpoint_dir": f"{run}/checkpoints"}
-    text = report.run_summary(summary, run, tiny_config())
+    text = report.run_summary(summary, run, tiny_train_config())
     assert "train  (step 12): loss 450.0000, token perplexity inf" in text
     assert "eval   (step 12, validation, 2,048 tokens): loss nan, token perplexity nan" in text
     assert report.figure("inf") == "inf" and report.figure(None) == "None"
@@ -510,7 +510,7 @@ def test_unwritable_metrics_at_the_start_are_one_warning_each_and_training_goes_
     (run / "metrics.jsonl").mkdir(parents=True)
     (run / "tensorboard").write_text("not a folder")
     with caplog.at_level(logging.WARNING):
-        summary = loop.train_and_evaluate(tiny_config(eval_every=0, num_steps=2), str(run))
+        summary = loop.train_and_evaluate(tiny_train_config(eval_every=0, num_steps=2), str(run))
     assert summary["status"] == "done" and steps_of(str(run)) == [2]
     warnings = messages(caplog)
     assert len([m for m in warnings if "could not write metrics.jsonl" in m]) == 1, warnings
@@ -549,7 +549,9 @@ def test_slow_steps_are_logged_first_and_then_at_least_every_log_every_seconds(
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(report.time, "time", lambda: clock.now)
     ckpts = types.SimpleNamespace(confirm=lambda s: None)
-    config = RunConfig.from_config(tiny_config(num_steps=8, log_every=100, log_every_seconds=60))
+    config = RunConfig.from_config(
+        tiny_train_config(num_steps=8, log_every=100, log_every_seconds=60)
+    )
 
     def recorded_steps(start, end):
         reporter = report.Reporter(str(tmp_path), 8, is_main=False)
@@ -576,7 +578,7 @@ def test_ctrl_c_saves_at_the_next_step_boundary_like_sigterm(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     before = signal.getsignal(signal.SIGINT)
-    summary = loop.train_and_evaluate(tiny_config(eval_every=0), run, hooks=[ctrl_c_at_3])
+    summary = loop.train_and_evaluate(tiny_train_config(eval_every=0), run, hooks=[ctrl_c_at_3])
     assert summary["status"] == "preempted" and summary["stopped_by"] == "Ctrl-C"
     assert summary["step"] == summary["saved"] == 3 and 3 in steps_of(run)
     assert signal.getsignal(signal.SIGINT) is before  # pytest's own handler is back
@@ -596,7 +598,7 @@ def test_sigterm_while_a_step_runs_saves_that_step_and_runs_no_other(tmp_path, m
     monkeypatch.setattr(report.StepMetrics, "drain", drain)
     dispatched = []
     run = str(tmp_path / "run")
-    config = tiny_config(eval_every=0, checkpoint_every=100)
+    config = tiny_train_config(eval_every=0, checkpoint_every=100)
     summary = loop.train_and_evaluate(config, run, hooks=[dispatched.append])
     assert summary["status"] == "preempted" and summary["stopped_by"] == "SIGTERM"
     assert summary["step"] == summary["saved"] == 3 and steps_of(run) == [3]
@@ -609,7 +611,7 @@ def test_a_busy_workdir_stops_a_second_trainer_before_it_writes(tmp_path):
     held = workdir.lock(run)
     try:
         with pytest.raises(ValueError, match=rf"in use by process {os.getpid()} on host "):
-            loop.train_and_evaluate(tiny_config(), run)
+            loop.train_and_evaluate(tiny_train_config(), run)
     finally:
         held.release()
     assert os.listdir(run) == []  # no metrics, no config.json, no checkpoints/
@@ -651,7 +653,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_data_is_one_line_before_anything_is_written(tmp_path, case):
     files, message = BAD_INPUTS[case]
-    config = tiny_config()
+    config = tiny_train_config()
     config.data.data_dir = (
         str(tmp_path / "nowhere") if files is None else _corpus(tmp_path / "corpus", files)
     )
@@ -667,7 +669,7 @@ def test_a_workdir_that_cannot_be_a_directory_is_one_line(tmp_path, where):
     (tmp_path / "file").write_text("x")
     run = str(tmp_path / "file") if where == "is a file" else str(tmp_path / "file" / "run")
     with pytest.raises(ValueError, match=r"workdir .*(is a file|cannot be created)"):
-        loop.train_and_evaluate(tiny_config(), run)
+        loop.train_and_evaluate(tiny_train_config(), run)
 
 
 def test_orbax_echoes_of_a_reported_failure_are_not_printed():

@@ -1,4 +1,4 @@
-"""The pod-scale loop parts, in-process on the synthetic pipeline of tests/test_train.py: retention
+"""The pod-scale loop parts, in-process on the synthetic pipeline of tests/helpers.py: retention
 by Orbax's policies, profiling, memory, the compilation cache, and the distributed flags (the input
 stream in checkpoints and the host layout: tests/test_train.py; two processes:
 tests/test_multiprocess.py).
@@ -13,15 +13,11 @@ import types
 import jax
 import jax.numpy as jnp
 import pytest
-from test_train import (  # noqa: F401 - fixtures, used by name
-    compile_cache,
-    files_under,
-    read_jsonl,
-    synthetic_data,
-    tiny_config,
-)
 
 from flash_jax.train import checkpoint, distributed, loop, memory
+from tests.helpers import files_under, read_jsonl, tiny_train_config
+
+pytestmark = pytest.mark.usefixtures("compile_cache", "synthetic_data")
 
 # ----------------------------------------------------------------------------- retention
 
@@ -69,7 +65,7 @@ def test_profile_memory_and_compilation_cache(tmp_path, monkeypatch):
     # The CPU backend reports no memory statistics: a GPU's, faked (capacity ample).
     stats = {"bytes_limit": 2**40, "peak_bytes_in_use": 12345}
     monkeypatch.setattr(memory, "memory_stats", lambda: [stats])
-    config = tiny_config(
+    config = tiny_train_config(
         num_steps=4,
         eval_every=0,
         profile_start=1,
@@ -100,11 +96,11 @@ def test_a_step_that_cannot_fit_the_device_stops_before_the_first_step(
         assert memory.capacity_bytes() == 1000
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=r"the train step needs about .* per device \(arguments"):
-        loop.train_and_evaluate(tiny_config(), workdir)
+        loop.train_and_evaluate(tiny_train_config(), workdir)
     assert not os.path.exists(workdir)  # nothing written: the workdir it made is gone again
     os.mkdir(workdir)  # a workdir that was there stays, as it was
     with pytest.raises(ValueError, match=r"the train step needs about"):
-        loop.train_and_evaluate(tiny_config(), workdir)
+        loop.train_and_evaluate(tiny_train_config(), workdir)
     assert os.listdir(workdir) == []
 
 
@@ -118,7 +114,7 @@ def test_a_wandb_run_that_cannot_start_stops_the_run_before_anything_is_written(
         raise RuntimeError("api_key not configured (no-tty)\ncall wandb.login(key=...)")
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    config = tiny_config()
+    config = tiny_train_config()
     config.log.wandb_project = "flash-jax-test"
     workdir = str(tmp_path / "run")
     with pytest.raises(ValueError) as raised:
