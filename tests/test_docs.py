@@ -1,8 +1,11 @@
-"""The documentation's relative links lead somewhere, and the README stays short."""
+"""The documentation's relative links lead somewhere, the README stays short, and the tests' own
+layout: no test file imports another (shared code is in tests/helpers.py and tests/conftest.py)."""
 
+import ast
 import glob
 import os
 import re
+import textwrap
 
 import pytest
 
@@ -68,3 +71,65 @@ def test_the_readme_is_at_most_300_lines():
     with open(os.path.join(REPO, "README.md")) as f:
         lines = f.read().splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
+
+
+# ----------------------------------------------------------------------------- the tests' layout
+
+TEST_SOURCES = sorted(glob.glob(os.path.join(REPO, "tests", "*.py")))
+
+
+def imported_test_modules(source: str) -> list[str]:
+    """The test files (`test_*`, `tests.test_*`) a Python source imports, anywhere in it."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # from . import x
+            names += [alias.name for alias in node.names]
+    parts = [name.split(".") for name in names]
+    return sorted(
+        {
+            ".".join(p[:2] if p[0] == "tests" else p[:1])
+            for p in parts
+            if p[0].startswith("test_") or (p[0] == "tests" and p[1:2] and p[1].startswith("test_"))
+        }
+    )
+
+
+def test_the_test_import_check_finds_imports_of_test_files():
+    source = textwrap.dedent(
+        """
+        import json
+        import test_a
+        from test_b import x
+        from tests.test_c import (y, z)
+        from tests import helpers, test_d
+        from tests.helpers import test_e_like_name
+        from . import test_f
+
+
+        def f():
+            import tests.test_g.sub
+        """
+    )
+    assert imported_test_modules(source) == [
+        "test_a",
+        "test_b",
+        "test_f",
+        "tests.test_c",
+        "tests.test_d",
+        "tests.test_g",
+    ]
+
+
+def test_no_test_file_imports_another():
+    """Helpers shared by several test files live in tests/helpers.py, fixtures in conftest.py."""
+    assert os.path.join(REPO, "tests", "helpers.py") in TEST_SOURCES
+    found = {}
+    for path in TEST_SOURCES:
+        with open(path) as f:
+            if modules := imported_test_modules(f.read()):
+                found[os.path.relpath(path, REPO)] = modules
+    assert not found, f"test files that import test files: {found}"
