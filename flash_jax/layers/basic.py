@@ -61,6 +61,25 @@ class Dense(nnx.Module):
             y = y + self.bias.value.astype(self.dtype)
         return y
 
+    def split_outputs(self, x: jax.Array, widths: Sequence[int]) -> list[jax.Array]:
+        """`self(x)` cut into parts of these widths along the last output axis, each its own
+        matmul with its slice of the kernel (the same sums, so the same values): a consumer of one
+        part then reads only that part from memory, where XLA reads the whole output for a fusion
+        that uses a slice of it."""
+        kernel = self.kernel.value.astype(self.dtype)
+        bias = None if self.bias is None else self.bias.value.astype(self.dtype)
+        x = x.astype(self.dtype)
+        parts, start = [], 0
+        for width in widths:
+            part = jnp.tensordot(x, kernel[..., start : start + width], axes=self.num_in_axes)
+            if bias is not None:
+                part = part + bias[..., start : start + width]
+            parts.append(part)
+            start += width
+        if start != kernel.shape[-1]:
+            raise ValueError(f"widths {tuple(widths)} do not sum to {kernel.shape[-1]}")
+        return parts
+
 
 class Embed(nnx.Module):
     """Token embedding table [vocab, d], N(0, 1); also the tied output projection

@@ -33,14 +33,24 @@ def apply_rope(x: jax.Array, positions_BT: jax.Array) -> jax.Array:
     x is [B, T, ..., w] with w even; positions are [B, T] (positions inside each document).
     Computed in float32 and cast back.
     """
-    width = x.shape[-1]
+    sin, cos = rope_sin_cos(positions_BT, x.shape[-1])
+    shape = sin.shape[:2] + (1,) * (x.ndim - 3) + sin.shape[2:]
+    return rotate(x.astype(jnp.float32), sin.reshape(shape), cos.reshape(shape)).astype(x.dtype)
+
+
+def rope_sin_cos(positions_BT: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of RoPE's angles, position * frequency: float32 [B, T, width / 2]."""
     freq = ROPE_BASE ** (-jnp.arange(0, width, 2, dtype=jnp.float32) / width)  # [w/2]
-    angle = positions_BT.astype(jnp.float32)[..., None] * freq  # [B, T, w/2]
-    angle = angle.reshape(angle.shape[:2] + (1,) * (x.ndim - 3) + angle.shape[2:])
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    angle = positions_BT.astype(jnp.float32)[..., None] * freq
+    return jnp.sin(angle), jnp.cos(angle)
+
+
+def rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """RoPE's rotation of float32 x [..., w] (its halves are the pairs' two coordinates) by the
+    angles whose sin and cos [..., w / 2] are given; `rotate(y, -sin, cos)` is its inverse and
+    its transpose."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class RelativePositionBias(nnx.Module):
