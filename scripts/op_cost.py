@@ -16,10 +16,21 @@ packed-document segment ids and the [C, C] relative bias that the layer passes:
 
     python scripts/op_cost.py                                  # CPU, about 3 minutes
     python scripts/op_cost.py --contexts=1024,32768 --no-causal --no-layer
+
+With `--config`, also the whole train step of that run config, compiled for the slice of
+`--tpu_topology` (the config's mesh over its chips; every layer unrolled, since XLA's cost
+analysis counts a scanned stack's body once): bytes and FLOPs per token per chip, and the
+roofline estimate of the step on that chip, max(FLOPs / peak, bytes / HBM bandwidth) with the
+chip's published figures (flash_jax/tools/tpu_topology.py), with the model FLOPs utilisation it
+implies (analytic model FLOPs, flash_jax/train/flops.py, over that time at the peak):
+
+    python scripts/op_cost.py --tpu_topology=v5p:2x2x1 --contexts=1024 --no-layer \\
+        --config=configs/pg19_flash.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -29,10 +40,12 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 from flash_jax import cli, models, ops
-from flash_jax.config import DTYPES, REMAT, ModelConfig
+from flash_jax.config import DTYPES, REMAT, ModelConfig, RunConfig
 from flash_jax.tools import tpu_topology
+from flash_jax.train import flops
 
 KIB = 1024.0
 
@@ -53,6 +66,9 @@ flags.DEFINE_string(
     "Compile for one chip of this TPU slice (e.g. v5e:2x2; libtpu, no TPU needed: "
     "flash_jax/tools/tpu_topology.py) instead of for this CPU.",
     flag_values=FLAGS,
+)
+config_flags.DEFINE_config_file(
+    "config", None, "Also the train step of this run config (per chip of --tpu_topology).", FLAGS
 )
 
 
@@ -184,14 +200,57 @@ def layer_program(args, context: int):
     return fwd_bwd, abstract
 
 
-def measure(args) -> list[dict]:
-    device = None
-    if args.tpu_topology:
-        try:
-            tpu_topology.use_libtpu()
-            device = tpu_topology.devices(args.tpu_topology)[0]
-        except ValueError as e:
-            cli.fail("op_cost.py", f"--tpu_topology: {e}", 2)
+def step_cost(config: RunConfig, devices: list) -> dict:
+    """Bytes and FLOPs per token per chip of `config`'s train step compiled for `devices` (its
+    layers unrolled, so that XLA's cost analysis counts every one), and, for a TPU chip whose
+    figures are known, the step's roofline time and the model FLOPs utilisation it implies."""
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, unroll_layers=True)
+    )
+    mesh, fns, compiled = tpu_topology.compile_train_step(config, devices)
+    cost = compiled.cost_analysis()  # per device: each runs its share of the batch
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    chips = len(devices)
+    tokens = config.data.batch_size * config.data.seq_len
+    bytes_per_chip, flops_per_chip = cost["bytes accessed"], cost["flops"]
+    model_flops = flops.analytic_flops(config.model, config.data.seq_len, tokens, fns.num_params)
+    row = {
+        "chip": devices[0].device_kind,
+        "chips": chips,
+        "mesh": dict(mesh.shape),
+        "context": config.data.seq_len,
+        "tokens_per_chip": tokens // chips,
+        "bytes_per_token": bytes_per_chip * chips / tokens,
+        "flops_per_token": flops_per_chip * chips / tokens,
+        "model_flops_per_token": model_flops["total"] / tokens,
+    }
+    peak = tpu_topology.PEAK_BF16_FLOPS_BY_KIND.get(row["chip"])
+    bandwidth = tpu_topology.HBM_BYTES_PER_SECOND_BY_KIND.get(row["chip"])
+    if peak and bandwidth:
+        compute_s, memory_s = flops_per_chip / peak, bytes_per_chip / bandwidth
+        step_s = max(compute_s, memory_s)
+        row.update(
+            roofline_step_seconds=step_s,
+            bound="memory" if memory_s > compute_s else "compute",
+            mfu=model_flops["total"] / chips / (step_s * peak),
+        )
+    return row
+
+
+def target_devices(args) -> list | None:
+    """The devices of `--tpu_topology`'s slice, None for this CPU."""
+    if not args.tpu_topology:
+        return None
+    try:
+        tpu_topology.use_libtpu()
+        return tpu_topology.devices(args.tpu_topology)
+    except ValueError as e:
+        cli.fail("op_cost.py", f"--tpu_topology: {e}", 2)
+
+
+def measure(args, devices: list | None) -> list[dict]:
+    device = None if devices is None else devices[0]
     rows = []
     for context in args.contexts:
         row = {
@@ -216,6 +275,33 @@ def _cells(cost: dict) -> list[str]:
         f"{total / 1e6:,.2f}",
         f"{cost['f32_matmul_share']:.1%}",
     ]
+
+
+def step_markdown(step: dict) -> str:
+    """The train step's row: per token per chip, and the roofline estimate where known."""
+    header = ["chip", "chips", "context", "KiB/token", "MFLOP/token", "model MFLOP/token"]
+    cells = [
+        step["chip"],
+        str(step["chips"]),
+        f"{step['context']:,}",
+        f"{step['bytes_per_token'] / KIB:,.1f}",
+        f"{step['flops_per_token'] / 1e6:,.1f}",
+        f"{step['model_flops_per_token'] / 1e6:,.1f}",
+    ]
+    if "roofline_step_seconds" in step:
+        header += ["roofline step", "bound", "MFU estimate"]
+        cells += [
+            f"{step['roofline_step_seconds'] * 1e3:,.1f} ms",
+            step["bound"],
+            f"{step['mfu']:.1%}",
+        ]
+    return "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "---:|" * len(header),
+            "| " + " | ".join(cells) + " |",
+        ]
+    )
 
 
 def markdown(rows: list[dict]) -> str:
@@ -257,12 +343,24 @@ def parse_args(argv=()):
 
 
 def main(argv=()) -> list[dict]:
+    """The rows of the op (and layer) by context; with `--config`, the train step's row is the
+    JSON file's `step`."""
     args = parse_args(argv)
-    rows = measure(args)
+    devices = target_devices(args)
+    rows = measure(args, devices)
     print(markdown(rows))
+    step = None
+    if args.config is not None:
+        try:
+            config = RunConfig.from_config(args.config)
+            step = step_cost(config, devices or jax.devices())
+        except ValueError as e:
+            cli.fail("op_cost.py", f"--config: {e}", 2)
+        print("\n" + step_markdown(step))
     if args.json:
+        setup = {**vars(args), "config": None if args.config is None else args.config.to_dict()}
         with open(args.json, "w") as f:
-            json.dump({"setup": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"setup": setup, "rows": rows, "step": step}, f, indent=1)
         print(f"wrote {args.json}")
     return rows
 

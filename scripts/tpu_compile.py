@@ -42,7 +42,7 @@ from flash_jax import cli, console, runs
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
 from flash_jax.tools import benchmarks, tpu_topology
-from flash_jax.train import memory, step
+from flash_jax.train import memory
 
 # Chip generations: v4, v5e, v5p, v6e (Trillium); 4 to 8 TensorCores on one host.
 DEFAULT_TOPOLOGIES = ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
@@ -194,13 +194,7 @@ def compile_step(config, devices, row: dict) -> None:
     """Compiles `config`'s train step for `devices` (a slice, or several), putting in `row` its
     mesh, its memory per chip against the chip's HBM, its count of Mosaic kernels and its
     collectives across slices."""
-    from flash_jax.train import loop  # imports TensorFlow (the data): after console.quiet
-
-    mesh = loop.make_mesh(config, devices)
-    loop.check_mesh_fit(config, mesh)
-    with jax.set_mesh(mesh):
-        fns = step.build(config, mesh)
-        compiled = loop.compile_train_step(config, fns, fns.abstract_rest)
+    mesh, _, compiled = tpu_topology.compile_train_step(config, devices)
     sizes = memory.step_memory(compiled)
     hbm = tpu_topology.HBM_BYTES_BY_KIND.get(devices[0].device_kind)
     text = compiled.as_text()

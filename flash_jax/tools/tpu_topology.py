@@ -26,6 +26,21 @@ HBM_BYTES_BY_KIND = {
     "TPU v5": 95 * 2**30,  # v5p
     "TPU v6 lite": 32 * 2**30,  # v6e (Trillium)
 }
+# Published per-chip peaks, for roofline estimates (scripts/op_cost.py --config): bf16 matmul
+# FLOP/s and HBM bytes/s, from Google Cloud's TPU system architecture pages (cloud.google.com/
+# tpu/docs/v4, /v5e, /v5p, /v6e: "Peak compute per chip (bf16)" and "HBM bandwidth").
+PEAK_BF16_FLOPS_BY_KIND = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+HBM_BYTES_PER_SECOND_BY_KIND = {
+    "TPU v4": 1200e9,
+    "TPU v5 lite": 819e9,
+    "TPU v5": 2765e9,
+    "TPU v6 lite": 1640e9,
+}
 
 
 def use_libtpu(libtpu_dir: str = DEFAULT_LIBTPU_DIR) -> None:
@@ -70,6 +85,19 @@ def devices(name: str, num_slices: int = 1) -> list:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{name!r} is not a TPU topology libtpu knows ({first})") from None
     return list(topology.devices)
+
+
+def compile_train_step(config, devices):
+    """`config`'s train step compiled for `devices` (a slice, or several), its mesh laid over
+    them: (mesh, its `step.StepFns`, compiled). ValueError for a mesh the devices cannot hold or
+    a batch the mesh cannot split."""
+    from flash_jax.train import loop, step  # imports TensorFlow (the data): only when asked
+
+    mesh = loop.make_mesh(config, devices)
+    loop.check_mesh_fit(config, mesh)
+    with jax.set_mesh(mesh):
+        fns = step.build(config, mesh)
+        return mesh, fns, loop.compile_train_step(config, fns, fns.abstract_rest)
 
 
 # A compiled multi-slice program is each slice's own: its collectives' replica groups name the
