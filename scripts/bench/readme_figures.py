@@ -2,7 +2,8 @@
 docs/results/readme_figures.json (and .md), where the README's figures come from.
 
     python scripts/bench/readme_figures.py                 # the memory example (about a minute)
-    python scripts/bench/readme_figures.py --smoke         # also `make smoke` (minutes)
+    python scripts/bench/readme_figures.py --train --smoke # also make train, make smoke (minutes)
+    python scripts/bench/readme_figures.py --tests         # also CI's `.ci/run` on a fresh clone
 
 Each figure records the command, its wall time from start to exit, what it printed that the
 README quotes, and the machine (and whether it was shared with other jobs, as timings then
@@ -13,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -33,8 +35,15 @@ MEMORY_COMMAND = [
     "--workdir=/tmp/flash_jax_readme_memory",
 ]
 SMOKE_COMMAND = ["make", "smoke", "SMOKE_WORKDIR=/tmp/flash_jax_readme_smoke"]
+TRAIN_COMMAND = ["make", "train", "WORKDIR=/tmp/flash_jax_readme_train"]
 
 _SMOKE = flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).")
+_TRAIN = flags.DEFINE_bool("train", False, "Also time `make train` (a fresh workdir).")
+_TESTS = flags.DEFINE_bool(
+    "tests",
+    False,
+    "Also time `bash .ci/run` (creates .venv, installs, `make test`) in a fresh clone of HEAD.",
+)
 
 
 def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -61,12 +70,26 @@ def memory_example() -> dict:
     }
 
 
-def smoke() -> dict:
-    subprocess.run(["rm", "-rf", SMOKE_COMMAND[-1].split("=", 1)[1]], check=True)
-    seconds, proc = timed(SMOKE_COMMAND)
+def make_target(command: list[str]) -> dict:
+    """Times `make <target> VAR=workdir` in a fresh workdir (the one VAR names)."""
+    subprocess.run(["rm", "-rf", command[-1].split("=", 1)[1]], check=True)
+    seconds, proc = timed(command)
     if proc.returncode != 0:
-        raise RuntimeError(f"make smoke failed:\n{proc.stderr[-2000:]}")
-    return {"command": " ".join(SMOKE_COMMAND), "seconds": seconds}
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+    return {"command": " ".join(command), "seconds": seconds}
+
+
+def ci_run() -> dict:
+    """Times CI's script, `.ci/run`, on a fresh clone of HEAD: setup, libtpu and the whole suite."""
+    with tempfile.TemporaryDirectory() as clone:
+        subprocess.run(["git", "clone", "-q", REPO, clone], check=True)
+        start = time.time()
+        proc = subprocess.run(["bash", ".ci/run"], cwd=clone, capture_output=True, text=True)
+        seconds = round(time.time() - start, 1)
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    if proc.returncode != 0 or not passed:
+        raise RuntimeError(f".ci/run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    return {"command": "bash .ci/run", "seconds": seconds, "passed": int(passed.group(1))}
 
 
 def main(argv):
@@ -78,8 +101,12 @@ def main(argv):
         with open(OUT + ".json") as f:
             report = json.load(f)
     report["memory_example"] = memory_example()
+    if _TRAIN.value:
+        report["make_train"] = make_target(TRAIN_COMMAND)
     if _SMOKE.value:
-        report["make_smoke"] = smoke()
+        report["make_smoke"] = make_target(SMOKE_COMMAND)
+    if _TESTS.value:
+        report["ci_run"] = ci_run()
     report["machine"] = benchmarks.machine_info()
     print("\n".join(benchmarks.write_report(OUT, report, markdown(report))))
 
