@@ -18,8 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax.ops.attention import FLASH_IMPLS
-from flash_jax.ops.dot_product import IMPLS as ATTENTION_IMPLS
+from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
 MODEL_NAMES = (
@@ -137,11 +136,10 @@ class ModelConfig:
     # on an H100 (docs/benchmarks.md, "On one H100"), at num_layers times the compile work.
     unroll_layers: bool = False
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
-    # else XLA) | xla | cudnn | splash
+    # else XLA) | xla | cudnn | splash; what auto picks: flash_jax/dispatch.py
     attention_impl: str = "auto"
     # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
-    # fused kernel is measured faster on hardware; see ops.attention.flash_impl_for) | xla |
-    # pallas_tpu | pallas_gpu
+    # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
