@@ -400,12 +400,7 @@ class MeshConfig:
                 f"mesh.shape {self.shape} needs one entry per axis of mesh.axis_names "
                 f"{self.axis_names}"
             )
-        if (
-            not isinstance(self.num_slices, int)
-            or isinstance(self.num_slices, bool)
-            or (self.num_slices < 0)
-        ):
-            raise ValueError(f"mesh.num_slices must be an integer >= 0, got {self.num_slices!r}")
+        _check_int("mesh", "num_slices", self.num_slices, low=0)
         if self.num_slices > 1 and "data" not in self.axis_names:
             raise ValueError(
                 f"mesh.num_slices={self.num_slices} needs a 'data' axis in mesh.axis_names "
@@ -502,9 +497,3 @@ class RunConfig:
 def default_config_dict() -> ml_collections.ConfigDict:
     """The base ConfigDict (configs/base.py): every key with its default."""
     return ml_collections.ConfigDict(RunConfig().to_dict())
-
-
-def depth_factor(name: str) -> int:
-    """Layers per Transformer layer at equal size: 2 for the GAU models (two GAU layers, 3de
-    parameters each with e = 2d, match one Transformer layer's 12d^2), 1 for Transformer blocks."""
-    return 1 if name in TRANSFORMER_BLOCKS else 2
