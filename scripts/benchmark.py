@@ -46,7 +46,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import flash_jax
 from flash_jax import cli, models, runs, sharding
-from flash_jax.config import ATTENTION_IMPLS, DISPLAY_NAMES, DTYPES, FLASH_IMPLS, REMAT
+from flash_jax.config import DISPLAY_NAMES, DTYPES, REMAT
+from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS
 from flash_jax.tools import benchmarks, plots
 from flash_jax.train import flops, step
 from flash_jax.train import report as train_report
