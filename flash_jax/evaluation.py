@@ -298,6 +298,8 @@ def evaluate_runs(request: Request) -> None:
 def _plot(request: Request, curves: list, lasts: list) -> None:
     """--all_steps: perplexity against step, one line per workdir; else with --plot, perplexity
     by position. A plot that cannot be written is one warning line: the results are printed."""
+    if not (request.all_steps or request.plot):
+        return
     # Imported here: the plots serve eval.py alone; training never imports flash_jax.tools.
     from flash_jax.tools import plots
 
@@ -313,15 +315,13 @@ def _plot(request: Request, curves: list, lasts: list) -> None:
             logging.warning("the plot could not be written to %s (%s)", path, e.strerror or e)
             return
         logging.info("plot written to %s", path)
-    elif request.plot:
+    else:
         path = request.plot
         try:
             plots.plot_by_position(lasts, path, title=title)
         except OSError as e:
             logging.warning("the plot could not be written to %s (%s)", path, e)
             return
-    else:
-        return
     # The plot path goes first; the last line printed stays the last JSON object.
     print(f"plot: {path}", file=sys.stderr)
 

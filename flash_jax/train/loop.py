@@ -126,9 +126,9 @@ def train_and_evaluate(
 
         # ---- build and compile: a config that cannot fit stops here, before anything is written
         fns = step.build(config, mesh)
-        params = f"{fns.num_params:,}"
+        num_params = f"{fns.num_params:,}"
         logging.info(
-            "model %s: %s parameters; mesh %s", config.model.name, params, dict(mesh.shape)
+            "model %s: %s parameters; mesh %s", config.model.name, num_params, dict(mesh.shape)
         )
         rest = fns.init_rest()
         pipe = train_pipeline(config, mesh)  # its first batches load while the step compiles
@@ -219,7 +219,7 @@ def train_and_evaluate(
             if ckpts.unverified == done and status != "preempted":
                 check_last_loss(fns, state, rest, pipe, step_metrics, done)
         ckpts.finish()  # CheckpointSaveError if the last save did not commit
-        preempted_by = "preemption" if several else stop.reason
+        preempted_by = "preemption" if several else stop.reason  # for train.py's summary line
         return summary(
             status,
             done,
