@@ -9,15 +9,16 @@ README quotes, and the machine (and whether it was shared with other jobs, as ti
 vary). tests/test_readme.py checks that the README quotes the recorded figures.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
-from flash_jax import console
+from flash_jax import cli, console
 from flash_jax.tools import benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +35,8 @@ MEMORY_COMMAND = [
 ]
 SMOKE_COMMAND = ["make", "smoke", "SMOKE_WORKDIR=/tmp/flash_jax_readme_smoke"]
 
-_SMOKE = flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).")
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).", flag_values=FLAGS)
 
 
 def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -69,16 +71,14 @@ def smoke() -> dict:
     return {"command": " ".join(SMOKE_COMMAND), "seconds": seconds}
 
 
-def main(argv):
-    del argv
-    import json
-
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "readme_figures.py")
     report = {}
     if os.path.exists(OUT + ".json"):
         with open(OUT + ".json") as f:
             report = json.load(f)
     report["memory_example"] = memory_example()
-    if _SMOKE.value:
+    if args.smoke:
         report["make_smoke"] = smoke()
     report["machine"] = benchmarks.machine_info()
     print("\n".join(benchmarks.write_report(OUT, report, markdown(report))))
@@ -97,4 +97,4 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     console.quiet(sys.argv)  # before JAX loads (machine_info): its startup lines stay off
-    app.run(main)
+    cli.run_script(main, FLAGS)
