@@ -1,4 +1,4 @@
-"""What the benchmark scripts share (scripts/benchmark.py, step_breakdown.py, bench_checkpoint.py):
+"""What the benchmark scripts share (scripts/benchmark.py, profile_step.py, bench_checkpoint.py):
 the training config of a model at one context, synthetic batches, a compiled program's FLOPs and
 the bytes its collectives move, the machine a measurement ran on and the report files.
 

@@ -10,6 +10,7 @@ README quotes, and the machine (and whether it was shared with other jobs, as ti
 vary). tests/test_readme.py checks that the README quotes the recorded figures.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -17,9 +18,9 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
-from flash_jax import console
+from flash_jax import cli, console
 from flash_jax.tools import benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,12 +38,14 @@ MEMORY_COMMAND = [
 SMOKE_COMMAND = ["make", "smoke", "SMOKE_WORKDIR=/tmp/flash_jax_readme_smoke"]
 TRAIN_COMMAND = ["make", "train", "WORKDIR=/tmp/flash_jax_readme_train"]
 
-_SMOKE = flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).")
-_TRAIN = flags.DEFINE_bool("train", False, "Also time `make train` (a fresh workdir).")
-_TESTS = flags.DEFINE_bool(
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).", flag_values=FLAGS)
+flags.DEFINE_bool("train", False, "Also time `make train` (a fresh workdir).", flag_values=FLAGS)
+flags.DEFINE_bool(
     "tests",
     False,
     "Also time `bash .ci/run` (creates .venv, installs, `make test`) in a fresh clone of HEAD.",
+    flag_values=FLAGS,
 )
 
 
@@ -92,20 +95,18 @@ def ci_run() -> dict:
     return {"command": "bash .ci/run", "seconds": seconds, "passed": int(passed.group(1))}
 
 
-def main(argv):
-    del argv
-    import json
-
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "readme_figures.py")
     report = {}
     if os.path.exists(OUT + ".json"):
         with open(OUT + ".json") as f:
             report = json.load(f)
     report["memory_example"] = memory_example()
-    if _TRAIN.value:
+    if args.train:
         report["make_train"] = make_target(TRAIN_COMMAND)
-    if _SMOKE.value:
+    if args.smoke:
         report["make_smoke"] = make_target(SMOKE_COMMAND)
-    if _TESTS.value:
+    if args.tests:
         report["ci_run"] = ci_run()
     report["machine"] = benchmarks.machine_info()
     print("\n".join(benchmarks.write_report(OUT, report, markdown(report))))
@@ -124,4 +125,4 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     console.quiet(sys.argv)  # before JAX loads (machine_info): its startup lines stay off
-    app.run(main)
+    cli.run_script(main, FLAGS)
