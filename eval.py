@@ -39,7 +39,7 @@ newest committed one; it is never reported as damaged. Bad input (no checkpoint,
 a config of another model, a split the dataset lacks, a damaged checkpoint asked for by --step)
 gives one line on stderr and exit code 1, and leaves every workdir unchanged. A damaged latest
 checkpoint is reported in one line and the newest intact one is evaluated; --all_steps skips
-damaged ones (see flash_jax/train/checkpoint.py for what is checked). Several processes:
+damaged ones (see flash_jax/train/checkpoint_reader.py for what is checked). Several processes:
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on each (as for train.py);
 every process reads its share of the split, process 0 prints and writes the result.
 """
@@ -142,16 +142,16 @@ def _score(workdir, ckpts, step, settings, windows, is_main) -> dict | None:
     prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
     for a damaged or removed step under --all_steps (skipped)."""
     from flash_jax import evaluation, runs
-    from flash_jax.train import checkpoint, report
+    from flash_jax.train import checkpoint_format, checkpoint_reader, report
 
     try:
-        run = checkpoint.restore(workdir, step, config=_CONFIG.value, ckpts=ckpts)
-    except checkpoint.RemovedCheckpointError as e:
+        run = checkpoint_reader.restore(workdir, step, config=_CONFIG.value, ckpts=ckpts)
+    except checkpoint_format.RemovedCheckpointError as e:
         if step is None or not _ALL_STEPS.value:
             raise
         logging.info("%s; skipped", e)
         return None
-    except checkpoint.DamagedCheckpointError as e:
+    except checkpoint_format.DamagedCheckpointError as e:
         if step is None or not _ALL_STEPS.value:
             raise
         logging.warning("%s; skipped", e)
@@ -208,7 +208,7 @@ def main(argv):
     # Imported here: the flags above fail without paying for JAX / Orbax.
     import jax
 
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint_reader
 
     is_main = jax.process_index() == 0  # several processes: process 0 reports and writes
 
@@ -218,8 +218,8 @@ def main(argv):
     jobs, configs = [], []  # (workdir, checkpoints, [steps]); the run config of each
     try:
         for workdir in workdirs:
-            ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-            steps, config = checkpoint.steps_to_evaluate(
+            ckpts = checkpoint_reader.CheckpointReader(workdir)
+            steps, config = checkpoint_reader.steps_to_evaluate(
                 ckpts, _STEP.value, _ALL_STEPS.value, _CONFIG.value
             )
             jobs.append((workdir, ckpts, steps))

@@ -1,9 +1,9 @@
 """Evaluation: one evaluator for periodic evaluation in training and for whole splits.
 
     from flash_jax import evaluation
-    from flash_jax.train import checkpoint
-    run = checkpoint.restore("runs/quickstart")            # latest checkpoint, its own config
-    result = evaluation.evaluate_split(run, "test")        # every window of every document
+    from flash_jax.train import checkpoint_reader
+    run = checkpoint_reader.restore("runs/quickstart")  # latest checkpoint, its own config
+    result = evaluation.evaluate_split(run, "test")     # every window of every document
 
 Perplexity is teacher-forced: one forward pass per packed batch of windows, exactly the training
 loss (incremental decoding, `flash_jax.decoding`, serves sampling, where tokens come one at a time).
@@ -161,8 +161,8 @@ def evaluate_split(
     settings: long_context.Settings | None = None,
 ) -> dict:
     """Loss, perplexity, bits per byte (and word perplexity for PG-19) of a restored run
-    (`checkpoint.restore`) over a whole split, or its first `max_batches` batches (then the byte
-    and word figures, which need the whole split, are None); see `evaluate` for `progress`.
+    (`checkpoint_reader.restore`) over a whole split, or its first `max_batches` batches (then the
+    byte and word figures, which need the whole split, are None); see `evaluate` for `progress`.
 
     `settings` (`long_context.Settings`; default: windows of the training length) say how the
     split is cut: windows of another length, sliding windows, or whole documents (there

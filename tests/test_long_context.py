@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from configs import base
 from flash_jax import evaluation, long_context, runs
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_reader
 from tests.helpers import (
     SEQ_LEN,
     error_line,
@@ -39,7 +39,7 @@ BUCKET_ATOL = 5e-4  # nats, the mean loss of one bucket
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     workdir, texts = train_tiny_run(tmp_path_factory.getbasetemp() / "eval_tiny_run")
-    return checkpoint.restore(workdir), texts
+    return checkpoint_reader.restore(workdir), texts
 
 
 def documents(texts):

@@ -17,7 +17,18 @@ from jax.experimental.compilation_cache import compilation_cache
 from flash_jax import data, evaluation, losses, runs, sharding
 from flash_jax.config import RunConfig
 from flash_jax.runs import json_safe, to_json
-from flash_jax.train import checkpoint, distributed, flops, memory, profiling, report, signals, step
+from flash_jax.train import (
+    checkpoint,
+    checkpoint_format,
+    checkpoint_reader,
+    distributed,
+    flops,
+    memory,
+    profiling,
+    report,
+    signals,
+    step,
+)
 from flash_jax.train import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- checks
@@ -135,7 +146,7 @@ def train_and_evaluate(
         )
         rest = fns.init_rest()
         pipe = train_pipeline(config, mesh)  # its first batches load while the step compiles
-        stack.callback(lambda: pipe.close())  # the current `pipe` (a replay replaces it below)
+        stack.callback(pipe.close)
         train_step = compile_train_step(config, fns, rest)
         memory.log_and_check(train_step)
 
@@ -160,19 +171,8 @@ def train_and_evaluate(
         else:
             # A checkpoint of another host layout is a ValueError here: nothing of this run is
             # written yet (but W&B's files).
-            state, meta, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
-            position = int(meta["data_position"])
-            if ckpts.has_data(restored):
-                logging.info("resuming from step %d (input stream restored)", restored)
-            else:
-                logging.info(
-                    "resuming from step %d; its checkpoint holds no input stream state (written "
-                    "by an older version): replaying the first %d batches",
-                    restored,
-                    position,
-                )
-                pipe.close()
-                pipe = train_pipeline(config, mesh, start_batch=position)
+            state, _, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
+            logging.info("resuming from step %d (input stream restored)", restored)
         if is_main:
             (epath.Path(workdir) / runs.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
@@ -196,7 +196,7 @@ def train_and_evaluate(
         model_flops = flops.analytic_flops(
             config.model, config.data.seq_len, tokens_per_step, fns.num_params
         )["total"]
-        step_metrics = report.StepMetrics(config, reporter, ckpts, model_flops)
+        step_metrics = report.StepMetrics(config, reporter, ckpts.keep_by_loss, model_flops)
 
         eval_losses = {}  # step -> eval loss, saved with that step's checkpoint (keep_best)
 
@@ -206,7 +206,7 @@ def train_and_evaluate(
                 "step": done,
                 "data_position": pipe.position,
                 "data_layout": pipe.layout,
-                "model_config": checkpoint.model_config_dict(config.model),
+                "model_config": checkpoint_format.model_config_dict(config.model),
                 "config": resolved,
             }
             if done in eval_losses:
@@ -283,7 +283,7 @@ def use_compilation_cache(directory: str) -> None:
     logging.info("persistent compilation cache in %s", directory)
 
 
-def train_pipeline(config, mesh, start_batch: int = 0) -> data.InputPipeline:
+def train_pipeline(config, mesh) -> data.InputPipeline:
     return data.InputPipeline(
         config.data,
         split="train",
@@ -291,7 +291,6 @@ def train_pipeline(config, mesh, start_batch: int = 0) -> data.InputPipeline:
         seed=config.seed,
         shuffle=True,
         repeat=True,
-        start_batch=start_batch,
         rules=config.mesh.rules,
     )
 
@@ -304,9 +303,9 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
     the checkpoint as a resume would, so that a damaged latest step is left to restore_newest
     (which falls back to an earlier one and trains on). Another model's checkpoint is refused
     (ValueError) as the full run would."""
-    if not (epath.Path(checkpoint.checkpoint_dir(workdir))).is_dir():
+    if not (epath.Path(checkpoint_format.checkpoint_dir(workdir))).is_dir():
         return None
-    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    ckpts = checkpoint_reader.CheckpointReader(workdir)
     try:
         latest = ckpts.check_compatible(config.model)
         if latest is None or latest < config.train.num_steps:
@@ -314,7 +313,7 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
         mesh = make_mesh(config)
         with jax.set_mesh(mesh):
             ckpts.restore(step.build(config, mesh).abstract_state, latest, config.model)
-    except checkpoint.DamagedCheckpointError:
+    except checkpoint_format.DamagedCheckpointError:
         return None
     finally:
         ckpts.close()
@@ -327,7 +326,7 @@ def finished_summary(workdir: str, finished: int) -> dict:
         "status": "finished",
         "step": finished,
         "last": {},
-        "checkpoint_dir": checkpoint.checkpoint_dir(workdir),
+        "checkpoint_dir": checkpoint_format.checkpoint_dir(workdir),
         "stopped_by": None,
         "saved": None,
     }

@@ -7,17 +7,12 @@ For each step k: a run of `k + 1` steps is stopped by SIGTERM after step k (a ch
 a preemption leaves it), then resumed by rerunning it, --repeats times, each on a fresh copy of
 the stopped workdir. Timed: seconds from calling `train_and_evaluate` to the dispatch of the first
 resumed step (config and data checks, the state and input stream restored, the train step from the
-persistent compilation cache the stopped run filled, the first batch). Modes:
-- restore: the checkpoint as saved, with each process's input stream (what a resumed run pays).
-- replay: the same checkpoint without its input stream (as written before it was saved): the
-  stream is rebuilt and its first k batches dropped, a cost that grows with k.
-Each figure is the median of --repeats runs. The resumed run's step k + 1 loss is checked to be the
-same in both modes (the same batch was trained on).
+persistent compilation cache the stopped run filled, the first batch). Each figure is the median of
+--repeats runs. What replaying the stream instead would cost: scripts/bench/bench_resume.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -31,7 +26,6 @@ from configs import quickstart
 from flash_jax.train import loop
 
 _STEPS = flags.DEFINE_list("steps", ["10", "3000"], "steps to resume at")
-_MODES = flags.DEFINE_list("modes", ["restore", "replay"], "restore and/or replay")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed resumes per figure (the median is shown)")
 
 
@@ -46,12 +40,6 @@ def tiny_config(num_steps: int, cache: str):
     t.checkpoint_every, t.keep_checkpoints = 100_000, 1
     t.compilation_cache_dir = cache
     return config
-
-
-def last_loss(workdir: str) -> float:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r["loss"] for r in records if "loss" in r][-1]
 
 
 def resume_seconds(config, workdir: str) -> float:
@@ -85,27 +73,20 @@ def main(argv):
             summary = loop.train_and_evaluate(config, stopped, hooks=[stop_at_k])
             assert summary["status"] == "preempted" and summary["step"] == k, summary
             print(f"step {k}: trained and stopped in {time.perf_counter() - t0:.0f} s", flush=True)
-            losses = {}
-            for mode in _MODES.value:
-                seconds = []
-                for r in range(_REPEATS.value):
-                    workdir = os.path.join(root, f"resumed_{k}_{mode}_{r}")
-                    shutil.copytree(stopped, workdir)
-                    if mode == "replay":
-                        shutil.rmtree(os.path.join(workdir, "checkpoints", str(k), "data"))
-                    seconds.append(resume_seconds(config, workdir))
-                    losses[mode] = last_loss(workdir)
-                    shutil.rmtree(workdir)
-                rows.append((k, mode, statistics.median(seconds), seconds))
-                print(f"step {k} {mode}: {statistics.median(seconds):.2f} s {seconds}", flush=True)
-            if len(set(losses.values())) > 1:
-                raise SystemExit(f"step {k}: resumed losses differ between modes: {losses}")
+            seconds = []
+            for r in range(_REPEATS.value):
+                workdir = os.path.join(root, f"resumed_{k}_{r}")
+                shutil.copytree(stopped, workdir)
+                seconds.append(resume_seconds(config, workdir))
+                shutil.rmtree(workdir)
+            rows.append((k, statistics.median(seconds), seconds))
+            print(f"step {k}: {statistics.median(seconds):.2f} s {seconds}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print("\nresume start-up (s, median), first resumed step dispatched:")
-    print(f"{'step':>8} {'mode':>8} {'seconds':>8}")
-    for k, mode, median, _ in rows:
-        print(f"{k:>8} {mode:>8} {median:>8.2f}")
+    print(f"{'step':>8} {'seconds':>8}")
+    for k, median, _ in rows:
+        print(f"{k:>8} {median:>8.2f}")
 
 
 if __name__ == "__main__":
