@@ -33,8 +33,10 @@ setup: $(VENV)/.installed
 train: setup
 	$(PY) train.py --config=configs/quickstart.py --workdir=$(WORKDIR) $(ARGS)
 
+# Two test workers (pytest-xdist) where there are two cores or more, at most four: each is a JAX
+# process with eight simulated devices, and the multi-process tests start two more each.
 test: setup $(LIBTPU_DIR)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 # The Pallas TPU kernels compiled by Mosaic for v4, v5e, v5p and v6e chips, no TPU needed:
 # make tpu-compile ARGS="--config=configs/pg19_flash.py --topologies=v5p:2x2x2" adds a train step.

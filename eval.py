@@ -44,7 +44,6 @@ damaged ones (see flash_jax/train/checkpoint_reader.py for what is checked). Sev
 every process reads its share of the split, process 0 prints and writes the result.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -101,28 +100,6 @@ def _error(message: str, code: int = 1):
     cli.fail("eval.py", message, code)
 
 
-def _summary(result: dict) -> str:
-    windows = f"context {result.get('context', result['seq_len'])}" + (
-        f", stride {result['stride']}" if result.get("stride") is not None else ""
-    )
-    if result.get("whole_documents"):
-        windows = f"whole documents, windows of {result['context']}"
-    parts = [
-        f"{result['workdir']} step {result['step']} {result['split']} ({windows}): "
-        f"{result['tokens']:,} tokens, loss {result['loss']:.4f}, "
-        f"perplexity {result['perplexity']:.3f}"
-    ]
-    if result.get("bits_per_byte") is not None:
-        parts.append(f"{result['bits_per_byte']:.4f} bits/byte ({result['bytes']:,} bytes)")
-    if result.get("word_perplexity") is not None:
-        parts.append(
-            f"{result['words']:,} words, word-level perplexity {result['word_perplexity']:.3f}"
-        )
-    if not result["complete"]:
-        parts.append(f"partial: first {result['batches']} batches")
-    return ", ".join(parts)
-
-
 # eval.py's flags that do not change a score; every other flag it defines is a scoring setting,
 # recorded with each result (a result is reused only for the same settings).
 NOT_SCORING = ("config", "workdir", "step", "all_steps", "plot", "verbose", "rescore")
@@ -135,55 +112,6 @@ def _scoring_flags() -> dict:
         for f in flags.FLAGS.get_flags_for_module(module)
         if f.name not in NOT_SCORING
     }
-
-
-def _score(workdir, ckpts, step, settings, windows, is_main) -> dict | None:
-    """Scores checkpoint `step`, or with None the newest committed one (a live run saves and
-    prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
-    for a damaged or removed step under --all_steps (skipped)."""
-    from flash_jax import evaluation, runs
-    from flash_jax.train import checkpoint_format, checkpoint_reader, report
-
-    try:
-        run = checkpoint_reader.restore(workdir, step, config=_CONFIG.value, ckpts=ckpts)
-    except checkpoint_format.RemovedCheckpointError as e:
-        if step is None or not _ALL_STEPS.value:
-            raise
-        logging.info("%s; skipped", e)
-        return None
-    except checkpoint_format.DamagedCheckpointError as e:
-        if step is None or not _ALL_STEPS.value:
-            raise
-        logging.warning("%s; skipped", e)
-        return None
-    label = f"{workdir} step {run.step} {_SPLIT.value}"
-    result = evaluation.evaluate_split(
-        run,
-        _SPLIT.value,
-        max_batches=_MAX_BATCHES.value,
-        progress=evaluation.progress_logger(label),
-        settings=windows,
-    )
-    result["settings"] = settings
-    if not is_main:
-        return result
-    # Printed first: a workdir that cannot be written (read-only) loses no result.
-    print(_summary(result), flush=True)
-    print(runs.to_json(result), flush=True)
-    try:
-        path = runs.record_result(workdir, result)
-        tags = report.write_eval_scalars(workdir, result)
-    except Exception as e:  # noqa: BLE001 - OSError here, TensorFlow's errors from TensorBoard
-        logging.warning(
-            "the result above could not be recorded in %s (%s)",
-            os.path.join(workdir, runs.EVAL_DIR),
-            str(e).splitlines()[0] if str(e) else type(e).__name__,
-        )
-        return result
-    logging.info(
-        "recorded in %s; TensorBoard: %s at step %d", path, tags[0].rsplit("/", 1)[0], run.step
-    )
-    return result
 
 
 def main(argv):
@@ -205,98 +133,29 @@ def main(argv):
         distributed.initialize(_DISTRIBUTED)
     except ValueError as e:
         _error(str(e))
-    # Imported here: the flags above fail without paying for JAX / Orbax.
-    import jax
-
-    from flash_jax.train import checkpoint_reader
-
-    is_main = jax.process_index() == 0  # several processes: process 0 reports and writes
-
     cli.quiet_library_logs("eval.py", verbose=_VERBOSE.value)
+    # Imported here: the flags above fail without paying for JAX, Orbax and TensorFlow.
+    from flash_jax import evaluation, long_context
 
-    # ---- resolve every workdir, step and config first: bad input changes nothing anywhere
-    jobs, configs = [], []  # (workdir, checkpoints, [steps]); the run config of each
-    try:
-        for workdir in workdirs:
-            ckpts = checkpoint_reader.CheckpointReader(workdir)
-            steps, config = checkpoint_reader.steps_to_evaluate(
-                ckpts, _STEP.value, _ALL_STEPS.value, _CONFIG.value
-            )
-            jobs.append((workdir, ckpts, steps))
-            configs.append(config)
-            logging.info(
-                "%s: evaluating step %s on %s", workdir, ", ".join(map(str, steps)), _SPLIT.value
-            )
-        # TensorFlow (the data pipeline): imported once the cheaper checks have passed.
-        from flash_jax import data, long_context, runs
-        from flash_jax.tools import plots
-
-        windows = long_context.Settings(
+    request = evaluation.Request(
+        workdirs=workdirs,
+        split=_SPLIT.value,
+        windows=long_context.Settings(
             _CONTEXT.value, _STRIDE.value, _WHOLE_DOCUMENTS.value, _BUCKET.value
-        )
-        for config in configs:
-            long_context.check(windows, config.model, config.data.seq_len)
-            long_context.check_one_process(windows)
-            data.check_data(config.data, [_SPLIT.value])
-    except ValueError as e:
-        _error(str(e))
-
-    # ---- evaluate (a step already scored with the same settings is reused, unless --rescore)
-    curves, lasts = [], []  # per workdir: its curve (--all_steps), its last result
+        ),
+        scoring_flags=_scoring_flags(),
+        config=_CONFIG.value,
+        step=_STEP.value,
+        all_steps=_ALL_STEPS.value,
+        max_batches=_MAX_BATCHES.value,
+        rescore=_RESCORE.value,
+        plot=_PLOT.value,
+    )
     try:
-        for (workdir, ckpts, steps), config in zip(jobs, configs, strict=True):
-            settings = runs.scoring_settings(_scoring_flags(), config.data)
-            scored = {}  # step -> result, this call's
-            for s in steps:
-                result = None if _RESCORE.value else runs.recorded_result(workdir, s, settings)
-                if result is None:
-                    latest = _STEP.value is None and not _ALL_STEPS.value
-                    step = None if latest else s
-                    result = _score(workdir, ckpts, step, settings, windows, is_main)
-                elif is_main:
-                    print(_summary(result) + " (recorded before; --rescore scores it again)")
-                    print(runs.to_json(result), flush=True)
-                if result is not None:
-                    scored[result["step"]] = result
-            if not scored:  # --all_steps, and a live run pruned every step listed: its newest
-                result = _score(workdir, ckpts, None, settings, windows, is_main)
-                scored[result["step"]] = result
-            ckpts.close()
-            last = scored[max(scored)]
-            lasts.append((_label(workdir, last), last))
-            if _ALL_STEPS.value:
-                points = {r["step"]: r for r in runs.curve(workdir, settings)} | scored
-                curves.append((_label(workdir, last), [points[k] for k in sorted(points)]))
+        evaluation.evaluate_runs(request)
     except ValueError as e:
         _error(str(e))
-    if _ALL_STEPS.value and is_main:
-        plot = _PLOT.value or os.path.join(
-            workdirs[0],
-            runs.EVAL_DIR,
-            f"perplexity_{_SPLIT.value}.png"
-            if len(workdirs) == 1
-            else f"compare_{_SPLIT.value}.png",
-        )
-        try:
-            plots.plot_curves(curves, plot, title=f"{_SPLIT.value} split")
-        except OSError as e:  # a read-only workdir: the results are printed above
-            logging.warning("the plot could not be written to %s (%s)", plot, e.strerror or e)
-            return 0
-        logging.info("plot written to %s", plot)
-        # The plot path goes first; the last line printed stays the last JSON object.
-        print(f"plot: {plot}", file=sys.stderr)
-    elif _PLOT.value and is_main:
-        try:
-            plots.plot_by_position(lasts, _PLOT.value, title=f"{_SPLIT.value} split")
-        except OSError as e:
-            logging.warning("the plot could not be written to %s (%s)", _PLOT.value, e)
-            return 0
-        print(f"plot: {_PLOT.value}", file=sys.stderr)
     return 0
-
-
-def _label(workdir: str, result: dict) -> str:
-    return f"{os.path.basename(os.path.normpath(workdir))} ({result['model']})"
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax.ops.attention import FLASH_IMPLS
-from flash_jax.ops.dot_product import IMPLS as ATTENTION_IMPLS
+from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
 MODEL_NAMES = (
@@ -137,11 +136,10 @@ class ModelConfig:
     # on an H100 (docs/benchmarks.md, "On one H100"), at num_layers times the compile work.
     unroll_layers: bool = False
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
-    # else XLA) | xla | cudnn | splash
+    # else XLA) | xla | cudnn | splash; what auto picks: flash_jax/dispatch.py
     attention_impl: str = "auto"
     # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
-    # fused kernel is measured faster on hardware; see ops.attention.flash_impl_for) | xla |
-    # pallas_tpu | pallas_gpu
+    # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
@@ -402,12 +400,7 @@ class MeshConfig:
                 f"mesh.shape {self.shape} needs one entry per axis of mesh.axis_names "
                 f"{self.axis_names}"
             )
-        if (
-            not isinstance(self.num_slices, int)
-            or isinstance(self.num_slices, bool)
-            or (self.num_slices < 0)
-        ):
-            raise ValueError(f"mesh.num_slices must be an integer >= 0, got {self.num_slices!r}")
+        _check_int("mesh", "num_slices", self.num_slices, low=0)
         if self.num_slices > 1 and "data" not in self.axis_names:
             raise ValueError(
                 f"mesh.num_slices={self.num_slices} needs a 'data' axis in mesh.axis_names "
@@ -504,9 +497,3 @@ class RunConfig:
 def default_config_dict() -> ml_collections.ConfigDict:
     """The base ConfigDict (configs/base.py): every key with its default."""
     return ml_collections.ConfigDict(RunConfig().to_dict())
-
-
-def depth_factor(name: str) -> int:
-    """Layers per Transformer layer at equal size: 2 for the GAU models (two GAU layers, 3de
-    parameters each with e = 2d, match one Transformer layer's 12d^2), 1 for Transformer blocks."""
-    return 1 if name in TRANSFORMER_BLOCKS else 2

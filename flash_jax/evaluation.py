@@ -1,4 +1,5 @@
-"""Evaluation: one evaluator for periodic evaluation in training and for whole splits.
+"""Evaluation: one evaluator for periodic evaluation in training and for whole splits, and
+eval.py's runs (`evaluate_runs`).
 
     from flash_jax import evaluation
     from flash_jax.train import checkpoint_reader
@@ -19,8 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from flash_jax import data, long_context, losses, runs
-from flash_jax.train import step
+from flash_jax.train import checkpoint_format, checkpoint_reader, report, step
 
 # Datasets whose papers quote word-level perplexity.
 WORD_LEVEL_DATASETS = ("pg19",)
@@ -237,3 +241,200 @@ def evaluate_split(
     if train_time is not None:
         result["train_seconds"] = train_time(run.step)
     return result
+
+
+# ----------------------------------------------------------------------------- eval.py's runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What eval.py asks for (its flags): which runs and steps, and how they are scored."""
+
+    workdirs: Sequence[str]
+    split: str
+    windows: long_context.Settings
+    scoring_flags: dict  # eval.py's flags that change a score, recorded with each result
+    config: Any = None  # a ConfigDict replacing each checkpoint's own config
+    step: int | None = None  # None: the newest committed checkpoint
+    all_steps: bool = False
+    max_batches: int | None = None
+    rescore: bool = False  # score steps already recorded with the same settings again
+    plot: str = ""  # the PNG's path ("": --all_steps's default, else no plot)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One workdir of a request: its checkpoints, the steps to score, its run config."""
+
+    workdir: str
+    ckpts: checkpoint_reader.CheckpointReader
+    steps: list[int]
+    config: Any
+
+
+def evaluate_runs(request: Request) -> None:
+    """eval.py: scores the requested steps of every workdir, prints and records each result, and
+    plots them (see eval.py's docstring for what goes where).
+
+    Every workdir, step and config is resolved before anything is scored: bad input is a
+    ValueError (one line) that changes nothing anywhere. Several processes: every process reads
+    its share of the split, process 0 prints and writes."""
+    is_main = jax.process_index() == 0
+    jobs = _resolve(request)
+    curves, lasts = [], []  # per workdir: its curve (--all_steps), its last result
+    for job in jobs:
+        settings = runs.scoring_settings(request.scoring_flags, job.config.data)
+        scored = _score_job(request, job, settings, is_main)
+        last = scored[max(scored)]
+        label = f"{os.path.basename(os.path.normpath(job.workdir))} ({last['model']})"
+        lasts.append((label, last))
+        if request.all_steps:
+            points = {r["step"]: r for r in runs.curve(job.workdir, settings)} | scored
+            curves.append((label, [points[k] for k in sorted(points)]))
+    if is_main:
+        _plot(request, curves, lasts)
+
+
+def _plot(request: Request, curves: list, lasts: list) -> None:
+    """--all_steps: perplexity against step, one line per workdir; else with --plot, perplexity
+    by position. A plot that cannot be written is one warning line: the results are printed."""
+    if not (request.all_steps or request.plot):
+        return
+    # Imported here: the plots serve eval.py alone; training never imports flash_jax.tools.
+    from flash_jax.tools import plots
+
+    title = f"{request.split} split"
+    if request.all_steps:
+        name = "perplexity" if len(request.workdirs) == 1 else "compare"
+        path = request.plot or os.path.join(
+            request.workdirs[0], runs.EVAL_DIR, f"{name}_{request.split}.png"
+        )
+        try:
+            plots.plot_curves(curves, path, title=title)
+        except OSError as e:  # a read-only workdir
+            logging.warning("the plot could not be written to %s (%s)", path, e.strerror or e)
+            return
+        logging.info("plot written to %s", path)
+    else:
+        path = request.plot
+        try:
+            plots.plot_by_position(lasts, path, title=title)
+        except OSError as e:
+            logging.warning("the plot could not be written to %s (%s)", path, e)
+            return
+    # The plot path goes first; the last line printed stays the last JSON object.
+    print(f"plot: {path}", file=sys.stderr)
+
+
+def _resolve(request: Request) -> list[_Job]:
+    jobs = []
+    for workdir in request.workdirs:
+        ckpts = checkpoint_reader.CheckpointReader(workdir)
+        steps, config = checkpoint_reader.steps_to_evaluate(
+            ckpts, request.step, request.all_steps, request.config
+        )
+        jobs.append(_Job(workdir, ckpts, steps, config))
+        logging.info(
+            "%s: evaluating step %s on %s", workdir, ", ".join(map(str, steps)), request.split
+        )
+    for job in jobs:
+        long_context.check(request.windows, job.config.model, job.config.data.seq_len)
+        long_context.check_one_process(request.windows)
+        data.check_data(job.config.data, [request.split])
+    return jobs
+
+
+def _score_job(request: Request, job: _Job, settings: dict, is_main: bool) -> dict:
+    """step -> result of every step of `job` this call scored or found recorded (a step already
+    scored with the same settings is reused, unless `request.rescore`)."""
+    scored = {}
+    for s in job.steps:
+        result = None if request.rescore else runs.recorded_result(job.workdir, s, settings)
+        if result is None:
+            latest = request.step is None and not request.all_steps
+            result = _score(request, job, None if latest else s, settings, is_main)
+        elif is_main:
+            print(summary_line(result) + " (recorded before; --rescore scores it again)")
+            print(runs.to_json(result), flush=True)
+        if result is not None:
+            scored[result["step"]] = result
+    if not scored:  # --all_steps, and a live run pruned every step listed: its newest
+        result = _score(request, job, None, settings, is_main)
+        scored[result["step"]] = result
+    job.ckpts.close()
+    return scored
+
+
+def _score(request: Request, job: _Job, step: int | None, settings, is_main) -> dict | None:
+    """Scores checkpoint `step`, or with None the newest committed one (a live run saves and
+    prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
+    for a damaged or removed step under --all_steps (skipped)."""
+    try:
+        run = checkpoint_reader.restore(job.workdir, step, config=request.config, ckpts=job.ckpts)
+    except checkpoint_format.RemovedCheckpointError as e:
+        if step is None or not request.all_steps:
+            raise
+        logging.info("%s; skipped", e)
+        return None
+    except checkpoint_format.DamagedCheckpointError as e:
+        if step is None or not request.all_steps:
+            raise
+        logging.warning("%s; skipped", e)
+        return None
+    label = f"{job.workdir} step {run.step} {request.split}"
+    result = evaluate_split(
+        run,
+        request.split,
+        max_batches=request.max_batches,
+        progress=progress_logger(label),
+        settings=request.windows,
+    )
+    result["settings"] = settings
+    if is_main:
+        _report(job.workdir, result)
+    return result
+
+
+def _report(workdir: str, result: dict) -> None:
+    # Printed first: a workdir that cannot be written (read-only) loses no result.
+    print(summary_line(result), flush=True)
+    print(runs.to_json(result), flush=True)
+    try:
+        path = runs.record_result(workdir, result)
+        tags = report.write_eval_scalars(workdir, result)
+    except Exception as e:  # noqa: BLE001 - OSError here, TensorFlow's errors from TensorBoard
+        logging.warning(
+            "the result above could not be recorded in %s (%s)",
+            os.path.join(workdir, runs.EVAL_DIR),
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        return
+    logging.info(
+        "recorded in %s; TensorBoard: %s at step %d",
+        path,
+        tags[0].rsplit("/", 1)[0],
+        result["step"],
+    )
+
+
+def summary_line(result: dict) -> str:
+    """One line of a result for the console: where, which windows, and the figures."""
+    windows = f"context {result.get('context', result['seq_len'])}" + (
+        f", stride {result['stride']}" if result.get("stride") is not None else ""
+    )
+    if result.get("whole_documents"):
+        windows = f"whole documents, windows of {result['context']}"
+    parts = [
+        f"{result['workdir']} step {result['step']} {result['split']} ({windows}): "
+        f"{result['tokens']:,} tokens, loss {result['loss']:.4f}, "
+        f"perplexity {result['perplexity']:.3f}"
+    ]
+    if result.get("bits_per_byte") is not None:
+        parts.append(f"{result['bits_per_byte']:.4f} bits/byte ({result['bytes']:,} bytes)")
+    if result.get("word_perplexity") is not None:
+        parts.append(
+            f"{result['words']:,} words, word-level perplexity {result['word_perplexity']:.3f}"
+        )
+    if not result["complete"]:
+        parts.append(f"partial: first {result['batches']} batches")
+    return ", ".join(parts)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flash_jax import sharding
-from flash_jax.config import MAX_LEN_BOUND, ModelConfig, depth_factor
+from flash_jax.config import MAX_LEN_BOUND, TRANSFORMER_BLOCKS, ModelConfig
 from flash_jax.layers import (
     Dense,
     Embed,
@@ -253,6 +253,12 @@ SIZES = {
     "base": (12, 768, 12),
     "large": (24, 1024, 16),
 }
+
+
+def depth_factor(name: str) -> int:
+    """Layers per Transformer layer at equal size: 2 for the GAU models (two GAU layers, 3de
+    parameters each with e = 2d, match one Transformer layer's 12d^2), 1 for Transformer blocks."""
+    return 1 if name in TRANSFORMER_BLOCKS else 2
 
 
 def preset(name: str, size: str, *, layers: int | None = None, d_model: int | None = None) -> dict:

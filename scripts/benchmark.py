@@ -46,10 +46,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import flash_jax
 from flash_jax import cli, models, runs, sharding
-from flash_jax.config import ATTENTION_IMPLS, DISPLAY_NAMES, DTYPES, FLASH_IMPLS, REMAT
+from flash_jax.config import DISPLAY_NAMES, DTYPES, REMAT
+from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS
 from flash_jax.tools import benchmarks, plots
 from flash_jax.train import flops, step
-from flash_jax.train import report as train_report
 
 MODELS = ("flash", "flash_quad", "transformer", "transformer_pp", "performer", "combiner")
 # Models whose cost per token does not grow (or grows slowly) with the context: never skipped by
@@ -268,7 +268,7 @@ def measure(args, model: str, context: int) -> dict:
         row["peak_memory_bytes"] = (stats or {}).get("peak_bytes_in_use")
 
     median = statistics.median(times)
-    peak = train_report.peak_flops_per_device(jax.devices()[0].device_kind)
+    peak = flops.peak_flops_per_device(jax.devices()[0].device_kind)
     row.update(
         step_times_s=times,
         step_time_median_s=median,
@@ -535,7 +535,7 @@ def rerender(path: str, out_dir: str, name: str) -> dict:
     with open(path) as f:
         report = json.load(f)
     setup, machine = report["setup"], report["machine"]
-    peak = train_report.peak_flops_per_device(machine["device"])
+    peak = flops.peak_flops_per_device(machine["device"])
     for row in report["rows"]:
         if row["error"]:
             continue

@@ -6,7 +6,10 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One persistent compilation cache for the whole session, shared with the CLI subprocesses the
 # tests start (they inherit the environment): the same quickstart programs compile once.
-_CACHE = os.path.join(tempfile.gettempdir(), f"flash_jax_test_cache_{os.getuid()}")
+# Under pytest-xdist (`make test` runs two workers) each worker has a cache of its own: JAX
+# writes cache entries in place, and a worker could read another's half-written entry.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_CACHE = os.path.join(tempfile.gettempdir(), f"flash_jax_test_cache_{os.getuid()}{_WORKER}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 

@@ -1,18 +1,23 @@
 """scripts/benchmark.py and scripts/replicate.py: the numbers they compute (against hand-made
-references) and that both run end to end at a tiny size into well-formed outputs. Not timed."""
+references) and that both run end to end at a tiny size into well-formed outputs; the scripts of
+scripts/bench: their flags, and some end to end. Not timed."""
 
+import importlib
+import inspect
 import json
 import math
+import os
 
 import pytest
+from absl import flags
 
-from flash_jax import runs
+from flash_jax import cli, runs
 from flash_jax.config import ModelConfig
 from flash_jax.tools import benchmarks
 from flash_jax.train import flops
 from scripts import benchmark, replicate
 from scripts.bench import profile_step
-from tests.helpers import run_script
+from tests.helpers import REPO, run_script
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -399,3 +404,61 @@ def test_profile_step_end_to_end(tmp_path):
     sources = [name for name, _ in report["by_source_ms"]]
     assert any(s.startswith("fwd ") for s in sources) and any(s.startswith("bwd ") for s in sources)
     assert "by source op" in result.stdout
+
+
+@pytest.mark.slow
+def test_profile_step_parts_end_to_end(tmp_path):
+    """--mode=parts times a tiny FLASH step's parts on the CPU and writes its table."""
+    tiny = ["--context=64", "--tokens_per_step=128", "--chunk_size=16", "--transformer_layers=1"]
+    result = run_script(
+        "bench/profile_step.py", "--mode=parts", *tiny, "--repeats=1", f"--out_dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "step_parts.json").read_text())
+    assert list(report["parts_ms"]) == [
+        "attention op (xla)",
+        "layer (xla)",
+        "layer, attention replaced by v",
+        "head + loss",
+        "optimizer",
+        "step",
+    ]
+    assert all(ms > 0 for ms in report["parts_ms"].values())
+    assert "| step |" in (tmp_path / "step_parts.md").read_text()
+
+
+# ----------------------------------------------------------------------------- scripts/bench
+
+
+def docstring_commands(doc: str, script: str) -> list[list[str]]:
+    """The arguments of each `python scripts/bench/<script>` line of a docstring (a trailing
+    backslash in the docstring already joined a command's lines; [--flag] is an optional one)."""
+    commands = []
+    for line in doc.splitlines():
+        words = line.split("#")[0].split()
+        python = words[:1] in (["python"], [".venv/bin/python"])
+        if python and words[1:2] == [f"scripts/bench/{script}"]:
+            commands.append([word.strip("[]") for word in words[2:]])
+    return commands
+
+
+def test_every_bench_script_starts_with_commands_whose_flags_parse(monkeypatch):
+    """One flag convention in scripts/bench: flags in the script's own FlagValues, read by
+    `main(argv)`, and the docstring's commands (its first indented lines) parse."""
+    monkeypatch.chdir(REPO)  # the commands' relative paths (--config files)
+    scripts = sorted(os.listdir(os.path.join(REPO, "scripts", "bench")))
+    scripts = [name for name in scripts if name.endswith(".py")]
+    assert "profile_step.py" in scripts
+    for script in scripts:
+        module = importlib.import_module(f"scripts.bench.{script[:-3]}")
+        assert isinstance(module.FLAGS, flags.FlagValues), script
+        assert inspect.signature(module.main).parameters["argv"].default == (), script
+        first_indented = next(line for line in module.__doc__.splitlines() if line[:4] == "    ")
+        assert f"scripts/bench/{script}" in first_indented, script
+        commands = docstring_commands(module.__doc__, script)
+        assert commands, script
+        for args in commands:
+            try:
+                cli.parse_script_flags(module.FLAGS, args, script)
+            except SystemExit:
+                pytest.fail(f"{script} {' '.join(args)}: does not parse (its error is above)")

@@ -5,6 +5,8 @@ import contextlib
 import importlib
 import logging
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -115,10 +117,10 @@ def test_shipped_vocab_is_lossless_on_the_corpus():
 
 
 def test_standard_tasks_register_once_and_reimport_does_not_fail():
-    names = data.STANDARD_TASKS
+    names = tasks.register_standard_tasks()
     assert len(names) == len(set(names)) == 10
     assert all(n in seqio.TaskRegistry.names() for n in names)
-    assert tasks.register_standard_tasks() == list(names)
+    assert tasks.register_standard_tasks() == names
     importlib.reload(importlib.import_module("flash_jax.data"))
     cfg = make_cfg()
     assert data.get_task(cfg) is data.get_task(cfg)
@@ -127,6 +129,27 @@ def test_standard_tasks_register_once_and_reimport_does_not_fail():
         data.task_name(make_cfg(dataset="c4", objective="mlm", source="tfds", vocab="byte"))
         == "flash_jax.c4_mlm15.tfds.byte"
     )
+
+
+def test_importing_the_package_registers_no_task_and_standard_tasks_registers_them():
+    """A fresh process: this one has registered tasks already. seqio's tools import
+    flash_jax.data.standard_tasks (docs/data.md); everything else registers on first use."""
+    script = (
+        "import seqio, flash_jax.data\n"
+        "def ours(): return sorted(n for n in seqio.TaskRegistry.names() if 'flash_jax' in n)\n"
+        "assert ours() == [], ours()\n"
+        "from flash_jax.data import standard_tasks\n"
+        "assert ours() == sorted(standard_tasks.NAMES) and len(ours()) == 10, ours()\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=repo),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
-"""The documentation's relative links lead somewhere, the README stays short, and the tests' own
-layout: no test file imports another (shared code is in tests/helpers.py and tests/conftest.py)."""
+"""The documentation's relative links lead somewhere, the README stays short, the tests' own
+layout: no test file imports another (shared code is in tests/helpers.py and tests/conftest.py),
+the package's: no import cycle among flash_jax's modules, and the config reaches no op; and the
+code's: modules and the training loop's main function stay short."""
 
 import ast
 import glob
@@ -133,3 +135,158 @@ def test_no_test_file_imports_another():
             if modules := imported_test_modules(f.read()):
                 found[os.path.relpath(path, REPO)] = modules
     assert not found, f"test files that import test files: {found}"
+
+
+PACKAGE_SOURCES = sorted(glob.glob(os.path.join(REPO, "flash_jax", "**", "*.py"), recursive=True))
+
+
+def module_name(path: str) -> str:
+    """flash_jax/ops/attention.py -> flash_jax.ops.attention; a package's __init__.py: its name."""
+    parts = os.path.relpath(path, REPO)[: -len(".py")].split(os.sep)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(source: str, name: str, modules: set[str]) -> set[str]:
+    """The modules of `modules` that the source of module `name` imports, at module level and
+    inside functions alike: `from a import b` imports module a.b where there is one, else a.
+    The package writes absolute imports only; a relative one fails here (it would go unseen)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{name}: a relative import (line {node.lineno})"
+            base = node.module
+            found |= {
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                for alias in node.names
+            }
+    return (found & modules) - {name}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(path) for path in PACKAGE_SOURCES}
+    graph = {}
+    for path in PACKAGE_SOURCES:
+        with open(path) as f:
+            graph[module_name(path)] = imported_modules(f.read(), module_name(path), modules)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle as [a, b, ..., a], or [] when the graph is acyclic (depth-first)."""
+    state: dict[str, str] = {}  # "open" while on the current path, "done" after
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [node])):
+                return cycle
+        state[node] = "done"
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return []
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_import_check_finds_function_level_imports_and_cycles():
+    source = textwrap.dedent(
+        """
+        import json
+        import flash_jax.b
+        from flash_jax import c, missing
+        from flash_jax.pkg import d
+
+
+        def f():
+            from flash_jax.pkg import e
+        """
+    )
+    modules = {"flash_jax", "flash_jax.a", "flash_jax.b", "flash_jax.c"}
+    modules |= {"flash_jax.pkg", "flash_jax.pkg.e"}
+    assert imported_modules(source, "flash_jax.a", modules) == {
+        "flash_jax",  # from flash_jax import missing: the package itself
+        "flash_jax.b",
+        "flash_jax.c",
+        "flash_jax.pkg",  # d is no module: a name of the package
+        "flash_jax.pkg.e",
+    }
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+    with pytest.raises(AssertionError, match="flash_jax.a: a relative import"):
+        imported_modules("from . import b", "flash_jax.a", modules)
+    assert reachable({"a": {"b"}, "b": {"c"}, "d": {"a"}}, "a") == {"b", "c"}
+
+
+def test_no_import_cycle_among_the_package_modules():
+    """Function-level imports count: an import deferred into a function hides a cycle, it does
+    not end it."""
+    graph = import_graph()
+    assert {"flash_jax.config", "flash_jax.ops.attention", "flash_jax.ops.pallas_tpu"} <= set(graph)
+    assert not (cycle := find_cycle(graph)), f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_the_config_imports_no_op_kernel_or_layer():
+    """Config values are checked against names in flash_jax.dispatch; the config module does not
+    reach the ops (nor anything that imports them), even through a function-level import."""
+    reached = reachable(import_graph(), "flash_jax.config")
+    assert "flash_jax.dispatch" in reached
+    assert not {m for m in reached if m.startswith(("flash_jax.ops", "flash_jax.layers"))}
+
+
+# ----------------------------------------------------------------------------- the code's layout
+
+MODULE_MAX_LINES = 500
+TRAIN_AND_EVALUATE_MAX_LINES = 150
+# Exempt from MODULE_MAX_LINES besides the Pallas kernels (ops/pallas_*.py), until its split lands:
+# ops/attention.py (FLASH's XLA op with its hand-written backward).
+LONG_MODULES_FOR_NOW = ("flash_jax/ops/attention.py",)
+
+
+def line_count(path: str) -> int:
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+def test_no_library_module_exceeds_500_lines_but_the_pallas_kernels():
+    paths = glob.glob(os.path.join(REPO, "flash_jax", "**", "*.py"), recursive=True)
+    assert len(paths) > 40  # the package is found
+    long = {}
+    for path in paths:
+        name = os.path.relpath(path, REPO).replace(os.sep, "/")
+        kernel = re.fullmatch(r"flash_jax/ops/pallas_\w+\.py", name)
+        if not kernel and name not in LONG_MODULES_FOR_NOW and line_count(path) > MODULE_MAX_LINES:
+            long[name] = line_count(path)
+    assert not long, f"modules over {MODULE_MAX_LINES} lines: {long}"
+
+
+def function_lines(source: str, name: str) -> int:
+    """Lines of the top-level function `name` in `source`, from its `def` to its last line."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node.end_lineno - node.lineno + 1
+    raise AssertionError(f"no top-level function {name}")
+
+
+def test_function_lines_counts_from_def_to_the_last_line():
+    assert function_lines("x = 1\n\n\ndef f(a):\n    '''Doc.'''\n\n    return a\n", "f") == 4
+
+
+def test_train_and_evaluate_is_at_most_150_lines():
+    with open(os.path.join(REPO, "flash_jax", "train", "loop.py")) as f:
+        lines = function_lines(f.read(), "train_and_evaluate")
+    assert lines <= TRAIN_AND_EVALUATE_MAX_LINES, f"train_and_evaluate has {lines} lines"

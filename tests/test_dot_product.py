@@ -138,10 +138,6 @@ def test_unknown_impl_is_named():
         dot_product.dot_product_attention(q, k, v, causal=True, impl="flash")
 
 
-def test_auto_is_xla_on_cpu():
-    assert dot_product.auto_impl(1024, 64, jnp.bfloat16) == "xla"
-
-
 def test_splash_per_shard_on_a_mesh_equals_one_device():
     # The layer wraps Pallas kernels in sharding.per_shard: rows over `data`, heads over `tensor`.
     from flash_jax import sharding

@@ -18,7 +18,7 @@ import safetensors.numpy
 from flax import nnx
 
 from flash_jax import models
-from flash_jax.export import numpy_model, safetensors_file, weights
+from flash_jax.export import numpy_model, weights
 from flash_jax.train import checkpoint_format, checkpoint_reader
 from tests.helpers import REPO, TINY, packed_segments, random_tokens, randomise, tiny_model_config
 
@@ -49,7 +49,7 @@ def save_and_load(tmp_path, model, cfg, dtype="float32"):
 # ----------------------------------------------------------------------------- the file format
 
 
-def test_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
+def test_written_tensors_are_read_back_by_the_safetensors_package_bit_for_bit(tmp_path):
     rng = np.random.default_rng(0)
     tensors = {
         "matrix": rng.normal(size=(3, 5)).astype(np.float32),
@@ -59,7 +59,7 @@ def test_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
         "half": rng.normal(size=(7,)).astype(ml_dtypes.bfloat16),
     }
     path = str(tmp_path / "t.safetensors")
-    safetensors_file.write(path, tensors, metadata={"source": "flash_jax", "step": 3})
+    weights.write_safetensors(path, tensors, metadata={"source": "flash_jax", "model": "flash"})
 
     theirs = safetensors.numpy.load_file(path)
     with safetensors.safe_open(path, framework="numpy") as f:
@@ -67,24 +67,40 @@ def test_safetensors_file_is_read_by_the_safetensors_package(tmp_path):
     header = {
         name: info["dtype"] for name, info in safetensors.deserialize(open(path, "rb").read())
     }
-    ours, our_metadata = safetensors_file.read(path)
-    assert metadata == our_metadata == {"source": "flash_jax", "step": "3"}
+    assert metadata == {"source": "flash_jax", "model": "flash"}
     assert header == {"matrix": "F32", "scalar": "F32", "stack": "F32", "transposed": "F32"} | {
         "half": "BF16"
     }
-    assert set(theirs) == set(ours) == set(tensors)
+    assert set(theirs) == set(tensors)
     for name, want in tensors.items():
         assert theirs[name].dtype == want.dtype and theirs[name].shape == want.shape, name
-        np.testing.assert_array_equal(theirs[name], want)
-        # bfloat16 is read back widened to float32, exactly.
-        np.testing.assert_array_equal(ours[name], want.astype(np.float32))
+        assert theirs[name].tobytes() == want.tobytes(), name  # C order, bit for bit
+
+
+def test_the_safetensors_package_reads_an_export_bit_for_bit(tmp_path):
+    cfg = tiny_model_config("flash")
+    model = models.create(cfg, rngs=nnx.Rngs(0))
+    randomise(model, 1)
+    params = nnx.state(model, weights.EXPORTED)
+    weights.save(str(tmp_path), params, cfg)
+    path = str(tmp_path / numpy_model.WEIGHTS_FILE)
+
+    theirs = safetensors.numpy.load_file(path)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        assert f.metadata() == {"source": "flash_jax", "model": "flash"}
+    want = weights.parameter_tensors(params)
+    assert set(theirs) == set(want)
+    for name, value in want.items():
+        assert theirs[name].dtype == np.float32 and theirs[name].shape == value.shape, name
+        assert theirs[name].tobytes() == value.tobytes(), name
 
 
 def test_reading_a_file_that_is_not_safetensors_is_named(tmp_path):
-    path = tmp_path / "bad.safetensors"
+    (tmp_path / numpy_model.CONFIG_FILE).write_text("{}")
+    path = tmp_path / numpy_model.WEIGHTS_FILE
     path.write_bytes(b"\xff" * 16)
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        safetensors_file.read(str(path))
+    with pytest.raises(ValueError, match=f"{path} is not a safetensors file"):
+        numpy_model.load(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- names and shapes
@@ -354,7 +370,7 @@ def test_numpy_reads_a_bfloat16_export_once_ml_dtypes_is_imported(tmp_path):
     """What docs/evaluation.md tells NumPy users: safetensors.numpy needs ml_dtypes imported
     first."""
     path = str(tmp_path / "model.safetensors")
-    safetensors_file.write(path, {"w": np.ones(3, ml_dtypes.bfloat16)})
+    weights.write_safetensors(path, {"w": np.ones(3, ml_dtypes.bfloat16)}, metadata={})
     read = f"from safetensors.numpy import load_file; print(load_file({path!r})['w'].dtype)"
     without = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True)
     assert without.returncode != 0 and "data type 'bfloat16' not understood" in without.stderr

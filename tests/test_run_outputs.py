@@ -18,7 +18,7 @@ import pytest
 from flash_jax import console, data, runs
 from flash_jax.config import RunConfig
 from flash_jax.tools import plots
-from flash_jax.train import loop, report
+from flash_jax.train import loop, report, wandb_run
 from scripts import sweep
 from tests.helpers import SyntheticPipeline, sigterm_at, tiny_train_config
 
@@ -187,7 +187,7 @@ def wandb_history_and_configs(workdir):
     """The W&B run of a workdir, from its offline transaction logs: how many there are (one per
     process that ran), its history as (step, has train loss, has eval perplexity) in log order,
     and its config updates."""
-    with open(os.path.join(workdir, report.WANDB_ID_FILE)) as f:
+    with open(os.path.join(workdir, wandb_run.ID_FILE)) as f:
         run_id = f.read().strip()
     run_files = sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")))
     assert {os.path.basename(p) for p in run_files} == {f"run-{run_id}.wandb"}

@@ -7,24 +7,22 @@
     stats = data.split_statistics(config.data, "validation")  # documents, bytes, words
     data.check_data(config.data, ["train"])  # one line now if the data cannot be read
 
-Importing registers the standard seqio tasks (see tasks.register_standard_tasks).
+Importing registers no seqio task: `get_task` registers a config's task on first use (the
+pipeline, the checks and the cache builder call it); `flash_jax.data.standard_tasks` is the module
+that seqio's own tools import to register the standard ones.
 """
 
 from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, T5_VOCAB
 from flash_jax.data.checks import check_data
 from flash_jax.data.pipeline import FEATURES, InputPipeline, split_statistics
 from flash_jax.data.tasks import get_task, task_name
-from flash_jax.data.tasks import register_standard_tasks as _register_standard_tasks
 from flash_jax.data.vocabularies import get_vocabulary, mlm_mask_spec
-
-STANDARD_TASKS = tuple(_register_standard_tasks())
 
 __all__ = [
     "FEATURES",
     "InputPipeline",
     "SHIPPED_CORPUS",
     "SHIPPED_VOCAB",
-    "STANDARD_TASKS",
     "T5_VOCAB",
     "check_data",
     "get_task",

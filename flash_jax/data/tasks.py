@@ -9,9 +9,10 @@ data (`task_name`):
 
 The sequence length is not part of the name: windows are cut at `get_dataset` time from
 `sequence_length["targets"]`. `get_task(config.data)` returns (registering on first use) the
-task for a config; the standard ones (TFDS with T5's and the byte vocabulary, and the shipped
-Austen corpus) are registered when `flash_jax.data` is imported. Registration is idempotent, so
-importing or calling twice never fails.
+task for a config; importing registers nothing. The standard ones (TFDS with T5's and the byte
+vocabulary, and the shipped Austen corpus) are registered by `register_standard_tasks`, which
+importing `flash_jax.data.standard_tasks` runs (for seqio's tools). Registration is idempotent, so
+calling twice never fails.
 
 Examples out of a task: {"targets": int32[<= L]} windows (LM); masked LM adds "inputs" (corrupted)
 and "mlm_flags" (2 = selected for the loss, 1 = not). Each document ends with EOS.

@@ -1,3 +1,2 @@
-"""Weights out of JAX: a run's parameters as a safetensors file with its config (weights.py), the
-file format itself (safetensors_file.py) and every model again as a float64 numpy forward pass
-that reads those files (numpy_model.py)."""
+"""Weights out of JAX: a run's parameters as a safetensors file with its config (weights.py), and
+every model again as a float64 numpy forward pass that reads those files (numpy_model.py)."""

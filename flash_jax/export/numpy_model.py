@@ -5,10 +5,10 @@
     logits_BTV = numpy_model.forward(model, tokens_BT)   # float64 [B, T, vocab]
 
 `scripts/export.py` writes such a folder from a checkpoint; its docstring lists the parameter
-names and shapes. This module needs numpy alone (no JAX): it is the model's math written to be
-read or ported, dense and unoptimised (FLASH's chunked attention is written as masks over a
-[T, T] array). Tests hold it to the JAX models: tests/test_export.py (whole models, every family)
-and tests/test_models.py (single layers).
+names and shapes. This module needs numpy and the safetensors package (no JAX): it is the
+model's math written to be read or ported, dense and unoptimised (FLASH's chunked attention is
+written as masks over a [T, T] array). Tests hold it to the JAX models: tests/test_export.py
+(whole models, every family) and tests/test_models.py (single layers).
 
 Conventions, the same as the JAX models':
   * Dense layers compute y = x . kernel + bias, contracting x's last axes with the kernel's first
@@ -27,9 +27,10 @@ import dataclasses
 import json
 import os
 
+import ml_dtypes  # noqa: F401  (gives numpy a bfloat16, so that a bfloat16 export reads)
 import numpy as np
-
-from flash_jax.export import safetensors_file
+import safetensors
+import safetensors.numpy
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -47,7 +48,11 @@ def load(directory: str) -> Model:
     """An exported model (`scripts/export.py`), its parameters in float64."""
     with open(os.path.join(directory, CONFIG_FILE)) as f:
         config = json.load(f)
-    tensors, _ = safetensors_file.read(os.path.join(directory, WEIGHTS_FILE))
+    path = os.path.join(directory, WEIGHTS_FILE)
+    try:
+        tensors = safetensors.numpy.load_file(path)
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path} is not a safetensors file ({e})") from e
     return Model(config, {name: t.astype(np.float64) for name, t in tensors.items()})
 
 

@@ -18,9 +18,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
-from flash_jax.export import safetensors_file
 from flash_jax.export.numpy_model import CONFIG_FILE, WEIGHTS_FILE
 from flash_jax.layers.transformer import RandomFeatures
 from flash_jax.train import checkpoint_format
@@ -53,6 +53,15 @@ def parameter_tensors(params: nnx.State, dtype: str = "float32") -> dict[str, np
     for i in sorted(layers):
         tensors.update(layers[i])
     return tensors
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]):
+    """Writes name -> array to a safetensors file: float32 as F32, `ml_dtypes.bfloat16` (what
+    `np.asarray` gives for a JAX bfloat16 array) as BF16."""
+    # The package copies each array's memory as it lies, whatever its strides: C order first
+    # (np.asarray keeps a scalar 0-d, where np.ascontiguousarray would make it 1-d).
+    contiguous = {name: np.asarray(array, order="C") for name, array in tensors.items()}
+    safetensors.numpy.save_file(contiguous, path, metadata=metadata)
 
 
 def vocabulary_entry(data_config) -> dict:
@@ -109,9 +118,7 @@ def save(out_dir: str, params: nnx.State, model_config, dtype: str = "float32", 
     config["export"] = dict(dtype=dtype, **extra)
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, WEIGHTS_FILE)
-    safetensors_file.write(
-        weights, tensors, metadata={"source": "flash_jax", "model": config["name"]}
-    )
+    write_safetensors(weights, tensors, metadata={"source": "flash_jax", "model": config["name"]})
     config_path = os.path.join(out_dir, CONFIG_FILE)
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flash_jax import ops, sharding
+from flash_jax import dispatch, ops, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers.basic import Dense, make_norm, param
 from flash_jax.layers.positions import RelativePositionBias, apply_rope
@@ -146,9 +146,7 @@ class FlashLayer(_GatedUnit):
     def __call__(self, x_BTD, segment_ids_BT, positions_BT):
         cfg = self.cfg
         u, v, (quad_q, quad_k, lin_q, lin_k) = self.project(x_BTD, positions_BT)
-        impl = cfg.flash_impl
-        if impl == "auto":
-            impl = ops.attention.flash_impl_for()
+        impl = dispatch.flash_impl(cfg.flash_impl)
 
         def attend(quad_q, quad_k, lin_q, lin_k, v, segment_ids_BT, quad_bias):
             return ops.mixed_chunk_attention(

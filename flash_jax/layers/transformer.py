@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flash_jax import ops, sharding
+from flash_jax import dispatch, ops, sharding
 from flash_jax.config import ModelConfig
 from flash_jax.layers.basic import Dense, make_norm
 from flash_jax.layers.positions import apply_rope
@@ -62,8 +62,8 @@ class MultiHeadAttention(nnx.Module):
                     f"mesh: use model.attention_impl=xla"
                 )
             impl = "xla"
-        elif impl == "auto":
-            impl = ops.dot_product.auto_impl(q.shape[1], q.shape[-1], q.dtype)
+        else:
+            impl = dispatch.attention_impl(impl, q.shape[1], q.shape[-1], q.dtype)
 
         def attend(q, k, v, segment_ids_BT):
             return ops.dot_product_attention(

@@ -127,11 +127,10 @@ def mixed_chunk_attention(
     causal: bool,
     segment_ids=None,
     quad_bias=None,
-    impl: str = "xla",
-    interpret: bool | None = None,
     boundary: Boundary | None = None,
 ):
-    """FLASH mixed chunk attention (token-exact for packed documents).
+    """FLASH mixed chunk attention (token-exact for packed documents), the XLA path: what
+    `ops.mixed_chunk_attention` runs for `impl="xla"`, and the contract its kernels meet.
 
     out_i = quad_i + lin_i with, for chunks of C = chunk_size tokens (T is padded up to G * C
     internally with segment 0 and sliced back):
@@ -160,44 +159,15 @@ def mixed_chunk_attention(
       segment_ids: int `[B, T]`, 0 = padding; None = one document without padding.
       quad_bias: None or `[C, C]`, the relative bias of the quadratic part (the same in every
         chunk).
-      impl: `xla` (this function, every backend), `pallas_tpu` / `pallas_gpu` (the fused
-        kernels of flash_jax/ops/pallas_tpu.py and pallas_gpu.py, same contract), or `auto`
-        (`flash_impl_for`: XLA until a kernel is measured faster). A kernel asked for by name
-        that cannot serve the shapes raises a ValueError saying why.
-      interpret: run a Pallas kernel in interpret mode; None = exactly when the program is
-        for CPUs (kernels there are for tests: slow, but the same kernel bodies): the active
-        mesh's devices, else the default backend (`target_platform`).
       boundary: None, or the states of the tokens beyond the ends of this stretch of the
         sequence (`Boundary`: context parallelism, flash_jax/ops/context_parallel.py). Their
         documents' tokens join L(i) and N_i exactly as if they were chunks before (and, when
-        bidirectional, after) these T tokens; their sums get the gradient. XLA path only.
+        bidirectional, after) these T tokens; their sums get the gradient.
 
     Returns:
       `[B, T, E]` in v's dtype; padding rows are exactly 0.
     """
     quad_q, quad_k, lin_q, lin_k, v = (jnp.asarray(x) for x in (quad_q, quad_k, lin_q, lin_k, v))
-    if impl not in FLASH_IMPLS:
-        raise ValueError(f"mixed_chunk_attention impl must be one of {FLASH_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = flash_impl_for()
-    if impl != "xla":
-        if boundary is not None:
-            raise ValueError(f"boundary (context parallelism) needs impl='xla', got {impl!r}")
-        if interpret is None:
-            interpret = target_platform() == "cpu"
-        kernel = _kernel(impl)
-        return kernel(
-            quad_q,
-            quad_k,
-            lin_q,
-            lin_k,
-            v,
-            chunk_size=chunk_size,
-            causal=causal,
-            segment_ids=segment_ids,
-            quad_bias=quad_bias,
-            interpret=interpret,
-        )
     if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if chunk_size <= 0:
@@ -229,9 +199,6 @@ def mixed_chunk_attention(
     return out_BGCE.reshape(B, G * C, -1)[:, :T].astype(v.dtype)
 
 
-FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
-
-
 class Boundary(NamedTuple):
     """What the tokens beyond the ends of a stretch of the sequence contribute to its linear part,
     per direction d (0: the tokens before the stretch, 1: those after it, bidirectional only):
@@ -256,41 +223,6 @@ def _check_boundary(boundary: Boundary, B: int, S: int, E: int, causal: bool) ->
         jnp.asarray(boundary.sum_BDSE, _F32),
         jnp.asarray(boundary.count_BD, _F32),
     )
-
-
-def target_device():
-    """The active mesh's (abstract) device, None without one: what the program being traced is
-    for, also when that is TPU chips compiled for ahead of time on a CPU host
-    (scripts/tpu_compile.py). Has `platform` and `device_kind`."""
-    return getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-
-
-def target_platform() -> str:
-    """The platform the program being traced is for: `target_device`'s, else the default
-    backend's."""
-    device = target_device()
-    return device.platform if device is not None else jax.default_backend()
-
-
-def flash_impl_for() -> str:
-    """What `impl="auto"` runs: the XLA path, on every backend for now. A kernel becomes the
-    default where it has been measured faster on hardware, and neither has yet: on an H100 the
-    Mosaic GPU kernel is correct but no faster than the XLA path in the train step (3.1 ms
-    against 2.3 ms for the op alone, forward + backward at 65,536 tokens;
-    docs/results/device_check_h100/), and the TPU kernel has not run on a TPU. Name one
-    (`impl="pallas_gpu"` / `"pallas_tpu"`, `model.flash_impl`) to use it."""
-    return "xla"
-
-
-def _kernel(impl: str):
-    """The kernel function of a Pallas impl (imported on first use)."""
-    if impl == "pallas_tpu":
-        from flash_jax.ops import pallas_tpu
-
-        return pallas_tpu.mixed_chunk_attention_tpu
-    from flash_jax.ops import pallas_gpu
-
-    return pallas_gpu.mixed_chunk_attention_gpu
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))

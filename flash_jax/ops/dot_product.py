@@ -12,7 +12,8 @@ padding, so no softmax row is empty):
   and falls back to the dense mask only for batches with several documents in a row.
 - `splash`: TPU splash attention (Pallas Mosaic) with its native segment ids and a causal block
   mask: no `[T, T]` array at all. T must be a multiple of its 128-token blocks.
-- `auto`: splash on TPU and cuDNN on GPU where they serve the shapes, XLA otherwise.
+- `auto`: splash on TPU and cuDNN on GPU where they serve the shapes, XLA otherwise
+  (`flash_jax.dispatch.attention_impl`).
 
 Shapes: q, k, v are `[B, T, H, D]` (batch, tokens, heads, head width); the result is `[B, T, H, D]`.
 """
@@ -25,16 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "xla", "cudnn", "splash")
-SPLASH_BLOCK = 128  # splash's block along the sequence (queries and keys)
+from flash_jax import dispatch
+from flash_jax.dispatch import SPLASH_BLOCK
 
 
 def dot_product_attention(q, k, v, *, causal: bool, segment_ids=None, impl: str = "xla"):
     """Softmax attention, scale 1/sqrt(D); see the module docstring for `impl`."""
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = auto_impl(q.shape[1], q.shape[-1], q.dtype)
+    impl = dispatch.attention_impl(impl, q.shape[1], q.shape[-1], q.dtype)
     if impl == "splash":
         return splash_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if segment_ids is None:
@@ -51,16 +49,6 @@ def dot_product_attention(q, k, v, *, causal: bool, segment_ids=None, impl: str 
         v,
         segment_ids,
     )
-
-
-def auto_impl(length: int, head_dim: int, dtype) -> str:
-    """The fastest implementation this backend has for these shapes."""
-    platform = jax.devices()[0].platform
-    if platform == "tpu" and length % SPLASH_BLOCK == 0:
-        return "splash"
-    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128:
-        return "cudnn"
-    return "xla"
 
 
 def attention_mask(segment_ids_BT, causal: bool):

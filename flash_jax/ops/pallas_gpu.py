@@ -15,11 +15,11 @@ own chunk). G = T / C chunks; K' = S (causal) or 2S (bidirectional).
 
 - XLA, outside the kernels: per chunk h the state A_h = sum of k_lin v^T over the tokens of the
   document of h's last token (and, bidirectional, B_h for its first token); the prefix over chunks
-  of the same document by one masked [G, G] matmul (the XLA path's link rule: chunk g continues
-  chunk g-1's document iff their last tokens share a segment id). The cross-chunk state of chunk g
-  is X_g = [P_{g-1}; Q_{g+1}] in bf16, [K', E]; each query's lin_q is masked to the states its
-  document continues (`qlx`, [C, K']), and N_i (the number of tokens its linear part averages)
-  is computed from counts alike.
+  of the same document by one masked [G, G] matmul (the XLA path's link rule, from its own
+  `attention._chunk_links`: chunk g continues chunk g-1's document iff their last tokens share a
+  segment id). The cross-chunk state of chunk g is X_g = [P_{g-1}; Q_{g+1}] in bf16, [K', E];
+  each query's lin_q is masked to the states its document continues (`qlx`, [C, K']), and
+  1 / N_i (N_i the number of tokens its linear part averages) is the links' `norm_BGC`.
 - Forward kernel, one program per (query block, chunk, batch): for each block of keys, scores
   s = qq kq^T / C + bias in float32, W = relu(s)^2 * mask (+ the bidirectional in-chunk linear
   block), stored in shared memory as bf16 [bq, C]; then, streaming E tiles of v and X through a
@@ -67,6 +67,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_jax.ops import attention
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
@@ -201,90 +203,28 @@ def _check_inputs(quad_q, quad_k, lin_q, lin_k, v, chunk_size, segment_ids, quad
     return B, T, C
 
 
-# ---------------------------------------------------------------- XLA: chunk context, states ----
+# ---------------------------------------------------------------- XLA: the states ----
 
 
-def _chunk_context(seg_BGC, causal):
-    """Masks, selection matrices and counts of the cross-chunk (linear) part, as the XLA op.
-
-    Returns a dict of:
-      take_fwd_BGC: token belongs to the document of its chunk's last token (enters A_h).
-      prev_sel_BGH: [g, h] = 1 iff A_h is part of P_{g-1}, the state before chunk g.
-      use_prev_BGC: the token's document continues from chunk g-1 (reads P_{g-1}).
-      (bidirectional) take_bwd_BGC, next_sel_BGH, use_next_BGC: the same after the chunk.
-      cnt_BGC: max(N_i, 1) in float32, N_i the number of tokens the linear part averages.
-    """
-    B, G, _ = seg_BGC.shape
-    valid_BGC = seg_BGC != 0
-    g = jnp.arange(G)
-    # Chunk g continues chunk g-1's document iff their last tokens share an id: runs of linked
-    # chunks; A_h enters P_g iff h <= g in the same run (no break in (h, g]).
-    seg_last_BG = seg_BGC[:, :, -1]
-    starts_BG = jnp.concatenate(
-        [jnp.ones((B, 1), bool), seg_last_BG[:, 1:] != seg_last_BG[:, :-1]], axis=1
-    )
-    run_BG = jnp.cumsum(starts_BG, axis=1)
-    incl_BGH = (g[None, None, :] <= g[None, :, None]) & (run_BG[:, :, None] == run_BG[:, None, :])
-    ctx = {
-        "take_fwd_BGC": (seg_BGC == seg_last_BG[:, :, None]) & valid_BGC,
-        "prev_sel_BGH": jnp.pad(incl_BGH[:, :-1], [(0, 0), (1, 0), (0, 0)]),
-        # 0 for chunk 0: never matches a real token
-        "use_prev_BGC": (seg_BGC == jnp.pad(seg_last_BG[:, :-1], [(0, 0), (1, 0)])[:, :, None])
-        & valid_BGC,
-    }
-    count_BGC = _state_count(ctx["prev_sel_BGH"], ctx["take_fwd_BGC"], ctx["use_prev_BGC"])
-    if not causal:
-        # Mirror image: chunk g continues into g+1 iff their first tokens share an id.
-        seg_first_BG = seg_BGC[:, :, 0]
-        ends_BG = jnp.concatenate(
-            [seg_first_BG[:, :-1] != seg_first_BG[:, 1:], jnp.ones((B, 1), bool)], axis=1
-        )
-        ends_before_BG = jnp.cumsum(ends_BG, axis=1) - ends_BG
-        incl_BGH = (g[None, None, :] >= g[None, :, None]) & (
-            ends_before_BG[:, :, None] == ends_before_BG[:, None, :]
-        )
-        ctx["take_bwd_BGC"] = (seg_BGC == seg_first_BG[:, :, None]) & valid_BGC
-        ctx["next_sel_BGH"] = jnp.pad(incl_BGH[:, 1:], [(0, 0), (0, 1), (0, 0)])
-        ctx["use_next_BGC"] = (
-            seg_BGC == jnp.pad(seg_first_BG[:, 1:], [(0, 0), (0, 1)])[:, :, None]
-        ) & valid_BGC
-        count_BGC += _state_count(ctx["next_sel_BGH"], ctx["take_bwd_BGC"], ctx["use_next_BGC"])
-        same_BGCC = (seg_BGC[..., :, None] == seg_BGC[..., None, :]) & valid_BGC[..., None, :]
-        count_BGC += jnp.where(valid_BGC, jnp.sum(same_BGCC, axis=-1, dtype=jnp.int32), 0)
-    ctx["cnt_BGC"] = jnp.maximum(count_BGC, 1).astype(_F32)
-    return ctx
-
-
-def _state_count(sel_BGH, take_BGC, use_BGC):
-    """Tokens behind each token's state: sum_h sel[g, h] * |take in chunk h|, where used (int)."""
-    per_chunk_BH = jnp.sum(take_BGC, axis=-1, dtype=jnp.int32)
-    behind_BG = jnp.sum(jnp.where(sel_BGH, per_chunk_BH[:, None, :], 0), axis=-1)
-    return jnp.where(use_BGC, behind_BG[:, :, None], 0)
-
-
-def _states(ctx, kl_BGCS, v_BGCE, causal):
-    """X [B, G, K', E] (float32): P_{g-1} and, bidirectional, Q_{g+1} stacked along K'."""
-
-    def prefix(take, sel):
-        own_BGSE = jnp.einsum(
-            "bgcs,bgce->bgse",
-            jnp.where(take[..., None], kl_BGCS, 0),
+def _states(links, kl_BGCS, v_BGCE):
+    """X [B, G, K', E] (float32): per direction d, the sum over the chunks h linked to chunk g
+    (`link_BDGH[:, d]`) of the per-chunk sums A[h, d] of kl v^T over `member_BGCD[..., d]`,
+    stacked along K' (P_{g-1}, and bidirectional Q_{g+1})."""
+    parts = []
+    for d in range(links.link_BDGH.shape[1]):
+        own_BHSE = jnp.einsum(
+            "bhcs,bhce->bhse",
+            jnp.where(links.member_BGCD[..., d, None], kl_BGCS, 0),
             v_BGCE,
             preferred_element_type=_F32,
         )
-        return jnp.einsum("bgh,bhse->bgse", sel.astype(_F32), own_BGSE)
-
-    x_BGKE = prefix(ctx["take_fwd_BGC"], ctx["prev_sel_BGH"])
-    if not causal:
-        x_BGKE = jnp.concatenate([x_BGKE, prefix(ctx["take_bwd_BGC"], ctx["next_sel_BGH"])], axis=2)
-    return x_BGKE
+        parts.append(jnp.einsum("bgh,bhse->bgse", links.link_BDGH[:, d].astype(_F32), own_BHSE))
+    return jnp.concatenate(parts, axis=2)
 
 
-def _masked_pair(x_BGCS, ctx, causal, fwd_key, bwd_key):
-    """[x where ctx[fwd_key]] (causal) or [.., x where ctx[bwd_key]] stacked along the last axis."""
-    parts = [jnp.where(ctx[fwd_key][..., None], x_BGCS, 0)]
-    if not causal:
-        parts.append(jnp.where(ctx[bwd_key][..., None], x_BGCS, 0))
+def _masked_pair(x_BGCS, mask_BGCD):
+    """[x where mask[..., d]] for each direction d, stacked along the last axis."""
+    parts = [jnp.where(mask_BGCD[..., d, None], x_BGCS, 0) for d in range(mask_BGCD.shape[-1])]
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -306,26 +246,26 @@ def _attention_fwd(qq, kq, ql, kl, v, bias_CC, seg_BT, cfg):
         return x.reshape((B, G, C) + x.shape[2:])
 
     seg_BGC = chunked(seg_BT)
-    ctx = _chunk_context(seg_BGC, cfg.causal)
+    links = attention._chunk_links(seg_BGC, cfg.causal)
     # Matmul operands in bf16 (see the module docstring); the states' sums from them in float32.
     qq_, kq_, ql_, kl_, v_ = (chunked(x).astype(_BF16) for x in (qq, kq, ql, kl, v))
-    x_BGKE = _states(ctx, kl_, v_, cfg.causal).astype(_BF16)
-    qlx_BGCK = _masked_pair(ql_, ctx, cfg.causal, "use_prev_BGC", "use_next_BGC")
+    x_BGKE = _states(links, kl_, v_).astype(_BF16)
+    qlx_BGCK = _masked_pair(ql_, links.use_BGCD)
     out_BGCE = _forward_kernel(
-        cfg, qq_, kq_, ql_, kl_, qlx_BGCK, x_BGKE, v_, seg_BGC, ctx["cnt_BGC"], bias_CC, v.dtype
+        cfg, qq_, kq_, ql_, kl_, qlx_BGCK, x_BGKE, v_, seg_BGC, links.norm_BGC, bias_CC, v.dtype
     )
     out_BTE = out_BGCE.reshape(B, G * C, -1)[:, :T]
-    res = (qq_, kq_, ql_, kl_, v_, qlx_BGCK, x_BGKE, seg_BGC, ctx, bias_CC)
+    res = (qq_, kq_, ql_, kl_, v_, qlx_BGCK, x_BGKE, seg_BGC, links, bias_CC)
     return out_BTE, res
 
 
 def _attention_bwd(cfg, res, dout_BTE):
-    qq_, kq_, ql_, kl_, v_, qlx_BGCK, x_BGKE, seg_BGC, ctx, bias_CC = res
+    qq_, kq_, ql_, kl_, v_, qlx_BGCK, x_BGKE, seg_BGC, links, bias_CC = res
     B, G, C, S = qq_.shape
     T, in_dtype = dout_BTE.shape[1], dout_BTE.dtype  # all inputs share v's dtype
     dout_BGCE = jnp.pad(dout_BTE, [(0, 0), (0, G * C - T), (0, 0)]).reshape(B, G, C, -1)
     do_ = dout_BGCE.astype(_BF16)
-    norm_BGC = 1.0 / ctx["cnt_BGC"]
+    norm_BGC = links.norm_BGC
 
     # XLA: the cross-chunk part, out += norm * (qlx X).
     dqlx_BGCK = norm_BGC[..., None] * jnp.einsum(
@@ -337,31 +277,33 @@ def _attention_bwd(cfg, res, dout_BTE):
         do_,
         preferred_element_type=_F32,
     )
-    # Through the prefix: d own-chunk state h = sum_g sel[g, h] dX_g.
-    sels = [ctx["prev_sel_BGH"]] + ([] if cfg.causal else [ctx["next_sel_BGH"]])
+    # Through the prefix: d own-chunk state h = sum_g link[g, h] dX_g.
+    directions = range(links.link_BDGH.shape[1])
     dstate_BGKE = jnp.concatenate(
         [
-            jnp.einsum("bgh,bgse->bhse", sel.astype(_F32), dx_BGKE[:, :, i * S : (i + 1) * S])
-            for i, sel in enumerate(sels)
+            jnp.einsum(
+                "bgh,bgse->bhse",
+                links.link_BDGH[:, d].astype(_F32),
+                dx_BGKE[:, :, d * S : (d + 1) * S],
+            )
+            for d in directions
         ],
         axis=2,
     ).astype(_BF16)
     dkl_state = jnp.einsum("bgce,bgke->bgck", v_, dstate_BGKE, preferred_element_type=_F32)
-    takes = ["take_fwd_BGC"] + ([] if cfg.causal else ["take_bwd_BGC"])
-    uses = ["use_prev_BGC"] + ([] if cfg.causal else ["use_next_BGC"])
     dkl_BGCS = sum(
-        jnp.where(ctx[k][..., None], dkl_state[..., i * S : (i + 1) * S], 0.0)
-        for i, k in enumerate(takes)
+        jnp.where(links.member_BGCD[..., d, None], dkl_state[..., d * S : (d + 1) * S], 0.0)
+        for d in directions
     )
     dql_BGCS = sum(
-        jnp.where(ctx[k][..., None], dqlx_BGCK[..., i * S : (i + 1) * S], 0.0)
-        for i, k in enumerate(uses)
+        jnp.where(links.use_BGCD[..., d, None], dqlx_BGCK[..., d * S : (d + 1) * S], 0.0)
+        for d in directions
     )
-    klx_BGCK = _masked_pair(kl_, ctx, cfg.causal, "take_fwd_BGC", "take_bwd_BGC")
+    klx_BGCK = _masked_pair(kl_, links.member_BGCD)
 
     # Kernels: the in-chunk blocks (and dv's state share, klx dstate, fused).
     dqq_BGCS, dql_blk, dbias_parts = _dq_kernel(
-        cfg, qq_, kq_, ql_, kl_, v_, do_, seg_BGC, ctx["cnt_BGC"], bias_CC
+        cfg, qq_, kq_, ql_, kl_, v_, do_, seg_BGC, norm_BGC, bias_CC
     )
     dkq_BGCS, dkl_blk, dv_BGCE = _dkv_kernel(
         cfg,
@@ -374,7 +316,7 @@ def _attention_bwd(cfg, res, dout_BTE):
         klx_BGCK,
         dstate_BGKE,
         seg_BGC,
-        ctx["cnt_BGC"],
+        norm_BGC,
         bias_CC,
         in_dtype,
     )
@@ -620,8 +562,9 @@ def _score_blocks(cfg, *, quad_rows, lin_rows, col_sources, rows_seg, row0, rows
     )
 
 
-def _forward_kernel(cfg, qq, kq, ql, kl, qlx, x, v, seg, cnt, bias, out_dtype):
-    """out [B, G, C, E] = (qlx X + (W * cnt) v) / cnt, W the mixed in-chunk block."""
+def _forward_kernel(cfg, qq, kq, ql, kl, qlx, x, v, seg, norm, bias, out_dtype):
+    """out [B, G, C, E] = (qlx X + (W / norm) v) * norm, W the mixed in-chunk
+    block, norm = 1 / N."""
     B, G, C, S = qq.shape
     E, K = v.shape[-1], qlx.shape[-1]
     bq, bk, be = cfg.block_q, cfg.block_k, cfg.block_e
@@ -637,17 +580,17 @@ def _forward_kernel(cfg, qq, kq, ql, kl, qlx, x, v, seg, cnt, bias, out_dtype):
         v.reshape(B, G, C, ne, be),
         seg.reshape(B, G, nq, bq),
         seg.reshape(B, G, cfg.nk, bk),
-        cnt.reshape(B, G, nq, bq),
+        norm.reshape(B, G, nq, bq),
         bias.reshape(nq, bq, cfg.nk, bk),
     )
 
-    def body(qq_r, kq_r, ql_r, kl_r, qlx_r, x_r, v_r, segq_r, segk_r, cnt_r, bias_r, out_r):
+    def body(qq_r, kq_r, ql_r, kl_r, qlx_r, x_r, v_r, segq_r, segk_r, norm_r, bias_r, out_r):
         qi, g, b = _block_index()
 
-        def with_top(w_s, qlx_s, segq_s, cnt_s, bars):
+        def with_top(w_s, qlx_s, segq_s, norm_s, bars):
             plgpu.copy_gmem_to_smem(qlx_r.at[b, g, qi], qlx_s, bars.at[2])  # awaited below
-            _load_now([(segq_r.at[b, g, qi], segq_s), (cnt_r.at[b, g, qi], cnt_s)], bars)
-            cnt = cnt_s[...]
+            _load_now([(segq_r.at[b, g, qi], segq_s), (norm_r.at[b, g, qi], norm_s)], bars)
+            norm = norm_s[...]
 
             def col_sources(j):
                 src = {"quad": _t_source(cfg, kq_r, b, g, j), "seg": segk_r.at[b, g, j]}
@@ -659,7 +602,7 @@ def _forward_kernel(cfg, qq, kq, ql, kl, qlx, x, v, seg, cnt, bias, out_dtype):
 
             def emit(j, s, lin_s, same, quad, vec):
                 mix = jnp.where(quad, jnp.square(jnp.maximum(s, 0.0)), 0.0)
-                mix = mix * lax.broadcast_in_dim(cnt, mix.shape, [0])
+                mix = mix / lax.broadcast_in_dim(norm, mix.shape, [0])
                 if lin_s is not None:
                     mix = mix + jnp.where(same, lin_s, 0.0)
                 w_s[:, pl.ds(j * bk, bk)] = mix.astype(_BF16)
@@ -676,7 +619,7 @@ def _forward_kernel(cfg, qq, kq, ql, kl, qlx, x, v, seg, cnt, bias, out_dtype):
             )
             plgpu.commit_smem()  # W, written from registers, is read by the wgmma below
             plgpu.barrier_wait(bars.at[2])
-            inv_cnt = lax.broadcast_in_dim(1.0 / cnt, (bq, be), [0])
+            norm_be = lax.broadcast_in_dim(norm, (bq, be), [0])
 
             def tiles(v_s, x_s, o_s, v_bars, x_bars):
                 def compute(e, slot):
@@ -685,7 +628,7 @@ def _forward_kernel(cfg, qq, kq, ql, kl, qlx, x, v, seg, cnt, bias, out_dtype):
                         plgpu.wgmma(acc, w_s, v_s.at[slot])
                         return acc[...]
 
-                    out = pl.run_scoped(acc_body, plgpu.ACC((bq, be), _F32)) * inv_cnt
+                    out = pl.run_scoped(acc_body, plgpu.ACC((bq, be), _F32)) * norm_be
                     plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # o_s[slot]'s last copy
                     o_s.at[slot][...] = out.astype(out_dtype)
                     plgpu.commit_smem()
@@ -746,7 +689,7 @@ def _final_matmuls(pairs, dsts, shape):
     pl.run_scoped(scoped, _operand((C, S)), plgpu.SMEM((R, S), _F32), _barriers(len(pairs)))
 
 
-def _dq_kernel(cfg, qq, kq, ql, kl, v, do, seg, cnt, bias):
+def _dq_kernel(cfg, qq, kq, ql, kl, v, do, seg, norm, bias):
     """Query-side gradients of the in-chunk blocks, per query block.
 
     dW = dO v^T (all E); g = dW * mask * 2 relu(s) (= dL/ds); d quad_q = g kq / C; the bias
@@ -770,7 +713,7 @@ def _dq_kernel(cfg, qq, kq, ql, kl, v, do, seg, cnt, bias):
         vt,
         seg.reshape(B, G, nq, bq),
         seg.reshape(B, G, cfg.nk, bk),
-        cnt.reshape(B, G, nq, bq),
+        norm.reshape(B, G, nq, bq),
         bias.reshape(nq, bq, cfg.nk, bk),
     )
     rows_type = jax.ShapeDtypeStruct((B, G, nq, bq, S), _F32)
@@ -779,15 +722,15 @@ def _dq_kernel(cfg, qq, kq, ql, kl, v, do, seg, cnt, bias):
         out_types.append(jax.ShapeDtypeStruct((B, G, nq, bq, cfg.nk, bk), _F32))
 
     def body(
-        qq_r, kqt_r, kq_r, ql_r, klt_r, kl_r, do_r, vt_r, segq_r, segk_r, cnt_r, bias_r, *outs
+        qq_r, kqt_r, kq_r, ql_r, klt_r, kl_r, do_r, vt_r, segq_r, segk_r, norm_r, bias_r, *outs
     ):
         qi, g, b = _block_index()
         dqq_r, dql_r = outs[0], (outs[1] if lin else None)
         gb_r = outs[-1] if cfg.has_bias else None
 
-        def with_top(segq_s, cnt_s, grad_s, bars):
-            _load_now([(segq_r.at[b, g, qi], segq_s), (cnt_r.at[b, g, qi], cnt_s)], bars)
-            inv_cnt = 1.0 / cnt_s[...]
+        def with_top(segq_s, norm_s, grad_s, bars):
+            _load_now([(segq_r.at[b, g, qi], segq_s), (norm_r.at[b, g, qi], norm_s)], bars)
+            norm = norm_s[...]
 
             def dw_phase(do_s, vt_s, do_bars, vt_bars):
                 def acc_body(acc):
@@ -824,7 +767,7 @@ def _dq_kernel(cfg, qq, kq, ql, kl, v, do, seg, cnt, bias):
                     grad_s["quad"][:, pl.ds(j * bk, bk)] = g_j.astype(_BF16)
                     if lin:
                         h_j = jnp.where(
-                            same, dw_j * lax.broadcast_in_dim(inv_cnt, same.shape, [0]), 0.0
+                            same, dw_j * lax.broadcast_in_dim(norm, same.shape, [0]), 0.0
                         )
                         grad_s["lin"][:, pl.ds(j * bk, bk)] = h_j.astype(_BF16)
                     if cfg.has_bias:
@@ -869,7 +812,7 @@ def _dq_kernel(cfg, qq, kq, ql, kl, v, do, seg, cnt, bias):
     return dqq, dql, gbias
 
 
-def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, cnt, bias, out_dtype):
+def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, norm, bias, out_dtype):
     """Key-side gradients, per key block, in the transposed orientation (rows = keys).
 
     Mix^T = (relu(s)^2 * mask)^T (+ bidirectional (same * ql kl^T / N)^T); dW^T = v dO^T (all E);
@@ -897,7 +840,7 @@ def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, cnt, bias, out_dty
         dstate.reshape(B, G, K, ne, be),
         seg.reshape(B, G, nq, bq),
         seg.reshape(B, G, cfg.nk, bk),
-        cnt.reshape(B, G, cfg.nk, bk),
+        norm.reshape(B, G, cfg.nk, bk),
         bias.T.reshape(nq, bq, cfg.nk, bk),  # bias^T[j, i] = bias[i, j]: rows are keys
     )
     rows_type = jax.ShapeDtypeStruct((B, G, nq, bq, S), _F32)
@@ -918,7 +861,7 @@ def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, cnt, bias, out_dty
         ds_r,
         segk_r,
         segq_r,
-        cnt_r,
+        norm_r,
         bias_r,
         *outs,
     ):
@@ -929,7 +872,7 @@ def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, cnt, bias, out_dty
             src = {
                 "quad": _t_source(cfg, qqt_r, b, g, i),
                 "seg": segq_r.at[b, g, i],
-                "vec": cnt_r.at[b, g, i],
+                "vec": norm_r.at[b, g, i],
             }
             if lin:
                 src["lin"] = _t_source(cfg, qlt_r, b, g, i)
@@ -953,11 +896,11 @@ def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, cnt, bias, out_dty
             _load_now([(segk_r.at[b, g, ki], segk_s)], bars)
             segk = segk_s[...]
 
-            def emit_mix(i, s, lin_s, same, quad, cnt):
+            def emit_mix(i, s, lin_s, same, quad, norm):
                 mix = jnp.where(quad, jnp.square(jnp.maximum(s, 0.0)), 0.0)
                 if lin_s is not None:
-                    inv_cnt = lax.broadcast_in_dim(1.0 / cnt, mix.shape, [1])
-                    mix = mix + jnp.where(same, lin_s * inv_cnt, 0.0)
+                    norm_cc = lax.broadcast_in_dim(norm, mix.shape, [1])
+                    mix = mix + jnp.where(same, lin_s * norm_cc, 0.0)
                 mix_s[:, pl.ds(i * bk, bk)] = mix.astype(_BF16)
 
             key_scores(segk, emit_mix)
@@ -1007,13 +950,13 @@ def _dkv_kernel(cfg, qq, kq, ql, kl, v, do, klx, dstate, seg, cnt, bias, out_dty
             )
 
             def grads(h_s):
-                def emit_grads(i, s, lin_s, same, quad, cnt):
+                def emit_grads(i, s, lin_s, same, quad, norm):
                     dwt_i = _columns(dwt, i * bk, bk)
                     g_i = jnp.where(quad, dwt_i * (2.0 * jnp.maximum(s, 0.0)), 0.0)
                     mix_s[:, pl.ds(i * bk, bk)] = g_i.astype(_BF16)  # Mix^T is spent: reuse
                     if lin:
-                        inv_cnt = lax.broadcast_in_dim(1.0 / cnt, same.shape, [1])
-                        h_s[:, pl.ds(i * bk, bk)] = jnp.where(same, dwt_i * inv_cnt, 0.0).astype(
+                        norm_cc = lax.broadcast_in_dim(norm, same.shape, [1])
+                        h_s[:, pl.ds(i * bk, bk)] = jnp.where(same, dwt_i * norm_cc, 0.0).astype(
                             _BF16
                         )
 

@@ -91,7 +91,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flash_jax.ops import attention
+from flash_jax import dispatch
 
 _F32 = jnp.float32
 _LANES = 128  # the TPU vector register is (8 sublanes, 128 lanes) of 32 bits
@@ -325,7 +325,7 @@ def _vmem_capacity(vmem_capacity_bytes):
     if jax.default_backend() == "tpu":
         return pltpu.get_tpu_info().vmem_capacity_bytes
     # A program for TPU devices that are not attached (an ahead-of-time compile): their kind.
-    device = attention.target_device()
+    device = dispatch.target_device()
     return VMEM_BYTES_BY_KIND.get(getattr(device, "device_kind", None), _V4_VMEM_BYTES)
 
 

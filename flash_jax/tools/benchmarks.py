@@ -1,4 +1,4 @@
-"""What the benchmark scripts share (scripts/benchmark.py, step_breakdown.py, bench_checkpoint.py):
+"""What the benchmark scripts share (scripts/benchmark.py, profile_step.py, bench_checkpoint.py):
 the training config of a model at one context, synthetic batches, a compiled program's FLOPs and
 the bytes its collectives move, the machine a measurement ran on and the report files.
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from flash_jax import models, runs
-from flash_jax.config import RunConfig, default_config_dict, depth_factor
+from flash_jax.config import RunConfig, default_config_dict
 
 # The config key that `model@impl` sets: only FLASH and the softmax Transformers have a choice of
 # attention implementation (FLASH-Quad, Performer and Combiner run one XLA path).
@@ -71,7 +71,7 @@ def bench_config(
     if qk_dim:
         m.qk_dim = qk_dim
     if transformer_layers:
-        m.num_layers = transformer_layers * depth_factor(name)
+        m.num_layers = transformer_layers * models.depth_factor(name)
     if impl:
         m[IMPL_KEYS[name]] = impl
     config.data.update(seq_len=context, batch_size=tokens_per_step // context)

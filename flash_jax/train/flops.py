@@ -1,4 +1,5 @@
-"""Analytic FLOP counts of a training step, for model FLOPs utilisation (MFU) and benchmarks.
+"""Analytic FLOP counts of a training step, and the devices' peak FLOP/s, for model FLOPs
+utilisation (MFU) and benchmarks.
 
 XLA's cost analysis counts the body of a `scan` once, and the layers are one scanned body, so
 it undercounts the model by about num_layers; these closed forms count what the model computes.
@@ -75,3 +76,28 @@ def analytic_flops(model_config, context: int, tokens: int, num_params: int) -> 
         "position_bias": float(position_bias),
         "total": float(dense + attention + position_bias),
     }
+
+
+# Dense bf16 peak FLOP/s per chip, matched against `jax.devices()[0].device_kind` (lowercased;
+# first match wins, so the more specific names come first). Vendor data sheets; the H100 and H200
+# figures are the SXM parts (the PCIe H100 peaks near 756 TFLOP/s).
+PEAK_FLOPS = (
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
+    ("tpu v4", 275e12),
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+)
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    for name, peak in PEAK_FLOPS:
+        if name in kind:
+            return peak
+    return None

@@ -29,6 +29,7 @@ from flash_jax.train import (
     signals,
     step,
 )
+from flash_jax.train import wandb_run as wandb_lib
 from flash_jax.train import workdir as workdir_lib
 
 # ----------------------------------------------------------------------------- checks
@@ -107,7 +108,7 @@ def train_and_evaluate(
     use_compilation_cache(t.compilation_cache_dir)
     finished = finished_step(config, workdir)
     if finished is not None:  # nothing to check, build, restore or compile
-        return finished_summary(workdir, finished)
+        return summary("finished", finished, checkpoint_format.checkpoint_dir(workdir))
     splits = ["train", t.eval_split] if t.evaluates else ["train"]
     data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
@@ -122,27 +123,14 @@ def train_and_evaluate(
         # Several processes stop together at the preemption sync point, never on a local signal.
         several = jax.process_count() > 1
         stop = stack.enter_context(signals.stop_requests(enabled=not several))
-        # A run that stops before it has saved or logged anything (its config, Ctrl-C during the
-        # first compile) leaves no skeleton of the workdir it created behind.
-        remove_unused = functools.partial(workdir_lib.remove_if_unused, workdir)
-        if created:
-            stack.callback(remove_unused)
-        if lock is not None:
-            stack.callback(lock.release)
-            stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
-            stack.callback(stop.at_exit.remove, lock.release)
-        if created:  # ... also when a second Ctrl-C exits at once
-            stop.at_exit.append(remove_unused)
-            stack.callback(stop.at_exit.remove, remove_unused)
+        release_workdir_at_exit(stack, stop, workdir, created, lock)
         checkpoint.check_writable(workdir, t.num_steps)  # before the compile, not at a save
 
         # ---- build and compile: a config that cannot fit stops here, before anything is written
         fns = step.build(config, mesh)
+        num_params = f"{fns.num_params:,}"
         logging.info(
-            "model %s: %s parameters; mesh %s",
-            config.model.name,
-            f"{fns.num_params:,}",
-            dict(mesh.shape),
+            "model %s: %s parameters; mesh %s", config.model.name, num_params, dict(mesh.shape)
         )
         rest = fns.init_rest()
         pipe = train_pipeline(config, mesh)  # its first batches load while the step compiles
@@ -152,27 +140,11 @@ def train_and_evaluate(
 
         # ---- resume
         # W&B first: it is the other start that can fail on the config (not logged in).
-        wandb_run, wandb_continued = None, False
-        if is_main and config.log.wandb_project:
-            wandb_run, wandb_continued = report.start_wandb(epath.Path(workdir), config)
-            stack.callback(report.finish_wandb, wandb_run)  # after the reporter's last record
-        ckpts = checkpoint.Checkpoints(
-            workdir,
-            t.keep_checkpoints,
-            keep_every_steps=t.keep_every_steps,
-            keep_best=t.keep_best,
-            max_failed_saves=t.max_failed_saves,
-        )
+        wandb_run, wandb_continued = start_wandb(stack, config, workdir, is_main)
+        ckpts = open_checkpoints(config, workdir)
         stack.callback(ckpts.close)
-        latest = ckpts.check_compatible(config.model)
         resolved = json_safe(config.to_dict())
-        if latest is None:
-            state = fns.init_state()
-        else:
-            # A checkpoint of another host layout is a ValueError here: nothing of this run is
-            # written yet (but W&B's files).
-            state, _, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
-            logging.info("resuming from step %d (input stream restored)", restored)
+        state = resume(ckpts, fns, config, pipe)
         if is_main:
             (epath.Path(workdir) / runs.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
@@ -191,17 +163,12 @@ def train_and_evaluate(
         distributed.barrier(f"flash_jax_compiled_{start}")
         profiler = profiling.Profiler(t, str(epath.Path(workdir) / report.TENSORBOARD_DIR))
         stack.callback(profiler.close)
-        # Model FLOPs (analytic: XLA's cost analysis counts the scanned layer body once).
-        tokens_per_step = config.data.batch_size * config.data.seq_len
-        model_flops = flops.analytic_flops(
-            config.model, config.data.seq_len, tokens_per_step, fns.num_params
-        )["total"]
-        step_metrics = report.StepMetrics(config, reporter, ckpts.keep_by_loss, model_flops)
+        metrics = report.StepMetrics(config, reporter, ckpts.keep_by_loss, model_flops(config, fns))
 
         eval_losses = {}  # step -> eval loss, saved with that step's checkpoint (keep_best)
 
         def save():
-            step_metrics.drain()  # never save a state whose loss has not been checked
+            metrics.drain()  # never save a state whose loss has not been checked
             meta = {
                 "step": done,
                 "data_position": pipe.position,
@@ -214,7 +181,7 @@ def train_and_evaluate(
             ckpts.save(done, state, meta, pipe)  # "checkpoint saved" is logged on commit
 
         def evaluate():
-            step_metrics.drain()
+            metrics.drain()
             eval_losses[done] = periodic_eval(config, fns, state["params"], rest, reporter, done)
 
         # ---- train
@@ -222,7 +189,7 @@ def train_and_evaluate(
         for _ in range(start, t.num_steps):
             # Step `done` has finished (its loss is read) before the next one is dispatched: a
             # stop asked while it ran (or while compiling) saves it, not the step after it.
-            step_metrics.drain()
+            metrics.drain()
             if stop.is_set() and not several:
                 status = "preempted"
                 break
@@ -230,12 +197,12 @@ def train_and_evaluate(
                 state, device_metrics = train_step(state, rest, next_batch(pipe, fns))
             done += 1
             profiler.after(done, state)
-            step_metrics.push(done, device_metrics)  # reads the previous step's
+            metrics.push(done, device_metrics)  # reads the previous step's
             ckpts.poll()  # a save that committed or failed since the last step
             for hook in hooks:
                 hook(done)
             preempted = ckpts.manager.reached_preemption(done) if several else stop.is_set()
-            with step_metrics.paused():
+            with metrics.paused():
                 evaluates = t.evaluates and (done % t.eval_every == 0 or done == t.num_steps)
                 if evaluates and not preempted:  # first, so that its loss is saved (keep_best)
                     evaluate()
@@ -246,30 +213,88 @@ def train_and_evaluate(
             if preempted:
                 status = "preempted"
                 break
-        step_metrics.drain()
+        metrics.drain()
         if done > start:
             save()
             # A preempted run's last state is checked by its resume's first step instead: the
             # forward pass (and its compile) would delay the exit a preemption grants time for.
             if ckpts.unverified == done and status != "preempted":
-                # The last state's own loss (no later step computes it): one forward pass on
-                # the batch step done + 1 would take.
-                nll, weight = jax.device_get(
-                    fns.eval_step(state["params"], rest, next_batch(pipe, fns))
-                )
-                step_metrics.check_loss(done + 1, float(nll) / max(float(weight), 1.0))
+                check_last_loss(fns, state, rest, pipe, metrics, done)
         ckpts.finish()  # CheckpointSaveError if the last save did not commit
-        stopped_by = None  # train.py's summary line says what stopped the run
-        if status == "preempted":
-            stopped_by = "preemption" if several else stop.reason
-        return {
-            "status": status,
-            "step": done,
-            "last": step_metrics.last,
-            "checkpoint_dir": ckpts.directory,
-            "stopped_by": stopped_by,
-            "saved": done if done > start else None,
-        }
+        preempted_by = "preemption" if several else stop.reason  # for train.py's summary line
+        return summary(
+            status,
+            done,
+            ckpts.directory,
+            last=metrics.last,
+            stopped_by=preempted_by if status == "preempted" else None,
+            saved=done if done > start else None,
+        )
+
+
+def release_workdir_at_exit(stack, stop, workdir: str, created: bool, lock) -> None:
+    """Hands the workdir back when the run ends: its lock released, and a workdir this run
+    created removed again if nothing was saved or logged in it (its config, Ctrl-C during the
+    first compile), also when a second Ctrl-C exits at once."""
+    remove_unused = functools.partial(workdir_lib.remove_if_unused, workdir)
+    if created:
+        stack.callback(remove_unused)
+    if lock is not None:
+        stack.callback(lock.release)
+        stop.at_exit.append(lock.release)  # a second Ctrl-C exits at once: release first
+        stack.callback(stop.at_exit.remove, lock.release)
+    if created:
+        stop.at_exit.append(remove_unused)
+        stack.callback(stop.at_exit.remove, remove_unused)
+
+
+def start_wandb(stack, config: RunConfig, workdir: str, is_main: bool):
+    """The run's W&B run and whether it continues the workdir's earlier one; (None, False)
+    without `log.wandb_project` and on processes other than the main one. It finishes after
+    the reporter's last record (`stack` closes it)."""
+    if not (is_main and config.log.wandb_project):
+        return None, False
+    run, continued = wandb_lib.start(epath.Path(workdir), config)
+    stack.callback(wandb_lib.finish, run)
+    return run, continued
+
+
+def open_checkpoints(config: RunConfig, workdir: str) -> checkpoint.Checkpoints:
+    t = config.train
+    return checkpoint.Checkpoints(
+        workdir,
+        t.keep_checkpoints,
+        keep_every_steps=t.keep_every_steps,
+        keep_best=t.keep_best,
+        max_failed_saves=t.max_failed_saves,
+    )
+
+
+def resume(ckpts, fns: step.StepFns, config: RunConfig, pipe):
+    """The state to train from: a fresh state, or the newest intact checkpoint's, with the input
+    stream `pipe` restored to where it was. A checkpoint of another host layout is a ValueError:
+    nothing of this run is written yet (but W&B's files)."""
+    if ckpts.check_compatible(config.model) is None:
+        return fns.init_state()
+    state, _, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
+    logging.info("resuming from step %d (input stream restored)", restored)
+    return state
+
+
+def model_flops(config: RunConfig, fns: step.StepFns) -> float:
+    """FLOPs of one train step, analytic: XLA's cost analysis counts the scanned layer body
+    once."""
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    return flops.analytic_flops(config.model, config.data.seq_len, tokens_per_step, fns.num_params)[
+        "total"
+    ]
+
+
+def check_last_loss(fns: step.StepFns, state, rest, pipe, metrics, done: int) -> None:
+    """The last state's own loss, which no later step computes: one forward pass on the batch
+    step done + 1 would take (its checkpoint is kept only if the loss is finite)."""
+    nll, weight = jax.device_get(fns.eval_step(state["params"], rest, next_batch(pipe, fns)))
+    metrics.check_loss(done + 1, float(nll) / max(float(weight), 1.0))
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -320,15 +345,24 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
     return latest
 
 
-def finished_summary(workdir: str, finished: int) -> dict:
-    """`train_and_evaluate`'s summary for a run that had already finished at step `finished`."""
+def summary(
+    status: str,
+    step_done: int,
+    checkpoint_dir: str,
+    *,
+    last: dict | None = None,
+    stopped_by: str | None = None,
+    saved: int | None = None,
+) -> dict:
+    """What `train_and_evaluate` returns (its docstring says what each key means); train.py's
+    summary lines are made from it."""
     return {
-        "status": "finished",
-        "step": finished,
-        "last": {},
-        "checkpoint_dir": checkpoint_format.checkpoint_dir(workdir),
-        "stopped_by": None,
-        "saved": None,
+        "status": status,
+        "step": step_done,
+        "last": {} if last is None else last,
+        "checkpoint_dir": checkpoint_dir,
+        "stopped_by": stopped_by,
+        "saved": saved,
     }
 
 

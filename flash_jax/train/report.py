@@ -1,7 +1,8 @@
 """Training metrics: the loop's bookkeeping (`StepMetrics`) and where they go (`Reporter`:
 TensorBoard events through clu with the run's hyperparameters, `metrics.jsonl`, a console line with
-an ETA, and Weights & Biases when `log.wandb_project` is set); eval.py's results as TensorBoard
-scalars (`write_eval_scalars`); the summary a run ends with (`run_summary`)."""
+an ETA, and the run's Weights & Biases run, `wandb_run.py`, when `log.wandb_project` is set);
+eval.py's results as TensorBoard scalars (`write_eval_scalars`); the summary a run ends with
+(`run_summary`)."""
 
 from __future__ import annotations
 
@@ -22,34 +23,10 @@ from etils import epath
 from flash_jax import losses, runs
 from flash_jax.runs import METRICS_FILE
 from flash_jax.train import memory
+from flash_jax.train.flops import peak_flops_per_device  # a name here: tests stand in a peak
 
 TENSORBOARD_DIR = "tensorboard"
-WANDB_ID_FILE = "wandb_run_id"  # the W&B run a resumed run continues
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-# Dense bf16 peak FLOP/s per chip, matched against `jax.devices()[0].device_kind` (lowercased;
-# first match wins, so the more specific names come first). Vendor data sheets; the H100 and H200
-# figures are the SXM parts (the PCIe H100 peaks near 756 TFLOP/s).
-PEAK_FLOPS = (
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v6e", 918e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),  # v5p reports itself as "TPU v5"
-    ("tpu v4", 275e12),
-    ("h200", 989e12),
-    ("h100", 989e12),
-    ("a100", 312e12),
-)
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for name, flops in PEAK_FLOPS:
-        if name in kind:
-            return flops
-    return None
 
 
 def format_duration(seconds: float) -> str:
@@ -135,8 +112,8 @@ class Reporter:
         wandb_continued: bool = False,
     ):
         """`config` (a RunConfig): written as TensorBoard hyperparameters. `wandb_run`
-        (`start_wandb`'s) also gets the records; its starter finishes it (`finish_wandb`).
-        `wandb_continued`: the W&B run is the workdir's earlier one (`start_wandb`'s)."""
+        (`wandb_run.start`'s) also gets the records; its starter finishes it
+        (`wandb_run.finish`). `wandb_continued`: the W&B run is the workdir's earlier one."""
         self.num_steps = num_steps
         self.is_main = is_main
         self._writer = None
@@ -243,50 +220,6 @@ def flat_hparams(config: dict, prefix: str = "") -> dict:
         else:
             flat[name] = runs.to_json(runs.json_safe(value))
     return flat
-
-
-def start_wandb(workdir: epath.Path, config):
-    """The W&B run of this workdir (`log.wandb_project`): a new one, or the one whose id the
-    workdir keeps (a resumed run continues it), and whether it continues one: (run, continued).
-    The resolved config is the run's config. W&B is imported only here; its files go under the
-    workdir when that is local. ValueError (one line) when W&B is not installed or cannot start
-    (not logged in: `wandb login`, or WANDB_MODE=offline)."""
-    try:
-        import wandb
-    except ImportError as e:
-        raise ValueError(
-            f"log.wandb_project is set but wandb cannot be imported ({e}): pip install wandb, or "
-            "leave log.wandb_project empty"
-        ) from e
-    id_file = workdir / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else None
-    local = "://" not in str(workdir)
-    try:
-        run = wandb.init(
-            project=config.log.wandb_project,
-            id=run_id,  # None: a new run, whose id is kept below
-            resume="allow",
-            name=workdir.name,
-            config=runs.json_safe(config.to_dict()),
-            dir=str(workdir) if local else None,
-        )
-    except Exception as e:  # noqa: BLE001 - W&B's errors are many; the user needs one line
-        raise ValueError(
-            f"log.wandb_project={config.log.wandb_project!r}: W&B could not start "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}); "
-            "run `wandb login`, set WANDB_MODE=offline, or leave log.wandb_project empty"
-        ) from e
-    if run_id is None:
-        id_file.write_text(run.id)
-    return run, run_id is not None
-
-
-def finish_wandb(run) -> None:
-    """Finishes a `start_wandb` run (uploads what is left); a failure is one warning line."""
-    try:
-        run.finish()
-    except Exception as e:  # noqa: BLE001 - W&B's errors are many; the run's work is done
-        logging.warning("could not finish the W&B run (%s)", e)
 
 
 def windows_tag(result: dict) -> str:

@@ -125,29 +125,14 @@ def summed_grads(
 def build(config, mesh: jax.sharding.Mesh) -> StepFns:
     """Abstract state, shardings and jitted functions for `config` on `mesh` (nothing runs yet)."""
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    accum = int(config.train.grad_accum_steps)
     seed = int(config.seed)
 
     def create_model():
         return models.create(config.model, rngs=nnx.Rngs(seed), sharding_rules=rules)
 
-    abstract_model = nnx.eval_shape(create_model)
-    graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(create_model), nnx.Param, ...)
     tx, schedule = optim.make_optimizer(config.train, optim.decay_mask(abs_params))
-    # Variables (with their logical axes) go through tx.init so that the optimizer state inherits
-    # the parameters' metadata, hence their shardings.
-    abs_state_vars = {
-        "step": jax.ShapeDtypeStruct((), jnp.int32),
-        "params": abs_params,
-        "opt_state": jax.eval_shape(tx.init, abs_params),
-        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
-    }
-    state_shardings = sharding.param_shardings(abs_state_vars, mesh, rules, strict=False)
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nnx.as_pure(abs_state_vars),
-        state_shardings,
-    )
+    abstract_state, state_shardings = _abstract_state(abs_params, tx, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     rest_shardings = jax.tree.map(lambda _: replicated, nnx.as_pure(abs_rest))
     abstract_rest = jax.tree.map(
@@ -176,6 +161,57 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         # Only the non-trained variables are returned; XLA drops the parameter initialisers.
         return nnx.as_pure(nnx.split(create_model(), nnx.Param, ...)[2])
 
+    train_step = make_train_step(graphdef, tx, schedule, config.train, mesh, rules)
+    return StepFns(
+        mesh=mesh,
+        graphdef=graphdef,
+        abstract_state=abstract_state,
+        abstract_rest=abstract_rest,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        schedule=schedule,
+        num_params=num_params,
+        init_state=jax.jit(init_state, out_shardings=state_shardings),
+        init_rest=jax.jit(init_rest, out_shardings=rest_shardings),
+        train_step=jax.jit(
+            train_step,
+            in_shardings=(state_shardings, rest_shardings, batch_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        ),
+        eval_step=jax.jit(
+            make_eval_step(graphdef),
+            in_shardings=(state_shardings["params"], rest_shardings, batch_shardings),
+            out_shardings=replicated,
+        ),
+    )
+
+
+def _abstract_state(abs_params, tx: optax.GradientTransformation, mesh, rules):
+    """The train state's ShapeDtypeStructs, each carrying its sharding, and those shardings."""
+    # Variables (with their logical axes) go through tx.init so that the optimizer state inherits
+    # the parameters' metadata, hence their shardings.
+    abs_state_vars = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": abs_params,
+        "opt_state": jax.eval_shape(tx.init, abs_params),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
+    state_shardings = sharding.param_shardings(abs_state_vars, mesh, rules, strict=False)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.as_pure(abs_state_vars),
+        state_shardings,
+    )
+    return abstract_state, state_shardings
+
+
+def make_train_step(graphdef, tx, schedule: optax.Schedule, train_config, mesh, rules):
+    """(state, rest, batch) -> (new state, metrics): one optimizer step on the batch's mean
+    token loss (summed over `train_config.grad_accum_steps` micro-batches), not yet jitted."""
+    accum = int(train_config.grad_accum_steps)
+    loss_blocks = int(train_config.loss_blocks)
+
     def train_step(state, rest, batch):
         params = state["params"]
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -186,7 +222,7 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
             batch,
             step_key,
             accum=accum,
-            loss_blocks=int(config.train.loss_blocks),
+            loss_blocks=loss_blocks,
             batch_shards=data_parallel_size(mesh, rules),
             rules=rules,
         )
@@ -210,6 +246,12 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         }
         return new_state, step_metrics
 
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """(params, rest, batch) -> (summed NLL, summed weight), not yet jitted."""
+
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         logits_BTV = model(
@@ -217,29 +259,7 @@ def build(config, mesh: jax.sharding.Mesh) -> StepFns:
         )
         return losses.cross_entropy(logits_BTV, batch["targets"], batch["weights"])
 
-    return StepFns(
-        mesh=mesh,
-        graphdef=graphdef,
-        abstract_state=abstract_state,
-        abstract_rest=abstract_rest,
-        state_shardings=state_shardings,
-        batch_sharding=batch_sharding,
-        schedule=schedule,
-        num_params=num_params,
-        init_state=jax.jit(init_state, out_shardings=state_shardings),
-        init_rest=jax.jit(init_rest, out_shardings=rest_shardings),
-        train_step=jax.jit(
-            train_step,
-            in_shardings=(state_shardings, rest_shardings, batch_shardings),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
-        ),
-        eval_step=jax.jit(
-            eval_step,
-            in_shardings=(state_shardings["params"], rest_shardings, batch_shardings),
-            out_shardings=replicated,
-        ),
-    )
+    return eval_step
 
 
 def put_batch(batch: dict, batch_sharding: NamedSharding) -> dict:

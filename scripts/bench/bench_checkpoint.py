@@ -16,15 +16,18 @@ import tempfile
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from flash_jax import cli, sharding
 from flash_jax.tools import benchmarks
 from flash_jax.train import checkpoint, checkpoint_format, step  # no data stack: JAX only
 
-_SIZES = flags.DEFINE_list("sizes", ["tiny", "small"], "Size presets of FLASH.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Saves per size (the median is kept).")
-_DIR = flags.DEFINE_string("dir", "", "Where the checkpoints go (default: a temporary folder).")
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("sizes", ["tiny", "small"], "Size presets of FLASH.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "Saves per size (the median is kept).", flag_values=FLAGS)
+flags.DEFINE_string(
+    "dir", "", "Where the checkpoints go (default: a temporary folder).", flag_values=FLAGS
+)
 
 
 def measure(size: str, repeats: int, directory: str) -> dict:
@@ -57,16 +60,15 @@ def measure(size: str, repeats: int, directory: str) -> dict:
     }
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "bench_checkpoint.py")
     cli.quiet_library_logs("bench_checkpoint.py")  # not Orbax's per-save lines
-    directory = _DIR.value or tempfile.mkdtemp(prefix="bench_checkpoint_")
+    directory = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
     print(f"device: {jax.devices()[0].device_kind}; files under {directory}")
     print("| size | parameters | train state | checksums | save, blocking | save, committed |")
     print("|---|---:|---:|---:|---:|---:|")
-    for size in _SIZES.value:
-        r = measure(size, _REPEATS.value, directory)
+    for size in args.sizes:
+        r = measure(size, args.repeats, directory)
         print(
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['state_mb']:,.0f} MiB | "
             f"{r['checksums_s'] * 1e3:,.0f} ms | {r['save_blocking_s'] * 1e3:,.0f} ms | "
@@ -76,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main, FLAGS)

@@ -16,29 +16,27 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
-from flash_jax import data
+from flash_jax import cli, data
 from flash_jax.config import DataConfig
 
-_DATA_DIR = flags.DEFINE_string("data_dir", data.SHIPPED_CORPUS, "local corpus to read")
-_VOCABS = flags.DEFINE_list("vocabs", [data.SHIPPED_VOCAB, "byte"], "vocabularies to time")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "tokens per row")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "rows per batch")
-_WARM_BATCHES = flags.DEFINE_integer("warm_batches", 2000, "batches timed after the first epoch")
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data_dir", data.SHIPPED_CORPUS, "Local corpus to read.", flag_values=FLAGS)
+flags.DEFINE_list(
+    "vocabs", [data.SHIPPED_VOCAB, "byte"], "Vocabularies to time.", flag_values=FLAGS
+)
+flags.DEFINE_integer("seq_len", 512, "Tokens per row.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "Rows per batch.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "warm_batches", 2000, "Batches timed after the first epoch.", flag_values=FLAGS
+)
 
 
-def _config(vocab: str) -> DataConfig:
-    return DataConfig(
-        data_dir=_DATA_DIR.value,
-        vocab=vocab,
-        seq_len=_SEQ_LEN.value,
-        batch_size=_BATCH_SIZE.value,
+def bench(args, vocab: str) -> dict:
+    cfg = DataConfig(
+        data_dir=args.data_dir, vocab=vocab, seq_len=args.seq_len, batch_size=args.batch_size
     )
-
-
-def bench(vocab: str) -> dict:
-    cfg = _config(vocab)
     # Cold: one pass (repeat=False) over the split from the raw files, timed from the first
     # next() (building the pipeline, a one-time graph trace, is reported apart).
     start = time.perf_counter()
@@ -57,7 +55,7 @@ def bench(vocab: str) -> dict:
         next(pipe)
     start = time.perf_counter()
     warm_tokens = 0
-    for _ in range(_WARM_BATCHES.value):
+    for _ in range(args.warm_batches):
         warm_tokens += int(next(pipe)["weights"].sum())
     warm_s = time.perf_counter() - start
     pipe.close()
@@ -71,12 +69,12 @@ def bench(vocab: str) -> dict:
     )
 
 
-def main(argv):
-    del argv
-    rows = [bench(v) for v in _VOCABS.value]
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "bench_data.py")
+    rows = [bench(args, v) for v in args.vocabs]
     print(
-        f"\ninput pipeline, {os.cpu_count()} CPU cores, seq_len {_SEQ_LEN.value}, "
-        f"batch {_BATCH_SIZE.value}, corpus {os.path.basename(_DATA_DIR.value)} (train)\n"
+        f"\ninput pipeline, {os.cpu_count()} CPU cores, seq_len {args.seq_len}, "
+        f"batch {args.batch_size}, corpus {os.path.basename(args.data_dir)} (train)\n"
     )
     print(
         "| vocabulary | tokens per epoch | build (s) | cold: first epoch (M tokens/s) | "
@@ -91,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main, FLAGS)

@@ -23,37 +23,41 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from flash_jax import cli, decoding, models
 from flash_jax.config import CONSTANT_STATE, DISPLAY_NAMES, ModelConfig
 from flash_jax.tools import benchmarks, plots
 
-_MODELS = flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.")
-_LENGTHS = cli.define_int_list("lengths", [256, 512, 1024, 2048, 4096, 8192], "Context lengths.")
-_SIZE = flags.DEFINE_enum("size", "tiny", list(models.SIZES), "Width / depth preset.")
-_D_MODEL = flags.DEFINE_integer("d_model", None, "Override the preset's width.")
-_NUM_LAYERS = flags.DEFINE_integer("num_layers", None, "Override the preset's Transformer depth.")
-_CHUNK = flags.DEFINE_integer("chunk_size", 256, "FLASH chunk size (the paper's 256).")
-_VOCAB = flags.DEFINE_integer("vocab_size", 4096, "Vocabulary (32000 for T5's).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_BATCH = flags.DEFINE_integer("batch_size", 1, "Sequences decoded together.")
-_STEPS = flags.DEFINE_integer("steps", 64, "Decode steps per timed run.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs (the best is kept).")
-_OUT_DIR = flags.DEFINE_string("out_dir", "runs/bench_decode", "Where the JSON and PNG go.")
+PROGRAM = "bench_decode.py"
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("models", ["flash", "transformer_pp", "flash_quad"], "Models.", flag_values=FLAGS)
+cli.define_int_list("lengths", [256, 512, 1024, 2048, 4096, 8192], "Context lengths.", FLAGS)
+flags.DEFINE_enum("size", "tiny", list(models.SIZES), "Width / depth preset.", flag_values=FLAGS)
+flags.DEFINE_integer("d_model", None, "Override the preset's width.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "num_layers", None, "Override the preset's Transformer depth.", flag_values=FLAGS
+)
+flags.DEFINE_integer("chunk_size", 256, "FLASH chunk size (the paper's 256).", flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", 4096, "Vocabulary (32000 for T5's).", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 1, "Sequences decoded together.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", 64, "Decode steps per timed run.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3, "Timed runs (the best is kept).", flag_values=FLAGS)
+flags.DEFINE_string("out_dir", "runs/bench_decode", "Where the JSON and PNG go.", flag_values=FLAGS)
 
 
-def model_config(name: str, length: int, max_length: int) -> ModelConfig:
-    values = models.preset(name, _SIZE.value, layers=_NUM_LAYERS.value, d_model=_D_MODEL.value)
+def model_config(args, name: str, length: int, max_length: int) -> ModelConfig:
+    values = models.preset(name, args.size, layers=args.num_layers, d_model=args.d_model)
     return ModelConfig(
         **values,
-        chunk_size=_CHUNK.value,
-        vocab_size=_VOCAB.value,
+        chunk_size=args.chunk_size,
+        vocab_size=args.vocab_size,
         # FLASH's and Performer's states do not depend on the context: one config (one
         # compile) for every L.
         max_len=max_length if name in CONSTANT_STATE else length,
-        dtype=_DTYPE.value,
+        dtype=args.dtype,
         param_dtype="float32",
     )
 
@@ -71,11 +75,11 @@ def decode_run(graphdef, state, cache, token_B, t0, steps):
     return cache, token_B
 
 
-def bench_one(name: str, length: int, max_length: int) -> dict:
-    cfg = model_config(name, length, max_length)
+def bench_one(args, name: str, length: int, max_length: int) -> dict:
+    cfg = model_config(args, name, length, max_length)
     model = models.create(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    batch, steps = _BATCH.value, min(_STEPS.value, length)
+    batch, steps = args.batch_size, min(args.steps, length)
     cache = model.init_cache(batch, length)
     memory = decoding.cache_bytes(cache)
     token = jnp.zeros((batch,), jnp.int32)
@@ -85,7 +89,7 @@ def bench_one(name: str, length: int, max_length: int) -> dict:
     token.block_until_ready()
     compile_s = time.perf_counter() - start
     times = []
-    for _ in range(_REPEATS.value):
+    for _ in range(args.repeats):
         start = time.perf_counter()
         cache, token = decode_run(graphdef, state, cache, token, t0, steps)
         token.block_until_ready()
@@ -149,25 +153,20 @@ def plot(rows: list[dict], names: list[str], path: str, title: str) -> None:
     plots.plot_panels(path, panels, title)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    names = list(_MODELS.value)
-    lengths = sorted(_LENGTHS.value)
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, PROGRAM)
+    names = list(args.models)
+    lengths = sorted(args.lengths)
     bad = [n for n in names if n not in models.LAYER_TYPES]
     if bad:
-        cli.fail(
-            "bench_decode.py", f"unknown model {bad}; choose from {sorted(models.LAYER_TYPES)}", 1
-        )
-    if not lengths or _STEPS.value < 1 or _REPEATS.value < 1 or _BATCH.value < 1:
-        cli.fail(
-            "bench_decode.py", "--lengths, --steps, --repeats and --batch_size must be >= 1", 1
-        )
+        cli.fail(PROGRAM, f"unknown model {bad}; choose from {sorted(models.LAYER_TYPES)}", 1)
+    if not lengths or args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
+        cli.fail(PROGRAM, "--lengths, --steps, --repeats and --batch_size must be >= 1", 1)
     machine = benchmarks.machine_line(benchmarks.machine_info())
     rows = []
     for n in names:
         for length in lengths:
-            r = bench_one(n, length, max(lengths))
+            r = bench_one(args, n, length, max(lengths))
             rows.append(r)
             print(
                 f"{DISPLAY_NAMES.get(n, n)} L={length}: {r['tokens_per_sec']:,.0f} tok/s, "
@@ -176,14 +175,14 @@ def main(argv):
                 file=sys.stderr,
                 flush=True,
             )
-    one = model_config(names[0], lengths[0], max(lengths))
+    one = model_config(args, names[0], lengths[0], max(lengths))
     setting = (
-        f"size {_SIZE.value} (d_model {one.d_model}), chunk {_CHUNK.value}, vocab {_VOCAB.value}, "
-        f"{_DTYPE.value}, batch {_BATCH.value}, {_STEPS.value} steps per run, best of "
-        f"{_REPEATS.value}"
+        f"size {args.size} (d_model {one.d_model}), chunk {args.chunk_size}, vocab "
+        f"{args.vocab_size}, {args.dtype}, batch {args.batch_size}, {args.steps} steps per run, "
+        f"best of {args.repeats}"
     )
     text = f"{machine}\nSetting: {setting}\n\n{table(rows, names, lengths)}\n"
-    stem = os.path.join(_OUT_DIR.value, "bench_decode")
+    stem = os.path.join(args.out_dir, "bench_decode")
     benchmarks.write_report(stem, {"machine": machine, "setting": setting, "results": rows}, text)
     plot(rows, names, stem + ".png", f"Incremental decoding, {setting}")
     print(text)
@@ -192,4 +191,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main, FLAGS)

@@ -1,36 +1,66 @@
-"""Input-pipeline start-up when a run resumes at a given step: saved state against replay.
+"""Start-up of a run resumed at a given step, saved input state against replay: the input pipeline
+alone (the default), or (--scope=run) a whole resumed training run.
 
     .venv/bin/python scripts/bench/bench_resume.py                  # quickstart, steps 10, 3000
     python scripts/bench/bench_resume.py --config=configs/pg19_flash.py:smoke --steps=10,30000
+    .venv/bin/python scripts/bench/bench_resume.py --scope=run      # steps 10 and 3000
+    .venv/bin/python scripts/bench/bench_resume.py --scope=run --steps=10,300 --repeats=1
 
-For each step k, the seconds from building the train pipeline to holding batch k (the first batch
-a run resumed after k steps trains on), on one host:
-- restore: `InputPipeline(...)` + `restore_state(dir)` with the state a pipeline saved after k
-  batches (`save_state(dir)`), then the first batch. What a resumed run pays: the same at any k.
-- replay: `InputPipeline(..., start_batch=k)`, then the first batch (the stream is rebuilt and its
-  first k batches are dropped: what resuming cost before the state was saved). Grows with k.
-Process-wide one-time costs (TensorFlow start, vocabulary load) are paid once before any timing.
-Each figure is the median of --repeats runs; the saved state's size is printed too. The first
-batch of every timed pipeline is checked against batch k of an uninterrupted pipeline.
+For each step k, on one host, each of --modes:
+- restore: the input stream's state as a pipeline saved it after k batches (what a resumed run
+  pays: the same at any k);
+- replay: no saved state: the stream is rebuilt and its first k batches are dropped (what
+  resuming cost before the state was saved; grows with k).
+Each figure is the median of --repeats runs.
+
+--scope=pipeline: the seconds from building the train pipeline of --config to holding batch k
+(the first batch a run resumed after k steps trains on): `InputPipeline(...)` +
+`restore_state(dir)`, or `InputPipeline(..., start_batch=k)`, then the first batch. Process-wide
+one-time costs (TensorFlow start, vocabulary load) are paid once before any timing. The saved
+state's size is printed too; the first batch of every timed pipeline is checked against batch k
+of an uninterrupted pipeline.
+
+--scope=run: a tiny model on the shipped corpus, restore mode only (a checkpoint always holds its
+input stream; replay is what --scope=pipeline measures). A run of `k + 1` steps is stopped by
+SIGTERM after step k (a checkpoint at k, as a preemption leaves it), then resumed by rerunning it,
+each time on a fresh copy of the stopped workdir. Timed: seconds from calling `train_and_evaluate`
+to the dispatch of the first resumed step (config and data checks, the state and input stream
+restored, the train step from the persistent compilation cache the stopped run filled, the first
+batch).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import statistics
 import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags, logging
 from ml_collections import config_flags
 
-from flash_jax import data
+from configs import quickstart
+from flash_jax import cli, data
+from flash_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "run config")
-_STEPS = flags.DEFINE_list("steps", ["10", "3000"], "steps to resume at")
-_MODES = flags.DEFINE_list("modes", ["restore", "replay"], "restore and/or replay")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per figure (the median is shown)")
+PROGRAM = "bench_resume.py"
+MODES = ("restore", "replay")
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("scope", "pipeline", ["pipeline", "run"], "What is resumed.", flag_values=FLAGS)
+config_flags.DEFINE_config_file(
+    "config", "configs/quickstart.py", "pipeline: the run config.", flag_values=FLAGS
+)
+cli.define_int_list("steps", [10, 3000], "Steps to resume at.", FLAGS)
+flags.DEFINE_list("modes", list(MODES), "restore and/or replay.", flag_values=FLAGS)
+flags.DEFINE_integer(
+    "repeats", 3, "Timed runs per figure (the median is shown).", flag_values=FLAGS
+)
+
+
+# ----------------------------------------------------------------------------- --scope=pipeline
 
 
 def _pipeline(config, **kw) -> data.InputPipeline:
@@ -56,10 +86,9 @@ def _size_mb(directory: str) -> float:
     return sum(e.stat().st_size for e in os.scandir(directory)) / 2**20
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    steps = sorted(int(s) for s in _STEPS.value)
+def resume_pipeline(args) -> list[tuple]:
+    """(step, mode, median seconds to batch k, saved state MB or "-") per step and mode."""
+    config, steps = args.config, sorted(args.steps)
     # One uninterrupted pipeline: the reference batches and, at each step, the saved state.
     states, want = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,14 +96,14 @@ def main(argv):
             for step in steps:
                 while pipe.position < step:
                     next(pipe)
-                if "restore" in _MODES.value:
+                if "restore" in args.modes:
                     states[step] = os.path.join(tmp, f"step_{step}")
                     pipe.save_state(states[step])
                 want[step] = next(pipe)
         rows = []
         for step in steps:
             makes = {}
-            if "restore" in _MODES.value:
+            if "restore" in args.modes:
 
                 def restored(step=step):
                     pipe = _pipeline(config)
@@ -82,11 +111,11 @@ def main(argv):
                     return pipe
 
                 makes["restore"] = restored
-            if "replay" in _MODES.value:
+            if "replay" in args.modes:
                 makes["replay"] = lambda step=step: _pipeline(config, start_batch=step)
             for mode, make in makes.items():
                 times = []
-                for _ in range(_REPEATS.value):
+                for _ in range(args.repeats):
                     seconds, batch = _timed(make)
                     if not _same(batch, want[step]):
                         raise AssertionError(f"{mode} at step {step}: not the uninterrupted batch")
@@ -97,13 +126,90 @@ def main(argv):
     print(
         f"\nresume start-up, train split of {os.path.basename(d.data_dir)}, seq_len {d.seq_len}, "
         f"batch {d.batch_size}, shuffle_buffer {d.shuffle_buffer}, vocab "
-        f"{os.path.basename(str(d.vocab))} (median of {_REPEATS.value}):\n"
+        f"{os.path.basename(str(d.vocab))} (median of {args.repeats}):\n"
     )
     print("| step | mode | seconds to batch k | saved state (MB) |")
     print("|---:|---|---:|---:|")
     for step, mode, seconds, size in rows:
         print(f"| {step:,} | {mode} | {seconds:.2f} | {size} |")
+    return rows
+
+
+# ----------------------------------------------------------------------------- --scope=run
+
+
+def tiny_config(num_steps: int, cache: str):
+    config = quickstart.get_config()
+    m = config.model
+    m.num_layers, m.d_model, m.expansion_dim, m.qk_dim = 2, 32, 64, 16
+    m.chunk_size, m.max_len = 16, 32
+    config.data.seq_len, config.data.batch_size = 32, 8
+    t = config.train
+    t.num_steps, t.log_every, t.eval_every, t.warmup_steps = num_steps, 1000, 0, 5
+    t.checkpoint_every, t.keep_checkpoints = 100_000, 1
+    t.compilation_cache_dir = cache
+    return config
+
+
+def resume_seconds(config, workdir: str) -> float:
+    start = time.perf_counter()
+    first: list[float] = []
+
+    def hook(done):
+        if not first:
+            first.append(time.perf_counter() - start)
+
+    loop.train_and_evaluate(config, workdir, hooks=[hook])
+    return first[0]
+
+
+def resume_run(args) -> list[tuple]:
+    """(step, mode, median seconds to the first resumed step, every run's seconds)."""
+    logging.set_verbosity(logging.WARNING)
+    root = tempfile.mkdtemp(prefix="bench_resume_run_")
+    cache = os.path.join(root, "jax_cache")
+    rows = []
+    try:
+        for k in args.steps:
+            config = tiny_config(k + 1, cache)
+            stopped = os.path.join(root, f"stopped_{k}")
+
+            def stop_at_k(done, k=k):
+                if done == k:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            t0 = time.perf_counter()
+            summary = loop.train_and_evaluate(config, stopped, hooks=[stop_at_k])
+            assert summary["status"] == "preempted" and summary["step"] == k, summary
+            print(f"step {k}: trained and stopped in {time.perf_counter() - t0:.0f} s", flush=True)
+            seconds = []
+            for r in range(args.repeats):
+                workdir = os.path.join(root, f"resumed_{k}_{r}")
+                shutil.copytree(stopped, workdir)
+                seconds.append(resume_seconds(config, workdir))
+                shutil.rmtree(workdir)
+            rows.append((k, "restore", statistics.median(seconds), seconds))
+            print(f"step {k}: {statistics.median(seconds):.2f} s {seconds}", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print("\nresume start-up (s, median), first resumed step dispatched:")
+    print(f"{'step':>8} {'mode':>8} {'seconds':>8}")
+    for k, mode, median, _ in rows:
+        print(f"{k:>8} {mode:>8} {median:>8.2f}")
+    return rows
+
+
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, PROGRAM)
+    unknown = [mode for mode in args.modes if mode not in MODES]
+    if unknown or not args.modes:
+        cli.fail(PROGRAM, f"--modes must name some of {', '.join(MODES)}, got {args.modes}", 2)
+    if args.scope == "run" and FLAGS["config"].present:
+        cli.fail(PROGRAM, "--config is for --scope=pipeline (the run scope trains a tiny model)", 2)
+    if args.scope == "run" and "replay" in args.modes and FLAGS["modes"].present:
+        cli.fail(PROGRAM, "--modes=replay is for --scope=pipeline (checkpoints hold the stream)", 2)
+    return resume_pipeline(args) if args.scope == "pipeline" else resume_run(args)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_script(main, FLAGS)

@@ -1,7 +1,14 @@
-"""The Mosaic GPU kernels of mixed chunk attention against the XLA op, on one GPU.
+"""Attention kernels against the XLA op on one GPU: FLASH's Mosaic GPU kernels (the default), or
+Transformer++ attention on cuDNN (--kernel=cudnn).
 
-For each context T (B = tokens / T rows of packed random documents with trailing padding; S = 128,
-E = 2048, C = 256, bf16, quad_bias):
+    python scripts/bench/kernel_check.py --out_dir=runs/kernel_check      # on an H100: ~2-3 min
+    python scripts/bench/kernel_check.py --interpret --tokens=128 --contexts=128 --S=64 --E=64 \
+        --C=64 --bidir_contexts= --repeats=1 --out_dir=/tmp/kc              # CPU, the interpreter
+    python scripts/bench/kernel_check.py --kernel=cudnn                   # a GPU with cuDNN: ~20 s
+
+--kernel=mosaic_gpu: the Mosaic GPU kernels of mixed chunk attention. For each context T
+(B = tokens / T rows of packed random documents with trailing padding; S = 128, E = 2048,
+C = 256, bf16, quad_bias):
   1. accuracy: the kernel's output and all six gradients (of sum(out * cotangent)) against a
      float32 reference (the XLA op on the same bf16 inputs upcast, matmuls at "highest"
      precision), next to the XLA op's own bf16 errors; every result finite, padding rows and
@@ -14,9 +21,11 @@ Every case runs in its own try/except: a failure (a Mosaic compile error, say) i
 full message in the JSON and the script goes on. Cases that would start after `--max_seconds` are
 recorded as skipped. Prints a markdown table; writes <out_dir>/kernel_check.json and .md.
 
-    python scripts/bench/kernel_check.py --out_dir=runs/kernel_check      # on an H100: ~2-3 min
-    python scripts/bench/kernel_check.py --interpret --tokens=128 --contexts=128 --S=64 --E=64 \
-        --C=64 --bidir_contexts= --repeats=1 --out_dir=/tmp/kc              # CPU, the interpreter
+--kernel=cudnn: Transformer++ attention (`ops.dot_product`) on cuDNN against XLA, B = 4,
+T = 4096, 16 heads of 64 (d_model 1024), bf16, causal: the padding-length fast path (one document
+per row) and the dense-mask fallback (packed rows), their agreement and forward + backward time
+(the mean of `--repeats` calls after a warm-up). Prints its lines; recorded in
+docs/results/kernel_check_h100/cudnn_check.md.
 """
 
 from __future__ import annotations
@@ -33,14 +42,19 @@ import numpy as np
 from absl import flags
 
 from flash_jax import cli, ops, runs
-from flash_jax.ops import pallas_gpu
+from flash_jax.ops import dot_product, pallas_gpu
 from flash_jax.tools import benchmarks
 
 GRAD_NAMES = ("quad_q", "quad_k", "lin_q", "lin_k", "v", "quad_bias")
 
 
+PROGRAM = "kernel_check.py"
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("out_dir", None, "Where kernel_check.json and .md go.", flag_values=FLAGS)
+KERNELS = ["mosaic_gpu", "cudnn"]
+flags.DEFINE_enum("kernel", "mosaic_gpu", KERNELS, "What to check.", flag_values=FLAGS)
+flags.DEFINE_string(
+    "out_dir", "runs/kernel_check", "Where kernel_check.json and .md go.", flag_values=FLAGS
+)
 flags.DEFINE_integer("tokens", 65536, "B * T per case.", flag_values=FLAGS)
 cli.define_int_list("contexts", [1024, 2048, 4096, 8192, 16384, 32768], "Causal cases.", FLAGS)
 cli.define_int_list("bidir_contexts", [4096], "Non-causal cases (may be empty).", FLAGS)
@@ -48,18 +62,18 @@ for _name, _default in (("S", 128), ("E", 2048), ("C", 256)):
     flags.DEFINE_integer(_name, _default, f"{_name} of the inputs.", flag_values=FLAGS)
 for _name in ("block_q", "block_k", "block_e"):
     flags.DEFINE_integer(_name, 64, "The kernel's block size.", flag_values=FLAGS)
-flags.DEFINE_integer("repeats", 5, "Timed runs per case (the median is kept).", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "Timed runs per case.", flag_values=FLAGS)
 flags.DEFINE_float("max_seconds", 165.0, "Start no case after this.", flag_values=FLAGS)
 flags.DEFINE_bool("interpret", False, "Run the kernels interpreted (CPU).", flag_values=FLAGS)
-flags.mark_flag_as_required("out_dir", flag_values=FLAGS)
 
 
 def parse_args(argv=()):
-    args = cli.parse_script_flags(FLAGS, argv, "kernel_check.py")
-    for T in args.contexts + args.bidir_contexts:
+    args = cli.parse_script_flags(FLAGS, argv, PROGRAM)
+    contexts = args.contexts + args.bidir_contexts if args.kernel == "mosaic_gpu" else []
+    for T in contexts:  # (the cuDNN check has shapes of its own)
         if args.tokens % T:
             cli.fail(
-                "kernel_check.py",
+                PROGRAM,
                 f"--tokens {args.tokens} must be a positive multiple of every context, got {T}",
                 2,
             )
@@ -215,8 +229,7 @@ def markdown(rows, device):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=()):
-    args = parse_args(argv)
+def check_mosaic_gpu(args):
     start = time.perf_counter()
     device = str(jax.devices()[0].device_kind)
     print(f"jax {jax.__version__} on {device}", flush=True)
@@ -244,6 +257,63 @@ def main(argv=()):
     }
     benchmarks.write_report(os.path.join(args.out_dir, "kernel_check"), summary, table)
     return summary
+
+
+# ----------------------------------------------------------------------------- --kernel=cudnn
+
+B_CUDNN, T_CUDNN, H_CUDNN, D_CUDNN = 4, 4096, 16, 64  # Transformer++ at d_model 1024
+
+
+def segment_cases():
+    """One document per row with trailing padding (the fast path), and a packed row."""
+    T = T_CUDNN
+    single_BT = jnp.where(jnp.arange(T) < jnp.array([[T], [3000], [T], [700]]), 3, 0)
+    single_BT = single_BT.astype(jnp.int32)
+    return {"one document per row": single_BT, "packed": single_BT.at[0, 1000:].set(5)}
+
+
+def attention_fns(impl):
+    def attend(q, k, v, seg):
+        return dot_product.dot_product_attention(q, k, v, causal=True, segment_ids=seg, impl=impl)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(jnp.square(attend(q, k, v, seg).astype(jnp.float32)))
+
+    return jax.jit(attend), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def mean_ms(grad_fn, args, repeats) -> float:
+    """The mean of `repeats` calls dispatched back to back, after a warm-up call."""
+    jax.block_until_ready(grad_fn(*args))  # compile and warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        grads = grad_fn(*args)
+    jax.block_until_ready(grads)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def check_cudnn(args):
+    keys = jax.random.split(jax.random.key(0), 3)
+    shape = (B_CUDNN, T_CUDNN, H_CUDNN, D_CUDNN)
+    q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    for name, seg in segment_cases().items():
+        fast = bool(dot_product.single_document_rows(seg))
+        outputs = {}
+        for impl in ("cudnn", "xla"):
+            attend, grad_fn = attention_fns(impl)
+            outputs[impl] = attend(q, k, v, seg)
+            ms = mean_ms(grad_fn, (q, k, v, seg), args.repeats)
+            finite = bool(jnp.isfinite(outputs[impl]).all())
+            print(f"{name}, {impl}: fast path {fast}, finite {finite}, fwd+bwd {ms:.2f} ms")
+        real = np.asarray(seg != 0)
+        diff = jnp.abs((outputs["cudnn"] - outputs["xla"]).astype(jnp.float32))
+        print(f"{name}: max |cudnn - xla| on real tokens {float(np.asarray(diff)[real].max()):.4f}")
+
+
+def main(argv=()):
+    args = parse_args(argv)
+    return check_mosaic_gpu(args) if args.kernel == "mosaic_gpu" else check_cudnn(args)
 
 
 if __name__ == "__main__":

@@ -2,22 +2,25 @@
 docs/results/readme_figures.json (and .md), where the README's figures come from.
 
     python scripts/bench/readme_figures.py                 # the memory example (about a minute)
-    python scripts/bench/readme_figures.py --smoke         # also `make smoke` (minutes)
+    python scripts/bench/readme_figures.py --train --smoke # also make train, make smoke (minutes)
+    python scripts/bench/readme_figures.py --tests         # also CI's `.ci/run` on a fresh clone
 
 Each figure records the command, its wall time from start to exit, what it printed that the
 README quotes, and the machine (and whether it was shared with other jobs, as timings then
 vary). tests/test_readme.py checks that the README quotes the recorded figures.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
-from flash_jax import console
+from flash_jax import cli, console
 from flash_jax.tools import benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,8 +36,17 @@ MEMORY_COMMAND = [
     "--workdir=/tmp/flash_jax_readme_memory",
 ]
 SMOKE_COMMAND = ["make", "smoke", "SMOKE_WORKDIR=/tmp/flash_jax_readme_smoke"]
+TRAIN_COMMAND = ["make", "train", "WORKDIR=/tmp/flash_jax_readme_train"]
 
-_SMOKE = flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).")
+FLAGS = flags.FlagValues()
+flags.DEFINE_bool("smoke", False, "Also time `make smoke` (a fresh workdir).", flag_values=FLAGS)
+flags.DEFINE_bool("train", False, "Also time `make train` (a fresh workdir).", flag_values=FLAGS)
+flags.DEFINE_bool(
+    "tests",
+    False,
+    "Also time `bash .ci/run` (creates .venv, installs, `make test`) in a fresh clone of HEAD.",
+    flag_values=FLAGS,
+)
 
 
 def timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
@@ -61,25 +73,41 @@ def memory_example() -> dict:
     }
 
 
-def smoke() -> dict:
-    subprocess.run(["rm", "-rf", SMOKE_COMMAND[-1].split("=", 1)[1]], check=True)
-    seconds, proc = timed(SMOKE_COMMAND)
+def make_target(command: list[str]) -> dict:
+    """Times `make <target> VAR=workdir` in a fresh workdir (the one VAR names)."""
+    subprocess.run(["rm", "-rf", command[-1].split("=", 1)[1]], check=True)
+    seconds, proc = timed(command)
     if proc.returncode != 0:
-        raise RuntimeError(f"make smoke failed:\n{proc.stderr[-2000:]}")
-    return {"command": " ".join(SMOKE_COMMAND), "seconds": seconds}
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+    return {"command": " ".join(command), "seconds": seconds}
 
 
-def main(argv):
-    del argv
-    import json
+def ci_run() -> dict:
+    """Times CI's script, `.ci/run`, on a fresh clone of HEAD: setup, libtpu and the whole suite."""
+    with tempfile.TemporaryDirectory() as clone:
+        subprocess.run(["git", "clone", "-q", REPO, clone], check=True)
+        start = time.time()
+        proc = subprocess.run(["bash", ".ci/run"], cwd=clone, capture_output=True, text=True)
+        seconds = round(time.time() - start, 1)
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    if proc.returncode != 0 or not passed:
+        raise RuntimeError(f".ci/run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+    return {"command": "bash .ci/run", "seconds": seconds, "passed": int(passed.group(1))}
 
+
+def main(argv=()):
+    args = cli.parse_script_flags(FLAGS, argv, "readme_figures.py")
     report = {}
     if os.path.exists(OUT + ".json"):
         with open(OUT + ".json") as f:
             report = json.load(f)
     report["memory_example"] = memory_example()
-    if _SMOKE.value:
-        report["make_smoke"] = smoke()
+    if args.train:
+        report["make_train"] = make_target(TRAIN_COMMAND)
+    if args.smoke:
+        report["make_smoke"] = make_target(SMOKE_COMMAND)
+    if args.tests:
+        report["ci_run"] = ci_run()
     report["machine"] = benchmarks.machine_info()
     print("\n".join(benchmarks.write_report(OUT, report, markdown(report))))
 
@@ -97,4 +125,4 @@ def markdown(report: dict) -> str:
 
 if __name__ == "__main__":
     console.quiet(sys.argv)  # before JAX loads (machine_info): its startup lines stay off
-    app.run(main)
+    cli.run_script(main, FLAGS)

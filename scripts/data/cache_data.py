@@ -18,7 +18,7 @@ corpus the result has the same documents, info and stats as seqio's own `cache_t
 Beam shuffle puts them in other shards). For PG-19 or C4 at full size run that distributed job,
 e.g. on Dataflow:
 
-    python -m seqio.scripts.cache_tasks_main --module_import=flash_jax.data \
+    python -m seqio.scripts.cache_tasks_main --module_import=flash_jax.data.standard_tasks \
         --tasks=<task name, printed by this script with --dry_run> \
         --output_cache_dir=gs://BUCKET/seqio_cache --pipeline_options=--runner=DataflowRunner,...
 
