@@ -39,7 +39,7 @@ newest committed one; it is never reported as damaged. Bad input (no checkpoint,
 a config of another model, a split the dataset lacks, a damaged checkpoint asked for by --step)
 gives one line on stderr and exit code 1, and leaves every workdir unchanged. A damaged latest
 checkpoint is reported in one line and the newest intact one is evaluated; --all_steps skips
-damaged ones (see flash_jax/train/checkpoint.py for what is checked). Several processes:
+damaged ones (see flash_jax/train/checkpoint_reader.py for what is checked). Several processes:
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` on each (as for train.py);
 every process reads its share of the split, process 0 prints and writes the result.
 """

@@ -108,7 +108,8 @@ def sample_text(
     seed: int = 0,
     num_samples: int = 1,
 ) -> list[str]:
-    """Prompt + sampled continuation of a restored run (`checkpoint.restore`), one per sample.
+    """Prompt + sampled continuation of a restored run (`checkpoint_reader.restore`), one per
+    sample.
 
     The model is conditioned as in training: position 0 sees the start token, then the prompt;
     each continuation is cut at the end-of-document token and decoded by the run's vocabulary.

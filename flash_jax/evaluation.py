@@ -2,9 +2,9 @@
 eval.py's runs (`evaluate_runs`).
 
     from flash_jax import evaluation
-    from flash_jax.train import checkpoint
-    run = checkpoint.restore("runs/quickstart")            # latest checkpoint, its own config
-    result = evaluation.evaluate_split(run, "test")        # every window of every document
+    from flash_jax.train import checkpoint_reader
+    run = checkpoint_reader.restore("runs/quickstart")  # latest checkpoint, its own config
+    result = evaluation.evaluate_split(run, "test")     # every window of every document
 
 Perplexity is teacher-forced: one forward pass per packed batch of windows, exactly the training
 loss (incremental decoding, `flash_jax.decoding`, serves sampling, where tokens come one at a time).
@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 
 from flash_jax import data, long_context, losses, runs
-from flash_jax.train import checkpoint, report, step
+from flash_jax.train import checkpoint_format, checkpoint_reader, report, step
 
 # Datasets whose papers quote word-level perplexity.
 WORD_LEVEL_DATASETS = ("pg19",)
@@ -165,8 +165,8 @@ def evaluate_split(
     settings: long_context.Settings | None = None,
 ) -> dict:
     """Loss, perplexity, bits per byte (and word perplexity for PG-19) of a restored run
-    (`checkpoint.restore`) over a whole split, or its first `max_batches` batches (then the byte
-    and word figures, which need the whole split, are None); see `evaluate` for `progress`.
+    (`checkpoint_reader.restore`) over a whole split, or its first `max_batches` batches (then the
+    byte and word figures, which need the whole split, are None); see `evaluate` for `progress`.
 
     `settings` (`long_context.Settings`; default: windows of the training length) say how the
     split is cut: windows of another length, sliding windows, or whole documents (there
@@ -267,7 +267,7 @@ class _Job:
     """One workdir of a request: its checkpoints, the steps to score, its run config."""
 
     workdir: str
-    ckpts: checkpoint.Checkpoints
+    ckpts: checkpoint_reader.CheckpointReader
     steps: list[int]
     config: Any
 
@@ -329,8 +329,8 @@ def _plot(request: Request, curves: list, lasts: list) -> None:
 def _resolve(request: Request) -> list[_Job]:
     jobs = []
     for workdir in request.workdirs:
-        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-        steps, config = checkpoint.steps_to_evaluate(
+        ckpts = checkpoint_reader.CheckpointReader(workdir)
+        steps, config = checkpoint_reader.steps_to_evaluate(
             ckpts, request.step, request.all_steps, request.config
         )
         jobs.append(_Job(workdir, ckpts, steps, config))
@@ -370,13 +370,13 @@ def _score(request: Request, job: _Job, step: int | None, settings, is_main) -> 
     prunes; an earlier one if its arrays turn out damaged); prints and records the result. None
     for a damaged or removed step under --all_steps (skipped)."""
     try:
-        run = checkpoint.restore(job.workdir, step, config=request.config, ckpts=job.ckpts)
-    except checkpoint.RemovedCheckpointError as e:
+        run = checkpoint_reader.restore(job.workdir, step, config=request.config, ckpts=job.ckpts)
+    except checkpoint_format.RemovedCheckpointError as e:
         if step is None or not request.all_steps:
             raise
         logging.info("%s; skipped", e)
         return None
-    except checkpoint.DamagedCheckpointError as e:
+    except checkpoint_format.DamagedCheckpointError as e:
         if step is None or not request.all_steps:
             raise
         logging.warning("%s; skipped", e)

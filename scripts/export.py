@@ -82,7 +82,7 @@ def main(argv):
     import jax
 
     from flash_jax.export import weights
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint_reader
 
     if _DTYPE.value not in weights.DTYPES:
         cli.fail("export.py", f"--dtype must be one of {weights.DTYPES}, got {_DTYPE.value!r}", 2)
@@ -90,7 +90,7 @@ def main(argv):
     cli.quiet_library_logs("export.py", verbose=_VERBOSE.value)
     try:
         weights.check_out(_OUT.value)  # before the checkpoint is read
-        run = checkpoint.restore(
+        run = checkpoint_reader.restore(
             _WORKDIR.value, _STEP.value, config=_CONFIG.value, single_device=True
         )
         paths = weights.export(run, _OUT.value, _DTYPE.value)

@@ -213,10 +213,10 @@ def main(argv=()) -> dict:
     if args.trials < 1 or args.distractors < 1:
         cli.fail("passkey.py", "--trials and --distractors must be >= 1", 2)
     from flash_jax import runs
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint_reader
 
     try:
-        run = checkpoint.restore(args.workdir)
+        run = checkpoint_reader.restore(args.workdir)
         check_lengths(run.model_config, lengths)
         report = run_probe(run, lengths, depths, args.trials, args.distractors, args.seed)
     except ValueError as e:

@@ -39,12 +39,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from flash_jax import decoding
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint_reader
 
     logging.set_verbosity(logging.INFO)
     cli.quiet_library_logs("sample.py", verbose=_VERBOSE.value)
     try:
-        run = checkpoint.restore(
+        run = checkpoint_reader.restore(
             _WORKDIR.value, _STEP.value, config=_CONFIG.value, single_device=True
         )
         logging.info(

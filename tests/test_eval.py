@@ -23,7 +23,7 @@ import sentencepiece as spm
 from configs import base
 from flash_jax import evaluation, runs
 from flash_jax.tools import plots
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_format, checkpoint_reader
 from tests.helpers import REPO, SEQ_LEN, error_line, eval_cli, snapshot, train_tiny_run
 
 
@@ -35,7 +35,7 @@ def trained_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def validation(trained_run):
     workdir, texts = trained_run
-    run = checkpoint.restore(workdir)
+    run = checkpoint_reader.restore(workdir)
     return run, texts, evaluation.evaluate_split(run, "validation")
 
 
@@ -100,7 +100,7 @@ def test_max_batches_stops_early_and_drops_whole_split_figures(validation):
 
 def test_restore_a_given_step_and_reuse_the_compiled_step(validation):
     run, _, _ = validation
-    first = checkpoint.restore(run.workdir, 1)
+    first = checkpoint_reader.restore(run.workdir, 1)
     assert first.step == 1 and first.meta["step"] == 1
     assert first.fns is run.fns  # same run config: the jitted eval step is shared
     before, after = jax.tree.leaves(first.params), jax.tree.leaves(run.params)
@@ -209,11 +209,13 @@ def test_a_damaged_latest_checkpoint_falls_back_with_one_warning(
 ):
     workdir = _damaged_copy(trained_run, tmp_path, damage_meta)
     with caplog.at_level(logging.WARNING):
-        run = checkpoint.restore(workdir)  # the latest, i.e. the newest intact one
-        with pytest.raises(checkpoint.DamagedCheckpointError, match="step 2 in .* is damaged"):
-            checkpoint.restore(workdir, 2)  # asked for by number: an error
-        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
-        assert checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)[0] == [
+        run = checkpoint_reader.restore(workdir)  # the latest, i.e. the newest intact one
+        with pytest.raises(
+            checkpoint_format.DamagedCheckpointError, match="step 2 in .* is damaged"
+        ):
+            checkpoint_reader.restore(workdir, 2)  # asked for by number: an error
+        ckpts = checkpoint_reader.CheckpointReader(workdir)
+        assert checkpoint_reader.steps_to_evaluate(ckpts, None, all_steps=False)[0] == [
             1 if damage_meta else 2  # a damaged meta is seen before anything is restored
         ]
         ckpts.close()
@@ -354,9 +356,9 @@ def test_a_step_pruned_between_listing_and_reading_is_not_damage(trained_run, tm
     workdir = str(tmp_path / "live")
     shutil.copytree(trained_run[0], workdir)
     with caplog.at_level(logging.INFO):
-        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+        ckpts = checkpoint_reader.CheckpointReader(workdir)
         first_read = _prune_on_first_read(ckpts, workdir, save_step=3)
-        steps, config = checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)
+        steps, config = checkpoint_reader.steps_to_evaluate(ckpts, None, all_steps=False)
         ckpts.close()
     assert first_read == [2]  # the newest listed, pruned before it was read
     assert steps == [3] and config.model.name == "flash"  # listed again: the newest committed
@@ -368,10 +370,10 @@ def test_a_step_pruned_between_listing_and_reading_is_not_damage(trained_run, tm
     shutil.copytree(trained_run[0], workdir)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+        ckpts = checkpoint_reader.CheckpointReader(workdir)
         _prune_on_first_read(ckpts, workdir)
         with pytest.raises(ValueError, match="no checkpoints in"):  # everything went
-            checkpoint.steps_to_evaluate(ckpts, None, all_steps=True)
+            checkpoint_reader.steps_to_evaluate(ckpts, None, all_steps=True)
         ckpts.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -382,18 +384,18 @@ def test_no_advice_to_move_the_checkpoints_of_a_workdir_a_trainer_holds(
 ):
     from flash_jax.train import workdir as workdir_lib
 
-    monkeypatch.setattr(checkpoint, "REMOVAL_SECONDS", 0.2)
+    monkeypatch.setattr(checkpoint_reader, "REMOVAL_SECONDS", 0.2)
     workdir = _damaged_copy(trained_run, tmp_path, damage_meta=True)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "1"))  # step 2, damaged, is all there is
-    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    ckpts = checkpoint_reader.CheckpointReader(workdir)
     with pytest.raises(ValueError, match=r"steps \[2\] are damaged .* move .* away"):
-        checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)
+        checkpoint_reader.steps_to_evaluate(ckpts, None, all_steps=False)
     assert workdir_lib.holder(workdir) is None
     lock = workdir_lib.lock(workdir)
     try:
         assert workdir_lib.holder(workdir)["pid"] == os.getpid()
         with pytest.raises(ValueError, match="steps \\[2\\] are damaged") as error:
-            checkpoint.steps_to_evaluate(ckpts, None, all_steps=False)
+            checkpoint_reader.steps_to_evaluate(ckpts, None, all_steps=False)
         assert "away" not in str(error.value)
         assert f"the run writing it (process {os.getpid()} on host" in str(error.value)
     finally:
@@ -437,9 +439,9 @@ def test_eval_on_a_live_run_that_saves_every_step(tmp_path, caplog):
         steps_read = []
         with caplog.at_level(logging.INFO):
             for _ in range(12):  # each read races the trainer's next save and prune
-                restored = checkpoint.restore(run)
-                ckpts = checkpoint.Checkpoints(run, read_only=True)
-                steps, _ = checkpoint.steps_to_evaluate(ckpts, None, all_steps=True)
+                restored = checkpoint_reader.restore(run)
+                ckpts = checkpoint_reader.CheckpointReader(run)
+                steps, _ = checkpoint_reader.steps_to_evaluate(ckpts, None, all_steps=True)
                 ckpts.close()
                 steps_read += [restored.step, *steps]
         assert len(set(steps_read)) > 3, steps_read  # the trainer went on meanwhile

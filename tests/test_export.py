@@ -19,7 +19,7 @@ from flax import nnx
 
 from flash_jax import models
 from flash_jax.export import numpy_model, weights
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_format, checkpoint_reader
 from tests.helpers import REPO, TINY, packed_segments, random_tokens, randomise, tiny_model_config
 
 ALL_MODELS = list(models.LAYER_TYPES)
@@ -291,10 +291,10 @@ def test_exported_quickstart_model_gives_the_jax_logits(quickstart_run, tmp_path
         str(out / name) for name in ("model.safetensors", "config.json", "sentencepiece.model")
     ]
 
-    run = checkpoint.restore(quickstart_run, single_device=True)
+    run = checkpoint_reader.restore(quickstart_run, single_device=True)
     config = json.loads((out / "config.json").read_text())
     exported = config.pop("export")
-    assert config == checkpoint.model_config_dict(run.model_config)
+    assert config == checkpoint_format.model_config_dict(run.model_config)
     assert exported["step"] == run.step == 1 and exported["dtype"] == "float32"
     assert exported["vocabulary"] == dict(
         kind="sentencepiece",

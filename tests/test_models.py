@@ -16,7 +16,7 @@ from flash_jax.export import numpy_model, weights
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
 from flash_jax.layers.gau import rotated_heads
 from flash_jax.layers.positions import RelativePositionBias, _toeplitz
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_format
 from tests.helpers import TINY, packed_segments, random_tokens, randomise, tiny_model_config
 
 ALL_MODELS = list(models.LAYER_TYPES)
@@ -42,7 +42,7 @@ def np_params(module):
 def np_layer(layer, x, seg, pos, cfg, flash):
     layer_fn = numpy_model.flash_layer if flash else numpy_model.flash_quad_layer
     x, seg, pos = np.asarray(x, np.float64), np.asarray(seg), np.asarray(pos, np.float64)
-    return layer_fn(np_params(layer), x, seg, pos, checkpoint.model_config_dict(cfg))
+    return layer_fn(np_params(layer), x, seg, pos, checkpoint_format.model_config_dict(cfg))
 
 
 @pytest.mark.parametrize("flash", [True, False], ids=["flash", "flash_quad"])
@@ -282,7 +282,7 @@ def test_multi_head_attention_matches_softmax_reference():
         np.asarray(x, np.float64),
         segn,
         np.asarray(pos, np.float64),
-        checkpoint.model_config_dict(cfg),
+        checkpoint_format.model_config_dict(cfg),
     )
     real = segn != 0
     np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from flash_jax import evaluation
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_reader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_SECONDS = 10  # a dead process is noticed after this; the survivor exits soon after
@@ -170,7 +170,7 @@ def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
         p.send_signal(signal.SIGTERM)
     codes, texts = finish(procs, logs)
     assert codes == [0, 0], texts[0][-3000:] + texts[1][-3000:]
-    ckpts = checkpoint.Checkpoints(resumed, read_only=True)
+    ckpts = checkpoint_reader.CheckpointReader(resumed)
     stopped = ckpts.latest_step()
     layout = ckpts.read_meta(stopped)["data_layout"]
     ckpts.close()
@@ -201,11 +201,13 @@ def test_two_processes_train_resume_exactly_and_evaluate_like_one(tmp_path):
     results = [[line for line in out.splitlines() if line.startswith("{")] for out in outputs]
     assert len(results[0]) == 1 and not results[1]  # process 0 reports
     two = json.loads(results[0][0])
-    config = checkpoint.restore(straight).config
+    config = checkpoint_reader.restore(straight).config
     config = dataclasses.replace(
         config, data=dataclasses.replace(config.data, batch_size=EVAL_BATCH)
     )
-    one = evaluation.evaluate_split(checkpoint.restore(straight, config=config), "validation")
+    one = evaluation.evaluate_split(
+        checkpoint_reader.restore(straight, config=config), "validation"
+    )
     assert two["complete"] and one["complete"]
     assert two["tokens"] == one["tokens"] and two["batches"] == one["batches"]
     # float32 sums of the same per-token losses in another order: relative error of order

@@ -13,7 +13,7 @@ from flax import nnx
 
 from configs import base
 from flash_jax import decoding
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_reader
 from tests.helpers import REPO, train_tiny_run
 
 
@@ -21,7 +21,7 @@ from tests.helpers import REPO, train_tiny_run
 def run(tmp_path_factory):
     # The same two-step run as tests/test_eval.py (trained once per pytest session).
     workdir, _ = train_tiny_run(tmp_path_factory.getbasetemp() / "eval_tiny_run")
-    return checkpoint.restore(workdir, single_device=True)
+    return checkpoint_reader.restore(workdir, single_device=True)
 
 
 def test_greedy_sample_is_the_text_of_the_full_forward_argmax(run):

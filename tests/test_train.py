@@ -20,7 +20,7 @@ from flax import nnx
 
 from flash_jax import data, models
 from flash_jax.config import ModelConfig
-from flash_jax.train import checkpoint, flops, loop, report, signals
+from flash_jax.train import checkpoint, checkpoint_reader, flops, loop, report, signals
 from tests.helpers import (
     REPO,
     SyntheticPipeline,
@@ -184,25 +184,13 @@ def test_checkpoints_hold_the_input_stream_and_its_layout(straight_run):
     step_dir = os.path.join(workdir, "checkpoints", "6")
     with open(os.path.join(step_dir, "data", "synthetic.json")) as f:
         assert json.load(f) == {"position": 6}
-    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    ckpts = checkpoint_reader.CheckpointReader(workdir)
     meta = ckpts.read_meta(6)
     ckpts.close()
     assert meta["data_layout"]["processes"] == 1 and meta["data_layout"]["batch_size"] == 8
     # Evaluated at step 6 (eval_every=3): its eval loss is saved with it, for keep_best.
     evals = {r["step"]: r["eval_loss"] for r in read_jsonl(workdir) if "eval_loss" in r}
     assert meta["eval_loss"] == pytest.approx(evals[6], rel=1e-6)
-
-
-def test_a_checkpoint_without_input_stream_resumes_by_replay(straight_run, tmp_path, caplog):
-    """Checkpoints written before the data item existed: the stream is replayed to the position."""
-    workdir = str(tmp_path / "old")
-    shutil.copytree(straight_run[0], workdir)
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
-    shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))
-    caplog.set_level("INFO")
-    loop.train_and_evaluate(tiny_train_config(), workdir)
-    assert any("replaying the first 4 batches" in r.getMessage() for r in caplog.records)
-    assert train_losses(workdir) == train_losses(straight_run[0])
 
 
 class TwoHostLayout(SyntheticPipeline):

@@ -7,6 +7,7 @@ CLI tests run train.py on the shipped corpus (slow).
 
 import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -27,7 +28,16 @@ from orbax.checkpoint._src.checkpointers import async_checkpointer
 
 from flash_jax import data, sharding
 from flash_jax.config import RunConfig
-from flash_jax.train import checkpoint, loop, report, signals, step, workdir
+from flash_jax.train import (
+    checkpoint,
+    checkpoint_format,
+    checkpoint_reader,
+    loop,
+    report,
+    signals,
+    step,
+    workdir,
+)
 from tests.helpers import (
     REPO,
     SyntheticPipeline,
@@ -47,7 +57,7 @@ def checkpoint_dir(run):
 
 
 def steps_of(run):
-    ckpts = checkpoint.Checkpoints(run, read_only=True)
+    ckpts = checkpoint_reader.CheckpointReader(run)
     try:
         return ckpts.all_steps()
     finally:
@@ -61,7 +71,7 @@ def own_losses(run, config):
     with jax.set_mesh(mesh):
         fns = REAL_BUILD(config, mesh)
         rest = fns.init_rest()
-        ckpts = checkpoint.Checkpoints(run, read_only=True)
+        ckpts = checkpoint_reader.CheckpointReader(run)
         for s in ckpts.all_steps():
             state, meta = ckpts.restore({"params": fns.abstract_state["params"]}, s, partial=True)
             params = state["params"]
@@ -224,7 +234,7 @@ def test_a_damaged_step_is_named_and_the_newest_intact_one_restored(
     try:
         with jax.set_mesh(mesh), caplog.at_level(logging.WARNING):
             # Asked for by number: one line naming step and path.
-            with pytest.raises(checkpoint.DamagedCheckpointError) as error:
+            with pytest.raises(checkpoint_format.DamagedCheckpointError) as error:
                 ckpts.restore(abstract, 6)
             assert str(error.value).startswith(f"checkpoint step 6 in {step_dir} is damaged: ")
             assert reason in str(error.value) and "\n" not in str(error.value)
@@ -242,16 +252,16 @@ def test_one_flipped_bit_in_an_array_fails_its_checksum():
     # The data files are compressed: a flipped bit there may fail decompression instead (the
     # case above); a flip that decompresses into another value is the checksum's to catch.
     x = np.linspace(-1, 1, 1000, dtype=np.float32)
-    sums, _ = checkpoint.inspect_arrays({"params": {"w": x}})
+    sums, _ = checkpoint_format.inspect_arrays({"params": {"w": x}})
     flipped = x.copy()
     flipped.view(np.uint32)[123] ^= 1  # the lowest mantissa bit: finite, one ulp off
     with pytest.raises(
-        checkpoint.DamagedCheckpointError,
+        checkpoint_format.DamagedCheckpointError,
         match=r"step 7 in here is damaged: array data differs from the checksum saved with it "
         r"\(params/w\)",
     ):
-        checkpoint.check_arrays(7, "here", {"params": {"w": flipped}}, sums)
-    checkpoint.check_arrays(7, "here", {"params": {"w": x}}, sums)  # intact: no error
+        checkpoint_format.check_arrays(7, "here", {"params": {"w": flipped}}, sums)
+    checkpoint_format.check_arrays(7, "here", {"params": {"w": x}}, sums)  # intact: no error
 
 
 def test_checksums_do_not_depend_on_the_mesh():
@@ -260,9 +270,11 @@ def test_checksums_do_not_depend_on_the_mesh():
     mesh = sharding.make_mesh((8,), ("data",))
     sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
     for tree in ({"a": x}, {"a": sharded}):
-        sums, non_finite = checkpoint.inspect_arrays(tree)
+        sums, non_finite = checkpoint_format.inspect_arrays(tree)
         assert sums == {"a": int(words)} and non_finite == []
-    _, non_finite = checkpoint.inspect_arrays({"a": x, "b": np.array([1.0, np.inf], np.float32)})
+    _, non_finite = checkpoint_format.inspect_arrays(
+        {"a": x, "b": np.array([1.0, np.inf], np.float32)}
+    )
     assert non_finite == ["b"]
 
 
@@ -274,7 +286,8 @@ def test_non_finite_parameters_are_refused_with_the_step_named(finished_run, tmp
     config = tiny_train_config()
     state, meta = restore_params(run, config)
     state["params"] = jax.tree.map(lambda p: p * np.float32(np.nan), state["params"])
-    meta = {k: v for k, v in meta.items() if k != "checksums"}  # as if written by older code
+    # Checksums of the nan values themselves: only the finiteness check can tell.
+    meta["checksums"] = checkpoint_format.inspect_arrays(state)[0]
     manager = ocp.CheckpointManager(checkpoint_dir(run))
     manager.save(
         8,
@@ -284,10 +297,42 @@ def test_non_finite_parameters_are_refused_with_the_step_named(finished_run, tmp
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         fns = REAL_BUILD(config, mesh)
-        ckpts = checkpoint.Checkpoints(run, read_only=True)
-        with pytest.raises(checkpoint.DamagedCheckpointError, match=r"step 8 .*non-finite values"):
+        ckpts = checkpoint_reader.CheckpointReader(run)
+        with pytest.raises(
+            checkpoint_format.DamagedCheckpointError, match=r"step 8 .*non-finite values"
+        ):
             ckpts.restore({"params": fns.abstract_state["params"]}, 8, partial=True)
         ckpts.close()
+
+
+@pytest.mark.parametrize("version, found", [(None, "none"), (2, "2")])
+def test_a_checkpoint_of_another_format_version_is_one_line_naming_both(
+    finished_run, tmp_path, version, found
+):
+    """A missing or different `format_version` in the meta is refused (not damage, no fall back):
+    by a reader and by a trainer resuming, in one line naming the version found and the one
+    expected."""
+    run = str(tmp_path / "copy")
+    shutil.copytree(finished_run, run)
+    for step_ in (2, 4, 6):
+        path = os.path.join(checkpoint_dir(run), str(step_), "meta", "metadata")
+        with open(path) as f:
+            meta = json.load(f)
+        assert meta.pop("format_version") == checkpoint_format.FORMAT_VERSION
+        with open(path, "w") as f:
+            json.dump(meta if version is None else {**meta, "format_version": version}, f)
+    expected = (
+        rf"checkpoint step 6 in \S+ has format version {found}; this flash_jax reads format "
+        rf"version {checkpoint_format.FORMAT_VERSION} only"
+    )
+    ckpts = checkpoint_reader.CheckpointReader(run)
+    with pytest.raises(ValueError, match=expected):
+        ckpts.read_meta(6)
+    ckpts.close()
+    with pytest.raises(ValueError, match=expected):
+        checkpoint_reader.restore(run)
+    with pytest.raises(ValueError, match=expected):
+        loop.train_and_evaluate(tiny_train_config(num_steps=8), run)
 
 
 # Orbax's coroutines of a failed read are garbage-collected with their errors (reported already).
@@ -322,7 +367,7 @@ def test_a_state_of_another_layout_is_a_config_error_not_damage(finished_run, tm
     shutil.copytree(finished_run, run)
     with pytest.raises(ValueError, match="laid out differently from this config's") as error:
         loop.train_and_evaluate(tiny_train_config(optimizer="adafactor"), run)
-    assert not isinstance(error.value, checkpoint.DamagedCheckpointError)
+    assert not isinstance(error.value, checkpoint_format.DamagedCheckpointError)
     assert steps_of(run) == [2, 4, 6]
     assert not os.path.exists(os.path.join(run, checkpoint.DAMAGED_DIR))
 
@@ -548,14 +593,13 @@ def test_slow_steps_are_logged_first_and_then_at_least_every_log_every_seconds(
     first step is recorded too (it used to be silent until step 100)."""
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(report.time, "time", lambda: clock.now)
-    ckpts = types.SimpleNamespace(confirm=lambda s: None)
     config = RunConfig.from_config(
         tiny_train_config(num_steps=8, log_every=100, log_every_seconds=60)
     )
 
     def recorded_steps(start, end):
         reporter = report.Reporter(str(tmp_path), 8, is_main=False)
-        metrics_ = report.StepMetrics(config, reporter, ckpts, model_flops=1.0)
+        metrics_ = report.StepMetrics(config, reporter, lambda step, loss: "", model_flops=1.0)
         for done in range(start + 1, end + 1):
             clock.now += 25.0
             metrics_.push(done, {"loss": 2.0, "grad_norm": 1.0, "learning_rate": 1e-3})

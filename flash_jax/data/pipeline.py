@@ -33,8 +33,8 @@ shuffle buffer (shuffle_buffer windows), the documents in flight (seqio tokenize
 ahead; none with `data.use_cached`), the packer's group of windows (`preprocessors.PACK_TOKENS`)
 and, for a small local corpus, its tokenized copy kept in memory (`sources.MAX_BYTES_TO_CACHE`).
 Measured: 24 MB for the shipped corpus, 35-50 MB per host at seq_len 8192 on a PG-19-like corpus.
-`start_batch=k` (rebuild the stream and drop its first k batches, a cost linear in k) remains for
-checkpoints saved without a data state.
+`start_batch=k` rebuilds the stream and drops its first k batches, a cost linear in k
+(scripts/bench/bench_resume.py compares it with a restore).
 
 Host layout: the batches depend on the number of hosts, the seed, the task, the lengths and
 buffer sizes (`host_layout`). A checkpoint records it; `check_layout(saved, current)` names in one

@@ -2,8 +2,8 @@
 vocabulary (scripts/export.py is the command; its docstring lists the names and shapes).
 
     from flash_jax.export import weights
-    from flash_jax.train import checkpoint
-    run = checkpoint.restore("runs/quickstart", single_device=True)
+    from flash_jax.train import checkpoint_reader
+    run = checkpoint_reader.restore("runs/quickstart", single_device=True)
     weights.export(run, "runs/quickstart/export", dtype="float32")
 
 `flash_jax.export.numpy_model` reads the folder back and computes the same logits in numpy.
@@ -23,7 +23,7 @@ from flax import nnx
 
 from flash_jax.export.numpy_model import CONFIG_FILE, WEIGHTS_FILE
 from flash_jax.layers.transformer import RandomFeatures
-from flash_jax.train import checkpoint
+from flash_jax.train import checkpoint_format
 
 DTYPES = ("float32", "bfloat16")
 # What the file holds of a model: its parameters, and Performer's fixed random features
@@ -114,7 +114,7 @@ def save(out_dir: str, params: nnx.State, model_config, dtype: str = "float32", 
     into `out_dir`, created if needed; returns their paths. `params`: `nnx.state(model,
     EXPORTED)` (parameters, and random features where the model has them)."""
     tensors = parameter_tensors(params, dtype)
-    config = checkpoint.model_config_dict(model_config)
+    config = checkpoint_format.model_config_dict(model_config)
     config["export"] = dict(dtype=dtype, **extra)
     os.makedirs(out_dir, exist_ok=True)
     weights = os.path.join(out_dir, WEIGHTS_FILE)
@@ -127,9 +127,10 @@ def save(out_dir: str, params: nnx.State, model_config, dtype: str = "float32", 
 
 
 def export(run, out_dir: str, dtype: str = "float32") -> list[str]:
-    """Writes `run` (a `checkpoint.Restored`) into `out_dir`: model.safetensors, config.json and,
-    for a SentencePiece vocabulary, sentencepiece.model. Returns the paths written. Bad input
-    (dtype, an unreadable vocabulary) is a ValueError before anything is written."""
+    """Writes `run` (a `checkpoint_reader.Restored`) into `out_dir`: model.safetensors,
+    config.json and, for a SentencePiece vocabulary, sentencepiece.model. Returns the paths
+    written. Bad input (dtype, an unreadable vocabulary) is a ValueError before anything is
+    written."""
     import tensorflow as tf
 
     if dtype not in DTYPES:

@@ -19,6 +19,8 @@ from flash_jax.config import RunConfig
 from flash_jax.runs import json_safe, to_json
 from flash_jax.train import (
     checkpoint,
+    checkpoint_format,
+    checkpoint_reader,
     distributed,
     flops,
     memory,
@@ -106,7 +108,7 @@ def train_and_evaluate(
     use_compilation_cache(t.compilation_cache_dir)
     finished = finished_step(config, workdir)
     if finished is not None:  # nothing to check, build, restore or compile
-        return summary("finished", finished, checkpoint.checkpoint_dir(workdir))
+        return summary("finished", finished, checkpoint_format.checkpoint_dir(workdir))
     splits = ["train", t.eval_split] if t.evaluates else ["train"]
     data.check_data(config.data, splits, vocab_size=config.model.vocab_size)
     mesh = make_mesh(config)
@@ -132,7 +134,7 @@ def train_and_evaluate(
         )
         rest = fns.init_rest()
         pipe = train_pipeline(config, mesh)  # its first batches load while the step compiles
-        stack.callback(lambda: pipe.close())  # the current `pipe` (a replay replaces it below)
+        stack.callback(pipe.close)
         train_step = compile_train_step(config, fns, rest)
         memory.log_and_check(train_step)
 
@@ -142,7 +144,7 @@ def train_and_evaluate(
         ckpts = open_checkpoints(config, workdir)
         stack.callback(ckpts.close)
         resolved = json_safe(config.to_dict())
-        state, pipe = resume(ckpts, fns, config, mesh, pipe)
+        state = resume(ckpts, fns, config, pipe)
         if is_main:
             (epath.Path(workdir) / runs.CONFIG_FILE).write_text(to_json(resolved, indent=2))
         start = done = int(jax.device_get(state["step"]))
@@ -161,17 +163,17 @@ def train_and_evaluate(
         distributed.barrier(f"flash_jax_compiled_{start}")
         profiler = profiling.Profiler(t, str(epath.Path(workdir) / report.TENSORBOARD_DIR))
         stack.callback(profiler.close)
-        step_metrics = report.StepMetrics(config, reporter, ckpts, model_flops(config, fns))
+        metrics = report.StepMetrics(config, reporter, ckpts.keep_by_loss, model_flops(config, fns))
 
         eval_losses = {}  # step -> eval loss, saved with that step's checkpoint (keep_best)
 
         def save():
-            step_metrics.drain()  # never save a state whose loss has not been checked
+            metrics.drain()  # never save a state whose loss has not been checked
             meta = {
                 "step": done,
                 "data_position": pipe.position,
                 "data_layout": pipe.layout,
-                "model_config": checkpoint.model_config_dict(config.model),
+                "model_config": checkpoint_format.model_config_dict(config.model),
                 "config": resolved,
             }
             if done in eval_losses:
@@ -179,7 +181,7 @@ def train_and_evaluate(
             ckpts.save(done, state, meta, pipe)  # "checkpoint saved" is logged on commit
 
         def evaluate():
-            step_metrics.drain()
+            metrics.drain()
             eval_losses[done] = periodic_eval(config, fns, state["params"], rest, reporter, done)
 
         # ---- train
@@ -187,7 +189,7 @@ def train_and_evaluate(
         for _ in range(start, t.num_steps):
             # Step `done` has finished (its loss is read) before the next one is dispatched: a
             # stop asked while it ran (or while compiling) saves it, not the step after it.
-            step_metrics.drain()
+            metrics.drain()
             if stop.is_set() and not several:
                 status = "preempted"
                 break
@@ -195,12 +197,12 @@ def train_and_evaluate(
                 state, device_metrics = train_step(state, rest, next_batch(pipe, fns))
             done += 1
             profiler.after(done, state)
-            step_metrics.push(done, device_metrics)  # reads the previous step's
+            metrics.push(done, device_metrics)  # reads the previous step's
             ckpts.poll()  # a save that committed or failed since the last step
             for hook in hooks:
                 hook(done)
             preempted = ckpts.manager.reached_preemption(done) if several else stop.is_set()
-            with step_metrics.paused():
+            with metrics.paused():
                 evaluates = t.evaluates and (done % t.eval_every == 0 or done == t.num_steps)
                 if evaluates and not preempted:  # first, so that its loss is saved (keep_best)
                     evaluate()
@@ -211,20 +213,20 @@ def train_and_evaluate(
             if preempted:
                 status = "preempted"
                 break
-        step_metrics.drain()
+        metrics.drain()
         if done > start:
             save()
             # A preempted run's last state is checked by its resume's first step instead: the
             # forward pass (and its compile) would delay the exit a preemption grants time for.
             if ckpts.unverified == done and status != "preempted":
-                check_last_loss(fns, state, rest, pipe, step_metrics, done)
+                check_last_loss(fns, state, rest, pipe, metrics, done)
         ckpts.finish()  # CheckpointSaveError if the last save did not commit
         preempted_by = "preemption" if several else stop.reason  # for train.py's summary line
         return summary(
             status,
             done,
             ckpts.directory,
-            last=step_metrics.last,
+            last=metrics.last,
             stopped_by=preempted_by if status == "preempted" else None,
             saved=done if done > start else None,
         )
@@ -268,26 +270,15 @@ def open_checkpoints(config: RunConfig, workdir: str) -> checkpoint.Checkpoints:
     )
 
 
-def resume(ckpts, fns: step.StepFns, config: RunConfig, mesh, pipe):
-    """The state to train from and the pipeline to read: a fresh state, or the newest intact
-    checkpoint's with the input stream where it was. A checkpoint without the input stream's
-    state (an older version's) replays the batches it had read on a new pipeline. A checkpoint of
-    another host layout is a ValueError: nothing of this run is written yet (but W&B's files)."""
+def resume(ckpts, fns: step.StepFns, config: RunConfig, pipe):
+    """The state to train from: a fresh state, or the newest intact checkpoint's, with the input
+    stream `pipe` restored to where it was. A checkpoint of another host layout is a ValueError:
+    nothing of this run is written yet (but W&B's files)."""
     if ckpts.check_compatible(config.model) is None:
-        return fns.init_state(), pipe
-    state, meta, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
-    position = int(meta["data_position"])
-    if ckpts.has_data(restored):
-        logging.info("resuming from step %d (input stream restored)", restored)
-        return state, pipe
-    logging.info(
-        "resuming from step %d; its checkpoint holds no input stream state (written by an older "
-        "version): replaying the first %d batches",
-        restored,
-        position,
-    )
-    pipe.close()
-    return state, train_pipeline(config, mesh, start_batch=position)
+        return fns.init_state()
+    state, _, restored = ckpts.restore_newest(fns.abstract_state, config.model, pipe)
+    logging.info("resuming from step %d (input stream restored)", restored)
+    return state
 
 
 def model_flops(config: RunConfig, fns: step.StepFns) -> float:
@@ -299,11 +290,11 @@ def model_flops(config: RunConfig, fns: step.StepFns) -> float:
     ]
 
 
-def check_last_loss(fns: step.StepFns, state, rest, pipe, step_metrics, done: int) -> None:
+def check_last_loss(fns: step.StepFns, state, rest, pipe, metrics, done: int) -> None:
     """The last state's own loss, which no later step computes: one forward pass on the batch
     step done + 1 would take (its checkpoint is kept only if the loss is finite)."""
     nll, weight = jax.device_get(fns.eval_step(state["params"], rest, next_batch(pipe, fns)))
-    step_metrics.check_loss(done + 1, float(nll) / max(float(weight), 1.0))
+    metrics.check_loss(done + 1, float(nll) / max(float(weight), 1.0))
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -317,7 +308,7 @@ def use_compilation_cache(directory: str) -> None:
     logging.info("persistent compilation cache in %s", directory)
 
 
-def train_pipeline(config, mesh, start_batch: int = 0) -> data.InputPipeline:
+def train_pipeline(config, mesh) -> data.InputPipeline:
     return data.InputPipeline(
         config.data,
         split="train",
@@ -325,7 +316,6 @@ def train_pipeline(config, mesh, start_batch: int = 0) -> data.InputPipeline:
         seed=config.seed,
         shuffle=True,
         repeat=True,
-        start_batch=start_batch,
         rules=config.mesh.rules,
     )
 
@@ -338,9 +328,9 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
     the checkpoint as a resume would, so that a damaged latest step is left to restore_newest
     (which falls back to an earlier one and trains on). Another model's checkpoint is refused
     (ValueError) as the full run would."""
-    if not (epath.Path(checkpoint.checkpoint_dir(workdir))).is_dir():
+    if not (epath.Path(checkpoint_format.checkpoint_dir(workdir))).is_dir():
         return None
-    ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+    ckpts = checkpoint_reader.CheckpointReader(workdir)
     try:
         latest = ckpts.check_compatible(config.model)
         if latest is None or latest < config.train.num_steps:
@@ -348,7 +338,7 @@ def finished_step(config: RunConfig, workdir: str) -> int | None:
         mesh = make_mesh(config)
         with jax.set_mesh(mesh):
             ckpts.restore(step.build(config, mesh).abstract_state, latest, config.model)
-    except checkpoint.DamagedCheckpointError:
+    except checkpoint_format.DamagedCheckpointError:
         return None
     finally:
         ckpts.close()

@@ -356,8 +356,17 @@ class StepMetrics:
     the first step (compile, warm-up) nor the evaluation and checkpoint pauses (`paused`).
     """
 
-    def __init__(self, config, reporter: Reporter, ckpts, model_flops: float):
-        self.config, self.reporter, self.ckpts = config.train, reporter, ckpts
+    def __init__(
+        self,
+        config,
+        reporter: Reporter,
+        keep_by_loss: Callable[[int, float], str],
+        model_flops: float,
+    ):
+        """`keep_by_loss(step, loss)` gets the loss computed from the state after `step`, and
+        returns what a stop then leaves (`Checkpoints.keep_by_loss`, which keeps or removes that
+        state's checkpoint by it)."""
+        self.config, self.reporter, self.keep_by_loss = config.train, reporter, keep_by_loss
         self.tokens_per_step = config.data.batch_size * config.data.seq_len
         self.model_flops = model_flops
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
@@ -417,27 +426,20 @@ class StepMetrics:
         return bool(t.log_every_seconds) and now - self._last_record >= t.log_every_seconds
 
     def check_loss(self, done: int, loss: float, grad_norm: float | None = None) -> None:
-        """Step `done`'s loss is the loss of the state after step done - 1: it decides whether
-        that state's checkpoint (if any) is kept. NonFiniteLossError for nan / inf."""
-        ckpts = self.ckpts
+        """Step `done`'s loss is the loss of the state after step done - 1: `keep_by_loss`
+        decides by it whether that state's checkpoint (if any) is kept. NonFiniteLossError for
+        nan / inf."""
+        kept = self.keep_by_loss(done - 1, loss)
         if math.isfinite(loss):
-            ckpts.confirm(done - 1)
             if grad_norm is None or math.isfinite(grad_norm):
                 return
             problem = f"non-finite gradient norm ({grad_norm}) at step {done}"
         else:
-            removed = ckpts.discard(done - 1)
             problem = (
                 f"non-finite loss ({loss}) at step {done}, computed from the state after step "
-                f"{done - 1}" + ("; its checkpoint was removed" if removed else "")
+                f"{done - 1}"
             )
-        good = ckpts.latest_good_step()
-        kept = (
-            f"the newest checkpoint with a finite loss is step {good} in {ckpts.directory}"
-            if good is not None
-            else f"no checkpoint with a finite loss is kept in {ckpts.directory}"
-        )
-        raise NonFiniteLossError(f"{problem}; stopped, nothing more saved; {kept}")
+        raise NonFiniteLossError(f"{problem}; {kept}; stopped, nothing more saved")
 
     @contextlib.contextmanager
     def paused(self):

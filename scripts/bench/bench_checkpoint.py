@@ -3,10 +3,11 @@
     python scripts/bench/bench_checkpoint.py --sizes=tiny,small,base --repeats=3
 
 For FLASH at each size preset (32k vocabulary, AdamW state), on the default device: the time of
-`checkpoint.inspect_arrays` over the whole train state (the per-array checksums and finiteness
-check every save and restore runs, `flash_jax/train/checkpoint.py`), and of `Checkpoints.save`:
-its blocking part (what training waits for; it includes one checksum pass) and the whole save
-until committed. Medians of `--repeats`; writes under `--dir` (a temporary folder by default).
+`checkpoint_format.inspect_arrays` over the whole train state (the per-array checksums and
+finiteness check every save and restore runs, `flash_jax/train/checkpoint_format.py`), and of
+`Checkpoints.save`: its blocking part (what training waits for; it includes one checksum pass)
+and the whole save until committed. Medians of `--repeats`; writes under `--dir` (a temporary
+folder by default).
 """
 
 import os
@@ -19,7 +20,7 @@ from absl import flags
 
 from flash_jax import cli, sharding
 from flash_jax.tools import benchmarks
-from flash_jax.train import checkpoint, step  # no data stack: runs where JAX runs
+from flash_jax.train import checkpoint, checkpoint_format, step  # no data stack: JAX only
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("sizes", ["tiny", "small"], "Size presets of FLASH.", flag_values=FLAGS)
@@ -36,12 +37,12 @@ def measure(size: str, repeats: int, directory: str) -> dict:
         fns = step.build(config, mesh)
         state = jax.block_until_ready(fns.init_state())
         nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-        checkpoint.inspect_arrays(state)  # compile
+        checkpoint_format.inspect_arrays(state)  # compile
         checks, blocking, total = [], [], []
         ckpts = checkpoint.Checkpoints(os.path.join(directory, size), keep=repeats)
         for i in range(repeats):
             t0 = time.perf_counter()
-            checkpoint.inspect_arrays(state)
+            checkpoint_format.inspect_arrays(state)
             checks.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             ckpts.save(i + 1, state, {"step": i + 1})

@@ -118,7 +118,7 @@ def main(argv=()) -> dict:
 
     from flash_jax import evaluation
     from flash_jax.tools import benchmarks
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint_reader
 
     reused = {}
     if args.reuse:
@@ -127,7 +127,7 @@ def main(argv=()) -> dict:
         reused = {(r["workdir"], r["step"]): r for r in earlier["runs"]}
     rows = []
     for workdir in args.workdir:
-        run = checkpoint.restore(workdir)
+        run = checkpoint_reader.restore(workdir)
         if (workdir, run.step) in reused:
             rows.append(reused[workdir, run.step])
             continue

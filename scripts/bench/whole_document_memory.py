@@ -33,9 +33,9 @@ def main(argv=()) -> dict:
     import jax
 
     from flash_jax import long_context
-    from flash_jax.train import checkpoint
+    from flash_jax.train import checkpoint_reader
 
-    run = checkpoint.restore(args.workdir)
+    run = checkpoint_reader.restore(args.workdir)
     window = run.config.data.seq_len
     stream = np.concatenate(list(long_context.documents(run.config.data, args.split)))
     if len(stream) < args.tokens:
