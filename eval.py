@@ -18,10 +18,12 @@ Windows (flash_jax.long_context): `--context=N` cuts every document into consecu
 tokens (default: the training length, today's windows), each scored alone; FLASH, Performer and
 Combiner take any N, the models whose cache grows (Transformers, FLASH-Quad) at most model.max_len,
 past which `--stride=S` scores sliding windows of N tokens advancing by S (each token with at
-least N - S before it). `--whole_documents` (FLASH) scores each document as one stream, N tokens at
-a time with the cross-chunk state carried. Every result has `loss_by_position` (buckets doubling
-from the chunk size, or `--bucket=W` wide) and its settings (context, stride, whole_documents,
-bucket); without --all_steps, `--plot=PATH` draws perplexity by position, one line per workdir.
+least N - S before it). `--whole_documents` (FLASH, Performer, Combiner) scores each document as
+one stream, N tokens at a time with the layers' state carried (constant for FLASH and Performer;
+Combiner's grows as N / C, one summary per span). Every result has `loss_by_position` (buckets
+doubling from the chunk size, or `--bucket=W` wide) and its settings (context, stride,
+whole_documents, bucket); without --all_steps, `--plot=PATH` draws perplexity by position, one line
+per workdir.
 
 Output: progress on stderr; per checkpoint a summary line and a JSON object on stdout (the last line
 printed is the last JSON object), also recorded in `<workdir>/eval/results.jsonl` (one record per
@@ -84,7 +86,9 @@ _STRIDE = flags.DEFINE_integer(
     "stride", None, "Sliding windows of --context tokens advancing by this many."
 )
 _WHOLE_DOCUMENTS = flags.DEFINE_bool(
-    "whole_documents", False, "Each document one stream, the state carried (FLASH)."
+    "whole_documents",
+    False,
+    "Each document one stream, the state carried (FLASH, Performer; Combiner's grows as N / C).",
 )
 _BUCKET = flags.DEFINE_integer(
     "bucket", None, "Equal position buckets of this width (default: doubling from the chunk)."

@@ -14,10 +14,13 @@ Three ways to cut a split (every token of every document is scored exactly once 
 - sliding windows (`stride`): windows of `context` tokens starting every `stride` tokens; each
   scores only the tokens the previous one did not, so every token but those of a document's first
   window is scored with at least `context - stride` tokens before it (one window per row).
-- whole documents (`whole_documents`, FLASH): each document one stream, run `context` tokens at
-  a time with the layers' cross-chunk state (the running sum and count of the linear part over
-  completed chunks, as in `FlashLayer.decode`) carried from one window to the next: every token
-  sees all of its document before it, in memory that does not grow with the document.
+- whole documents (`whole_documents`: FLASH, Performer, Combiner): each document one stream, run
+  `context` tokens at a time with every layer's state carried from one window to the next
+  (`init_window_state`, each layer's `window`): every token sees all of its document before it.
+  FLASH's state (the linear part's running sum and count over completed chunks) and Performer's
+  (the running sum of phi(k) [v, 1]^T) have a constant size; Combiner's (one summary per
+  completed span of C tokens) grows with the document as N / C, C times slower than a key/value
+  cache, but not constant.
 
 Which models may run past `model.max_len`: the math of FLASH, Performer and Combiner and of the
 RoPE Transformers does not depend on it, that of the vanilla Transformer (learned absolute
@@ -50,8 +53,9 @@ from flash_jax.sharding import LAYER_AXIS_METADATA
 # Models whose attention cost and decoding cache grow with the context: windows past
 # model.max_len only as sliding windows of at most max_len.
 GROWING_CACHE = ("transformer", "transformer_plus", "transformer_pp", "flash_quad")
-# Models scored as whole documents with a carried state (a window step exists for them).
-WHOLE_DOCUMENT_MODELS = ("flash",)
+# Models scored as whole documents with a carried state (their layers have `window`): constant
+# for FLASH and Performer, one summary per span for Combiner.
+WHOLE_DOCUMENT_MODELS = ("flash", "performer", "combiner")
 MAX_BUCKETS = 4096  # --bucket: at most this many buckets per window
 
 
@@ -83,9 +87,9 @@ def check(settings: Settings, model_cfg, train_len: int) -> Settings:
     if settings.whole_documents:
         if name not in WHOLE_DOCUMENT_MODELS:
             raise ValueError(
-                f"--whole_documents needs a model scored with a carried constant-size state "
-                f"({', '.join(WHOLE_DOCUMENT_MODELS)}); {name} is not one (use --context, or "
-                "--stride for models whose cache grows)"
+                f"--whole_documents needs a model whose state between windows does not keep "
+                f"every token ({', '.join(WHOLE_DOCUMENT_MODELS)}); {name}'s cache grows with "
+                "the context: use --context, or --stride"
             )
         if context % model_cfg.chunk_size:
             raise ValueError(
@@ -251,62 +255,26 @@ def sliding_window_batches(docs, context: int, stride: int, rows: int) -> Iterat
 # ----------------------------------------------------------------------------- whole documents
 
 
-def init_flash_state(model_cfg, batch_size: int = 1) -> dict:
-    """Every layer's cross-chunk state: the linear part's sum of k_lin v^T over completed
-    chunks and their token count (the `sum` and `count` of `FlashLayer.init_cache`)."""
-    L, s, e = model_cfg.num_layers, model_cfg.qk_dim, model_cfg.expansion_dim
-    return {
-        "sum": jnp.zeros((L, batch_size, s, e), jnp.float32),
-        "count": jnp.zeros((L,), jnp.float32),
-    }
+def init_window_state(model_cfg, batch_size: int, length: int) -> dict:
+    """Every layer's state between windows of documents of `length` tokens (a whole number of
+    windows), stacked on a leading layer axis: each layer type's `init_window_state` (FLASH's
+    and Performer's constant, Combiner's one summary per span)."""
+    from flash_jax import models
 
-
-def flash_layer_window(layer, x_BWD, positions_BW, state):
-    """A FLASH layer over a window of W = G * C tokens of one document whose earlier chunks are
-    summarised by `state` ({"sum" [B, s, e], "count" []}); returns (output, state after it).
-
-    The layer's own op, `ops.mixed_chunk_attention`, with the state as the `Boundary` before the
-    window (as context parallelism passes it between devices): every token's linear part is the
-    mean of k_lin v^T over every completed chunk of the document before its own. The padding
-    after a document's last token comes after it and changes nothing before it.
-    """
-    from flash_jax import ops
-
-    cfg = layer.cfg
-    B, W, _ = x_BWD.shape
-    u, v, (quad_q, quad_k, lin_q, lin_k) = layer.project(x_BWD, positions_BW)
-    one_document_BW = jnp.ones((B, W), jnp.int32)
-    boundary = ops.attention.Boundary(
-        seg_BD=jnp.ones((B, 1), jnp.int32),
-        sum_BDSE=state["sum"][:, None],
-        count_BD=jnp.broadcast_to(state["count"], (B, 1)),
-    )
-    attended = ops.mixed_chunk_attention(
-        quad_q,
-        quad_k,
-        lin_q,
-        lin_k,
-        v,
-        chunk_size=cfg.chunk_size,
-        causal=True,
-        segment_ids=one_document_BW,
-        quad_bias=layer.bias(cfg.chunk_size),
-        boundary=boundary,
-    )
-    window_sum_BSE = jnp.einsum("bws,bwe->bse", lin_k, v, preferred_element_type=jnp.float32)
-    new_state = {"sum": state["sum"] + window_sum_BSE, "count": state["count"] + W}
-    return layer.output(x_BWD, u, attended), new_state
+    layer_type = models.LAYER_TYPES[model_cfg.name]
+    one_layer = layer_type.init_window_state(model_cfg, batch_size, length)
+    return jax.tree.map(lambda a: jnp.zeros((model_cfg.num_layers,) + a.shape, a.dtype), one_layer)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def whole_document_window(graphdef, params, rest, inputs_BW, targets_BW, positions_BW, state):
-    """One window of documents (every layer's state carried in): per-token NLL [B, W] and the
-    state after the window."""
+    """One window of documents (every layer's state carried in, each layer's `window`):
+    per-token NLL [B, W] and the state after the window."""
     model = nnx.merge(graphdef, params, rest)
     x = model.embed(inputs_BW)
 
     def one_layer(x_BWD, layer, layer_state):
-        return flash_layer_window(layer, x_BWD, positions_BW, layer_state)
+        return layer.window(x_BWD, positions_BW, layer_state)
 
     x, state = nnx.scan(
         one_layer,
@@ -318,28 +286,25 @@ def whole_document_window(graphdef, params, rest, inputs_BW, targets_BW, positio
     return nll, state
 
 
-def score_document(run, tokens: np.ndarray, window: int) -> np.ndarray:
-    """Per-token NLL (float32, [len(tokens)]) of one whole document, scored `window` tokens at a
-    time with the state carried; the input is 0 then the document, as in training."""
+def score_document(model, tokens: np.ndarray, window: int) -> np.ndarray:
+    """Per-token NLL (float32, [len(tokens)]) of one whole document under `model` (a
+    `LanguageModel` of `WHOLE_DOCUMENT_MODELS`), scored `window` tokens at a time (a multiple
+    of the chunk size) with the state carried; the input is 0 then the document, as in
+    training."""
     n = len(tokens)
     padded = -(-n // window) * window
     inputs = np.zeros(padded, np.int32)
     targets = np.zeros(padded, np.int32)
     inputs[1:n] = tokens[:-1]
     targets[:n] = tokens
-    state = init_flash_state(run.model_config)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    state = init_window_state(model.cfg, 1, padded)
     out = []
     for begin in range(0, padded, window):
         piece = slice(begin, begin + window)
         positions = np.arange(begin, begin + window, dtype=np.int32)[None]
         nll, state = whole_document_window(
-            run.fns.graphdef,
-            run.params,
-            run.rest,
-            inputs[None, piece],
-            targets[None, piece],
-            positions,
-            state,
+            graphdef, params, rest, inputs[None, piece], targets[None, piece], positions, state
         )
         out.append(np.asarray(nll[0]))
     return np.concatenate(out)[:n]
@@ -401,12 +366,13 @@ def score_whole_documents(
     with the carried state (`score_document`); `max_batches` counts documents (one process)."""
     nll_sum, tokens, docs, complete, span = 0.0, 0, 0, True, 1
     bucket_nll, bucket_tokens = np.zeros(0), np.zeros(0)
+    model = run.model()
     with jax.set_mesh(run.fns.mesh):
         for doc in documents(run.config.data, split):
             if max_batches is not None and docs == max_batches:
                 complete = False
                 break
-            nll = score_document(run, doc, settings.context).astype(np.float64)
+            nll = score_document(model, doc, settings.context).astype(np.float64)
             index = np.asarray(buckets.index(np.arange(len(doc))))
             size = max(len(bucket_nll), int(index[-1]) + 1)
             bucket_nll = np.pad(bucket_nll, (0, size - len(bucket_nll)))

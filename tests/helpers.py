@@ -274,10 +274,10 @@ def _write_corpus(root):
     return books
 
 
-def tiny_eval_run_config(corpus):
+def tiny_eval_run_config(corpus, name="flash"):
     config = base.get_config()
     config.model.update(
-        name="flash",
+        name=name,
         num_layers=2,
         d_model=32,
         expansion_dim=64,
@@ -300,8 +300,9 @@ def tiny_eval_run_config(corpus):
     return config
 
 
-def train_tiny_run(root):
-    """Trains (once per pytest session) and returns (workdir, validation texts)."""
+def train_tiny_run(root, name="flash"):
+    """Trains a tiny `name` model (once per pytest session and root) and returns (workdir,
+    validation texts)."""
     workdir, corpus, done = root / "run", root / "corpus", root / "DONE"
     if not done.exists():
         from flash_jax.train import loop
@@ -309,7 +310,7 @@ def train_tiny_run(root):
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         books = _write_corpus(corpus)
-        summary = loop.train_and_evaluate(tiny_eval_run_config(corpus), str(workdir))
+        summary = loop.train_and_evaluate(tiny_eval_run_config(corpus, name), str(workdir))
         assert summary["status"] == "done" and summary["step"] == 2
         done.write_text(json.dumps(books))
     return str(workdir), json.loads(done.read_text())["validation"]

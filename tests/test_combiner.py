@@ -146,6 +146,32 @@ def test_decode_step_equals_the_causal_rows():
         np.testing.assert_allclose(out, want[:, t], rtol=0, atol=1e-5)
 
 
+def test_a_stretch_after_prior_spans_equals_the_rows_of_the_whole_sequence():
+    """Whole-document scoring's window: the spans before the stretch enter as `PriorSpans`
+    (their summaries, in 3 of 8 slots; the others hold junk that must not be read), read by
+    the stretch's first document only (document 2 starts inside the stretch; padding ends it)."""
+    C, begin = 4, 12
+    seg = np.array([[1] * 20 + [2] * 9 + [0] * 3], np.int32)
+    q, k, v = qkv_inputs(1, 32, seed=9)
+    span_k, span_v = combiner.completed_span_summaries(q[:, :begin], k[:, :begin], v[:, :begin], C)
+    junk = 100.0 * np.ones((1, 5, H, D), np.float32)
+    prior = combiner.PriorSpans(
+        jnp.concatenate([span_k, junk], 1), jnp.concatenate([span_v, junk], 1), begin // C
+    )
+    got = ops.combiner_attention(
+        *(x[:, begin:] for x in (q, k, v)),
+        causal=True,
+        span_size=C,
+        segment_ids=seg[:, begin:],
+        prior=prior,
+    )
+    want = ref_combiner(q, k, v, seg, C, True)[:, begin:]
+    # As test_matches_factorised_reference: softmaxes over <= 4 + 5 + 3 logits.
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="causal attention only"):
+        ops.combiner_attention(q, k, v, causal=False, span_size=C, prior=prior)
+
+
 def test_bfloat16_and_large_inputs_stay_finite():
     seg = packed_segments()
     q, k, v = qkv_inputs(2, 29, seed=7, scale=30.0)

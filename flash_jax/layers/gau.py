@@ -245,6 +245,51 @@ class FlashLayer(_GatedUnit):
             "v": jnp.zeros((batch_size, C, e), cfg.compute_dtype),
         }
 
+    @staticmethod
+    def init_window_state(cfg: ModelConfig, batch_size: int, length: int | None = None) -> dict:
+        """Whole-document scoring's state between windows: the linear part's sum of k_lin v^T
+        over the document's completed chunks and their token count (`init_cache`'s `sum` and
+        `count`); constant, whatever the document's `length`."""
+        del length
+        return {
+            "sum": jnp.zeros((batch_size, cfg.qk_dim, cfg.expansion_dim), jnp.float32),
+            "count": jnp.zeros((), jnp.float32),
+        }
+
+    def window(self, x_BWD, positions_BW, state):
+        """The layer over a window of W = G * C tokens of one document whose earlier chunks are
+        summarised by `state` ({"sum" [B, s, e], "count" []}); returns (output, state after it).
+
+        The layer's own op, `ops.mixed_chunk_attention`, with the state as the `Boundary` before
+        the window (as context parallelism passes it between devices): every token's linear part
+        is the mean of k_lin v^T over every completed chunk of the document before its own. The
+        padding after a document's last token comes after it and changes nothing before it.
+        """
+        cfg = self.cfg
+        B, W, _ = x_BWD.shape
+        u, v, (quad_q, quad_k, lin_q, lin_k) = self.project(x_BWD, positions_BW)
+        one_document_BW = jnp.ones((B, W), jnp.int32)
+        boundary = ops.attention.Boundary(
+            seg_BD=jnp.ones((B, 1), jnp.int32),
+            sum_BDSE=state["sum"][:, None],
+            count_BD=jnp.broadcast_to(state["count"], (B, 1)),
+        )
+        attended = ops.mixed_chunk_attention(
+            quad_q,
+            quad_k,
+            lin_q,
+            lin_k,
+            v,
+            chunk_size=cfg.chunk_size,
+            causal=True,
+            segment_ids=one_document_BW,
+            quad_bias=self.bias(cfg.chunk_size),
+            boundary=boundary,
+        )
+        window_sum_BSE = jnp.einsum("bws,bwe->bse", lin_k, v, preferred_element_type=jnp.float32)
+        new_state = {"sum": state["sum"] + window_sum_BSE, "count": state["count"] + W}
+        return self.output(x_BWD, u, attended), new_state
+
     def decode(self, x_B1D, t, cache):
         """One token at position t (a scalar) of a single document; returns (output, cache)."""
         B, C = x_B1D.shape[0], self.cfg.chunk_size

@@ -164,6 +164,26 @@ class PerformerAttention(MultiHeadAttention):
         shape = (batch_size, cfg.num_heads, cfg.random_features, cfg.d_model // cfg.num_heads + 1)
         return {"state": jnp.zeros(shape, jnp.float32)}
 
+    # Whole-document scoring's state between windows is the decoding state: sum phi(k) [v, 1]^T.
+    init_window_state = init_cache
+
+    def window_attend(self, q, k, v, positions_BW, state):
+        """A window of one document's tokens after the earlier ones summed in `state`; returns
+        (output, state after the window). The state enters the op as the `Boundary` before
+        the window, as context parallelism passes it between devices."""
+        del positions_BW
+        B, W = q.shape[0], self.features.value
+        boundary = ops.attention.Boundary(
+            seg_BD=jnp.ones((B, 1), jnp.int32),
+            sum_BDSE=state["state"][:, None],
+            count_BD=jnp.zeros((B, 1), jnp.float32),  # unused by FAVOR+
+        )
+        out = ops.favor_attention(
+            q, k, v, W, causal=True, chunk_size=self.cfg.chunk_size, boundary=boundary
+        )
+        phi_k = ops.performer.favor_features(k, W, query=False)
+        return out, {"state": state["state"] + ops.performer.key_value_sums(phi_k, v)}
+
     def decode_attend(self, q, k, v, t, cache):
         del t
         W = self.features.value
@@ -197,6 +217,33 @@ class CombinerAttention(MultiHeadAttention):
             length,
             cfg.compute_dtype,
         )
+
+    @staticmethod
+    def init_window_state(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+        """The summaries of a document's completed spans, for one of `length` tokens (a whole
+        number of windows): R slots, R the power of two at or above length / C, so that
+        documents of similar lengths share one compiled window step. Grows with the document
+        as N / C (C times slower than a key/value cache), not constant."""
+        slots = 1 << max(-(-length // cfg.chunk_size) - 1, 0).bit_length()
+        shape = (batch_size, slots, cfg.num_heads, cfg.d_model // cfg.num_heads)
+        return {"span_k": jnp.zeros(shape, jnp.float32), "span_v": jnp.zeros(shape, jnp.float32)}
+
+    def window_attend(self, q, k, v, positions_BW, state):
+        """A window of one document's tokens, starting at a span boundary, after the earlier
+        spans summarised in `state`; returns (output, state with the window's spans added)."""
+        C = self.cfg.chunk_size
+        completed = positions_BW[0, 0] // C  # the document's spans before the window
+        prior = ops.combiner.PriorSpans(state["span_k"], state["span_v"], completed)
+        out = ops.combiner_attention(q, k, v, causal=True, span_size=C, prior=prior)
+        window_summaries = ops.combiner.completed_span_summaries(q, k, v, C)
+
+        def add(buffer_BRHD, new_BGHD):
+            return jax.lax.dynamic_update_slice_in_dim(buffer_BRHD, new_BGHD, completed, 1)
+
+        return out, {
+            "span_k": add(state["span_k"], window_summaries[0]),
+            "span_v": add(state["span_v"], window_summaries[1]),
+        }
 
     def decode_attend(self, q, k, v, t, cache):
         out, state = ops.combiner.decode_step(
@@ -252,6 +299,20 @@ class TransformerBlock(nnx.Module):
     @staticmethod
     def init_cache(cfg: ModelConfig, batch_size: int, length: int) -> dict:
         return attention_type(cfg).init_cache(cfg, batch_size, length)
+
+    @staticmethod
+    def init_window_state(cfg: ModelConfig, batch_size: int, length: int) -> dict:
+        return attention_type(cfg).init_window_state(cfg, batch_size, length)
+
+    def window(self, x_BWD, positions_BW, state):
+        """The block over a window of W tokens of one document whose earlier tokens its
+        attention's `state` summarises (Performer and Combiner: `window_attend`); returns
+        (output, state after the window)."""
+        attention = self.attention
+        q, k, v = attention.project(self.attention_norm(x_BWD), positions_BW)
+        attended, state = attention.window_attend(q, k, v, positions_BW, state)
+        x = x_BWD + attention.out(attended)
+        return x + self.mlp(self.mlp_norm(x)), state
 
     def decode(self, x_B1D, t, cache):
         attended, cache = self.attention.decode(self.attention_norm(x_B1D), t, cache)

@@ -41,15 +41,29 @@ Shapes: B batch, T tokens, H heads, D head width, G spans, C span size, R spans 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flash_jax.ops import attention, multihead
 
 _F32 = jnp.float32
 
 
-def combiner_attention(q, k, v, *, causal: bool, span_size: int, segment_ids=None):
+class PriorSpans(NamedTuple):
+    """The completed spans of a document before a stretch of the sequence (causal only): their
+    key summaries and expected values `[B, R, H, D]` float32 (`completed_span_summaries`) in the
+    first `count` of R slots. The stretch's tokens of the document of its first token read them
+    as they read the summaries of earlier spans inside the stretch."""
+
+    span_k_BRHD: jax.Array
+    span_v_BRHD: jax.Array
+    count: jax.Array  # int scalar: the slots filled
+
+
+def combiner_attention(q, k, v, *, causal: bool, span_size: int, segment_ids=None, prior=None):
     """Combiner-Fixed attention (module docstring).
 
     Args:
@@ -57,6 +71,9 @@ def combiner_attention(q, k, v, *, causal: bool, span_size: int, segment_ids=Non
       causal: autoregressive (O_0 keeps j <= i, only earlier spans) or bidirectional.
       span_size: C, the span length (T is padded up to G * C internally with segment 0).
       segment_ids: int `[B, T]`, contiguous runs of equal ids, 0 = padding; None = one document.
+      prior: None, or the `PriorSpans` of the document that continues into the stretch's first
+        token from before it (whole-document scoring, flash_jax/long_context.py); causal only,
+        and the stretch must start at a span boundary of that document.
 
     Returns:
       `[B, T, H, D]` in v's dtype; padding rows are exactly 0.
@@ -64,14 +81,24 @@ def combiner_attention(q, k, v, *, causal: bool, span_size: int, segment_ids=Non
     q, k, v, seg_BT = multihead.check_inputs(q, k, v, segment_ids)
     seg_BGC = multihead.chunked(seg_BT, int(span_size))
     links = attention._chunk_links(seg_BGC, causal)  # shared by the heads
+    if prior is None:
+        span_k_BRHD = span_v_BRHD = reads_BGCR = None
+    else:
+        if not causal:
+            raise ValueError("prior spans are read by causal attention only")
+        span_k_BRHD, span_v_BRHD = prior.span_k_BRHD, prior.span_v_BRHD
+        continues_BGC = (seg_BGC == seg_BT[:, :1, None]) & (seg_BGC != 0)
+        filled_R = jnp.arange(span_k_BRHD.shape[1]) < prior.count
+        reads_BGCR = continues_BGC[..., None] & filled_R
 
-    def one_head(q_BTD, k_BTD, v_BTD):
-        return _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal)
+    def one_head(q_BTD, k_BTD, v_BTD, span_k_BRD, span_v_BRD):
+        prior_head = None if prior is None else (span_k_BRD, span_v_BRD, reads_BGCR)
+        return _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal, prior_head)
 
-    return multihead.per_head(one_head, q, k, v).astype(v.dtype)
+    return multihead.per_head(one_head, q, k, v, span_k_BRHD, span_v_BRHD).astype(v.dtype)
 
 
-def _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal):
+def _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal, prior=None):
     B, T, D = q_BTD.shape
     G, C = seg_BGC.shape[1:]
     q_BGCD = multihead.chunked(q_BTD.astype(_F32) * D**-0.5, C)
@@ -93,9 +120,15 @@ def _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal):
         logits.append(jnp.einsum("bgcd,brd->bgcr", q_BGCD, span_k_BRD))
         masks.append(links.use_BGCD[:, :, :, d, None] & links.link_BDGH[:, d, :, None, :])
         span_values.append(span_v_BRD)
+    if prior is not None:  # the spans of i's document before the stretch, each one summary
+        span_k_BRD, span_v_BRD, reads_BGCR = prior
+        logits.append(jnp.einsum("bgcd,brd->bgcr", q_BGCD, span_k_BRD))
+        masks.append(reads_BGCR)
+        span_values.append(span_v_BRD)
 
     weights = masked_softmax(jnp.concatenate(logits, -1), jnp.concatenate(masks, -1))
-    parts = jnp.split(weights, [C + G * i for i in range(len(span_values))], axis=-1)
+    widths = [C] + [span_v.shape[1] for span_v in span_values]
+    parts = jnp.split(weights, np.cumsum(widths)[:-1].tolist(), axis=-1)
     out_BGCD = jnp.einsum("bgij,bgjd->bgid", parts[0], v_BGCD)
     for weights_BGCR, span_v_BRD in zip(parts[1:], span_values, strict=True):
         out_BGCD = out_BGCD + jnp.einsum("bgcr,brd->bgcd", weights_BGCR, span_v_BRD)
@@ -108,6 +141,19 @@ def span_summaries(q_XCD, k_XCD, v_XCD, member_XC):
     zeros (never read)."""
     span_q_XD, span_k_XD = max_pool(q_XCD, member_XC), max_pool(k_XCD, member_XC)
     return span_k_XD, span_value(span_q_XD, k_XCD, v_XCD, member_XC)
+
+
+def completed_span_summaries(q, k, v, span_size: int):
+    """Key summaries and expected values `[B, G, H, D]` float32 of the G = T / C spans of a
+    stretch `[B, T, H, D]` of one document (every token a member of its span): what the
+    stretches after it read as `PriorSpans`."""
+    D, C = q.shape[-1], span_size
+
+    def spans(x_BTHD):  # [B, G, H, C, D]
+        return multihead.chunked(x_BTHD.astype(_F32), C).swapaxes(2, 3)
+
+    everyone_C = jnp.ones((C,), bool)
+    return span_summaries(spans(q) * D**-0.5, spans(k), spans(v), everyone_C)
 
 
 def max_pool(x_XCD, member_XC):

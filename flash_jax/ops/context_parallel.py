@@ -57,11 +57,10 @@ def favor_attention_sharded(q, k, v, projection, segment_ids, *, axis_name, caus
     runs, `[H, M, D + 1]` per device and direction, whatever the context."""
     q, k, v, seg_BT = multihead.check_inputs(q, k, v, segment_ids)
     phi_k = performer.favor_features(k, projection, query=False)
-    v1 = jnp.concatenate([v.astype(_F32), jnp.ones(v.shape[:3] + (1,), _F32)], axis=-1)
 
     def edge_sums(member_BT):
         phi_k_BTHM = jnp.where(member_BT[:, :, None, None], phi_k, 0.0)
-        return (jnp.einsum("bthm,bthe->bhme", phi_k_BTHM, v1),)
+        return (performer.key_value_sums(phi_k_BTHM, v),)
 
     seg_BD, (sums_BDHME,) = edge_states(edge_sums, seg_BT, axis_name, causal)
     boundary = attention.Boundary(seg_BD, sums_BDHME, jnp.zeros(seg_BD.shape, _F32))

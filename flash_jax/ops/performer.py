@@ -112,8 +112,7 @@ def favor_attention(
         raise ValueError(f"projection must be [M, D = {D}], got shape {projection.shape}")
     phi_q = favor_features(q, projection, query=True)
     phi_k = favor_features(k, projection, query=False)
-    # One more value column of ones: its output is the normaliser sum_j phi(q_i) . phi(k_j).
-    v1 = jnp.concatenate([v.astype(_F32), jnp.ones((B, T, H, 1), _F32)], axis=-1)
+    v1 = values_with_ones(v)
     C = int(chunk_size)
     seg_BGC = multihead.chunked(seg_BT, C)
     links = attention._chunk_links(seg_BGC, causal, boundary)  # shared by the heads
@@ -128,6 +127,19 @@ def favor_attention(
 
     out = multihead.per_head(one_head, phi_q, phi_k, v1, sums_BDHME)
     return _normalise(out).astype(v.dtype)
+
+
+def values_with_ones(v_XD):
+    """[v, 1] float32 `[..., D + 1]`: one more value column of ones, whose output is the
+    normaliser sum_j phi(q_i) . phi(k_j)."""
+    return jnp.concatenate([v_XD.astype(_F32), jnp.ones(v_XD.shape[:-1] + (1,), _F32)], axis=-1)
+
+
+def key_value_sums(phi_k_BTHM, v_BTHD):
+    """sum over the tokens of phi(k) [v, 1]^T, `[B, H, M, D + 1]` float32: what a stretch of
+    one document adds to the state its later tokens read (`decode_step`'s, context
+    parallelism's edge sums, whole-document scoring's carried state)."""
+    return jnp.einsum("bthm,bthe->bhme", phi_k_BTHM, values_with_ones(v_BTHD))
 
 
 def _normalise(out_XE):
@@ -176,6 +188,5 @@ def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal, edge_sums_
 def decode_step(phi_q_BHM, phi_k_BHM, v_BHD, state_BHME):
     """One causal token: adds phi(k) [v, 1]^T to the running state `[B, H, M, D + 1]` (float32,
     constant size), then reads it with phi(q). Returns (output `[B, H, D]` float32, state)."""
-    v1 = jnp.concatenate([v_BHD.astype(_F32), jnp.ones(v_BHD.shape[:-1] + (1,), _F32)], axis=-1)
-    state_BHME = state_BHME + jnp.einsum("bhm,bhe->bhme", phi_k_BHM, v1)
+    state_BHME = state_BHME + jnp.einsum("bhm,bhe->bhme", phi_k_BHM, values_with_ones(v_BHD))
     return _normalise(jnp.einsum("bhm,bhme->bhe", phi_q_BHM, state_BHME)), state_BHME

@@ -7,8 +7,9 @@ runs/long/combiner --contexts=512,1024,2048,4096,8192,16384 --name=long_context_
 
 Per run (latest checkpoint, validation split): windows of each context. Models whose cache grows
 (Transformer++, FLASH-Quad, ...) are scored only up to their max_len, plus sliding windows of
-max_len advancing by max_len / 2 (each token with at least max_len / 2 before it); FLASH also
-as whole documents (the state carried, windows of its training length). Writes
+max_len advancing by max_len / 2 (each token with at least max_len / 2 before it); FLASH,
+Performer and Combiner also as whole documents (the state carried, windows of the training
+length). Writes
 `<out_dir>/<name>.{json,md}`, `<name>_by_context.png` (perplexity against window length) and
 `<name>_by_position.png` (perplexity by position, at the longest context and whole documents).
 """

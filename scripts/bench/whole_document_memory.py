@@ -42,7 +42,7 @@ def main(argv=()) -> dict:
         cli.fail("whole_document_memory.py", f"the {args.split} split has {len(stream)} tokens", 1)
     t0 = time.time()
     with jax.set_mesh(run.fns.mesh):
-        nll = long_context.score_document(run, stream[: args.tokens], window)
+        nll = long_context.score_document(run.model(), stream[: args.tokens], window)
         compiled = long_context.whole_document_window.lower(
             run.fns.graphdef,
             run.params,
@@ -50,7 +50,7 @@ def main(argv=()) -> dict:
             np.zeros((1, window), np.int32),
             np.zeros((1, window), np.int32),
             np.zeros((1, window), np.int32),
-            long_context.init_flash_state(run.model_config),
+            long_context.init_window_state(run.model_config, 1, -(-args.tokens // window) * window),
         ).compile()
     analysis = compiled.memory_analysis()
     report = {
