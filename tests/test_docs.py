@@ -252,9 +252,6 @@ def test_the_config_imports_no_op_kernel_or_layer():
 
 MODULE_MAX_LINES = 500
 TRAIN_AND_EVALUATE_MAX_LINES = 150
-# Exempt from MODULE_MAX_LINES besides the Pallas kernels (ops/pallas_*.py), until its split lands:
-# ops/attention.py (FLASH's XLA op with its hand-written backward).
-LONG_MODULES_FOR_NOW = ("flash_jax/ops/attention.py",)
 
 
 def line_count(path: str) -> int:
@@ -269,7 +266,7 @@ def test_no_library_module_exceeds_500_lines_but_the_pallas_kernels():
     for path in paths:
         name = os.path.relpath(path, REPO).replace(os.sep, "/")
         kernel = re.fullmatch(r"flash_jax/ops/pallas_\w+\.py", name)
-        if not kernel and name not in LONG_MODULES_FOR_NOW and line_count(path) > MODULE_MAX_LINES:
+        if not kernel and line_count(path) > MODULE_MAX_LINES:
             long[name] = line_count(path)
     assert not long, f"modules over {MODULE_MAX_LINES} lines: {long}"
 
