@@ -248,10 +248,32 @@ def test_the_config_imports_no_op_kernel_or_layer():
     assert not {m for m in reached if m.startswith(("flash_jax.ops", "flash_jax.layers"))}
 
 
+def test_no_library_module_imports_the_command_line_helpers():
+    """flash_jax.cli (flags, one-line errors, the quiet console) serves the entry points alone."""
+    graph = import_graph()
+    assert "flash_jax.cli.console" in graph
+    importers = {
+        module
+        for module, imported in graph.items()
+        if not module.startswith("flash_jax.cli")
+        and any(name.startswith("flash_jax.cli") for name in imported)
+    }
+    assert not importers, f"library modules that import flash_jax.cli: {sorted(importers)}"
+
+
 # ----------------------------------------------------------------------------- the code's layout
 
 MODULE_MAX_LINES = 500
 TRAIN_AND_EVALUATE_MAX_LINES = 150
+TOP_LEVEL_MAX_MODULES = 10
+
+
+def test_the_top_of_the_package_holds_at_most_10_modules():
+    """Subpackages group the rest by job (DEVELOPERS.md's layout)."""
+    paths = glob.glob(os.path.join(REPO, "flash_jax", "*.py"))
+    names = sorted(os.path.basename(p) for p in paths if not p.endswith("__init__.py"))
+    assert "config.py" in names  # the package is found
+    assert len(names) <= TOP_LEVEL_MAX_MODULES, f"{len(names)} top-level modules: {names}"
 
 
 def line_count(path: str) -> int:
