@@ -392,6 +392,8 @@ class MeshConfig:
     num_slices: int = 0
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # tuples, also when the values come from JSON
+            object.__setattr__(self, field.name, _tuples(getattr(self, field.name)))
         # `--config.mesh.axis_names=data,fsdp,tensor,sequence` arrives as one string.
         names = tuple(n.strip() for name in self.axis_names for n in str(name).split(","))
         object.__setattr__(self, "axis_names", names)
@@ -409,10 +411,7 @@ class MeshConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> MeshConfig:
-        mesh = _from_mapping(cls, "mesh", config)
-        return dataclasses.replace(  # tuples, also when the values come from JSON
-            mesh, **{f.name: _tuples(getattr(mesh, f.name)) for f in dataclasses.fields(cls)}
-        )
+        return _from_mapping(cls, "mesh", config)
 
 
 @dataclasses.dataclass(frozen=True)
