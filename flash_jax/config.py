@@ -252,7 +252,6 @@ class DataConfig:
     prefetch: int = 2
     # "" tokenizes on the fly; a folder (local or gs://) reads seqio's offline cache of the task
     # there, built by scripts/data/cache_data.py (or seqio's cache_tasks_main; docs/data.md).
-    # A saved config without the key (written before it existed) gets "".
     use_cached: str = ""
 
     def __post_init__(self):
