@@ -181,10 +181,12 @@ class ModelConfig:
     @classmethod
     def from_config(cls, config: Any, sharding_rules=None) -> ModelConfig:
         """From `config.model` (a ConfigDict or mapping); the sharding rules are config.mesh's
-        (by default: those of a ModelConfig passed in, else DEFAULT_RULES)."""
+        (by default: those of a ModelConfig passed in, which comes back as it is, else
+        DEFAULT_RULES)."""
         if isinstance(config, cls):
-            rules = config.sharding_rules if sharding_rules is None else sharding_rules
-            return dataclasses.replace(config, sharding_rules=rules)
+            if sharding_rules is None or sharding_rules == config.sharding_rules:
+                return config
+            return dataclasses.replace(config, sharding_rules=sharding_rules)
         rules = DEFAULT_RULES if sharding_rules is None else sharding_rules
         return _from_mapping(cls, "model", config, sharding_rules=rules)
 

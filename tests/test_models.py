@@ -469,6 +469,7 @@ def test_create_keeps_a_model_configs_own_sharding_rules():
         abstract = nnx.eval_shape(lambda: models.create(config, rngs=nnx.Rngs(0), **kwargs))
         return abstract.cfg.sharding_rules
 
+    assert ModelConfig.from_config(cfg) is cfg  # typed once: not built and checked again
     assert rules_of(cfg) == rules
     assert rules_of(cfg, sharding_rules=sharding.DEFAULT_RULES) == sharding.DEFAULT_RULES
     assert rules_of({**TINY, "name": "flash"}) == sharding.DEFAULT_RULES
