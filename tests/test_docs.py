@@ -75,6 +75,30 @@ def test_the_readme_is_at_most_300_lines():
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
 
 
+CODE = [
+    path
+    for pattern in ("flash_jax/**/*.py", "scripts/**/*.py", "configs/*.py", "tests/*.py", "*.py")
+    for path in glob.glob(os.path.join(REPO, pattern), recursive=True)
+]
+# Numbers of this project's issues ("issue", "#" and a number, or "(#" a number ")"): history
+# belongs to git. This file, which holds examples of them, is not searched.
+ISSUE_NUMBER = re.compile(r"\bissues? #\d+|\(#\d+\)", re.IGNORECASE)
+
+
+def test_no_issue_numbers_in_the_code():
+    assert ISSUE_NUMBER.search("a fix (GitHub issues #6, #12)")
+    assert ISSUE_NUMBER.search("see (#25)") and not ISSUE_NUMBER.search("Stream #7(compute)")
+    assert os.path.join(REPO, "train.py") in CODE
+    found = {}
+    for path in CODE:
+        if os.path.samefile(path, __file__):
+            continue
+        with open(path) as f:
+            if match := ISSUE_NUMBER.search(f.read()):
+                found[os.path.relpath(path, REPO)] = match.group()
+    assert not found, f"issue numbers in the code: {found}"
+
+
 # ----------------------------------------------------------------------------- the tests' layout
 
 TEST_SOURCES = sorted(glob.glob(os.path.join(REPO, "tests", "*.py")))
