@@ -51,7 +51,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli, console
+from flash_jax import cli
+from flash_jax.cli import console
 from flash_jax.train import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(

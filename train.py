@@ -13,7 +13,7 @@ flash_jax/train/distributed.py and the README's "Pod-scale runs"). Errors (bad i
 use, divergence, a failed save) are one line on stderr and exit code 1. Every run ends with a
 summary on stderr (final train and eval figures, the checkpoint, the eval / sample / TensorBoard
 commands); a finished run rerun says so and returns without compiling. Library startup lines are
-filtered out (flash_jax/console.py); --verbose shows them.
+filtered out (flash_jax/cli/console.py); --verbose shows them.
 """
 
 import sys
@@ -21,7 +21,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli, console
+from flash_jax import cli
+from flash_jax.cli import console
 from flash_jax.train import (
     distributed,
     signals,  # light: JAX and TensorFlow are imported in main()

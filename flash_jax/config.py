@@ -181,10 +181,12 @@ class ModelConfig:
     @classmethod
     def from_config(cls, config: Any, sharding_rules=None) -> ModelConfig:
         """From `config.model` (a ConfigDict or mapping); the sharding rules are config.mesh's
-        (by default: those of a ModelConfig passed in, else DEFAULT_RULES)."""
+        (by default: those of a ModelConfig passed in, which comes back as it is, else
+        DEFAULT_RULES)."""
         if isinstance(config, cls):
-            rules = config.sharding_rules if sharding_rules is None else sharding_rules
-            return dataclasses.replace(config, sharding_rules=rules)
+            if sharding_rules is None or sharding_rules == config.sharding_rules:
+                return config
+            return dataclasses.replace(config, sharding_rules=sharding_rules)
         rules = DEFAULT_RULES if sharding_rules is None else sharding_rules
         return _from_mapping(cls, "model", config, sharding_rules=rules)
 
@@ -252,7 +254,6 @@ class DataConfig:
     prefetch: int = 2
     # "" tokenizes on the fly; a folder (local or gs://) reads seqio's offline cache of the task
     # there, built by scripts/data/cache_data.py (or seqio's cache_tasks_main; docs/data.md).
-    # A saved config without the key (written before it existed) gets "".
     use_cached: str = ""
 
     def __post_init__(self):
@@ -392,6 +393,8 @@ class MeshConfig:
     num_slices: int = 0
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # tuples, also when the values come from JSON
+            object.__setattr__(self, field.name, _tuples(getattr(self, field.name)))
         # `--config.mesh.axis_names=data,fsdp,tensor,sequence` arrives as one string.
         names = tuple(n.strip() for name in self.axis_names for n in str(name).split(","))
         object.__setattr__(self, "axis_names", names)
@@ -409,10 +412,7 @@ class MeshConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> MeshConfig:
-        mesh = _from_mapping(cls, "mesh", config)
-        return dataclasses.replace(  # tuples, also when the values come from JSON
-            mesh, **{f.name: _tuples(getattr(mesh, f.name)) for f in dataclasses.fields(cls)}
-        )
+        return _from_mapping(cls, "mesh", config)
 
 
 @dataclasses.dataclass(frozen=True)

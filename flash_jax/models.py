@@ -23,7 +23,7 @@ from flash_jax.layers import (
 )
 from flash_jax.layers.basic import float32_logits, param
 from flash_jax.ops import context_parallel
-from flash_jax.sharding import DEFAULT_RULES, LAYER_AXIS_METADATA, constrain
+from flash_jax.sharding import LAYER_AXIS_METADATA, constrain
 
 LAYER_TYPES = {
     "flash": FlashLayer,
@@ -225,16 +225,15 @@ class LanguageModel(nnx.Module):
             )
 
 
-def create(config: Any, *, rngs: nnx.Rngs, sharding_rules=DEFAULT_RULES) -> LanguageModel:
+def create(config: Any, *, rngs: nnx.Rngs, sharding_rules=None) -> LanguageModel:
     """Builds the model named by `config.name` from a ConfigDict, mapping or ModelConfig.
 
-    `sharding_rules` (config.mesh.rules) map the logical names of activation constraints to mesh
-    axes; parameters carry logical names too (see flash_jax.sharding.param_shardings).
+    `sharding_rules` (config.mesh.rules, as `MeshConfig` holds them) map the logical names of
+    activation constraints to mesh axes; None: a ModelConfig's own (a RunConfig's model has its
+    mesh's), else DEFAULT_RULES. Parameters carry logical names too (see
+    flash_jax.sharding.param_shardings).
     """
-    rules = tuple(
-        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in sharding_rules
-    )
-    return LanguageModel(ModelConfig.from_config(config, sharding_rules=rules), rngs=rngs)
+    return LanguageModel(ModelConfig.from_config(config, sharding_rules=sharding_rules), rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -149,7 +149,7 @@ def scoring_settings(flag_values: dict, data_config) -> dict:
 
 def same_setting(record: dict, step: int, settings: dict) -> bool:
     """Whether `record` is the result of checkpoint `step` scored with `settings` (eval.py's
-    scoring flags and the data it read; records written before settings existed match none)."""
+    scoring flags and the data it read)."""
     return record.get("step") == step and record.get("settings") == json_safe(settings)
 
 
@@ -169,15 +169,13 @@ def record_result(workdir: str, result: dict) -> str:
         kept = [
             line
             for line in (path.read_text().splitlines() if path.exists() else [])
-            if not _line_of_setting(line, result["step"], result.get("settings"))
+            if not _line_of_setting(line, result["step"], result["settings"])
         ]
         path.write_text("".join(line + "\n" for line in [*kept, to_json(result)]))
     return str(path)
 
 
-def _line_of_setting(line: str, step: int, settings: dict | None) -> bool:
-    if settings is None:  # a result without settings replaces nothing
-        return False
+def _line_of_setting(line: str, step: int, settings: dict) -> bool:
     try:
         record = json.loads(line)
     except json.JSONDecodeError:

@@ -59,7 +59,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from flash_jax import cli, console
+from flash_jax import cli
+from flash_jax.cli import console
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (optional; default: the checkpoint's own).", lock_config=True

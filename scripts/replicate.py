@@ -1,4 +1,4 @@
-"""Replication of the paper's speed / quality comparison at a small scale (GitHub issues #6, #12).
+"""Replication of the paper's speed / quality comparison at a small scale.
 
 Trains the setting's models (configs/replicate.py: FLASH, FLASH-Quad and Transformer++ for "cpu";
 also Performer and Combiner at 2,048-token contexts for "long") of about the same parameter count

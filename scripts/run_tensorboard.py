@@ -6,7 +6,7 @@ lines and TensorBoard's note on its data loading stay off stderr; `--verbose` sh
 
 import sys
 
-from flash_jax import console
+from flash_jax.cli import console
 
 if __name__ == "__main__":
     console.quiet(sys.argv)  # before TensorFlow loads

@@ -38,7 +38,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flash_jax import cli, console, runs
+from flash_jax import cli, runs
+from flash_jax.cli import console
 from flash_jax.config import RunConfig
 from flash_jax.ops import pallas_tpu
 from flash_jax.tools import benchmarks, tpu_topology

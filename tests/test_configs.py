@@ -12,7 +12,7 @@ import pytest
 
 from configs import base, paper, replicate
 from flash_jax import data, models
-from flash_jax.config import ModelConfig, RunConfig
+from flash_jax.config import MeshConfig, ModelConfig, RunConfig
 from flash_jax.data import sources
 from flash_jax.train import loop
 
@@ -64,6 +64,19 @@ def test_paper_config_takes_the_context_length(path):
         module.get_config("1000")
     with pytest.raises(ValueError, match="context length must be one of"):
         module.get_config("long")
+
+
+def test_a_saved_config_read_back_is_the_same_typed_config():
+    """config.json holds lists where the config holds tuples (mesh.shape, mesh.rules); MeshConfig
+    makes them tuples again however it is built, so the config stays hashable and equal."""
+    config = RunConfig.from_config(base.get_config())
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert isinstance(saved["mesh"]["rules"][0], list)
+    read_back = RunConfig.from_config(saved)
+    assert read_back == config and hash(read_back) == hash(config)
+    assert read_back.model.sharding_rules == read_back.mesh.rules
+    mesh = MeshConfig(axis_names=["data,fsdp"], shape=[2, 1], rules=[["batch", ["data", "fsdp"]]])
+    assert mesh == MeshConfig(("data", "fsdp"), (2, 1), (("batch", ("data", "fsdp")),))
 
 
 def test_paper_sizes():

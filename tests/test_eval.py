@@ -256,7 +256,6 @@ def test_one_record_per_step_and_settings_and_curves_of_one_setting(tmp_path):
         dict(step=100, settings={**validation, "split": "test"}, perplexity=1.0),
         dict(step=100, settings={**validation, "max_batches": 5}, perplexity=1.0),
         dict(step=100, settings={**validation, "data": {"seq_len": 64}}, perplexity=1.0),
-        dict(step=100, split="validation", seq_len=32, max_batches=None, perplexity=1.0),  # old
     ]
     for r in rows:
         runs.record_result(workdir, r)

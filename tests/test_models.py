@@ -482,6 +482,21 @@ def test_bad_config_is_named(overrides, field):
         models.create({**TINY, "name": "transformer", **overrides}, rngs=nnx.Rngs(0))
 
 
+def test_create_keeps_a_model_configs_own_sharding_rules():
+    """A RunConfig's model carries config.mesh.rules: `create` keeps them unless told others."""
+    rules = (("batch", "data"),) + sharding.DEFAULT_RULES[1:]
+    cfg = tiny_model_config("flash", sharding_rules=rules)
+
+    def rules_of(config, **kwargs):
+        abstract = nnx.eval_shape(lambda: models.create(config, rngs=nnx.Rngs(0), **kwargs))
+        return abstract.cfg.sharding_rules
+
+    assert ModelConfig.from_config(cfg) is cfg  # typed once: not built and checked again
+    assert rules_of(cfg) == rules
+    assert rules_of(cfg, sharding_rules=sharding.DEFAULT_RULES) == sharding.DEFAULT_RULES
+    assert rules_of({**TINY, "name": "flash"}) == sharding.DEFAULT_RULES
+
+
 def test_bad_call_inputs_are_named():
     model = models.create(tiny_model_config("flash"), rngs=nnx.Rngs(0))
     tokens = jnp.zeros((2, 16), jnp.int32)

@@ -69,7 +69,7 @@ def test_the_causal_op_meets_its_traffic_bound_on_this_cpu():
     compiled for this CPU: at most 180 KiB per token at 1K and 32K, 32K within 1.1x of 1K, no
     float32 matmul. 166.6 KiB at both; 208.6 while the sums over tokens (k_lin^T v, q_lin^T dO)
     took their left operand transposed, which this backend runs in float32 on converted copies
-    of v and dO (`attention._per_direction_transposed`)."""
+    of v and dO (`state_passing.per_direction_transposed`)."""
     rows = op_cost.main(["--contexts=1024,32768", "--no-layer"])
     kib = [row["op"]["bytes_per_token"] / 1024 for row in rows]
     assert max(kib) <= 180 and kib[1] <= 1.1 * kib[0], kib

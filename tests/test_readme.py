@@ -53,7 +53,7 @@ LONG_COMMANDS = {  # what makes each command short
     "make sample": ["--num_tokens=8"],
     "make tensorboard": ["--inspect"],  # prints what the logdir holds and exits
 }
-# Library startup lines that a quiet console never shows (flash_jax/console.py).
+# Library startup lines that a quiet console never shows (flash_jax/cli/console.py).
 NOISE = (
     "E0000",
     "cuInit",

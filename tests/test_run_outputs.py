@@ -15,7 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from flash_jax import console, data, runs
+from flash_jax import data, runs
+from flash_jax.cli import console
 from flash_jax.config import RunConfig
 from flash_jax.tools import plots
 from flash_jax.train import loop, report, wandb_run

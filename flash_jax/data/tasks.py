@@ -32,9 +32,9 @@ from flash_jax.data import preprocessors, sources, vocabularies
 # ----------------------------------------------------------------------------- offline cache
 
 
-def cache_dir(cfg) -> str:
+def cache_dir(cfg: DataConfig) -> str:
     """`data.use_cached`: the folder holding seqio's offline cache of the config's task, or ""."""
-    return DataConfig.from_config(cfg).use_cached
+    return cfg.use_cached
 
 
 def cached_task_dir(cfg) -> str:

@@ -269,7 +269,7 @@ class FlashLayer(_GatedUnit):
         B, W, _ = x_BWD.shape
         u, v, (quad_q, quad_k, lin_q, lin_k) = self.project(x_BWD, positions_BW)
         one_document_BW = jnp.ones((B, W), jnp.int32)
-        boundary = ops.attention.Boundary(
+        boundary = ops.state_passing.Boundary(
             seg_BD=jnp.ones((B, 1), jnp.int32),
             sum_BDSE=state["sum"][:, None],
             count_BD=jnp.broadcast_to(state["count"], (B, 1)),

@@ -173,7 +173,7 @@ class PerformerAttention(MultiHeadAttention):
         the window, as context parallelism passes it between devices."""
         del positions_BW
         B, W = q.shape[0], self.features.value
-        boundary = ops.attention.Boundary(
+        boundary = ops.state_passing.Boundary(
             seg_BD=jnp.ones((B, 1), jnp.int32),
             sum_BDSE=state["state"][:, None],
             count_BD=jnp.zeros((B, 1), jnp.float32),  # unused by FAVOR+

@@ -4,7 +4,9 @@ Two pure functions, the seam where faster kernels can plug in:
 
 - `quadratic_attention`: FLASH-Quad's squared-ReLU attention over the whole sequence, O(T^2).
 - `mixed_chunk_attention`: FLASH's quadratic attention inside chunks of C tokens plus a
-  normalised linear attention across chunks, O(T * C) memory and time, no `[T, T]` array.
+  normalised linear attention across chunks, O(T * C) memory and time, no `[T, T]` array. Its
+  states across chunks (which chunks and tokens exchange sums, `Boundary`) are built in
+  state_passing.py.
 
 Shapes: B batch, T tokens, S query/key width (s), E value width (e), G chunks, C chunk size,
 D directions of the cross-chunk states (1 causal, 2 bidirectional), X = D * S.
@@ -50,6 +52,20 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from flash_jax.ops.state_passing import (
+    Boundary,
+    check_boundary,
+    chunk_links,
+    chunk_states,
+    dot,
+    merge_directions,
+    pass_states,
+    per_direction,
+    per_direction_transposed,
+    per_state_row,
+    same_segment,
+)
+
 _F32 = jnp.float32
 
 
@@ -90,7 +106,7 @@ def quadratic_attention(q, k, v, *, n, causal: bool, segment_ids=None, bias=None
 def _quadratic(q_BTS, k_BTS, v_BTE, seg_BT, bias, n, causal):
     """`quadratic_attention` on inputs of one dtype; the result in float32."""
     weights_BTT, _ = _relu2_weights(q_BTS, k_BTS, bias, _quadratic_mask(seg_BT, causal), n)
-    return _dot("bij,bje->bie", weights_BTT, v_BTE, v_BTE.dtype)
+    return dot("bij,bje->bie", weights_BTT, v_BTE, v_BTE.dtype)
 
 
 def _quadratic_fwd(q_BTS, k_BTS, v_BTE, seg_BT, bias, n, causal):
@@ -101,14 +117,14 @@ def _quadratic_fwd(q_BTS, k_BTS, v_BTE, seg_BT, bias, n, causal):
 def _quadratic_bwd(n, causal, residuals, d_out_BTE):
     q_BTS, k_BTS, v_BTE, seg_BT, bias = residuals
     dtype = v_BTE.dtype
-    # In the transposed frame (rows are keys j, columns queries i; see `_dot`).
+    # In the transposed frame (rows are keys j, columns queries i; see `dot`).
     mask_BJI = _swap(_quadratic_mask(seg_BT, causal))
     bias_T = None if bias is None else _swap(bias)
     weights_BJI, relu_BJI = _relu2_weights(k_BTS, q_BTS, bias_T, mask_BJI, n)
-    d_weights_BJI = _dot("bje,bie->bji", v_BTE, d_out_BTE, dtype)
+    d_weights_BJI = dot("bje,bie->bji", v_BTE, d_out_BTE, dtype)
     d_scores_BJI = jnp.where(mask_BJI, 2.0 * relu_BJI * d_weights_BJI, 0.0)
     d_q, d_k = _score_grads(d_scores_BJI / n, q_BTS, k_BTS)
-    d_v = _dot("bji,bie->bje", weights_BJI, d_out_BTE, dtype)
+    d_v = dot("bji,bie->bje", weights_BJI, d_out_BTE, dtype)
     d_bias = _bias_grad(d_scores_BJI, bias)
     return d_q.astype(dtype), d_k.astype(dtype), d_v.astype(dtype), None, d_bias
 
@@ -143,7 +159,7 @@ def mixed_chunk_attention(
     included (non-causal); N_i = |L(i)|.
 
     Precondition: documents are contiguous runs of equal `segment_ids` (what packing produces).
-    The cross-chunk sums use it (`_chunk_links`): the tokens of i's document before chunk g are
+    The cross-chunk sums use it (`chunk_links`): the tokens of i's document before chunk g are
     exactly those of the document of token g*C - 1 when the ids match, so per-chunk sums and one
     masked `[G, G]` matmul give every token's state and no `[T, T]` array is ever built (only
     `[B, G, C, C]` blocks and `[B, G, X, E]` sums). The backward is written by hand
@@ -194,35 +210,9 @@ def mixed_chunk_attention(
 
     inputs = [chunked(x.astype(dtype)) for x in (quad_q, quad_k, lin_q, lin_k, v)]
     if boundary is not None:
-        boundary = _check_boundary(boundary, B, lin_k.shape[2], v.shape[2], causal)
+        boundary = check_boundary(boundary, B, lin_k.shape[2], v.shape[2], causal)
     out_BGCE = _mixed_chunks(*inputs, chunked(seg_BT), quad_bias, boundary, causal)
     return out_BGCE.reshape(B, G * C, -1)[:, :T].astype(v.dtype)
-
-
-class Boundary(NamedTuple):
-    """What the tokens beyond the ends of a stretch of the sequence contribute to its linear part,
-    per direction d (0: the tokens before the stretch, 1: those after it, bidirectional only):
-    the id of the document that continues across that end (0: none), and the float32 sum of
-    kl_j v_j^T and the count over its tokens out there. Documents are contiguous, so these are
-    all that crosses: one `[S, E]` sum per end, however long the sequence."""
-
-    seg_BD: jax.Array  # int ids
-    sum_BDSE: jax.Array  # float32
-    count_BD: jax.Array  # float32
-
-
-def _check_boundary(boundary: Boundary, B: int, S: int, E: int, causal: bool) -> Boundary:
-    D = 1 if causal else 2
-    expected = {"seg_BD": (B, D), "sum_BDSE": (B, D, S, E), "count_BD": (B, D)}
-    for name, shape in expected.items():
-        got = jnp.shape(getattr(boundary, name))
-        if got != shape:
-            raise ValueError(f"boundary.{name} must have shape {shape}, got {got}")
-    return Boundary(
-        jnp.asarray(boundary.seg_BD),
-        jnp.asarray(boundary.sum_BDSE, _F32),
-        jnp.asarray(boundary.count_BD, _F32),
-    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -234,16 +224,16 @@ def _mixed_chunks(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, bou
 
 def _mixed_fwd(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary, causal):
     dtype = v_BGCE.dtype
-    links = _chunk_links(seg_BGC, causal, boundary)
-    states_BGXE = checkpoint_name(_chunk_states(links, kl_BGCS, v_BGCE, boundary), "attn_states")
+    links = chunk_links(seg_BGC, causal, boundary)
+    states_BGXE = checkpoint_name(chunk_states(links, kl_BGCS, v_BGCE, boundary), "attn_states")
     weights_BGCC, _ = _chunk_weights(
         qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, causal, transposed=False
     )
     # Both parts in one matmul over K = C + X: out = [W | ql_X] [v ; states]. One float32
     # [C, E] result instead of two that are added afterwards.
-    left_BGCK = _columns(weights_BGCC, _per_direction(ql_BGCS, links.use_BGCD), dtype)
+    left_BGCK = _columns(weights_BGCC, per_direction(ql_BGCS, links.use_BGCD), dtype)
     right_BGKE = _rows(v_BGCE, states_BGXE, dtype)
-    out_BGCE = _dot("bgik,bgke->bgie", left_BGCK, right_BGKE, dtype)
+    out_BGCE = dot("bgik,bgke->bgie", left_BGCK, right_BGKE, dtype)
     residuals = (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary)
     return out_BGCE, (residuals, states_BGXE)
 
@@ -252,14 +242,14 @@ def _mixed_bwd(causal, residuals, d_out_BGCE):
     (qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, v_BGCE, seg_BGC, bias, boundary), states_BGXE = residuals
     dtype = v_BGCE.dtype
     C = seg_BGC.shape[-1]
-    links = _chunk_links(seg_BGC, causal, boundary)
+    links = chunk_links(seg_BGC, causal, boundary)
 
     # The states' side: out += ql_X states, states = (link A) / N, A = kl_X^T v per chunk.
-    d_ql_BGCX = _dot("bgce,bgxe->bgcx", d_out_BGCE, states_BGXE, dtype)
-    ql_BGXC = _per_direction_transposed(ql_BGCS, links.use_BGCD)
-    d_states_BGXE = _dot("bgxc,bgce->bgxe", ql_BGXC, d_out_BGCE, dtype)
-    d_passed_BGXE = d_states_BGXE * _per_state_row(links.norm_BGD, d_states_BGXE.shape[2])
-    d_sums_BGXE = _pass_states(links.link_BDHG, d_passed_BGXE, dtype)
+    d_ql_BGCX = dot("bgce,bgxe->bgcx", d_out_BGCE, states_BGXE, dtype)
+    ql_BGXC = per_direction_transposed(ql_BGCS, links.use_BGCD)
+    d_states_BGXE = dot("bgxc,bgce->bgxe", ql_BGXC, d_out_BGCE, dtype)
+    d_passed_BGXE = d_states_BGXE * per_state_row(links.norm_BGD, d_states_BGXE.shape[2])
+    d_sums_BGXE = pass_states(links.link_BDHG, d_passed_BGXE, dtype)
 
     # v's cotangents through W v and through A, together (K = C + X), in the transposed frame
     # (rows = keys j): [dW^T | d kl_X] = v [dO ; dA]^T and dv = [W^T | kl_X] [dO ; dA].
@@ -267,16 +257,16 @@ def _mixed_bwd(causal, residuals, d_out_BGCE):
         qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, causal, transposed=True
     )
     right_BGKE = _rows(d_out_BGCE, d_sums_BGXE, dtype)
-    left_BGJK = _columns(weights_BGJI, _per_direction(kl_BGCS, links.member_BGCD), dtype)
-    d_v = _dot("bgjk,bgke->bgje", left_BGJK, right_BGKE, dtype)
-    d_left_BGJK = _dot("bgje,bgke->bgjk", v_BGCE, right_BGKE, dtype)
+    left_BGJK = _columns(weights_BGJI, per_direction(kl_BGCS, links.member_BGCD), dtype)
+    d_v = dot("bgjk,bgke->bgje", left_BGJK, right_BGKE, dtype)
+    d_left_BGJK = dot("bgje,bgke->bgjk", v_BGCE, right_BGKE, dtype)
     d_weights_BGJI, d_kl_BGCX = d_left_BGJK[..., :C], d_left_BGJK[..., C:]
 
     # Within chunks: W = relu(s)^2 on the quadratic mask [+ ql kl^T / N, bidirectional].
     d_scores_BGJI = jnp.where(block.quad_mask, 2.0 * block.relu * d_weights_BGJI, 0.0)
     d_qq, d_kq = _score_grads(d_scores_BGJI / C, qq_BGCS, kq_BGCS)
-    d_ql = _merge_directions(d_ql_BGCX, links.use_BGCD)
-    d_kl = _merge_directions(d_kl_BGCX, links.member_BGCD)
+    d_ql = merge_directions(d_ql_BGCX, links.use_BGCD)
+    d_kl = merge_directions(d_kl_BGCX, links.member_BGCD)
     if not causal:
         d_lin_BGJI = jnp.where(block.same, d_weights_BGJI * block.norm, 0.0)
         d_ql_own, d_kl_own = _score_grads(d_lin_BGJI, ql_BGCS, kl_BGCS)
@@ -308,10 +298,10 @@ def _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, cau
     """The within-chunk matrix that multiplies v, float32: relu(s)^2 on the quadratic mask, plus
     (bidirectional) the own chunk's share of the linear part, ql_i . kl_j / N_i on the same
     document (a plain kernel block, folded in so that one matmul with v serves both parts).
-    `[B, G, i, j]`, or `[B, G, j, i]` when transposed (the backward's frame, see `_dot`); also the
+    `[B, G, i, j]`, or `[B, G, j, i]` when transposed (the backward's frame, see `dot`); also the
     `_Block` of that frame."""
     C = seg_BGC.shape[-1]
-    same = _same_segment(seg_BGC)  # symmetric
+    same = same_segment(seg_BGC)  # symmetric
     quad_mask = _quadratic_mask(seg_BGC, causal)
     norm = links.norm_BGC[..., :, None]
     rows_q, cols_k, rows_ql, cols_kl = qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS
@@ -321,200 +311,12 @@ def _chunk_weights(qq_BGCS, kq_BGCS, ql_BGCS, kl_BGCS, seg_BGC, bias, links, cau
         rows_q, cols_k, rows_ql, cols_kl = kq_BGCS, qq_BGCS, kl_BGCS, ql_BGCS
     weights, relu = _relu2_weights(rows_q, cols_k, bias, quad_mask, C)
     if not causal:
-        lin = _dot("bgis,bgjs->bgij", rows_ql, cols_kl, ql_BGCS.dtype)
+        lin = dot("bgis,bgjs->bgij", rows_ql, cols_kl, ql_BGCS.dtype)
         weights = weights + jnp.where(same, lin * norm, 0.0)
     return weights, _Block(relu, quad_mask, same, norm)
 
 
-# ---------------------------------------------------------------- state passing across chunks ----
-
-
-class _ChunkLinks(NamedTuple):
-    """Which tokens and chunks exchange linear-attention sums; see `_chunk_links`.
-
-    Direction d = 0 passes sums forward (to later chunks); d = 1, bidirectional only, backward.
-    """
-
-    member_BGCD: jax.Array  # bool: token c of chunk h is in its chunk's sum A[h, d]
-    use_BGCD: jax.Array  # bool: token c of chunk g reads the state passed to chunk g
-    link_BDGH: jax.Array  # bool: chunk g receives A[h, d]
-    link_BDHG: jax.Array  # the same, transposed (compared as such: see `_dot`)
-    norm_BGC: jax.Array  # float32 1 / max(N_i, 1) of every token, N_i = |L(i)|
-    norm_BGD: jax.Array  # float32: that of the tokens with use_BGCD (1 where none)
-    edge_BGD: jax.Array | None  # bool: chunk g receives the `Boundary` sum of direction d
-
-
-def _chunk_links(seg_BGC, causal: bool, boundary: Boundary | None = None) -> _ChunkLinks:
-    """The cross-chunk structure of `mixed_chunk_attention`, from the chunked segment ids alone.
-
-    Direction 0 (both modes): chunk h sums `A[h] = sum kl v^T` over its tokens of the document of
-    its last token (`member`), and token c of chunk g reads
-
-        P[g] = sum_h link[g, h] A[h],   link[g, h] = [h < g] [run[h] == run[g - 1]]
-
-    when its document is that of token gC - 1 (`use`), divided by its count N (counts pass like
-    the sums). run[g] numbers the maximal runs of chunks whose last tokens share an id, so the
-    document of token gC - 1 reaches back through exactly the chunks of run[g - 1]. This is the
-    carry `P[g] = [same document continues] P[g - 1] + A[g]` unrolled: one masked `[G, G]` matmul
-    (`_pass_states`) replaces any scan over chunks, and it is token-exact for packed documents
-    under the contiguity precondition (the tokens of a document before chunk g are those of the
-    document of token gC - 1 when the ids match). Direction 1 (bidirectional) mirrors it: the
-    chunks' first tokens, h > g, run[g + 1], token (g + 1)C. Padding (id 0) is in no sum and
-    reads nothing.
-
-    A `Boundary` is a virtual chunk beyond each end (before chunk 0 for d = 0, after chunk G - 1
-    for d = 1) whose end token has the boundary's id: chunk g receives its sum when g is the
-    first chunk past that end or the chunks in between form one run with that id (`edge`).
-
-    Built from `[B, G, C]` ids and `[B, G, G]` comparisons only: no scan, no `[B, T, E]` work.
-    With `_chunk_states` (the sums and the `[G, G]` matmul) and `_per_direction` (which queries
-    read which state), it is what a kernel that passes states "as the XLA path does" reuses.
-    """
-    B, G, _ = seg_BGC.shape
-    valid_BGC = seg_BGC != 0
-    h_1H, g_G1 = jnp.arange(G)[None, :], jnp.arange(G)[:, None]
-    ends = [(seg_BGC[:, :, -1], 1)] + ([] if causal else [(seg_BGC[:, :, 0], -1)])
-    members, uses, links, links_t, counts, edges = [], [], [], [], [], []
-    for d, (seg_end_BG, step) in enumerate(ends):
-        seg_edge_B1 = 0 if boundary is None else boundary.seg_BD[:, d : d + 1]
-        changes_BG = jnp.concatenate(
-            [jnp.ones((B, 1), bool), seg_end_BG[:, 1:] != seg_end_BG[:, :-1]], axis=1
-        )
-        run_BG = jnp.sum(changes_BG[:, None, :] & (h_1H <= g_G1), axis=-1)  # a cumsum, no scan
-        # The neighbour that sums come from: chunk g - 1 (forward) or g + 1 (backward); -1 and 0
-        # past the ends match no run and no token.
-        run_from_BG = _shift_chunks(run_BG, step, fill=-1)
-        seg_from_BG = _shift_chunks(seg_end_BG, step, fill=seg_edge_B1)
-        member_BGC = (seg_BGC == seg_end_BG[:, :, None]) & valid_BGC
-        link_BGH = (h_1H < g_G1 if step == 1 else h_1H > g_G1) & (
-            run_BG[:, None, :] == run_from_BG[:, :, None]
-        )
-        link_BHG = (g_G1 < h_1H if step == 1 else g_G1 > h_1H) & (
-            run_BG[:, :, None] == run_from_BG[:, None, :]
-        )
-        members.append(member_BGC)
-        uses.append((seg_BGC == seg_from_BG[:, :, None]) & valid_BGC)
-        links.append(link_BGH)
-        links_t.append(link_BHG)
-        count_BH = jnp.sum(member_BGC, axis=-1, dtype=_F32)
-        count_BG = jnp.sum(jnp.where(link_BGH, count_BH[:, None, :], 0.0), axis=-1)
-        if boundary is not None:
-            first = 0 if step == 1 else G - 1  # the chunk next to the boundary's end
-            edge_BG = (g_G1[:, 0] == first) | (
-                (run_from_BG == run_BG[:, first : first + 1])
-                & (seg_end_BG[:, first : first + 1] == seg_edge_B1)
-            )
-            edges.append(edge_BG)
-            count_BG = count_BG + jnp.where(edge_BG, boundary.count_BD[:, d : d + 1], 0.0)
-        counts.append(count_BG)
-    use_BGCD = jnp.stack(uses, axis=-1)
-    count_BGC = jnp.sum(jnp.where(use_BGCD, jnp.stack(counts, -1)[:, :, None, :], 0.0), axis=-1)
-    if not causal:  # L(i) also holds the own chunk's tokens of the document
-        count_BGC = count_BGC + jnp.sum(_same_segment(seg_BGC), axis=-1, dtype=_F32)
-    norm_BGC = 1.0 / jnp.maximum(count_BGC, 1.0)  # N_i = 0 -> the sum is 0 -> lin 0, no 0/0
-    # N_i depends on i only through its id, so the tokens that read one state share one N.
-    norm_BGD = jnp.max(jnp.where(use_BGCD, norm_BGC[..., None], 0.0), axis=2)
-    return _ChunkLinks(
-        member_BGCD=jnp.stack(members, axis=-1),
-        use_BGCD=use_BGCD,
-        link_BDGH=jnp.stack(links, axis=1),
-        link_BDHG=jnp.stack(links_t, axis=1),
-        norm_BGC=norm_BGC,
-        norm_BGD=jnp.where(norm_BGD > 0, norm_BGD, 1.0),
-        edge_BGD=jnp.stack(edges, axis=-1) if edges else None,
-    )
-
-
-def _chunk_states(links: _ChunkLinks, kl_BGCS, v_BGCE, boundary: Boundary | None = None):
-    """The states the chunks read, `[B, G, X, E]` in the compute dtype (v's): per direction d
-    (rows d * S ... (d + 1) * S - 1 of X), the passed sums of the float32 per-chunk sums
-    `A[h, d] = sum_{c: member[h, c, d]} kl_c v_c^T` (`_pass_states`), divided by the count N of
-    the tokens that read them. Token c of chunk g then gets its cross-chunk linear part as
-    `_per_direction(ql, use)[g, c] . states[g]`: one matmul."""
-    dtype = v_BGCE.dtype
-    kl_BGXC = _per_direction_transposed(kl_BGCS, links.member_BGCD)
-    sums_BGXE = _dot("bgxc,bgce->bgxe", kl_BGXC, v_BGCE, dtype)
-    passed_BGXE = _pass_states(links.link_BDGH, sums_BGXE, dtype)
-    if boundary is not None:  # float32, added before the one rounding of the passed state
-        edge_BGD11 = links.edge_BGD[..., None, None].astype(_F32)
-        edge_sums_BGDSE = edge_BGD11 * boundary.sum_BDSE[:, None]
-        passed_BGXE = passed_BGXE + edge_sums_BGDSE.reshape(passed_BGXE.shape)
-    return (passed_BGXE * _per_state_row(links.norm_BGD, passed_BGXE.shape[2])).astype(dtype)
-
-
-def _pass_states(link_BDGH, x_BGXE, dtype):
-    """y[g, d] = sum_h link[d, g, h] x[h, d] for each direction d (rows of X): one `[G, G]`
-    matmul batched over the directions, operands in `dtype` (0/1 links are exact in any dtype),
-    float32 accumulation. With the transposed links (`link_BDHG`) it is its own backward.
-
-    The layout is XLA:TPU's concern: no split and concatenation of X (the bidirectional op moved
-    211 KiB per token instead of 162 on v5e), and the result direction-major, moved into place
-    afterwards (in X's order XLA:TPU copied it to a G-minor layout at 32K: 178 KiB per token
-    bidirectional on v5e, 109 causal on v4, against 162 and 93)."""
-    B, D, G, _ = link_BDGH.shape
-    x_BGDSE = x_BGXE.reshape(B, G, D, -1, x_BGXE.shape[-1])
-    y_BDGSE = _dot("bdgh,bhdse->bdgse", link_BDGH, x_BGDSE, dtype)
-    return jnp.moveaxis(y_BDGSE, 1, 2).reshape(x_BGXE.shape)
-
-
-def _per_direction(x_BGCS, mask_BGCD):
-    """[B, G, C, S] -> [B, G, C, X]: x masked by each direction's mask, side by side along X."""
-    x_BGCDS = jnp.where(mask_BGCD[..., None], x_BGCS[:, :, :, None, :], 0)
-    return x_BGCDS.reshape(x_BGCS.shape[:3] + (-1,))
-
-
-def _per_direction_transposed(x_BGCS, mask_BGCD):
-    """`_per_direction`'s result with its last two axes swapped, `[B, G, X, C]`, written to
-    memory as such: the left operand of a sum over a chunk's tokens (x^T y) with the summed axis
-    minor, the one form in which XLA's CPU backend runs a bf16 matmul in bf16. Given x
-    transposed, it runs the matmul in float32 on converted copies of both operands (v or dO: 12
-    KiB per token each at E = 2048; the causal op moved 208.6 KiB per token instead of 166.6).
-
-    The barrier keeps XLA from folding the transpose back into the matmul (the CPU backend then
-    fails at run time: DEVELOPERS.md). The masking comes after the transpose so that the array
-    the barrier sees has the default (row-major) layout. GPUs and TPUs, which run either form in
-    bf16, pay for one small copy: the array is S / E the size of v (0.3 KiB per token on
-    XLA:TPU)."""
-    x_BGSC = jnp.swapaxes(x_BGCS, -1, -2)
-    x_BGDSC = jnp.where(
-        jnp.swapaxes(mask_BGCD, -1, -2)[:, :, :, None, :], x_BGSC[:, :, None, :, :], 0
-    )
-    return jax.lax.optimization_barrier(x_BGDSC.reshape(x_BGSC.shape[:2] + (-1, x_BGSC.shape[-1])))
-
-
-def _merge_directions(g_BGCX, mask_BGCD):
-    """The transpose of `_per_direction`: [B, G, C, X] -> [B, G, C, S] (float32)."""
-    g_BGCDS = g_BGCX.reshape(mask_BGCD.shape + (-1,))
-    return jnp.sum(jnp.where(mask_BGCD[..., None], g_BGCDS, 0.0), axis=3)
-
-
-def _per_state_row(x_BGD, X):
-    """[B, G, D] -> [B, G, X, 1]: each direction's value on its S rows of X."""
-    return jnp.repeat(x_BGD, X // x_BGD.shape[-1], axis=2)[..., None]
-
-
-def _shift_chunks(x_BG, step, fill):
-    """x[:, g - step] (step 1: the previous chunk's value; -1: the next one's), `fill` (a scalar
-    or a `[B, 1]` column) past the ends. Small `[B, G]` arrays only."""
-    edge = jnp.broadcast_to(jnp.asarray(fill, x_BG.dtype), x_BG[:, :1].shape)
-    if step == 1:
-        return jnp.concatenate([edge, x_BG[:, :-1]], axis=1)
-    return jnp.concatenate([x_BG[:, 1:], edge], axis=1)
-
-
 # ---------------------------------------------------------------- shared pieces ----
-
-
-def _dot(spec, x, y, dtype):
-    """einsum with both operands in `dtype` and float32 accumulation (the precision policy).
-
-    Where the math has a transposed left operand, the code builds it transposed when it is
-    cheap to: the backward recomputes W^T (rows are keys: scores k q^T) and compares ids into
-    the transposed `[G, G]` links, so that its big matmuls take the plain and right-transposed
-    forms. XLA's CPU backend runs those in bf16 and upcasts a bf16 matmul with a transposed left
-    operand to float32 with materialised converts (k_lin^T v and q_lin^T dO still are, on
-    CPUs); GPUs and TPUs run every form in bf16."""
-    return jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=_F32)
 
 
 def _columns(x, y, dtype):
@@ -541,7 +343,7 @@ def _swap(x):
 def _relu2_weights(q, k, bias, mask, scale):
     """relu(q k^T / scale + bias)^2 where mask, else 0, and relu(...) itself: float32
     `[..., I, J]` from `[..., I, S]` rows and `[..., J, S]` columns."""
-    scores = _dot("...is,...js->...ij", q, k, q.dtype) / scale
+    scores = dot("...is,...js->...ij", q, k, q.dtype) / scale
     if bias is not None:
         scores = scores + bias.astype(_F32)
     relu = jax.nn.relu(scores)
@@ -551,8 +353,8 @@ def _relu2_weights(q, k, bias, mask, scale):
 def _score_grads(d_scores_JI, q, k):
     """Cotangents (float32) of q `[..., I, S]` and k `[..., J, S]` for scores q k^T whose float32
     cotangent is given transposed, `[..., J, I]` (cast to the compute dtype as an operand)."""
-    d_q = _dot("...ji,...js->...is", d_scores_JI, k, q.dtype)
-    d_k = _dot("...ji,...is->...js", d_scores_JI, q, q.dtype)
+    d_q = dot("...ji,...js->...is", d_scores_JI, k, q.dtype)
+    d_k = dot("...ji,...is->...js", d_scores_JI, q, q.dtype)
     return d_q, d_k
 
 
@@ -567,16 +369,11 @@ def _bias_grad(d_scores_JI, bias):
 
 def _quadratic_mask(seg_XT, causal):
     """[..., T] ids -> [..., T, T]: same non-zero segment, and j <= i when causal."""
-    mask = _same_segment(seg_XT)
+    mask = same_segment(seg_XT)
     if causal:
         T = seg_XT.shape[-1]
         mask = mask & jnp.tril(jnp.ones((T, T), dtype=bool))
     return mask
-
-
-def _same_segment(seg_XT):
-    """[..., T] ids -> [..., T, T] mask: same segment and that segment is not padding."""
-    return (seg_XT[..., :, None] == seg_XT[..., None, :]) & (seg_XT[..., :, None] != 0)
 
 
 def _segments(segment_ids, B, T):

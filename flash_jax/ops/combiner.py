@@ -32,7 +32,7 @@ earlier span r are those of the document of r's last token, and in a later span 
 document of r's first token: each span has a "tail" summary (over the document of its last token)
 read by later spans of that document, and for bidirectional models a "head" summary (over the
 document of its first token) read by earlier spans: the links of FLASH's linear part
-(`attention._chunk_links`, whose directions 0 and 1 are these tails and heads). Padding (id 0)
+(`state_passing.chunk_links`, whose directions 0 and 1 are these tails and heads). Padding (id 0)
 reads nothing and gets 0.
 
 Logits, softmaxes and sums are float32; the result is cast back to v's dtype.
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax.ops import attention, multihead
+from flash_jax.ops import attention, multihead, state_passing
 
 _F32 = jnp.float32
 
@@ -80,7 +80,7 @@ def combiner_attention(q, k, v, *, causal: bool, span_size: int, segment_ids=Non
     """
     q, k, v, seg_BT = multihead.check_inputs(q, k, v, segment_ids)
     seg_BGC = multihead.chunked(seg_BT, int(span_size))
-    links = attention._chunk_links(seg_BGC, causal)  # shared by the heads
+    links = state_passing.chunk_links(seg_BGC, causal)  # shared by the heads
     if prior is None:
         span_k_BRHD = span_v_BRHD = reads_BGCR = None
     else:
@@ -110,10 +110,11 @@ def _combiner_head(q_BTD, k_BTD, v_BTD, seg_BGC, links, causal, prior=None):
 
     # Local expectations: per span and direction d, a summary over `member_BGCD[..., d]` (tail:
     # the document of the span's last token, d = 0; head: of its first token, d = 1), read by
-    # the tokens of span g that FLASH's linear part would pass it to (`attention._chunk_links`,
+    # the tokens of span g that FLASH's linear part would pass it to (`state_passing.chunk_links`,
     # the one home of the packed-document rule): i's document in earlier (d = 0) or later
     # (d = 1) spans. Combiner reads each summary with its own softmax weight, so the summaries
-    # are not summed across spans (`_pass_states` does not apply): the link matrix is the mask.
+    # are not summed across spans (`state_passing.pass_states` does not apply): the link matrix
+    # is the mask.
     span_values = []
     for d in range(links.use_BGCD.shape[-1]):
         span_k_BRD, span_v_BRD = span_summaries(q_BGCD, k_BGCD, v_BGCD, links.member_BGCD[..., d])

@@ -3,12 +3,12 @@ axis, for FLASH's mixed chunk attention and for document positions.
 
 Each device holds whole chunks of the sequence and runs the attention op on them alone; what it
 needs from the other devices is, per direction, the linear part's sum and count over the tokens
-of the document that continues across its ends (`attention.Boundary`). Documents are contiguous
-runs of ids, so that is the other devices' edge runs (the tokens of their last document, and of
-their first when bidirectional) chained through devices that hold a single document: one
-all-gather of one `[S, E]` float32 sum, a count and two ids per device and direction, the same
-bytes at any context length. The backward sends the sums' cotangents back the same way (the
-all-gather's transpose).
+of the document that continues across its ends (`state_passing.Boundary`). Documents are
+contiguous runs of ids, so that is the other devices' edge runs (the tokens of their last
+document, and of their first when bidirectional) chained through devices that hold a single
+document: one all-gather of one `[S, E]` float32 sum, a count and two ids per device and
+direction, the same bytes at any context length. The backward sends the sums' cotangents back
+the same way (the all-gather's transpose).
 
 These functions run inside `jax.shard_map` over `axis_name` (`sharding.per_shard`); each sees
 its own stretch `[B, T / n, ...]`.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flash_jax.ops import attention, multihead, performer
+from flash_jax.ops import attention, multihead, performer, state_passing
 
 _F32 = jnp.float32
 
@@ -63,7 +63,7 @@ def favor_attention_sharded(q, k, v, projection, segment_ids, *, axis_name, caus
         return (performer.key_value_sums(phi_k_BTHM, v),)
 
     seg_BD, (sums_BDHME,) = edge_states(edge_sums, seg_BT, axis_name, causal)
-    boundary = attention.Boundary(seg_BD, sums_BDHME, jnp.zeros(seg_BD.shape, _F32))
+    boundary = state_passing.Boundary(seg_BD, sums_BDHME, jnp.zeros(seg_BD.shape, _F32))
     return performer.favor_attention(
         q,
         k,
@@ -94,7 +94,7 @@ def document_positions_sharded(segment_ids_BT, *, axis_name):
     return local_BT + jnp.where(continues_BT, before_B[:, None], 0)
 
 
-def _boundary(lin_k_BTS, v_BTE, seg_BT, axis_name, causal) -> attention.Boundary:
+def _boundary(lin_k_BTS, v_BTE, seg_BT, axis_name, causal) -> state_passing.Boundary:
     """FLASH's `Boundary` of this device's stretch: per direction, the id of the document that
     continues across that end and its tokens' linear-attention sum and count on the other
     devices."""
@@ -109,7 +109,7 @@ def _boundary(lin_k_BTS, v_BTE, seg_BT, axis_name, causal) -> attention.Boundary
         return sum_BSE, jnp.sum(member_BT, axis=1, dtype=_F32)
 
     seg_BD, (sum_BDSE, count_BD) = edge_states(edge_sums, seg_BT, axis_name, causal)
-    return attention.Boundary(seg_BD, sum_BDSE, count_BD)
+    return state_passing.Boundary(seg_BD, sum_BDSE, count_BD)
 
 
 def edge_states(edge_sums, seg_BT, axis_name, causal):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from flash_jax import dispatch
-from flash_jax.ops import attention
+from flash_jax.ops import attention, state_passing
 
 
 def mixed_chunk_attention(
@@ -27,7 +27,7 @@ def mixed_chunk_attention(
     quad_bias=None,
     impl: str = "xla",
     interpret: bool | None = None,
-    boundary: attention.Boundary | None = None,
+    boundary: state_passing.Boundary | None = None,
 ):
     """`attention.mixed_chunk_attention` (see it for the arguments and the result) run by `impl`.
 

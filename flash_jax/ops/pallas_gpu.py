@@ -15,9 +15,9 @@ own chunk). G = T / C chunks; K' = S (causal) or 2S (bidirectional).
 
 - XLA, outside the kernels: per chunk h the state A_h = sum of k_lin v^T over the tokens of the
   document of h's last token (and, bidirectional, B_h for its first token); the prefix over chunks
-  of the same document by one masked [G, G] matmul (the XLA path's link rule, from its own
-  `attention._chunk_links`: chunk g continues chunk g-1's document iff their last tokens share a
-  segment id). The cross-chunk state of chunk g is X_g = [P_{g-1}; Q_{g+1}] in bf16, [K', E];
+  of the same document by one masked [G, G] matmul (the XLA path's link rule,
+  `state_passing.chunk_links`: chunk g continues chunk g-1's document iff their last tokens share
+  a segment id). The cross-chunk state of chunk g is X_g = [P_{g-1}; Q_{g+1}] in bf16, [K', E];
   each query's lin_q is masked to the states its document continues (`qlx`, [C, K']), and
   1 / N_i (N_i the number of tokens its linear part averages) is the links' `norm_BGC`.
 - Forward kernel, one program per (query block, chunk, batch): for each block of keys, scores
@@ -68,7 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from flash_jax.ops import attention
+from flash_jax.ops import state_passing
 
 _F32 = jnp.float32
 _BF16 = jnp.bfloat16
@@ -246,7 +246,7 @@ def _attention_fwd(qq, kq, ql, kl, v, bias_CC, seg_BT, cfg):
         return x.reshape((B, G, C) + x.shape[2:])
 
     seg_BGC = chunked(seg_BT)
-    links = attention._chunk_links(seg_BGC, cfg.causal)
+    links = state_passing.chunk_links(seg_BGC, cfg.causal)
     # Matmul operands in bf16 (see the module docstring); the states' sums from them in float32.
     qq_, kq_, ql_, kl_, v_ = (chunked(x).astype(_BF16) for x in (qq, kq, ql, kl, v))
     x_BGKE = _states(links, kl_, v_).astype(_BF16)

@@ -13,7 +13,7 @@ estimate stays unbiased, and orthogonality lowers its variance): `orthogonal_ran
 
 Computation (no token-level loop, no `[T, T]` array): chunks of C tokens; inside a chunk a masked
 `[C, C]` block phi(q) phi(k)^T; across chunks the sums of phi(k) [v, 1]^T over the document's
-tokens in other chunks, passed by FLASH's own state passing (flash_jax.ops.attention: one masked
+tokens in other chunks, passed by FLASH's own state passing (flash_jax.ops.state_passing: one masked
 `[G, G]` matmul per direction, no scan). The column of ones carries the normaliser sum phi(k) in
 the same matmuls as the values.
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from flash_jax.ops import attention, multihead
+from flash_jax.ops import attention, multihead, state_passing
 
 _F32 = jnp.float32
 # Key features stay below exp(50) ~ 5e21: sums of up to 6e16 of them (tokens x features) fit in
@@ -99,7 +99,7 @@ def favor_attention(
         depend on it beyond float rounding).
       segment_ids: int `[B, T]`, contiguous runs of equal ids, 0 = padding; None = one document.
       boundary: None, or what the tokens beyond the ends of this stretch of the sequence add
-        (context parallelism, flash_jax/ops/context_parallel.py): an `attention.Boundary` whose
+        (context parallelism, flash_jax/ops/context_parallel.py): a `state_passing.Boundary` whose
         `sum_BDSE` holds, per direction and head, sum phi(k) [v, 1]^T `[B, D, H, M, D + 1]`
         over the document continuing across that end (its counts are unused).
 
@@ -115,7 +115,7 @@ def favor_attention(
     v1 = values_with_ones(v)
     C = int(chunk_size)
     seg_BGC = multihead.chunked(seg_BT, C)
-    links = attention._chunk_links(seg_BGC, causal, boundary)  # shared by the heads
+    links = state_passing.chunk_links(seg_BGC, causal, boundary)  # shared by the heads
     if boundary is None:
         sums_BDHME = jnp.zeros((B, 1 if causal else 2, H, 1, 1), _F32)  # no edge: added nowhere
     else:
@@ -156,12 +156,12 @@ def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal, edge_sums_
     """sum_{j in L(i)} (phi_q_i . phi_k_j) v_j for one head, float32 `[B, T, E]`.
 
     Within chunk(i): a masked `[C, C]` kernel block. The other chunks: FLASH's linear-state
-    passing, reused from flash_jax.ops.attention (one home for the packed-document rule):
-    `links` (`_chunk_links`) say which tokens each chunk sums and which state each token reads,
-    `_pass_states` sums the per-chunk sums phi(k) v^T over the linked chunks with one masked
-    `[G, G]` matmul per direction (no scan), `_per_direction` picks each query's state. Its
+    passing, reused from flash_jax.ops.state_passing (one home for the packed-document rule):
+    `links` (`chunk_links`) say which tokens each chunk sums and which state each token reads,
+    `pass_states` sums the per-chunk sums phi(k) v^T over the linked chunks with one masked
+    `[G, G]` matmul per direction (no scan), `per_direction` picks each query's state. Its
     L(i) outside chunk(i) is exactly Performer's: i's document in earlier chunks (and, when
-    bidirectional, later ones). `_chunk_states` itself does not fit: it divides the states by
+    bidirectional, later ones). `chunk_states` itself does not fit: it divides the states by
     FLASH's token counts and rounds them to the compute dtype, while Performer's normaliser is
     the column of ones in v and every sum stays float32. `edge_sums_BDME`: the sums from beyond
     the stretch's ends, added to the states of the chunks `links.edge_BGD` marks.
@@ -174,13 +174,13 @@ def _kernel_sums(phi_q_BTM, phi_k_BTM, v_BTE, seg_BGC, links, causal, edge_sums_
     out_BGCE = jnp.einsum("bgij,bgje->bgie", block_BGCC, v_BGCE)
 
     # X = (directions) x M: the sums passed forward, and backward when bidirectional.
-    k_BGCX = attention._per_direction(k_BGCM, links.member_BGCD)
+    k_BGCX = state_passing.per_direction(k_BGCM, links.member_BGCD)
     sums_BGXE = jnp.einsum("bgcx,bgce->bgxe", k_BGCX, v_BGCE)
-    passed_BGXE = attention._pass_states(links.link_BDGH, sums_BGXE, _F32)
+    passed_BGXE = state_passing.pass_states(links.link_BDGH, sums_BGXE, _F32)
     if edge_sums_BDME is not None:
         edge_BGDME = links.edge_BGD[..., None, None] * edge_sums_BDME[:, None]
         passed_BGXE = passed_BGXE + edge_BGDME.reshape(passed_BGXE.shape)
-    q_BGCX = attention._per_direction(q_BGCM, links.use_BGCD)
+    q_BGCX = state_passing.per_direction(q_BGCM, links.use_BGCD)
     out_BGCE = out_BGCE + jnp.einsum("bgcx,bgxe->bgce", q_BGCX, passed_BGXE)
     return out_BGCE.reshape(B, G * C, -1)[:, :T]
 

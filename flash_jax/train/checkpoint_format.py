@@ -63,10 +63,9 @@ def checkpoint_dir(workdir: str) -> str:
     return path if "://" in path else os.path.abspath(path)
 
 
-def model_config_dict(model_config) -> dict:
-    """The model config as plain JSON-able values (from a ConfigDict, mapping or ModelConfig)."""
-    values = ModelConfig.from_config(model_config).to_dict()
-    return json.loads(json.dumps(values))  # tuples -> lists, as they come back from JSON
+def model_config_dict(model_config: ModelConfig) -> dict:
+    """The model config as plain JSON-able values."""
+    return json.loads(json.dumps(model_config.to_dict()))  # tuples -> lists, as JSON gives back
 
 
 def reason(error: BaseException, limit: int = 300) -> str:
@@ -105,7 +104,7 @@ def check_format_version(step: int, path: str, meta: dict) -> None:
         )
 
 
-def check_model_config(directory: str, step: int, meta: dict, model_config) -> None:
+def check_model_config(directory: str, step: int, meta: dict, model_config: ModelConfig) -> None:
     """ValueError if checkpoint `step` was written by another model config (keys that change only
     how the model is computed, RESUMABLE_MODEL_KEYS, may differ)."""
     saved = meta["model_config"]

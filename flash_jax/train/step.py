@@ -124,7 +124,7 @@ def summed_grads(
 
 def build(config, mesh: jax.sharding.Mesh) -> StepFns:
     """Abstract state, shardings and jitted functions for `config` on `mesh` (nothing runs yet)."""
-    rules = tuple(tuple(r) for r in config.mesh.rules)
+    rules = config.mesh.rules
     seed = int(config.seed)
 
     def create_model():

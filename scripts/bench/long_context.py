@@ -23,7 +23,8 @@ import sys
 
 from absl import flags
 
-from flash_jax import cli, console
+from flash_jax import cli
+from flash_jax.cli import console
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("workdir", None, "Runs to score (latest checkpoint each).", flag_values=FLAGS)

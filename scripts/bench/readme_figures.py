@@ -20,7 +20,8 @@ import time
 
 from absl import flags
 
-from flash_jax import cli, console
+from flash_jax import cli
+from flash_jax.cli import console
 from flash_jax.tools import benchmarks
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -18,7 +18,8 @@ import time
 import numpy as np
 from absl import flags
 
-from flash_jax import cli, console
+from flash_jax import cli
+from flash_jax.cli import console
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "A FLASH run (its latest checkpoint).", flag_values=FLAGS)

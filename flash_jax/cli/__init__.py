@@ -4,6 +4,10 @@ train.py, eval.py and the scripts that take a `--config` parse absl's global fla
 (`parse_flags`). Scripts whose functions tests import side by side (scripts/benchmark.py,
 op_cost.py, ...) keep their flags in a `flags.FlagValues` of their own, so that two of them may
 both have a `--contexts`: `main(argv)` parses it (`parse_script_flags`), `run_script` runs it.
+
+The stderr filter for the C++ libraries' startup lines is `flash_jax.cli.console`, a module of its
+own: it also runs as the filter's child process, on the standard library alone. No library module
+imports either: they serve the entry points.
 """
 
 from __future__ import annotations

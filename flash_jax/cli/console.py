@@ -1,7 +1,7 @@
 """A quiet console: the startup lines of TensorFlow, XLA, absl and the CUDA stubs that say nothing
 about the user's run stay off stderr; `--verbose` shows them.
 
-    from flash_jax import console
+    from flash_jax.cli import console
     console.quiet(sys.argv)  # first thing in a command-line entry point, before TF / JAX load
 
 Two layers, both set before those libraries load:
