@@ -20,6 +20,7 @@ import pytest
 
 from flash_jax import evaluation
 from flash_jax.train import checkpoint_reader
+from tests.helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_SECONDS = 10  # a dead process is noticed after this; the survivor exits soon after
@@ -46,12 +47,6 @@ TINY_ARGS = [
     "--config.train.checkpoint_every=1000",
     "--config.train.warmup_steps=5",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def slurm_job_id() -> int:

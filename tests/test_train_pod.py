@@ -6,7 +6,6 @@ tests/test_multiprocess.py).
 
 import glob
 import os
-import socket
 import sys
 import types
 
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from flash_jax.train import checkpoint, distributed, loop, memory
-from tests.helpers import files_under, read_jsonl, tiny_train_config
+from tests.helpers import files_under, free_port, read_jsonl, tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("compile_cache", "synthetic_data")
 
@@ -51,12 +50,6 @@ def test_retention_keeps_the_newest_every_nth_and_the_best_of_the_checked_steps(
 
 
 # ----------------------------------------------------------------------------- profile, memory
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_profile_memory_and_compilation_cache(tmp_path, monkeypatch):
