@@ -194,14 +194,13 @@ def window_rows(config, context: int, mesh, rules) -> int:
     return max(shards, rows // shards * shards)
 
 
-def documents(data_config, split: str) -> Iterator[np.ndarray]:
+def documents(cfg: DataConfig, split: str) -> Iterator[np.ndarray]:
     """The split's documents as token arrays (each ending with EOS), in the source's order:
     the task's preprocessing up to where windows are cut."""
     from flash_jax import data
     from flash_jax.data import tasks
 
-    cfg = DataConfig.from_config(data_config)
-    if tasks.cache_dir(cfg):
+    if tasks.cache_dir(tasks.require_typed(cfg)):
         raise ValueError(
             "--stride and --whole_documents read documents from the source; data.use_cached "
             "is not supported with them"

@@ -12,7 +12,7 @@ import pytest
 
 from configs import base, paper, replicate
 from flash_jax import data, models
-from flash_jax.config import MeshConfig, ModelConfig, RunConfig
+from flash_jax.config import DataConfig, MeshConfig, ModelConfig, RunConfig
 from flash_jax.data import sources
 from flash_jax.train import loop
 
@@ -140,7 +140,7 @@ def test_smoke_scale_runs_on_the_shipped_corpus(path):
     assert m.dtype == "float32" and d.batch_size * d.seq_len == paper.SMOKE_TOKENS_PER_BATCH
     assert t.warmup_steps <= t.num_steps // 10 and t.num_steps <= 200
     RunConfig.from_config(config)
-    data.check_data(d)
+    data.check_data(DataConfig.from_config(d))
     assert load(path).get_config("8192,smoke").data.batch_size == 1
 
 
@@ -187,7 +187,7 @@ def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path, caplog):
     config = headline_config_offline(tmp_path)
     absl_level = logging.getLogger("absl").level
     with pytest.raises(ValueError) as error:
-        data.check_data(config.data)
+        data.check_data(DataConfig.from_config(config.data))
     # TFDS's own warning about the folder it probed is not shown: the line below says it. The
     # absl logger is left as it was (later INFO records of this process still reach handlers).
     assert not [r for r in caplog.records if "tensorflow_datasets" in r.pathname]
@@ -203,7 +203,7 @@ def test_unreachable_data_is_one_line_naming_the_overrides(tmp_path, caplog):
 
     config.data.update(source="local", data_dir=str(tmp_path / "missing"), vocab="byte")
     with pytest.raises(ValueError, match=r"data.data_dir '.*missing' \(does not exist\) -> "):
-        data.check_data(config.data)
+        data.check_data(DataConfig.from_config(config.data))
 
 
 def test_the_offline_fix_names_the_model_vocab_size_the_shipped_vocabulary_needs(tmp_path):
@@ -213,12 +213,12 @@ def test_the_offline_fix_names_the_model_vocab_size_the_shipped_vocabulary_needs
     config = headline_config_offline(tmp_path)
     assert config.model.vocab_size == paper.T5_VOCAB_SIZE
     with pytest.raises(ValueError) as error:
-        data.check_data(config.data, vocab_size=config.model.vocab_size)
+        data.check_data(DataConfig.from_config(config.data), vocab_size=config.model.vocab_size)
     overrides = str(error.value).split("--config.data.vocab=")[1].split(" (the shipped")[0]
     assert overrides.split(" ")[1] == "--config.model.vocab_size=4096"
     config.data.update(vocab=base.SHIPPED_VOCAB, source="local", data_dir=base.SHIPPED_CORPUS)
     with pytest.raises(ValueError) as error:  # the vocabulary alone: the model's size is named
-        data.check_data(config.data, vocab_size=config.model.vocab_size)
+        data.check_data(DataConfig.from_config(config.data), vocab_size=config.model.vocab_size)
     assert "\n" not in str(error.value)
     assert str(error.value).startswith(
         "model.vocab_size (32128) is larger than needed for the data vocabulary (4096 tokens, "
@@ -227,11 +227,11 @@ def test_the_offline_fix_names_the_model_vocab_size_the_shipped_vocabulary_needs
         "-> --config.model.vocab_size=4096 (its size rounded up to a multiple of 128)"
     )
     config.model.vocab_size = 4096  # the line's fix
-    data.check_data(config.data, vocab_size=config.model.vocab_size)
+    data.check_data(DataConfig.from_config(config.data), vocab_size=config.model.vocab_size)
     # The shipped vocabulary with a model already of its size: only data.vocab is named.
     config = headline_config_offline(tmp_path)
     with pytest.raises(ValueError) as error:
-        data.check_data(config.data, vocab_size=4096)
+        data.check_data(DataConfig.from_config(config.data), vocab_size=4096)
     assert "--config.model.vocab_size" not in str(error.value)
 
 
@@ -258,8 +258,10 @@ def test_prepared_tfds_data_and_local_data_are_reachable(tmp_path):
     builder = tfds.builder(sources.TFDS_DATASETS["pg19"]["name"], data_dir=str(tmp_path))
     os.makedirs(builder.data_dir)
     builder.info.write_to_directory(builder.data_dir)
-    data.check_data(config.data)
-    data.check_data(base.get_config().data)  # the shipped corpus and vocabulary
+    data.check_data(DataConfig.from_config(config.data))
+    data.check_data(
+        DataConfig.from_config(base.get_config().data)
+    )  # the shipped corpus and vocabulary
 
 
 @pytest.mark.parametrize("setting", sorted(replicate.SETTINGS))

@@ -21,15 +21,16 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from flash_jax import data, sharding
+from flash_jax.config import DataConfig
 from flash_jax.data import preprocessors, sources, tasks, vocabularies
 
 AUSTEN_VALIDATION_BYTES = 433410  # 121.txt, Northanger Abbey (see the corpus README)
 
 
-def make_cfg(**overrides):
+def make_cfg(**overrides) -> DataConfig:
     cfg = ml_collections.ConfigDict(base.get_config().data.to_dict())
     cfg.update(overrides)
-    return cfg
+    return DataConfig.from_config(cfg)
 
 
 def collect(pipe, limit=10_000):

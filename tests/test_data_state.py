@@ -2,6 +2,7 @@
 kept off the accelerators."""
 
 import collections
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from configs import base
 from flash_jax import data
+from flash_jax.config import DataConfig
 from flash_jax.data import pipeline, tasks
 from scripts.data import cache_data
 
@@ -43,7 +45,7 @@ def cfg_for(root, **overrides):
     cfg = ml_collections.ConfigDict(base.get_config().data.to_dict())
     cfg.update(data_dir=str(root), vocab="byte", seq_len=64, batch_size=4, shuffle_buffer=64)
     cfg.update(overrides)
-    return cfg
+    return DataConfig.from_config(cfg)
 
 
 def take(pipe, n):
@@ -220,9 +222,12 @@ def test_cache_reads_back_as_the_uncached_pipeline(corpus, tmp_path):
 def test_use_cached_errors_name_the_key(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"data.use_cached: no finished seqio cache .*cache_data"):
         data.InputPipeline(cfg_for(corpus, use_cached=str(tmp_path)), "train")
-    untyped = ml_collections.ConfigDict({**cfg_for(corpus).to_dict(), "use_cached": True})
+    untyped = ml_collections.ConfigDict({**dataclasses.asdict(cfg_for(corpus)), "use_cached": True})
     with pytest.raises(ValueError, match="data.use_cached must be a folder"):
-        data.InputPipeline(untyped, "train")
+        DataConfig.from_config(untyped)  # where a config enters, its values are checked
+    untyped = ml_collections.ConfigDict(dataclasses.asdict(cfg_for(corpus)))
+    with pytest.raises(TypeError, match="expected a DataConfig, got ConfigDict"):
+        data.InputPipeline(untyped, "train")  # the library takes the checked, typed section
     # (mlm: a task this process has not read from a cache yet; seqio keeps the first folder
     # it reads a task from for the life of the process)
     cache_data.write_cache(cfg_for(corpus, objective="mlm"), str(tmp_path), ["validation"])
@@ -249,11 +254,10 @@ def test_cache_of_the_shipped_corpus(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"train with --config.data.use_cached={tmp_path}" in result.stdout
-    cfg = ml_collections.ConfigDict(base.get_config().data.to_dict())
-    cfg.seq_len = 128
+    cfg = dataclasses.replace(DataConfig.from_config(base.get_config().data), seq_len=128)
     with data.InputPipeline(cfg, "validation", shuffle=False, repeat=False) as pipe:
         want = list(pipe)
-    cfg.use_cached = str(tmp_path)
+    cfg = dataclasses.replace(cfg, use_cached=str(tmp_path))
     with data.InputPipeline(cfg, "validation", shuffle=False, repeat=False) as pipe:
         got = list(pipe)
     assert_same_batches(got, want)

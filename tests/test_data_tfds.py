@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 from configs import base
 from flash_jax import data
+from flash_jax.config import DataConfig
 from flash_jax.data import sources
 
 NUM_EXAMPLES = 6
@@ -16,7 +17,7 @@ def make_cfg(**overrides):
     cfg = ml_collections.ConfigDict(base.get_config().data.to_dict())
     cfg.update(dict(source="tfds", vocab="byte", seq_len=16, batch_size=4, shuffle_buffer=16))
     cfg.update(overrides)
-    return cfg
+    return DataConfig.from_config(cfg)
 
 
 def _collect(pipe):

@@ -1,6 +1,8 @@
 """flash_jax.data: seqio tasks, sources, vocabularies and the host-to-device input pipeline.
 
     from flash_jax import data
+    from flash_jax.config import RunConfig
+    config = RunConfig.from_config(config_dict)  # typed and checked once: data takes config.data
     vocab = data.get_vocabulary(config.data)
     pipe = data.InputPipeline(config.data, split="train", mesh=mesh, seed=0)
     batch = next(pipe)   # inputs, targets, weights, segment_ids, positions: [batch, seq_len]

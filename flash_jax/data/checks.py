@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 
 from flash_jax.config import SHIPPED_CORPUS, SHIPPED_VOCAB, DataConfig
-from flash_jax.data import sources, vocabularies
+from flash_jax.data import sources, tasks, vocabularies
 from flash_jax.data.pipeline import InputPipeline
 
 # Model vocabularies are the data vocabulary's size rounded up to a multiple of this (as T5 pads
@@ -29,12 +29,14 @@ def fitted_vocab_size(data_vocab_size: int) -> int:
     return -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def check_data(data_config, splits: Sequence[str] = (), *, vocab_size: int | None = None) -> None:
-    """ValueError, one line naming the keys or the path, if the data of `data_config` cannot be
+def check_data(
+    cfg: DataConfig, splits: Sequence[str] = (), *, vocab_size: int | None = None
+) -> None:
+    """ValueError, one line naming the keys or the path, if the data of `cfg` cannot be
     read as a run needs it (see the module docstring); `vocab_size`: the model's, which must be
     the data vocabulary's size up to `fitted_vocab_size` of it (a bigger one trains embedding
     rows no token uses: another data.vocab without its model.vocab_size)."""
-    cfg = DataConfig.from_config(data_config)
+    tasks.require_typed(cfg)
     _check_reachable(cfg, vocab_size)
     if vocab_size is not None:
         data_vocab_size = vocabularies.get_vocabulary(cfg).vocab_size

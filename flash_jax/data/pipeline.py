@@ -137,7 +137,7 @@ _LAYOUT_FLAGS = {
 
 
 def host_layout(
-    data_config,
+    cfg: DataConfig,
     *,
     seed: int,
     split: str = "train",
@@ -153,7 +153,7 @@ def host_layout(
     objective, source, corpus path, vocabulary); documents in the split; seq_len; shuffle_buffer;
     use_cached. Raises ValueError for a bad config, split or host index (one line).
     """
-    cfg = DataConfig.from_config(data_config)
+    tasks.require_typed(cfg)
     _check_split(cfg, split)
     if num_shards is None:
         num_shards = jax.process_count()
@@ -237,7 +237,7 @@ class InputPipeline:
 
     def __init__(
         self,
-        data_config,
+        cfg: DataConfig,
         split: str = "train",
         *,
         mesh: jax.sharding.Mesh | None = None,
@@ -249,8 +249,7 @@ class InputPipeline:
         num_shards: int | None = None,
         rules: sharding.Rules = sharding.DEFAULT_RULES,
     ):
-        cfg = DataConfig.from_config(data_config)
-        self.layout = host_layout(
+        self.layout = host_layout(  # TypeError / ValueError for a bad cfg, split or host
             cfg, seed=seed, split=split, shard_index=shard_index, num_shards=num_shards
         )
         if start_batch < 0:
@@ -449,14 +448,14 @@ class InputPipeline:
         self.close()
 
 
-def split_statistics(data_config, split: str) -> dict[str, int]:
+def split_statistics(cfg: DataConfig, split: str) -> dict[str, int]:
     """Documents, UTF-8 bytes and whitespace-separated words of a split's raw text.
 
     The text is the one that is tokenized (after Wiki-40B marker cleanup, empty documents
     dropped). Words are runs of non-whitespace (TF's ASCII whitespace split, as `str.split()` on
     ASCII text). Cached per process.
     """
-    cfg = DataConfig.from_config(data_config)
+    tasks.require_typed(cfg)
     _check_split(cfg, split)
     data_dir = tasks._local_path(cfg.data_dir) if cfg.source == "local" else ""
     return dict(_split_statistics(cfg.dataset, cfg.source, data_dir, cfg.tfds_data_dir, split))

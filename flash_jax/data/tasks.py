@@ -32,6 +32,19 @@ from flash_jax.data import preprocessors, sources, vocabularies
 # ----------------------------------------------------------------------------- offline cache
 
 
+def require_typed(cfg) -> DataConfig:
+    """`cfg` itself if it is a DataConfig, else TypeError (one line): the data functions take
+    the typed section, built once where a config enters (`RunConfig.from_config` in train.py and
+    eval.py, `DataConfig.from_config(config.data)` in a script or notebook), which is where a
+    bad key or value is reported."""
+    if not isinstance(cfg, DataConfig):
+        raise TypeError(
+            f"expected a DataConfig, got {type(cfg).__name__}: pass "
+            "DataConfig.from_config(config.data) (or RunConfig.from_config(config).data)"
+        )
+    return cfg
+
+
 def cache_dir(cfg: DataConfig) -> str:
     """`data.use_cached`: the folder holding seqio's offline cache of the config's task, or ""."""
     return cfg.use_cached
@@ -101,9 +114,9 @@ def task_name(cfg) -> str:
     return f"flash_jax.{cfg.dataset}_{objective}.{source}.{vocab_tag(str(cfg.vocab))}"
 
 
-def get_task(cfg) -> seqio.Task:
+def get_task(cfg: DataConfig) -> seqio.Task:
     """The seqio Task for a `config.data`, registered under `task_name(cfg)` on first use."""
-    cfg = DataConfig.from_config(cfg)
+    require_typed(cfg)
     name = task_name(cfg)
     if name not in seqio.TaskRegistry.names():
         vocab = vocabularies.get_vocabulary(cfg)

@@ -44,6 +44,7 @@ from ml_collections import config_flags
 
 from configs import quickstart
 from flash_jax import cli, data
+from flash_jax.config import RunConfig
 from flash_jax.train import loop
 
 PROGRAM = "bench_resume.py"
@@ -88,7 +89,7 @@ def _size_mb(directory: str) -> float:
 
 def resume_pipeline(args) -> list[tuple]:
     """(step, mode, median seconds to batch k, saved state MB or "-") per step and mode."""
-    config, steps = args.config, sorted(args.steps)
+    config, steps = RunConfig.from_config(args.config), sorted(args.steps)
     # One uninterrupted pipeline: the reference batches and, at each step, the saved state.
     states, want = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
