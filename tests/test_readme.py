@@ -163,3 +163,20 @@ def test_the_readme_quotes_the_recorded_figures():
         f"needs about {memory['needs_gib']:.2f} GiB per device ... and the device has "
         f'{memory["device_gib"]:.2f} GiB", {memory["seconds"]} s after the command' in text
     )
+
+
+def test_the_long_context_table_is_the_recorded_study():
+    """The README's long-context rows are docs/results/long_context_cpu.json's perplexities
+    (scripts/bench/long_context.py wrote it)."""
+    with open(os.path.join(REPO, "docs", "results", "long_context_cpu.json")) as f:
+        study = json.load(f)
+    with open(README) as f:
+        text = f.read()
+    names = {"flash": "FLASH", "transformer_pp": "Transformer++", "combiner": "Combiner"}
+    for run in study["runs"]:
+        cells = []
+        for label in ("512", "2048", "16384", "whole documents"):
+            result = run["results"].get(label)
+            cells.append("-" if result is None else f"{result['perplexity']:.2f}")
+        row = f"| {names[run['model']]} | " + " | ".join(cells) + " |"
+        assert row in text, row
