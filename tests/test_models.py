@@ -14,6 +14,7 @@ from flash_jax import models, sharding
 from flash_jax.config import MeshConfig, ModelConfig
 from flash_jax.export import numpy_model, weights
 from flash_jax.layers import FlashLayer, GAULayer, apply_rope, document_positions
+from flash_jax.layers.basic import split_matmul
 from flash_jax.layers.gau import rotated_heads
 from flash_jax.layers.positions import RelativePositionBias, _toeplitz
 from flash_jax.train import checkpoint_format
@@ -307,6 +308,65 @@ def test_rotated_heads_backward_is_autodiffs_of_the_plain_formula():
     np.testing.assert_allclose(np.stack(heads), np.stack(want_heads), rtol=1e-6, atol=1e-6)
     for got, want in zip(vjp(d_heads), want_vjp(d_heads), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _split_matmul_case(dtype, in_shape):
+    """x [2, 8, *in_shape], kernel [*in_shape, 10], bias and the parts' cotangents (widths 4, 4,
+    2), in `dtype`, and autodiff of the plain formula, split(x . kernel + bias), in float32."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    widths = (4, 4, 2)
+    x = jax.random.normal(keys[0], (2, 8, *in_shape)).astype(dtype)
+    kernel = jax.random.normal(keys[1], (*in_shape, 10)).astype(dtype)
+    bias = jax.random.normal(keys[2], (10,)).astype(dtype)
+    d_parts = tuple(
+        d.astype(dtype) for d in jnp.split(jax.random.normal(keys[3], (2, 8, 10)), [4, 8], -1)
+    )
+
+    def plain(x, kernel, bias):
+        out = jnp.tensordot(x, kernel, axes=len(in_shape)) + bias
+        return tuple(jnp.split(out, [4, 8], axis=-1))
+
+    f32 = [a.astype(jnp.float32) for a in (x, kernel, bias)]
+    want_parts, want_vjp = jax.vjp(plain, *f32)
+    want_grads = want_vjp(tuple(d.astype(jnp.float32) for d in d_parts))
+    parts, vjp = jax.vjp(lambda *a: split_matmul(*a, widths), x, kernel, bias)
+    return (x, kernel, d_parts), parts, vjp(d_parts), want_parts, want_grads
+
+
+@pytest.mark.parametrize("in_shape", [(6,), (2, 3)])
+def test_split_matmul_backward_is_autodiffs_of_the_plain_formula(in_shape):
+    """`split_matmul` (the projection as one matmul per part, its backward by hand: one matmul
+    over the parts' cotangents side by side) against autodiff of split(x . kernel + bias), in
+    float32: the same sums in another order, so agreement to float32 rounding of sums of at most
+    16 terms (about 1e-6 relative; bound 1e-5)."""
+    _, parts, grads, want_parts, want_grads = _split_matmul_case(jnp.float32, in_shape)
+    for got, want in zip(parts + grads, want_parts + want_grads, strict=True):
+        assert got.shape == want.shape and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_split_matmul_backward_in_bf16_is_within_bf16_rounding_of_float32():
+    """In bf16, each gradient against float32 autodiff on the same (bf16) values, within the
+    worst-case bound of a rounded dot product of n terms: |error| <= g * sum |terms|, g = (n + 1)
+    u / (1 - (n + 1) u) with bf16's unit roundoff u = 2^-8 (n roundings of the running sum, in
+    whatever order and precision the backend sums, and one of the result). n = 10 outputs for x's
+    gradient, 16 tokens for the kernel's and the bias's."""
+    (x, kernel, d_parts), _, grads, _, want_grads = _split_matmul_case(jnp.bfloat16, (6,))
+    x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+    d_out = jnp.concatenate(d_parts, axis=-1).astype(jnp.float32)
+
+    def bound(n):
+        return (n + 1) * 2.0**-8 / (1 - (n + 1) * 2.0**-8)
+
+    abs_terms = (
+        jnp.abs(d_out) @ jnp.abs(kernel).T,  # x's gradient: sums over the 10 outputs
+        jnp.einsum("btd,btf->df", jnp.abs(x), jnp.abs(d_out)),  # the kernel's: over 16 tokens
+        jnp.sum(jnp.abs(d_out), axis=(0, 1)),  # the bias's: over 16 tokens
+    )
+    for got, want, terms, n in zip(grads, want_grads, abs_terms, (10, 16, 16), strict=True):
+        assert got.dtype == jnp.bfloat16
+        error = jnp.abs(got.astype(jnp.float32) - want)
+        assert bool(jnp.all(error <= bound(n) * terms)), float(jnp.max(error / terms))
 
 
 def test_rope_and_document_positions():

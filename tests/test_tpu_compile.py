@@ -110,10 +110,11 @@ def test_attention_traffic_on_a_tpu_meets_issue_9s_bound(tmp_path, topology, cau
     assert [row["op"]["f32_matmul_share"] for row in rows] == [0.0, 0.0]
 
 
-# Measured: v5e 266.2 / 267.4 KiB at 1K / 32K, v5p 258.1 at both; before the projection was cut
-# into u, v and z matmuls, 282.3 / 312.5 on v5e (every fusion that used a part of the
-# [B, T, 2e + s] pre-activation read all of it) and 273 / 307 on v5p.
-LAYER_KIB_BOUND = 280  # the worst measured, 267.4, plus about 5%: libtpu's fusion choices shift
+# Measured: v5e 256.2 KiB, v5p 243.3, at 1K and at 32K; 266.2 / 267.4 and 258.1 while the
+# projection's backward was autodiff's (three partial products for x's gradient, one per part);
+# before the projection was cut into u, v and z matmuls, 282.3 / 312.5 on v5e (every fusion that
+# used a part of the [B, T, 2e + s] pre-activation read all of it) and 273 / 307 on v5p.
+LAYER_KIB_BOUND = 270  # the worst measured, 256.2, plus about 5%: libtpu's fusion choices shift
 
 
 @pytest.mark.slow  # about 3 minutes: four compiles
