@@ -64,9 +64,9 @@ class Dense(nnx.Module):
 
     def split_outputs(self, x: jax.Array, widths: Sequence[int]) -> list[jax.Array]:
         """`self(x)` cut into parts of these widths along the last output axis, each its own
-        matmul with its slice of the kernel (the same sums, so the same values): a consumer of one
-        part then reads only that part from memory, where XLA reads the whole output for a fusion
-        that uses a slice of it. No bias: a zero one (the same values)."""
+        matmul with its slice of the kernel (the same sums, equal up to float32 rounding): a
+        consumer of one part then reads only that part from memory, where XLA reads the whole
+        output for a fusion that uses a slice of it. No bias: a zero one (the same values)."""
         kernel = self.kernel.value.astype(self.dtype)
         if sum(widths) != kernel.shape[-1]:
             raise ValueError(f"widths {tuple(widths)} do not sum to {kernel.shape[-1]}")
