@@ -391,3 +391,17 @@ def test_verbose_changes_nothing(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     console.quiet(["train.py", "--config=x", "--verbose"])
     assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ and console.wants_verbose(["a", "--verbose"])
+
+
+def test_position_plot_tick_labels_do_not_overlap():
+    """Buckets that double from 128 up to a whole book (11 ticks on a log2 axis): each position
+    label is drawn clear of its neighbours."""
+    ends = [128 * 2**i for i in range(10)] + [124_443]
+    panels = [plots.Panel("position", "token perplexity", [("run", ends, [100.0] * 11)], True)]
+    fig = plots.panels_figure(panels, "")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in fig.axes[0].get_xticklabels()]
+    assert len(boxes) == len(ends)
+    for left, right in zip(boxes, boxes[1:], strict=False):
+        assert not left.overlaps(right), (left, right)

@@ -67,6 +67,8 @@ def panels_figure(panels: Sequence[Panel], title: str):
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [f"{x:,}" for x in ticks])
             ax.xaxis.set_minor_locator(ticker.NullLocator())
+            if len(ticks) > 6:  # more labels than fit side by side on a 5-inch axis: upright
+                ax.tick_params(axis="x", labelrotation=90)
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         if panel.log_y:
