@@ -195,9 +195,9 @@ def test_on_two_slices_only_all_reduces_cross_dcn(tmp_path):
 
     The vocabulary is cut to 256: at quickstart's 4096 and this tiny batch (one row per chip),
     XLA finds it cheaper to all-gather the embedding's cotangents across slices than to all-reduce
-    the table's gradient, and one ALL_GATHER crosses slices besides the all-reduces. Their count
-    (13) is how XLA groups the gradients: each layer's projection kernel has three slices, each
-    with its own weight gradient (`Dense.split_outputs`)."""
+    the table's gradient, and one ALL_GATHER crosses slices besides the all-reduces. How many
+    all-reduces there are is how XLA groups the gradients (it changes with the layer's code, 9 to
+    13 so far): what is held is that nothing else crosses."""
     proc, rows = run(
         tmp_path,
         "--nokernels",
@@ -212,6 +212,7 @@ def test_on_two_slices_only_all_reduces_cross_dcn(tmp_path):
     (row,) = rows
     assert (row["chips"], row["hosts"], row["slices"]) == (8, 2, 2)
     assert row["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
-    assert row["dcn_collectives"] == {"ALL_REDUCE": 13}
+    assert set(row["dcn_collectives"]) == {"ALL_REDUCE"} and row["dcn_collectives"]["ALL_REDUCE"]
     assert row["fits"]
-    assert "collectives across slices: 10 ALL_REDUCE" in proc.stdout
+    count = row["dcn_collectives"]["ALL_REDUCE"]
+    assert f"collectives across slices: {count} ALL_REDUCE" in proc.stdout  # the summary line
