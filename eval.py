@@ -158,7 +158,10 @@ def main(argv):
     )
     try:
         evaluation.evaluate_runs(request)
-    except ValueError as e:
+    except Exception as e:
+        distributed.wait_for_dead_peer()  # several processes: a dead peer is named in one line
+        if not isinstance(e, ValueError):
+            raise
         _error(str(e))
     return 0
 

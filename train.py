@@ -60,7 +60,14 @@ def main(argv):
         distributed.initialize(_DISTRIBUTED)
         config = RunConfig.from_config(_CONFIG.value)
         summary = loop.train_and_evaluate(config, _WORKDIR.value)
-    except (ValueError, report.NonFiniteLossError, checkpoint.CheckpointSaveError) as e:
+    except Exception as e:
+        # Several processes: a collective with a peer that died fails at once (gloo's error is a
+        # ValueError); the peer watch then ends this process with one line naming the peer.
+        distributed.wait_for_dead_peer()
+        if not isinstance(
+            e, (ValueError, report.NonFiniteLossError, checkpoint.CheckpointSaveError)
+        ):
+            raise
         # One clear line instead of a traceback: the user's input, a workdir in use or damaged,
         # a diverged run, a checkpoint that could not be saved.
         print(f"train.py: error: {e}", file=sys.stderr)

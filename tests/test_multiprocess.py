@@ -230,6 +230,48 @@ for i in range(10**6):
 """
 
 
+# A collective with a peer that died fails at once with gloo's error (a ValueError), before the
+# peer watch can tell; `wait_for_dead_peer` gives the watch its time (train.py's error path).
+# Process 1 lives 3 s past its last collective, so the watch has seen it stamp.
+DYING_IN_A_COLLECTIVE = """
+import os, signal, sys, time, types
+from flash_jax.train import distributed
+flags = dict(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]),
+             heartbeat_timeout_seconds=int(sys.argv[3]))
+distributed.initialize({k: types.SimpleNamespace(value=v) for k, v in flags.items()})
+import numpy as np
+from jax.experimental import multihost_utils
+try:
+    for i in range(10**6):
+        multihost_utils.process_allgather(np.array(i))
+        if i == 20 and flags["process_id"] == 1:
+            print("all-gathered", flush=True)
+            time.sleep(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+except ValueError as e:
+    print(f"collective failed: {e}", flush=True)
+    distributed.wait_for_dead_peer()
+    raise
+"""
+
+
+@pytest.mark.slow  # two JAX processes: about 15 s
+def test_a_collective_failing_on_a_dead_peer_ends_with_the_watch_line(tmp_path):
+    address = f"localhost:{free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+    logs = [str(tmp_path / f"collective.{i}.log") for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as out:
+            args = [sys.executable, "-c", DYING_IN_A_COLLECTIVE, address, str(i), "10"]
+            procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=out))
+    wait_for(logs[1], "all-gathered", procs, timeout=120)
+    codes, texts = finish(procs, logs, timeout=60)
+    assert codes == [1, -signal.SIGKILL], texts[0][-3000:]
+    assert "collective failed" in texts[0] and "Check failure" not in texts[0], texts[0][-3000:]
+    assert "error: process 1 of this run of 2 processes died" in texts[0], texts[0][-3000:]
+
+
 @pytest.mark.slow  # two JAX processes, then up to HEARTBEAT_SECONDS after the kill
 def test_a_process_that_dies_stops_the_other_within_the_heartbeat_timeout(tmp_path):
     address = f"localhost:{free_port()}"

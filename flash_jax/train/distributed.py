@@ -102,9 +102,23 @@ def initialize(flag_holders: dict | None = None) -> bool:
         process_id=values["process_id"],
         heartbeat_timeout_seconds=values["heartbeat_timeout_seconds"],
     )
-    watch = PeerWatch(values["heartbeat_timeout_seconds"] / 2)
-    atexit.register(watch.stop)  # after JAX's shutdown hook, so it runs first
+    global _watch
+    _watch = PeerWatch(values["heartbeat_timeout_seconds"] / 2)
+    atexit.register(_watch.stop)  # after JAX's shutdown hook, so it runs first
     return True
+
+
+_watch: PeerWatch | None = None  # this process's, once `initialize` started several
+
+
+def wait_for_dead_peer() -> None:
+    """After an unexpected error in a run of several processes: a collective with a peer that
+    died fails at once (gloo closes the connection), often before `PeerWatch` can tell that the
+    peer is gone, and the error's way out runs JAX's shutdown, which then aborts with a stack
+    dump. So wait as long as the watch needs: if a peer died, the watch ends this process with its
+    one line naming it; if none did, return and let the error be reported as it is."""
+    if _watch is not None:
+        time.sleep(_watch.dead_after + 2 * PeerWatch.STAMP_SECONDS)
 
 
 class PeerWatch:
