@@ -180,3 +180,26 @@ def test_the_long_context_table_is_the_recorded_study():
             cells.append("-" if result is None else f"{result['perplexity']:.2f}")
         row = f"| {names[run['model']]} | " + " | ".join(cells) + " |"
         assert row in text, row
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} minutes"
+
+
+@pytest.mark.parametrize(
+    "key, mention",
+    [("make_train", "`make train`"), ("make_smoke", "`make smoke`"), ("ci_run", "`make test`")],
+)
+def test_the_readme_gives_the_recorded_times_of_its_commands(key, mention):
+    """The README's time for `make train`, `make smoke` and `make test` (CI's `.ci/run` on a
+    fresh clone: setup, libtpu and the whole suite) is the one readme_figures.py recorded,
+    within the paragraph that first names the command."""
+    with open(os.path.join(REPO, "docs", "results", "readme_figures.json")) as f:
+        figure = json.load(f)[key]
+    with open(README) as f:
+        text = " ".join(f.read().split())
+    start = text.index(f"{mention} ")
+    near = text[start : start + 700]
+    assert _minutes(figure["seconds"]) in near, (key, _minutes(figure["seconds"]), near)
+    if key == "ci_run":
+        assert f"{figure['passed']:,} tests" in near, near
