@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS
+from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS, GATE_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
 MODEL_NAMES = (
@@ -141,6 +141,9 @@ class ModelConfig:
     # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
     # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
+    # The gate and output projection of GAU and FLASH, x + (u * a) . W + b: auto (XLA) | xla |
+    # pallas_tpu (flash_jax/ops/pallas_gate.py, on one device only; a mesh runs the XLA path)
+    gate_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
     sharding_rules: tuple = DEFAULT_RULES
@@ -153,6 +156,7 @@ class ModelConfig:
             ("remat", REMAT),
             ("attention_impl", ATTENTION_IMPLS),
             ("flash_impl", FLASH_IMPLS),
+            ("gate_impl", GATE_IMPLS),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
         ):

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 # The Transformer baselines' softmax attention (flash_jax.ops.dot_product_attention).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# The gated unit's gate and output projection (GAU and FLASH): XLA, or a Pallas TPU kernel
+# (flash_jax/ops/pallas_gate.py).
+GATE_IMPLS = ("auto", "xla", "pallas_tpu")
 SPLASH_BLOCK = 128  # splash's block along the sequence (queries and keys)
 
 
@@ -43,6 +46,14 @@ def flash_impl(requested: str) -> str:
     kernel has not run on a TPU. Name one (`impl="pallas_gpu"` / `"pallas_tpu"`,
     `model.flash_impl`) to use it."""
     _check("mixed_chunk_attention", requested, FLASH_IMPLS)
+    return "xla" if requested == "auto" else requested
+
+
+def gate_impl(requested: str) -> str:
+    """The implementation of the gate and output projection to run for `requested` (one of
+    GATE_IMPLS): `auto` is the XLA path; the kernel has not run on a TPU (it lowers the layer's
+    compiled traffic, docs/benchmarks.md)."""
+    _check("gate", requested, GATE_IMPLS)
     return "xla" if requested == "auto" else requested
 
 

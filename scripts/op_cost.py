@@ -42,8 +42,9 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from flash_jax import cli, models, ops
+from flash_jax import cli, models, ops, sharding
 from flash_jax.config import DTYPES, REMAT, ModelConfig, RunConfig
+from flash_jax.dispatch import GATE_IMPLS
 from flash_jax.tools import tpu_topology
 from flash_jax.train import flops
 
@@ -59,6 +60,13 @@ flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "Input dtype.", flag_values=FLAGS
 flags.DEFINE_bool("causal", True, "Causal attention.", flag_values=FLAGS)
 flags.DEFINE_bool("layer", True, "Also one FLASH layer.", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", REMAT, "The layer's remat policy.", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "gate_impl",
+    "auto",
+    GATE_IMPLS,
+    "The layer's gate and output projection (model.gate_impl; pallas_tpu needs --tpu_topology).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_string("json", None, "Also write the rows to this JSON file.", flag_values=FLAGS)
 flags.DEFINE_string(
     "tpu_topology",
@@ -83,11 +91,14 @@ def dot_flops_by_dtype(hlo_text: str) -> dict[str, float]:
     """{"bf16 x bf16": flops, "f32 x f32": flops, ...} over the `dot`s of an HLO module's text.
 
     A dot's FLOPs are 2 x (output elements) x (contracted elements). Each computation is counted
-    once (the body of a loop too, as XLA's own cost analysis does)."""
+    once (the body of a loop too, as XLA's own cost analysis does). A Pallas kernel's matmuls are
+    not `dot`s of the module: they are not counted here."""
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {}
     flops: dict[str, float] = {}
     for line in hlo_text.splitlines():
-        if line and not line[0].isspace():  # a computation's header: names are local to it
+        # A computation's header (names are local to it). Not every unindented line is one: a
+        # Pallas call's cost estimate spreads its JSON over lines of its own.
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
             shapes = {}
             continue
         match = _INSTRUCTION.match(line)
@@ -116,7 +127,12 @@ def program_cost(fn, abstract_args, tokens: int, device=None) -> dict:
         abstract_args = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), abstract_args
         )
-    lowered = jax.jit(fn).lower(*abstract_args)
+        # Traced under a mesh of that one device, so that the layers see it as their target
+        # (`dispatch.target_device`: a Pallas kernel then lowers for it, not interpreted).
+        with jax.set_mesh(sharding.make_mesh((1,), ("data",), devices=[device])):
+            lowered = jax.jit(fn).lower(*abstract_args)
+    else:
+        lowered = jax.jit(fn).lower(*abstract_args)
     cost = lowered.compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
@@ -178,6 +194,7 @@ def layer_program(args, context: int):
         causal=args.causal,
         dtype=args.dtype,
         remat=args.remat,
+        gate_impl=args.gate_impl,
     )
     layer = nnx.eval_shape(lambda: models.LAYER_TYPES["flash"](cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -332,6 +349,9 @@ def parse_args(argv=()):
             f"--value_dim must be even (the layer's d_model is E / 2), got {args.value_dim}",
             2,
         )
+    if args.gate_impl == "pallas_tpu" and not args.tpu_topology:
+        # On this CPU the kernel would run interpreted: a program whose cost means nothing.
+        cli.fail("op_cost.py", "--gate_impl=pallas_tpu needs --tpu_topology", 2)
     bad = [T for T in args.contexts if args.tokens % T]
     if bad or not args.contexts:
         cli.fail(

@@ -47,6 +47,25 @@ def test_dot_flops_reads_names_per_computation():
     assert op_cost.dot_flops_by_dtype(text) == {"f32 x f32": 2 * 4 * 8, "bf16 x bf16": 2 * 16 * 3}
 
 
+def test_dot_flops_reads_past_a_pallas_calls_cost_estimate():
+    # A Pallas call's cost estimate spreads JSON over unindented lines inside a computation: they
+    # are not headers, so the names defined above them stay known.
+    dims = "lhs_contracting_dims={1}, rhs_contracting_dims={1}"
+    text = "\n".join(
+        [
+            "ENTRY main {",
+            "  x = bf16[4,3]{1,0} parameter(0)",
+            '  k = bf16[4,3]{1,0} custom-call(x), backend_config={"cost_estimate": {',
+            '"bytes_accessed":48,',
+            '"flops":0',
+            '}, "serialization_format": 1}',
+            f"  ROOT d = f32[4,4]{{1,0}} dot(x, k), {dims}",
+            "}",
+        ]
+    )
+    assert op_cost.dot_flops_by_dtype(text) == {"bf16 x bf16": 2 * 16 * 3}
+
+
 def test_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     path = tmp_path / "op_cost.json"
     tiny = ["--tokens=32", "--qk_dim=8", "--value_dim=16", "--chunk_size=4"]
@@ -81,3 +100,5 @@ def test_bad_arguments_name_the_flag():
         op_cost.parse_args(["--tokens=100", "--contexts=64"])  # 64 does not divide 100
     with pytest.raises(SystemExit):
         op_cost.parse_args(["--value_dim=15"])
+    with pytest.raises(SystemExit):  # the kernel would run interpreted on this CPU
+        op_cost.parse_args(["--gate_impl=pallas_tpu"])

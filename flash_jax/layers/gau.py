@@ -117,6 +117,8 @@ class _GatedUnit(nnx.Module):
 
     def output(self, x_BTD: jax.Array, u_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
         attended_BTE = checkpoint_name(attended_BTE, "attn")  # kept by remat `save_attn`
+        if self._gate_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
+            return self._gated_output_kernel(x_BTD, u_BTE, attended_BTE)
         gated = checkpoint_name(u_BTE * attended_BTE.astype(u_BTE.dtype), "gated")
         out = checkpoint_name(self.proj_out(gated), "proj_out")
         return constrain(
@@ -124,6 +126,36 @@ class _GatedUnit(nnx.Module):
             ("batch", "length", "act_embed"),
             self.cfg.sharding_rules,
         )
+
+    def _gate_kernel_serves(self, num_tokens: int) -> bool:
+        """Whether `output` runs the Pallas kernel: asked for (`model.gate_impl`), shapes it
+        takes, and one device. Under a mesh the XLA path runs: the kernel's W gradient and
+        contraction over e know nothing of sharded tokens or a sharded e."""
+        from flash_jax.ops import pallas_gate  # Pallas is imported only where it runs
+
+        cfg = self.cfg
+        return (
+            dispatch.gate_impl(cfg.gate_impl) == "pallas_tpu"
+            and self.proj_out.bias is not None
+            and jax.sharding.get_abstract_mesh().size <= 1
+            and pallas_gate.supported(num_tokens, cfg.expansion_dim, cfg.d_model)
+        )
+
+    def _gated_output_kernel(self, x_BTD, u_BTE, attended_BTE):
+        """`output` as one Pallas kernel forward and one backward: the gated product and its
+        cotangent stay in VMEM (flash_jax/ops/pallas_gate.py)."""
+        from flash_jax.ops import pallas_gate
+
+        (B, T, D), E, dtype = x_BTD.shape, u_BTE.shape[-1], self.proj_out.dtype
+        out_ND = pallas_gate.gated_output(
+            x_BTD.reshape(B * T, D),
+            u_BTE.reshape(B * T, E).astype(dtype),
+            attended_BTE.reshape(B * T, E).astype(dtype),
+            self.proj_out.kernel.value.astype(dtype),
+            self.proj_out.bias.value.astype(dtype),
+            interpret=dispatch.target_platform() == "cpu",
+        )
+        return out_ND.reshape(B, T, D)
 
     def bias(self, length: int):
         return None if self.rel_bias is None else self.rel_bias(length)

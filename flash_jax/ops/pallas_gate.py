@@ -1,0 +1,161 @@
+"""The gated unit's output, x + (u * a) . W + b, as Pallas Mosaic TPU kernels, forward and backward.
+
+u, a [N, e] (the gate and the attention output, tokens flattened), W [e, d], b [d], x [N, d] (the
+residual). The gated product u * a never goes to HBM: the forward kernel forms it per block of
+tokens in VMEM and multiplies it by the whole kernel W, which stays in VMEM; the backward kernel
+recomputes it from u and a for W's gradient and, from the output's cotangent dO, writes
+du = (dO . W^T) * a and da = (dO . W^T) * u once each (the gated product's cotangent dO . W^T
+stays in VMEM, in float32). x's gradient is dO itself.
+
+Grid: token blocks of `block_tokens` rows. The forward's are independent ("parallel"); the
+backward's run in order ("arbitrary") because W's and b's gradients accumulate over them in
+float32 VMEM scratch, written once at the last block.
+
+Precision: the product u * a is rounded to the input dtype before its matmul, as the XLA path
+(`u * a` in bf16) does; matmuls accumulate in float32; the gated product's cotangent stays float32
+(the XLA path rounds it to the input dtype).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+_MIB = 1 << 20
+_VMEM_LIMIT = 96 * _MIB  # v5e has 128 MiB of VMEM per core, v5p 95
+_TOKEN_BLOCKS = (512, 256, 128, 64, 32, 16, 8)
+_TN = (((1,), (1,)), ((), ()))  # a . b^T
+_TM = (((0,), (0,)), ((), ()))  # a^T . b
+
+
+def block_tokens(num_tokens: int) -> int | None:
+    """The largest token block that divides num_tokens, None when none does."""
+    return next((b for b in _TOKEN_BLOCKS if num_tokens % b == 0), None)
+
+
+def supported(num_tokens: int, e: int, d: int) -> bool:
+    """Whether the kernels take these shapes: lane widths of 128, a token block that divides."""
+    return e % 128 == 0 and d % 128 == 0 and block_tokens(num_tokens) is not None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gated_output(x_ND, u_NE, a_NE, w_ED, b_D, interpret=False):
+    """x + (u * a) . w + b, in x's dtype; u, a, w, b in one compute dtype."""
+    return _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret)
+
+
+def _gated_output_fwd(x_ND, u_NE, a_NE, w_ED, b_D, interpret):
+    return _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret), (u_NE, a_NE, w_ED, b_D)
+
+
+def _gated_output_bwd(interpret, residuals, d_out_ND):
+    u_NE, a_NE, w_ED, b_D = residuals
+    du, da, dw, db = _backward(u_NE, a_NE, w_ED, d_out_ND, interpret)
+    return d_out_ND, du, da, dw, db.reshape(b_D.shape).astype(b_D.dtype)
+
+
+gated_output.defvjp(_gated_output_fwd, _gated_output_bwd)
+
+
+def _cost(inputs, out_shapes, flops) -> pl.CostEstimate:
+    """What XLA's cost analysis counts for the call (it counts nothing of a Mosaic call without
+    one): each operand read once and each output written once (the kernels' HBM traffic: W's
+    block index never changes, so it is fetched once), and the matmuls' FLOPs."""
+    arrays = list(inputs) + list(out_shapes)
+    return pl.CostEstimate(
+        flops=int(flops),
+        transcendentals=0,
+        bytes_accessed=sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays),
+    )
+
+
+def _forward_kernel(x_ref, u_ref, a_ref, w_ref, b_ref, out_ref):
+    dtype = u_ref.dtype
+    gated = (u_ref[...].astype(jnp.float32) * a_ref[...].astype(jnp.float32)).astype(dtype)
+    y = jnp.dot(gated, w_ref[...], preferred_element_type=jnp.float32)
+    y = y.astype(dtype) + b_ref[...]  # the projection in the compute dtype, as Dense's
+    out_ref[...] = (x_ref[...] + y.astype(x_ref.dtype)).astype(out_ref.dtype)
+
+
+def _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret):
+    (N, D), E = x_ND.shape, u_NE.shape[1]
+    tN = block_tokens(N)
+    rows_ND = pl.BlockSpec((tN, D), lambda i: (i, 0))
+    rows_NE = pl.BlockSpec((tN, E), lambda i: (i, 0))
+    inputs = (x_ND, u_NE, a_NE, w_ED, b_D.reshape(1, D))
+    out_shape = jax.ShapeDtypeStruct(x_ND.shape, x_ND.dtype)
+    return pl.pallas_call(
+        _forward_kernel,
+        grid=(N // tN,),
+        in_specs=[
+            rows_ND,
+            rows_NE,
+            rows_NE,
+            pl.BlockSpec((E, D), lambda i: (0, 0)),
+            pl.BlockSpec((1, D), lambda i: (0, 0)),
+        ],
+        out_specs=rows_ND,
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",), vmem_limit_bytes=_VMEM_LIMIT
+        ),
+        cost_estimate=_cost(inputs, [out_shape], 2 * N * E * D),
+        interpret=interpret,
+    )(*inputs)
+
+
+def _backward_kernel(u_ref, a_ref, w_ref, do_ref, du_ref, da_ref, dw_ref, db_ref, dw_acc, db_acc):
+    i = pl.program_id(0)
+
+    @pl.when(i == 0)
+    def _():
+        dw_acc[...] = jnp.zeros_like(dw_acc)
+        db_acc[...] = jnp.zeros_like(db_acc)
+
+    u = u_ref[...].astype(jnp.float32)
+    a = a_ref[...].astype(jnp.float32)
+    d_out = do_ref[...].astype(w_ref.dtype)
+    d_gated = jax.lax.dot_general(d_out, w_ref[...], _TN, preferred_element_type=jnp.float32)
+    du_ref[...] = (d_gated * a).astype(du_ref.dtype)
+    da_ref[...] = (d_gated * u).astype(da_ref.dtype)
+    gated = (u * a).astype(u_ref.dtype)
+    dw_acc[...] += jax.lax.dot_general(gated, d_out, _TM, preferred_element_type=jnp.float32)
+    db_acc[...] += jnp.sum(d_out.astype(jnp.float32), axis=0, keepdims=True)
+
+    @pl.when(i == pl.num_programs(0) - 1)
+    def _():
+        dw_ref[...] = dw_acc[...].astype(dw_ref.dtype)
+        db_ref[...] = db_acc[...]
+
+
+def _backward(u_NE, a_NE, w_ED, d_out_ND, interpret):
+    (N, E), D = u_NE.shape, w_ED.shape[1]
+    tN = block_tokens(N)
+    rows_ND = pl.BlockSpec((tN, D), lambda i: (i, 0))
+    rows_NE = pl.BlockSpec((tN, E), lambda i: (i, 0))
+    whole_ED = pl.BlockSpec((E, D), lambda i: (0, 0))
+    whole_1D = pl.BlockSpec((1, D), lambda i: (0, 0))
+    inputs = (u_NE, a_NE, w_ED, d_out_ND)
+    out_shapes = [
+        jax.ShapeDtypeStruct(u_NE.shape, u_NE.dtype),
+        jax.ShapeDtypeStruct(a_NE.shape, a_NE.dtype),
+        jax.ShapeDtypeStruct(w_ED.shape, w_ED.dtype),
+        jax.ShapeDtypeStruct((1, D), jnp.float32),
+    ]
+    return pl.pallas_call(
+        _backward_kernel,
+        grid=(N // tN,),
+        in_specs=[rows_NE, rows_NE, whole_ED, rows_ND],
+        out_specs=[rows_NE, rows_NE, whole_ED, whole_1D],
+        out_shape=out_shapes,
+        scratch_shapes=[pltpu.VMEM((E, D), jnp.float32), pltpu.VMEM((1, D), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("arbitrary",), vmem_limit_bytes=_VMEM_LIMIT
+        ),
+        cost_estimate=_cost(inputs, out_shapes, 4 * N * E * D),  # dO . W^T and W's gradient
+        interpret=interpret,
+    )(*inputs)

@@ -1,0 +1,162 @@
+"""Tests of flash_jax.ops.pallas_gate, the gated unit's output x + (u * a) . W + b as Pallas TPU
+kernels, on a CPU: interpret mode against a float64 reference, forward and every gradient, and
+the lowering for TPU through `jax.export` at the paper's widths.
+
+Error bounds against the float64 value of the same (already rounded) inputs. M is, elementwise,
+the same sum over the absolute values of its terms (`_reference(..., absolute=True)`). A float32
+sum of K terms is within gamma_K M of the exact sum, gamma_K = K 2^-24 (K: the contraction length
+plus the roundings after it). In bf16 every rounding to bf16 adds at most U = 2^-8 relative to the
+magnitude it rounds, which is at most M: the output rounds four times (the product u * a, the
+projection, its bias added, the residual added), du and da once, W's gradient twice (the product,
+the result), b's once.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flash_jax import sharding
+from flash_jax.layers.gau import FlashLayer
+from flash_jax.ops import pallas_gate
+from tests.helpers import tiny_model_config
+
+N, E, D = 384, 256, 128  # three token blocks of 128
+U_BF16 = 2.0**-8
+
+
+def gamma(k):
+    return k * 2.0**-24
+
+
+def _inputs(dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x, u, a, d_out = (rng.normal(size=s) for s in [(N, D), (N, E), (N, E), (N, D)])
+    w, b = rng.normal(size=(E, D)) * E**-0.5, rng.normal(size=D)
+    return [jnp.asarray(z, dtype) for z in (x, u, a, w, b, d_out)]
+
+
+def _reference(x, u, a, w, b, d_out, absolute=False):
+    """Float64 output and gradients (x, u, a, w, b); with `absolute`, the sums of |terms|."""
+    x, u, a, w, b, d_out = (np.asarray(z, np.float64) for z in (x, u, a, w, b, d_out))
+    if absolute:
+        x, u, a, w, b, d_out = map(np.abs, (x, u, a, w, b, d_out))
+    d_gated = d_out @ w.T
+    out = x + (u * a) @ w + b
+    return [out, d_out, d_gated * a, d_gated * u, (u * a).T @ d_out, d_out.sum(0)]
+
+
+def _kernel(x, u, a, w, b, d_out):
+    out, vjp = jax.vjp(lambda *p: pallas_gate.gated_output(*p, interpret=True), x, u, a, w, b)
+    return [out, *vjp(d_out)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_and_gradients_match_float64_reference(dtype):
+    inputs = _inputs(dtype)
+    got = _kernel(*inputs)
+    want = _reference(*inputs)
+    size = _reference(*inputs, absolute=True)
+    u = U_BF16 if dtype == jnp.bfloat16 else 0.0
+    roundings = [4 * u + gamma(E + 3), 0.0, u + gamma(D + 1), u + gamma(D + 1)]
+    roundings += [2 * u + gamma(N + 1), u + gamma(N)]
+    names = ["out", "x", "u", "a", "w", "b"]
+    for name, g, w_, m, r in zip(names, got, want, size, roundings, strict=True):
+        assert g.dtype == dtype, name
+        error = np.abs(np.asarray(g, np.float64) - w_)
+        bound = r * m * 1.01 + 1e-30  # 1% for the bound's own first-order approximation
+        assert np.all(error <= bound), (name, float(np.max(error / bound)))
+
+
+def test_gated_product_is_rounded_like_the_xla_path():
+    """In bf16 the kernel rounds u * a to bf16 before the matmul, as `u * a` does in XLA: the
+    projection of a product whose rounding matters (u = 1 + 2^-7, a = 1 + 2^-7: the exact
+    product 1 + 2^-6 + 2^-14 rounds to 1 + 2^-6) equals the XLA path's bit for bit."""
+    x = jnp.zeros((8, 128), jnp.bfloat16)
+    u = a = jnp.full((8, 128), 1 + 2.0**-7, jnp.bfloat16)
+    w = jnp.eye(128, dtype=jnp.bfloat16)
+    b = jnp.zeros((128,), jnp.bfloat16)
+    got = pallas_gate.gated_output(x, u, a, w, b, interpret=True)
+    assert np.all(np.asarray(got, np.float64) == 1 + 2.0**-6)
+
+
+def test_lowers_for_tpu_at_paper_shapes():
+    """The paper's widths (e = 2048, d_model = 1024) and 65,536 tokens: block shapes and the
+    Pallas-to-Mosaic lowering of both kernels (Mosaic's own compiler: tests/test_tpu_compile.py
+    and scripts/op_cost.py --tpu_topology)."""
+    tokens, e, d = 65536, 2048, 1024
+
+    def step(x, u, a, w, b, d_out):
+        out, vjp = jax.vjp(pallas_gate.gated_output, x, u, a, w, b)
+        return out, vjp(d_out)
+
+    shapes = [(tokens, d), (tokens, e), (tokens, e), (e, d), (d,), (tokens, d)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+    exported = jax.export.export(jax.jit(step), platforms=["tpu"])(*args)
+    assert exported.mlir_module().count("tpu_custom_call") == 2
+
+
+@pytest.mark.parametrize(
+    "shape, served", [((384, 256, 128), True), ((6, 256, 128), False), ((384, 200, 128), False)]
+)
+def test_supported_shapes(shape, served):
+    assert pallas_gate.supported(*shape) == served
+
+
+# The smallest FLASH layer the kernel serves: e and d_model multiples of 128; 2 x 128 tokens.
+LAYER = tiny_model_config(
+    "flash", d_model=128, expansion_dim=256, qk_dim=128, chunk_size=128, gate_impl="pallas_tpu"
+)
+
+
+def _layer_output_and_gradients(cfg, x, u, attended, d_out):
+    """The layer's `output` (gate, projection, residual) and its gradients (x, u, attended, the
+    projection's kernel and bias), in the layer's parameters from one seed."""
+    layer = FlashLayer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def output(params, x, u, attended):
+        return nnx.merge(graphdef, params).output(x, u, attended)
+
+    out, vjp = jax.vjp(output, params, x, u, attended)
+    d_params, *d_inputs = vjp(d_out)
+    proj = d_params["proj_out"]
+    return [out, *d_inputs, proj["kernel"].value, proj["bias"].value]
+
+
+def test_the_layer_runs_the_kernel_when_asked_and_equals_the_xla_path():
+    """float32: the same sums in another order (the kernel keeps the gated product's cotangent
+    in float32, XLA too in float32), each within gamma_K of the float64 value: bound 2 gamma_K M
+    with K the longest contraction (2 x 128 tokens for W's gradient) and the size M bounded by
+    `_reference(..., absolute=True)`'s largest entry."""
+    rng = np.random.default_rng(3)
+    x, d_out = (jnp.asarray(rng.normal(size=(2, 128, 128)), jnp.float32) for _ in range(2))
+    u, attended = (jnp.asarray(rng.normal(size=(2, 128, 256)), jnp.float32) for _ in range(2))
+    xla = dataclasses.replace(LAYER, gate_impl="xla")
+    got = _layer_output_and_gradients(LAYER, x, u, attended, d_out)
+    want = _layer_output_and_gradients(xla, x, u, attended, d_out)
+    layer = FlashLayer(xla, rngs=nnx.Rngs(0))
+    w, b = layer.proj_out.kernel.value, layer.proj_out.bias.value
+    flat = [z.reshape(256, -1) for z in (x, u, attended)]
+    size = _reference(*flat, w, b, d_out.reshape(256, -1), absolute=True)
+    for name, g, w_, m in zip(["out", "x", "u", "a", "w", "b"], got, want, size, strict=True):
+        bound = 2 * gamma(256 + 3) * float(np.max(m)) * 1.01
+        assert float(jnp.max(jnp.abs(g - w_))) <= bound, name
+
+
+def test_the_xla_path_runs_unless_asked_or_under_a_mesh():
+    """`auto` and `xla` run XLA's ops; `pallas_tpu` runs the kernel (a pallas_call in the
+    program) on one device and XLA's ops on a mesh of several."""
+
+    def pallas_calls(cfg):
+        layer = FlashLayer(cfg, rngs=nnx.Rngs(0))
+        x, u = jnp.ones((2, 128, 128)), jnp.ones((2, 128, 256))
+        return str(jax.make_jaxpr(layer.output)(x, u, u)).count("pallas_call")
+
+    assert pallas_calls(LAYER) == 1
+    assert pallas_calls(dataclasses.replace(LAYER, gate_impl="auto")) == 0
+    with jax.set_mesh(sharding.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        assert pallas_calls(LAYER) == 0
