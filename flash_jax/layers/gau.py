@@ -105,20 +105,26 @@ class _GatedUnit(nnx.Module):
         self.proj_out = Dense((e,), (cfg.d_model,), ("mlp", "embed"), cfg, rngs=rngs)
 
     def project(self, x_BTD: jax.Array, positions_BT: jax.Array):
-        """u, v [B, T, e] and the RoPE-rotated query/key heads [B, T, s] of the input."""
+        """u's pre-activation (the gate: `output` applies its SiLU), v [B, T, e] and the
+        RoPE-rotated query/key heads [B, T, s] of the input."""
         e, s = self.cfg.expansion_dim, self.cfg.qk_dim
         # Tagged before the SiLU: its backward needs the pre-activation, so a remat policy that
         # keeps this tag recomputes no projection.
         pre = self.proj_in.split_outputs(self.norm(x_BTD), (e, e, s))
-        u, v, z = (jax.nn.silu(checkpoint_name(x, "proj_in")) for x in pre)
-        u = constrain(u, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
+        u_pre, v_pre, z_pre = (checkpoint_name(x, "proj_in") for x in pre)
+        v, z = jax.nn.silu(v_pre), jax.nn.silu(z_pre)
+        u_pre = constrain(u_pre, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
         v = constrain(v, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
-        return u, v, self.heads(z, positions_BT)
+        return u_pre, v, self.heads(z, positions_BT)
 
-    def output(self, x_BTD: jax.Array, u_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
+    def output(self, x_BTD: jax.Array, u_pre_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
+        """x + (silu(u_pre) * attended) . W_o + b_o: the gate, the output projection and the
+        residual. The gate's SiLU is here, not in `project`, so that the Pallas kernel
+        (`model.gate_impl`) applies it and its backward in VMEM."""
         attended_BTE = checkpoint_name(attended_BTE, "attn")  # kept by remat `save_attn`
         if self._gate_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
-            return self._gated_output_kernel(x_BTD, u_BTE, attended_BTE)
+            return self._gated_output_kernel(x_BTD, u_pre_BTE, attended_BTE)
+        u_BTE = jax.nn.silu(u_pre_BTE)
         gated = checkpoint_name(u_BTE * attended_BTE.astype(u_BTE.dtype), "gated")
         out = checkpoint_name(self.proj_out(gated), "proj_out")
         return constrain(
@@ -141,15 +147,15 @@ class _GatedUnit(nnx.Module):
             and pallas_gate.supported(num_tokens, cfg.expansion_dim, cfg.d_model)
         )
 
-    def _gated_output_kernel(self, x_BTD, u_BTE, attended_BTE):
+    def _gated_output_kernel(self, x_BTD, u_pre_BTE, attended_BTE):
         """`output` as one Pallas kernel forward and one backward: the gated product and its
         cotangent stay in VMEM (flash_jax/ops/pallas_gate.py)."""
         from flash_jax.ops import pallas_gate
 
-        (B, T, D), E, dtype = x_BTD.shape, u_BTE.shape[-1], self.proj_out.dtype
+        (B, T, D), E, dtype = x_BTD.shape, u_pre_BTE.shape[-1], self.proj_out.dtype
         out_ND = pallas_gate.gated_output(
             x_BTD.reshape(B * T, D),
-            u_BTE.reshape(B * T, E).astype(dtype),
+            u_pre_BTE.reshape(B * T, E).astype(dtype),
             attended_BTE.reshape(B * T, E).astype(dtype),
             self.proj_out.kernel.value.astype(dtype),
             self.proj_out.bias.value.astype(dtype),

@@ -1,19 +1,27 @@
-"""The gated unit's output, x + (u * a) . W + b, as Pallas Mosaic TPU kernels, forward and backward.
+"""The gated unit's output, x + (silu(u_pre) * a) . W + b, as Pallas Mosaic TPU kernels, forward
+and backward.
 
-u, a [N, e] (the gate and the attention output, tokens flattened), W [e, d], b [d], x [N, d] (the
-residual). The gated product u * a never goes to HBM: the forward kernel forms it per block of
-tokens in VMEM and multiplies it by the whole kernel W, which stays in VMEM; the backward kernel
-recomputes it from u and a for W's gradient and, from the output's cotangent dO, writes
-du = (dO . W^T) * a and da = (dO . W^T) * u once each (the gated product's cotangent dO . W^T
-stays in VMEM, in float32). x's gradient is dO itself.
+u_pre, a [N, e] (the gate's pre-activation and the attention output, tokens flattened), W [e, d],
+b [d], x [N, d] (the residual). Neither the gate u = silu(u_pre) nor the gated product u * a goes
+to HBM: the forward kernel forms them per block of tokens in VMEM and multiplies the product by
+the whole kernel W, which stays in VMEM; the backward kernel recomputes them from u_pre and a for
+W's gradient and, from the output's cotangent dO, writes d u_pre = (dO . W^T) * a * silu'(u_pre)
+and da = (dO . W^T) * u once each (the gated product's cotangent dO . W^T stays in VMEM, in
+float32). x's gradient is dO itself. The XLA path wrote u, the gated product's cotangent and u's
+cotangent to HBM and read them back (docs/benchmarks.md).
 
 Grid: token blocks of `block_tokens` rows. The forward's are independent ("parallel"); the
 backward's run in order ("arbitrary") because W's and b's gradients accumulate over them in
 float32 VMEM scratch, written once at the last block.
 
-Precision: the product u * a is rounded to the input dtype before its matmul, as the XLA path
-(`u * a` in bf16) does; matmuls accumulate in float32; the gated product's cotangent stays float32
-(the XLA path rounds it to the input dtype).
+Precision: u and the product u * a are rounded to the input dtype before the matmul, as in the
+XLA path (`silu(u_pre) * a` in bf16, whose SiLU also rounds the sigmoid to bf16: the kernel's
+SiLU and its derivative are float32); the matmuls' sums are float32; the gated product's
+cotangent stays float32 (the XLA path rounds it to the input dtype).
+
+Cost: each call carries a `pl.CostEstimate` (operands read once, outputs written once, the
+matmuls' FLOPs): XLA's cost analysis counts nothing of a Mosaic call without one, so a program's
+"bytes accessed" would leave the kernels out.
 """
 
 from __future__ import annotations
@@ -43,28 +51,29 @@ def supported(num_tokens: int, e: int, d: int) -> bool:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def gated_output(x_ND, u_NE, a_NE, w_ED, b_D, interpret=False):
-    """x + (u * a) . w + b, in x's dtype; u, a, w, b in one compute dtype."""
-    return _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret)
+def gated_output(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret=False):
+    """x + (silu(u_pre) * a) . w + b, in x's dtype; u_pre, a, w, b in one compute dtype."""
+    return _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret)
 
 
-def _gated_output_fwd(x_ND, u_NE, a_NE, w_ED, b_D, interpret):
-    return _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret), (u_NE, a_NE, w_ED, b_D)
+def _gated_output_fwd(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret):
+    out = _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret)
+    return out, (u_pre_NE, a_NE, w_ED, b_D)
 
 
 def _gated_output_bwd(interpret, residuals, d_out_ND):
-    u_NE, a_NE, w_ED, b_D = residuals
-    du, da, dw, db = _backward(u_NE, a_NE, w_ED, d_out_ND, interpret)
-    return d_out_ND, du, da, dw, db.reshape(b_D.shape).astype(b_D.dtype)
+    u_pre_NE, a_NE, w_ED, b_D = residuals
+    d_u_pre, da, dw, db = _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret)
+    return d_out_ND, d_u_pre, da, dw, db.reshape(b_D.shape).astype(b_D.dtype)
 
 
 gated_output.defvjp(_gated_output_fwd, _gated_output_bwd)
 
 
 def _cost(inputs, out_shapes, flops) -> pl.CostEstimate:
-    """What XLA's cost analysis counts for the call (it counts nothing of a Mosaic call without
-    one): each operand read once and each output written once (the kernels' HBM traffic: W's
-    block index never changes, so it is fetched once), and the matmuls' FLOPs."""
+    """What XLA's cost analysis counts for the call: each operand read once and each output
+    written once (the kernels' HBM traffic: W's block index never changes, so it is fetched
+    once), and the matmuls' FLOPs."""
     arrays = list(inputs) + list(out_shapes)
     return pl.CostEstimate(
         flops=int(flops),
@@ -73,20 +82,29 @@ def _cost(inputs, out_shapes, flops) -> pl.CostEstimate:
     )
 
 
-def _forward_kernel(x_ref, u_ref, a_ref, w_ref, b_ref, out_ref):
-    dtype = u_ref.dtype
-    gated = (u_ref[...].astype(jnp.float32) * a_ref[...].astype(jnp.float32)).astype(dtype)
+def _gate(u_pre_ref):
+    """u = silu(u_pre) (float32, rounded to the input dtype as the XLA path's u is), in float32;
+    sigmoid(u_pre) and u_pre in float32 for the SiLU's derivative."""
+    u_pre = u_pre_ref[...].astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(u_pre)
+    return (u_pre * sigmoid).astype(u_pre_ref.dtype).astype(jnp.float32), sigmoid, u_pre
+
+
+def _forward_kernel(x_ref, u_pre_ref, a_ref, w_ref, b_ref, out_ref):
+    dtype = u_pre_ref.dtype
+    u, _, _ = _gate(u_pre_ref)
+    gated = (u * a_ref[...].astype(jnp.float32)).astype(dtype)
     y = jnp.dot(gated, w_ref[...], preferred_element_type=jnp.float32)
     y = y.astype(dtype) + b_ref[...]  # the projection in the compute dtype, as Dense's
     out_ref[...] = (x_ref[...] + y.astype(x_ref.dtype)).astype(out_ref.dtype)
 
 
-def _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret):
-    (N, D), E = x_ND.shape, u_NE.shape[1]
+def _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret):
+    (N, D), E = x_ND.shape, u_pre_NE.shape[1]
     tN = block_tokens(N)
     rows_ND = pl.BlockSpec((tN, D), lambda i: (i, 0))
     rows_NE = pl.BlockSpec((tN, E), lambda i: (i, 0))
-    inputs = (x_ND, u_NE, a_NE, w_ED, b_D.reshape(1, D))
+    inputs = (x_ND, u_pre_NE, a_NE, w_ED, b_D.reshape(1, D))
     out_shape = jax.ShapeDtypeStruct(x_ND.shape, x_ND.dtype)
     return pl.pallas_call(
         _forward_kernel,
@@ -108,7 +126,9 @@ def _forward(x_ND, u_NE, a_NE, w_ED, b_D, interpret):
     )(*inputs)
 
 
-def _backward_kernel(u_ref, a_ref, w_ref, do_ref, du_ref, da_ref, dw_ref, db_ref, dw_acc, db_acc):
+def _backward_kernel(
+    u_pre_ref, a_ref, w_ref, do_ref, du_pre_ref, da_ref, dw_ref, db_ref, dw_acc, db_acc
+):
     i = pl.program_id(0)
 
     @pl.when(i == 0)
@@ -116,13 +136,14 @@ def _backward_kernel(u_ref, a_ref, w_ref, do_ref, du_ref, da_ref, dw_ref, db_ref
         dw_acc[...] = jnp.zeros_like(dw_acc)
         db_acc[...] = jnp.zeros_like(db_acc)
 
-    u = u_ref[...].astype(jnp.float32)
+    u, sigmoid, u_pre = _gate(u_pre_ref)
     a = a_ref[...].astype(jnp.float32)
     d_out = do_ref[...].astype(w_ref.dtype)
     d_gated = jax.lax.dot_general(d_out, w_ref[...], _TN, preferred_element_type=jnp.float32)
-    du_ref[...] = (d_gated * a).astype(du_ref.dtype)
+    d_silu = sigmoid * (1.0 + u_pre * (1.0 - sigmoid))  # silu'(p) = s (1 + p (1 - s))
+    du_pre_ref[...] = (d_gated * a * d_silu).astype(du_pre_ref.dtype)
     da_ref[...] = (d_gated * u).astype(da_ref.dtype)
-    gated = (u * a).astype(u_ref.dtype)
+    gated = (u * a).astype(u_pre_ref.dtype)
     dw_acc[...] += jax.lax.dot_general(gated, d_out, _TM, preferred_element_type=jnp.float32)
     db_acc[...] += jnp.sum(d_out.astype(jnp.float32), axis=0, keepdims=True)
 
@@ -132,16 +153,16 @@ def _backward_kernel(u_ref, a_ref, w_ref, do_ref, du_ref, da_ref, dw_ref, db_ref
         db_ref[...] = db_acc[...]
 
 
-def _backward(u_NE, a_NE, w_ED, d_out_ND, interpret):
-    (N, E), D = u_NE.shape, w_ED.shape[1]
+def _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret):
+    (N, E), D = u_pre_NE.shape, w_ED.shape[1]
     tN = block_tokens(N)
     rows_ND = pl.BlockSpec((tN, D), lambda i: (i, 0))
     rows_NE = pl.BlockSpec((tN, E), lambda i: (i, 0))
     whole_ED = pl.BlockSpec((E, D), lambda i: (0, 0))
     whole_1D = pl.BlockSpec((1, D), lambda i: (0, 0))
-    inputs = (u_NE, a_NE, w_ED, d_out_ND)
+    inputs = (u_pre_NE, a_NE, w_ED, d_out_ND)
     out_shapes = [
-        jax.ShapeDtypeStruct(u_NE.shape, u_NE.dtype),
+        jax.ShapeDtypeStruct(u_pre_NE.shape, u_pre_NE.dtype),
         jax.ShapeDtypeStruct(a_NE.shape, a_NE.dtype),
         jax.ShapeDtypeStruct(w_ED.shape, w_ED.dtype),
         jax.ShapeDtypeStruct((1, D), jnp.float32),
