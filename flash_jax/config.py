@@ -130,10 +130,9 @@ class ModelConfig:
     # none | full | save_proj (keep the tagged projection outputs, recompute the rest) |
     # save_attn (save_proj + the attention outputs: the backward never reruns attention)
     remat: str = "none"
-    # True: the layer stack is unrolled (straight-line code) instead of one scanned body. The
-    # backward's saved activations are then separate buffers rather than slices of a stacked
-    # [num_layers, ...] buffer that the loop zero-fills and updates in place: an 11% faster step
-    # on an H100 (docs/benchmarks.md, "On one H100"), at num_layers times the compile work.
+    # True: the layer stack unrolled (straight-line code), not one scanned body: saved activations
+    # are separate buffers, not slices of a stacked buffer the loop zero-fills and updates in place
+    # (an 11% faster step on an H100: docs/benchmarks.md), at num_layers times the compile work.
     unroll_layers: bool = False
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
     # else XLA) | xla | cudnn | splash; what auto picks: flash_jax/dispatch.py
@@ -141,9 +140,7 @@ class ModelConfig:
     # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
     # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
-    # The gate and output projection of GAU and FLASH, x + (u * a) . W + b: auto (XLA) | xla |
-    # pallas_tpu (flash_jax/ops/pallas_gate.py, on one device only; a mesh runs the XLA path)
-    gate_impl: str = "auto"
+    gate_impl: str = "auto"  # GAU and FLASH gate + output projection: auto | xla | pallas_tpu
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
     sharding_rules: tuple = DEFAULT_RULES
