@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS, GATE_IMPLS
+from flash_jax.dispatch import ATTENTION_IMPLS, FLASH_IMPLS, PROJ_IMPLS
 from flash_jax.sharding import DEFAULT_RULES
 
 MODEL_NAMES = (
@@ -140,7 +140,9 @@ class ModelConfig:
     # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
     # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
-    gate_impl: str = "auto"  # GAU and FLASH gate + output projection: auto | xla | pallas_tpu
+    # GAU and FLASH's projections around the attention (the gate + output projection as a Pallas
+    # TPU kernel: flash_jax/ops/pallas_gate.py): auto (XLA: not yet run on a TPU) | xla | pallas_tpu
+    proj_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
     sharding_rules: tuple = DEFAULT_RULES
@@ -153,7 +155,7 @@ class ModelConfig:
             ("remat", REMAT),
             ("attention_impl", ATTENTION_IMPLS),
             ("flash_impl", FLASH_IMPLS),
-            ("gate_impl", GATE_IMPLS),
+            ("proj_impl", PROJ_IMPLS),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
         ):

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 # The Transformer baselines' softmax attention (flash_jax.ops.dot_product_attention).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-# The gated unit's gate and output projection (GAU and FLASH): XLA, or a Pallas TPU kernel
+# The gated unit's projections around the attention (GAU and FLASH): XLA, or Pallas TPU kernels
 # (flash_jax/ops/pallas_gate.py).
-GATE_IMPLS = ("auto", "xla", "pallas_tpu")
+PROJ_IMPLS = ("auto", "xla", "pallas_tpu")
 SPLASH_BLOCK = 128  # splash's block along the sequence (queries and keys)
 
 
@@ -49,11 +49,11 @@ def flash_impl(requested: str) -> str:
     return "xla" if requested == "auto" else requested
 
 
-def gate_impl(requested: str) -> str:
-    """The implementation of the gate and output projection to run for `requested` (one of
-    GATE_IMPLS): `auto` is the XLA path; the kernel has not run on a TPU (it lowers the layer's
+def proj_impl(requested: str) -> str:
+    """The implementation of the gated unit's projections to run for `requested` (one of
+    PROJ_IMPLS): `auto` is the XLA path; the kernels have not run on a TPU (it lowers the layer's
     compiled traffic, docs/benchmarks.md)."""
-    _check("gate", requested, GATE_IMPLS)
+    _check("proj", requested, PROJ_IMPLS)
     return "xla" if requested == "auto" else requested
 
 

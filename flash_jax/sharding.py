@@ -172,6 +172,13 @@ def shard_count(mesh: jax.sharding.Mesh, logical_axis: str, rules: Rules = DEFAU
     return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def active_shard_count(logical_axis: str, rules: Rules = DEFAULT_RULES) -> int:
+    """Into how many pieces the active mesh splits a dimension of this logical name; 1 without
+    a mesh."""
+    mesh = _active_mesh()
+    return 1 if mesh is None else shard_count(mesh, logical_axis, rules)
+
+
 def sequence_axis(rules: Rules = DEFAULT_RULES):
     """The mesh axis (or axes) that the active mesh cuts sequences along ("length"), None when
     it does not (no mesh, or one device along it)."""

@@ -44,7 +44,7 @@ from ml_collections import config_flags
 
 from flash_jax import cli, models, ops, sharding
 from flash_jax.config import DTYPES, REMAT, ModelConfig, RunConfig
-from flash_jax.dispatch import GATE_IMPLS
+from flash_jax.dispatch import PROJ_IMPLS
 from flash_jax.tools import tpu_topology
 from flash_jax.train import flops
 
@@ -61,10 +61,10 @@ flags.DEFINE_bool("causal", True, "Causal attention.", flag_values=FLAGS)
 flags.DEFINE_bool("layer", True, "Also one FLASH layer.", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", REMAT, "The layer's remat policy.", flag_values=FLAGS)
 flags.DEFINE_enum(
-    "gate_impl",
+    "proj_impl",
     "auto",
-    GATE_IMPLS,
-    "The layer's gate and output projection (model.gate_impl; pallas_tpu needs --tpu_topology).",
+    PROJ_IMPLS,
+    "The layer's gate and output projection (model.proj_impl; pallas_tpu needs --tpu_topology).",
     flag_values=FLAGS,
 )
 flags.DEFINE_string("json", None, "Also write the rows to this JSON file.", flag_values=FLAGS)
@@ -194,7 +194,7 @@ def layer_program(args, context: int):
         causal=args.causal,
         dtype=args.dtype,
         remat=args.remat,
-        gate_impl=args.gate_impl,
+        proj_impl=args.proj_impl,
     )
     layer = nnx.eval_shape(lambda: models.LAYER_TYPES["flash"](cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -349,9 +349,9 @@ def parse_args(argv=()):
             f"--value_dim must be even (the layer's d_model is E / 2), got {args.value_dim}",
             2,
         )
-    if args.gate_impl == "pallas_tpu" and not args.tpu_topology:
+    if args.proj_impl == "pallas_tpu" and not args.tpu_topology:
         # On this CPU the kernel would run interpreted: a program whose cost means nothing.
-        cli.fail("op_cost.py", "--gate_impl=pallas_tpu needs --tpu_topology", 2)
+        cli.fail("op_cost.py", "--proj_impl=pallas_tpu needs --tpu_topology", 2)
     bad = [T for T in args.contexts if args.tokens % T]
     if bad or not args.contexts:
         cli.fail(

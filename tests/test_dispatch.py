@@ -25,12 +25,12 @@ def test_unknown_names_are_one_line_errors_here_and_in_the_config():
     with pytest.raises(ValueError, match=r"attention impl must be one of .*'flash'"):
         dispatch.attention_impl("flash", 1024, 64, jnp.float32)
     with pytest.raises(ValueError, match=r"gate impl must be one of .*'triton'"):
-        dispatch.gate_impl("triton")
-    assert dispatch.gate_impl("auto") == "xla"
+        dispatch.proj_impl("triton")
+    assert dispatch.proj_impl("auto") == "xla"
     config_keys = {
         "flash_impl": dispatch.FLASH_IMPLS,
         "attention_impl": dispatch.ATTENTION_IMPLS,
-        "gate_impl": dispatch.GATE_IMPLS,
+        "proj_impl": dispatch.PROJ_IMPLS,
     }
     for key, names in config_keys.items():
         for name in names:

@@ -101,4 +101,4 @@ def test_bad_arguments_name_the_flag():
     with pytest.raises(SystemExit):
         op_cost.parse_args(["--value_dim=15"])
     with pytest.raises(SystemExit):  # the kernel would run interpreted on this CPU
-        op_cost.parse_args(["--gate_impl=pallas_tpu"])
+        op_cost.parse_args(["--proj_impl=pallas_tpu"])

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from flash_jax import sharding
 from flash_jax.layers.gau import FlashLayer
@@ -105,55 +106,76 @@ def test_supported_shapes(shape, served):
 
 # The smallest FLASH layer the kernel serves: e and d_model multiples of 128; 2 x 128 tokens.
 LAYER = tiny_model_config(
-    "flash", d_model=128, expansion_dim=256, qk_dim=128, chunk_size=128, gate_impl="pallas_tpu"
+    "flash", d_model=128, expansion_dim=256, qk_dim=128, chunk_size=128, proj_impl="pallas_tpu"
 )
 
 
-def _layer_output_and_gradients(cfg, x, u_pre, attended, d_out):
+def _layer_output_and_gradients(cfg, x, u_pre, attended, d_out, mesh=None):
     """The layer's `output` (gate, projection, residual) and its gradients (x, u_pre, attended,
-    the projection's kernel and bias), in the layer's parameters from one seed."""
+    the projection's kernel and bias), in the layer's parameters from one seed; with a mesh, the
+    parameters placed by their logical axes and the program jitted under it."""
     layer = FlashLayer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer, nnx.Param)
 
-    def output(params, x, u_pre, attended):
-        return nnx.merge(graphdef, params).output(x, u_pre, attended)
+    @jax.jit
+    def output_and_gradients(params, x, u_pre, attended, d_out):
+        def output(params, x, u_pre, attended):
+            return nnx.merge(graphdef, params).output(x, u_pre, attended)
 
-    out, vjp = jax.vjp(output, params, x, u_pre, attended)
-    d_params, *d_inputs = vjp(d_out)
-    proj = d_params["proj_out"]
-    return [out, *d_inputs, proj["kernel"].value, proj["bias"].value]
+        out, vjp = jax.vjp(output, params, x, u_pre, attended)
+        d_params, *d_inputs = vjp(d_out)
+        proj = d_params["proj_out"]
+        return [out, *d_inputs, proj["kernel"].value, proj["bias"].value]
+
+    if mesh is None:
+        return output_and_gradients(params, x, u_pre, attended, d_out)
+    with jax.set_mesh(mesh):
+        specs = sharding.param_specs(params, cfg.sharding_rules, mesh.axis_names)
+        params = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))
+        return output_and_gradients(params, x, u_pre, attended, d_out)
 
 
-def test_the_layer_runs_the_kernel_when_asked_and_equals_the_xla_path():
+# Tokens over data and sequence and W gathered from FSDP: each device's 128 tokens in the kernel.
+MESH_AXES = ("data", "fsdp", "sequence")
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+def test_the_layer_runs_the_kernel_when_asked_and_equals_the_xla_path(mesh_shape):
     """float32: the same sums in another order, each within gamma_K M of the float64 value (the
-    module docstring), so within 2 gamma_K of each other, K = 2 x 128 tokens + 8 (the longest
-    contraction, W's gradient) and M bounded by `_reference(..., absolute=True)`'s largest
-    entry."""
+    module docstring), so within 2 gamma_K of each other, K = the tokens + 8 (the longest
+    contraction, W's gradient: on a mesh, each device's part summed across the devices) and M
+    bounded by `_reference(..., absolute=True)`'s largest entry."""
+    B = 2 if mesh_shape is None else 4
+    T = 128 if mesh_shape is None else 256
+    mesh = None if mesh_shape is None else sharding.make_mesh(mesh_shape, MESH_AXES)
     rng = np.random.default_rng(3)
-    x, d_out = (jnp.asarray(rng.normal(size=(2, 128, 128)), jnp.float32) for _ in range(2))
-    u_pre, attended = (jnp.asarray(rng.normal(size=(2, 128, 256)), jnp.float32) for _ in range(2))
-    xla = dataclasses.replace(LAYER, gate_impl="xla")
-    got = _layer_output_and_gradients(LAYER, x, u_pre, attended, d_out)
+    x, d_out = (jnp.asarray(rng.normal(size=(B, T, 128)), jnp.float32) for _ in range(2))
+    u_pre, attended = (jnp.asarray(rng.normal(size=(B, T, 256)), jnp.float32) for _ in range(2))
+    xla = dataclasses.replace(LAYER, proj_impl="xla")
+    got = _layer_output_and_gradients(LAYER, x, u_pre, attended, d_out, mesh)
     want = _layer_output_and_gradients(xla, x, u_pre, attended, d_out)
     layer = FlashLayer(xla, rngs=nnx.Rngs(0))
     w, b = layer.proj_out.kernel.value, layer.proj_out.bias.value
-    flat = [z.reshape(256, -1) for z in (x, u_pre, attended)]
-    size = _reference(*flat, w, b, d_out.reshape(256, -1), absolute=True)
+    flat = [z.reshape(B * T, -1) for z in (x, u_pre, attended)]
+    size = _reference(*flat, w, b, d_out.reshape(B * T, -1), absolute=True)
     for name, g, w_, m in zip(NAMES, got, want, size, strict=True):
-        bound = 2 * gamma(256 + 8) * float(np.max(m)) * 1.01
+        bound = 2 * gamma(B * T + 8) * float(np.max(m)) * 1.01
         assert float(jnp.max(jnp.abs(g - w_))) <= bound, name
 
 
-def test_the_xla_path_runs_unless_asked_or_under_a_mesh():
+def test_the_xla_path_runs_unless_asked_or_with_e_split_over_devices():
     """`auto` and `xla` run XLA's ops; `pallas_tpu` runs the kernel (a pallas_call in the
-    program) on one device and XLA's ops on a mesh of several."""
+    program), on one device and on each device of a mesh, except where the mesh splits e
+    (tensor parallelism): XLA's ops then."""
 
     def pallas_calls(cfg):
         layer = FlashLayer(cfg, rngs=nnx.Rngs(0))
-        x, u = jnp.ones((2, 128, 128)), jnp.ones((2, 128, 256))
+        x, u = jnp.ones((4, 128, 128)), jnp.ones((4, 128, 256))
         return str(jax.make_jaxpr(layer.output)(x, u, u)).count("pallas_call")
 
     assert pallas_calls(LAYER) == 1
-    assert pallas_calls(dataclasses.replace(LAYER, gate_impl="auto")) == 0
+    assert pallas_calls(dataclasses.replace(LAYER, proj_impl="auto")) == 0
     with jax.set_mesh(sharding.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        assert pallas_calls(LAYER) == 1
+    with jax.set_mesh(sharding.make_mesh((2,), ("tensor",), devices=jax.devices()[:2])):
         assert pallas_calls(LAYER) == 0

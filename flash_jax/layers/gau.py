@@ -120,7 +120,7 @@ class _GatedUnit(nnx.Module):
     def output(self, x_BTD: jax.Array, u_pre_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
         """x + (silu(u_pre) * attended) . W_o + b_o: the gate, the output projection and the
         residual. The gate's SiLU is here, not in `project`, so that the Pallas kernel
-        (`model.gate_impl`) applies it and its backward in VMEM."""
+        (`model.proj_impl`) applies it and its backward in VMEM."""
         attended_BTE = checkpoint_name(attended_BTE, "attn")  # kept by remat `save_attn`
         if self._gate_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
             return self._gated_output_kernel(x_BTD, u_pre_BTE, attended_BTE)
@@ -134,34 +134,60 @@ class _GatedUnit(nnx.Module):
         )
 
     def _gate_kernel_serves(self, num_tokens: int) -> bool:
-        """Whether `output` runs the Pallas kernel: asked for (`model.gate_impl`), shapes it
-        takes, and one device. Under a mesh the XLA path runs: the kernel's W gradient and
-        contraction over e know nothing of sharded tokens or a sharded e."""
+        """Whether `output` runs the Pallas kernel: asked for (`model.proj_impl`), with a bias, e
+        not split over devices (the kernel adds x and b to its own partial product: a sum over a
+        sharded e would add them once per shard), and shapes the kernel takes on each device."""
         from flash_jax.ops import pallas_gate  # Pallas is imported only where it runs
 
         cfg = self.cfg
+
+        def shards(logical_axis):
+            return sharding.active_shard_count(logical_axis, cfg.sharding_rules)
+
+        local_tokens, rest = divmod(num_tokens, shards("batch") * shards("length"))
         return (
-            dispatch.gate_impl(cfg.gate_impl) == "pallas_tpu"
+            dispatch.proj_impl(cfg.proj_impl) == "pallas_tpu"
             and self.proj_out.bias is not None
-            and jax.sharding.get_abstract_mesh().size <= 1
-            and pallas_gate.supported(num_tokens, cfg.expansion_dim, cfg.d_model)
+            and shards("act_mlp") == 1
+            and rest == 0
+            and pallas_gate.supported(local_tokens, cfg.expansion_dim, cfg.d_model)
         )
 
     def _gated_output_kernel(self, x_BTD, u_pre_BTE, attended_BTE):
-        """`output` as one Pallas kernel forward and one backward: the gated product and its
-        cotangent stay in VMEM (flash_jax/ops/pallas_gate.py)."""
+        """`output` as one Pallas kernel forward and one backward, on each device's tokens: the
+        gated product and its cotangent stay in VMEM (flash_jax/ops/pallas_gate.py). W and b go
+        whole to every device (gathered where FSDP shards them, as the XLA path's matmul does);
+        shard_map sums their gradients over the devices' tokens."""
         from flash_jax.ops import pallas_gate
 
-        (B, T, D), E, dtype = x_BTD.shape, u_pre_BTE.shape[-1], self.proj_out.dtype
-        out_ND = pallas_gate.gated_output(
-            x_BTD.reshape(B * T, D),
-            u_pre_BTE.reshape(B * T, E).astype(dtype),
-            attended_BTE.reshape(B * T, E).astype(dtype),
+        dtype, interpret = self.proj_out.dtype, dispatch.target_platform() == "cpu"
+
+        def gated_output(x_BTD, u_pre_BTE, attended_BTE, w_ED, b_D):
+            (B, T, D), E = x_BTD.shape, u_pre_BTE.shape[-1]
+            out_ND = pallas_gate.gated_output(
+                x_BTD.reshape(B * T, D),
+                u_pre_BTE.reshape(B * T, E),
+                attended_BTE.reshape(B * T, E),
+                w_ED,
+                b_D,
+                interpret=interpret,
+            )
+            return out_ND.reshape(B, T, D)
+
+        tokens_D, tokens_E = ("batch", "length", "act_embed"), ("batch", "length", "act_mlp")
+        gated_output = sharding.per_shard(
+            gated_output,
+            (tokens_D, tokens_E, tokens_E, None, None),
+            tokens_D,
+            self.cfg.sharding_rules,
+        )
+        return gated_output(
+            x_BTD,
+            u_pre_BTE.astype(dtype),
+            attended_BTE.astype(dtype),
             self.proj_out.kernel.value.astype(dtype),
             self.proj_out.bias.value.astype(dtype),
-            interpret=dispatch.target_platform() == "cpu",
         )
-        return out_ND.reshape(B, T, D)
 
     def bias(self, length: int):
         return None if self.rel_bias is None else self.rel_bias(length)
