@@ -24,7 +24,7 @@ def test_unknown_names_are_one_line_errors_here_and_in_the_config():
         dispatch.flash_impl("triton")
     with pytest.raises(ValueError, match=r"attention impl must be one of .*'flash'"):
         dispatch.attention_impl("flash", 1024, 64, jnp.float32)
-    with pytest.raises(ValueError, match=r"gate impl must be one of .*'triton'"):
+    with pytest.raises(ValueError, match=r"proj impl must be one of .*'triton'"):
         dispatch.proj_impl("triton")
     assert dispatch.proj_impl("auto") == "xla"
     config_keys = {
