@@ -28,7 +28,7 @@ from flash_jax.layers.gau import FlashLayer
 from flash_jax.ops import pallas_gate
 from tests.helpers import tiny_model_config
 
-N, E, D = 384, 256, 128  # three token blocks of 128
+N, E, D = 1024, 256, 128  # two token blocks of 512: the backward's two core halves
 U_BF16 = 2.0**-8
 NAMES = ["out", "x", "u_pre", "a", "w", "b"]
 
@@ -67,6 +67,7 @@ def _kernel(x, u_pre, a, w, b, d_out):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_output_and_gradients_match_float64_reference(dtype):
+    assert pallas_gate.core_halves(N // pallas_gate.block_tokens(N)) == 2
     inputs = _inputs(dtype)
     got = _kernel(*inputs)
     want = _reference(*inputs)

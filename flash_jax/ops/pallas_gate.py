@@ -10,9 +10,12 @@ and da = (dO . W^T) * u once each (the gated product's cotangent dO . W^T stays 
 float32). x's gradient is dO itself. The XLA path wrote u, the gated product's cotangent and u's
 cotangent to HBM and read them back (docs/benchmarks.md).
 
-Grid: token blocks of `block_tokens` rows. The forward's are independent ("parallel"); the
-backward's run in order ("arbitrary") because W's and b's gradients accumulate over them in
-float32 VMEM scratch, written once at the last block.
+Grid: token blocks of `block_tokens` rows. The forward's are independent ("parallel"). The
+backward's W and b gradients accumulate over blocks in a float32 block that stays in VMEM, so its
+blocks run in order ("arbitrary"), in two halves on a "parallel" leading axis: a chip with two
+TensorCores (v4, v5p: megacore) runs one half on each, each core summing its own partial
+gradient, and XLA adds the two partials afterwards (16 MiB of float32 at the paper's widths, 0.25
+KiB per token of 65,536). An "arbitrary" grid alone would leave the second core idle.
 
 Precision: u and the product u * a are rounded to the input dtype before the matmul, as in the
 XLA path (`silu(u_pre) * a` in bf16, whose SiLU also rounds the sigmoid to bf16: the kernel's
@@ -35,7 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 _MIB = 1 << 20
 # 7/8 of a v5p core's 64 MiB (v5e and v6e have 128): the backward takes 40 MiB at the paper's
-# widths (e = 2048, d_model = 1024, bf16: W, its float32 sum and 512-token blocks, double
+# widths (e = 2048, d_model = 1024, bf16: W, its float32 sum and 512-token blocks, each double
 # buffered), so v4 (16 MiB) is not served there (Mosaic refuses the compile).
 _VMEM_LIMIT = 56 * _MIB
 _TOKEN_BLOCKS = (512, 256, 128, 64, 32, 16, 8)
@@ -66,8 +69,9 @@ def _gated_output_fwd(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret):
 
 def _gated_output_bwd(interpret, residuals, d_out_ND):
     u_pre_NE, a_NE, w_ED, b_D = residuals
-    d_u_pre, da, dw, db = _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret)
-    return d_out_ND, d_u_pre, da, dw, db.reshape(b_D.shape).astype(b_D.dtype)
+    d_u_pre, da, dw_parts, db_parts = _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret)
+    dw, db = jnp.sum(dw_parts, axis=0), jnp.sum(db_parts, axis=(0, 1))  # the cores' partials
+    return d_out_ND, d_u_pre, da, dw.astype(w_ED.dtype), db.reshape(b_D.shape).astype(b_D.dtype)
 
 
 gated_output.defvjp(_gated_output_fwd, _gated_output_bwd)
@@ -129,15 +133,13 @@ def _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret):
     )(*inputs)
 
 
-def _backward_kernel(
-    u_pre_ref, a_ref, w_ref, do_ref, du_pre_ref, da_ref, dw_ref, db_ref, dw_acc, db_acc
-):
-    i = pl.program_id(0)
-
-    @pl.when(i == 0)
+def _backward_kernel(u_pre_ref, a_ref, w_ref, do_ref, du_pre_ref, da_ref, dw_ref, db_ref):
+    # dw_ref and db_ref: this core half's float32 sums, whose block (the same at every step of
+    # the half) stays in VMEM until the half ends.
+    @pl.when(pl.program_id(1) == 0)
     def _():
-        dw_acc[...] = jnp.zeros_like(dw_acc)
-        db_acc[...] = jnp.zeros_like(db_acc)
+        dw_ref[...] = jnp.zeros_like(dw_ref)
+        db_ref[...] = jnp.zeros_like(db_ref)
 
     u, sigmoid, u_pre = _gate(u_pre_ref)
     a = a_ref[...].astype(jnp.float32)
@@ -147,38 +149,46 @@ def _backward_kernel(
     du_pre_ref[...] = (d_gated * a * d_silu).astype(du_pre_ref.dtype)
     da_ref[...] = (d_gated * u).astype(da_ref.dtype)
     gated = (u * a).astype(u_pre_ref.dtype)
-    dw_acc[...] += jax.lax.dot_general(gated, d_out, _TM, preferred_element_type=jnp.float32)
-    db_acc[...] += jnp.sum(d_out.astype(jnp.float32), axis=0, keepdims=True)
+    dw_ref[0] += jax.lax.dot_general(gated, d_out, _TM, preferred_element_type=jnp.float32)
+    db_ref[0] += jnp.sum(d_out.astype(jnp.float32), axis=0, keepdims=True)
 
-    @pl.when(i == pl.num_programs(0) - 1)
-    def _():
-        dw_ref[...] = dw_acc[...].astype(dw_ref.dtype)
-        db_ref[...] = db_acc[...]
+
+def core_halves(num_blocks: int) -> int:
+    """Into how many parts the backward's token blocks are cut for the chip's TensorCores: two
+    when the blocks split evenly, else one."""
+    return 2 if num_blocks % 2 == 0 else 1
 
 
 def _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret):
+    """u_pre's and a's gradients, and W's and b's as float32 partial sums, one per core half
+    ([halves, E, D] and [halves, 1, D]): the caller adds them."""
     (N, E), D = u_pre_NE.shape, w_ED.shape[1]
     tN = block_tokens(N)
-    rows_ND = pl.BlockSpec((tN, D), lambda i: (i, 0))
-    rows_NE = pl.BlockSpec((tN, E), lambda i: (i, 0))
-    whole_ED = pl.BlockSpec((E, D), lambda i: (0, 0))
-    whole_1D = pl.BlockSpec((1, D), lambda i: (0, 0))
+    halves = core_halves(N // tN)
+    per_half = N // tN // halves
+    rows_ND = pl.BlockSpec((tN, D), lambda c, i: (c * per_half + i, 0))
+    rows_NE = pl.BlockSpec((tN, E), lambda c, i: (c * per_half + i, 0))
+    whole_ED = pl.BlockSpec((E, D), lambda c, i: (0, 0))
     inputs = (u_pre_NE, a_NE, w_ED, d_out_ND)
     out_shapes = [
         jax.ShapeDtypeStruct(u_pre_NE.shape, u_pre_NE.dtype),
         jax.ShapeDtypeStruct(a_NE.shape, a_NE.dtype),
-        jax.ShapeDtypeStruct(w_ED.shape, w_ED.dtype),
-        jax.ShapeDtypeStruct((1, D), jnp.float32),
+        jax.ShapeDtypeStruct((halves, E, D), jnp.float32),
+        jax.ShapeDtypeStruct((halves, 1, D), jnp.float32),
     ]
     return pl.pallas_call(
         _backward_kernel,
-        grid=(N // tN,),
+        grid=(halves, per_half),
         in_specs=[rows_NE, rows_NE, whole_ED, rows_ND],
-        out_specs=[rows_NE, rows_NE, whole_ED, whole_1D],
+        out_specs=[
+            rows_NE,
+            rows_NE,
+            pl.BlockSpec((1, E, D), lambda c, i: (c, 0, 0)),
+            pl.BlockSpec((1, 1, D), lambda c, i: (c, 0, 0)),
+        ],
         out_shape=out_shapes,
-        scratch_shapes=[pltpu.VMEM((E, D), jnp.float32), pltpu.VMEM((1, D), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("arbitrary",), vmem_limit_bytes=_VMEM_LIMIT
+            dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=_VMEM_LIMIT
         ),
         cost_estimate=_cost(inputs, out_shapes, 4 * N * E * D),  # dO . W^T and W's gradient
         interpret=interpret,
