@@ -14,8 +14,8 @@ Grid: token blocks of `block_tokens` rows. The forward's are independent ("paral
 backward's W and b gradients accumulate over blocks in a float32 block that stays in VMEM, so its
 blocks run in order ("arbitrary"), in two halves on a "parallel" leading axis: a chip with two
 TensorCores (v4, v5p: megacore) runs one half on each, each core summing its own partial
-gradient, and XLA adds the two partials afterwards (16 MiB of float32 at the paper's widths, 0.25
-KiB per token of 65,536). An "arbitrary" grid alone would leave the second core idle.
+gradient, and XLA adds the two partials afterwards (16 MiB of float32 at the paper's widths,
+written and read back: 0.5 KiB per token of 65,536). An "arbitrary" grid alone would leave the second core idle.
 
 Precision: u and the product u * a are rounded to the input dtype before the matmul, as in the
 XLA path (`silu(u_pre) * a` in bf16, whose SiLU also rounds the sigmoid to bf16: the kernel's
