@@ -140,8 +140,9 @@ class ModelConfig:
     # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
     # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
     flash_impl: str = "auto"
-    # GAU and FLASH's projections around the attention (the gate + output projection as a Pallas
-    # TPU kernel: flash_jax/ops/pallas_gate.py): auto (XLA: not yet run on a TPU) | xla | pallas_tpu
+    # GAU and FLASH's projections around the attention as Pallas TPU kernels: the norm + input
+    # projection (flash_jax/ops/pallas_norm_proj.py; ScaleNorm only) and the gate + output
+    # projection (pallas_gate.py): auto (XLA: not yet run on a TPU) | xla | pallas_tpu
     proj_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).
