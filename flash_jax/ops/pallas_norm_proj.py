@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flash_jax.ops.pallas_gate import block_tokens
+from flash_jax.ops.pallas_gate import block_tokens, cost_estimate
 
 _MIB = 1 << 20
 # 7/8 of a v5p core's 64 MiB (v5e and v6e have 128), as the gate kernels'. At the paper's widths
@@ -77,18 +77,6 @@ def _norm_projection_bwd(widths, eps, interpret, residuals, d_parts):
 
 
 norm_projection.defvjp(_norm_projection_fwd, _norm_projection_bwd)
-
-
-def _cost(inputs, out_shapes, flops) -> pl.CostEstimate:
-    """What XLA's cost analysis counts for the call: each operand read once and each output
-    written once (the kernels' HBM traffic: every block is fetched once), and the matmuls'
-    FLOPs."""
-    arrays = list(inputs) + list(out_shapes)
-    return pl.CostEstimate(
-        flops=int(flops),
-        transcendentals=0,
-        bytes_accessed=sum(x.size * jnp.dtype(x.dtype).itemsize for x in arrays),
-    )
 
 
 def _column_slices(widths):
@@ -139,7 +127,7 @@ def _forward(x_ND, w_DF, b_F, g, widths, eps, interpret):
             compiler_params=pltpu.CompilerParams(
                 dimension_semantics=("parallel",), vmem_limit_bytes=_VMEM_LIMIT
             ),
-            cost_estimate=_cost(inputs, out_shapes, 2 * N * D * F),
+            cost_estimate=cost_estimate(inputs, out_shapes, 2 * N * D * F),
             interpret=interpret,
         )(*inputs)
     )
@@ -216,6 +204,6 @@ def _backward(x_ND, w_DF, g, d_parts, widths, eps, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("arbitrary",), vmem_limit_bytes=_VMEM_LIMIT
         ),
-        cost_estimate=_cost(inputs, out_shapes, 4 * N * D * F),  # dh and W's gradient
+        cost_estimate=cost_estimate(inputs, out_shapes, 4 * N * D * F),  # dh and W's gradient
         interpret=interpret,
     )(*inputs)
