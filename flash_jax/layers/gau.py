@@ -107,22 +107,27 @@ class _GatedUnit(nnx.Module):
     def project(self, x_BTD: jax.Array, positions_BT: jax.Array):
         """u's pre-activation (the gate: `output` applies its SiLU), v [B, T, e] and the
         RoPE-rotated query/key heads [B, T, s] of the input."""
-        # Tagged before the SiLU: its backward needs the pre-activation, so a remat policy that
-        # keeps this tag recomputes no projection.
-        u_pre, v_pre, z_pre = (checkpoint_name(x, "proj_in") for x in self.pre_activations(x_BTD))
-        v, z = jax.nn.silu(v_pre), jax.nn.silu(z_pre)
+        u_pre, v, z = self.projections(x_BTD)
         u_pre = constrain(u_pre, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
         v = constrain(v, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
         return u_pre, v, self.heads(z, positions_BT)
 
-    def pre_activations(self, x_BTD: jax.Array) -> list[jax.Array]:
-        """norm(x) . W_in + b_in cut into u's, v's and z's pre-activations [B, T, e | e | s]:
-        one Pallas kernel forward and one backward where `model.proj_impl` asks for it and it
-        serves (`_norm_projection_kernel_serves`), else XLA's ops."""
+    def projections(self, x_BTD: jax.Array) -> tuple[jax.Array, ...]:
+        """u's pre-activation and v, z = silu(their pre-activations) [B, T, e | e | s], from
+        norm(x) . W_in + b_in cut into three parts: one Pallas kernel forward and one backward
+        where `model.proj_impl` asks for it and it serves (`_norm_projection_kernel_serves`),
+        else XLA's ops. Every array the backward reads of them is tagged "proj_in", so that a
+        remat policy that keeps the tag recomputes no projection."""
         e, s = self.cfg.expansion_dim, self.cfg.qk_dim
         if self._norm_projection_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
-            return list(self._norm_projection_kernel(x_BTD, (e, e, s)))
-        return self.proj_in.split_outputs(self.norm(x_BTD), (e, e, s))
+            # The kernel applies the SiLUs and their backward: it tags v's and z's
+            # pre-activations (its residuals), and the outputs are tagged here.
+            outputs = self._norm_projection_kernel(x_BTD, (e, e, s))
+            return tuple(checkpoint_name(y, "proj_in") for y in outputs)
+        pre = self.proj_in.split_outputs(self.norm(x_BTD), (e, e, s))
+        # Tagged before the SiLU: its backward needs the pre-activation.
+        u_pre, v_pre, z_pre = (checkpoint_name(y, "proj_in") for y in pre)
+        return u_pre, jax.nn.silu(v_pre), jax.nn.silu(z_pre)
 
     def _norm_projection_kernel_serves(self, num_tokens: int) -> bool:
         """Whether `project` runs the Pallas kernel: ScaleNorm (LayerNorm runs XLA's ops) and
@@ -138,11 +143,11 @@ class _GatedUnit(nnx.Module):
         )
 
     def _norm_projection_kernel(self, x_BTD, widths):
-        """The norm and `proj_in`'s parts as one Pallas kernel forward and one backward, on each
-        device's tokens: the normed input and its cotangent stay in VMEM
-        (flash_jax/ops/pallas_norm_proj.py). W, b and the norm's scale go whole to every device
-        (gathered where FSDP shards W, as the XLA path's matmul does); shard_map sums their
-        gradients over the devices' tokens."""
+        """The norm, `proj_in`'s parts and v's and z's SiLUs as one Pallas kernel forward and one
+        backward, on each device's tokens: the normed input and its cotangent stay in VMEM, and
+        so do v's and z's pre-activation cotangents (flash_jax/ops/pallas_norm_proj.py). W, b and
+        the norm's scale go whole to every device (gathered where FSDP shards W, as the XLA
+        path's matmul does); shard_map sums their gradients over the devices' tokens."""
         from flash_jax.ops import pallas_norm_proj
 
         dtype, interpret = self.proj_in.dtype, dispatch.target_platform() == "cpu"
@@ -151,7 +156,15 @@ class _GatedUnit(nnx.Module):
         def norm_projection(x_BTD, w_DF, b_F, g):
             B, T, D = x_BTD.shape
             parts = pallas_norm_proj.norm_projection(
-                x_BTD.reshape(B * T, D), w_DF, b_F, g, widths, eps, interpret
+                x_BTD.reshape(B * T, D),
+                w_DF,
+                b_F,
+                g,
+                widths,
+                (False, True, True),  # u's SiLU is the gate's (`output`)
+                eps,
+                interpret,
+                "proj_in",
             )
             return tuple(part.reshape(B, T, -1) for part in parts)
 
