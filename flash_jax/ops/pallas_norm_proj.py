@@ -22,7 +22,9 @@ Grid: token blocks. The forward's are independent ("parallel"); the backward's r
 ("arbitrary") because W's, b's and g's gradients accumulate over them in float32 VMEM scratch,
 written once at the last block. W and W's gradient have one block whose index never changes:
 they are single-buffered (`pl.Buffered(1)`), since a default BlockSpec would hold two copies
-(at the paper's widths W is 8.25 MiB in bf16 and its float32 sum 16.5).
+(at the paper's widths W is 8.25 MiB in bf16 and its float32 sum 16.5). Both stay whole in VMEM,
+so a layer much wider than the paper's does not fit (v5p's 64 MiB first): Mosaic then refuses
+the compile, naming the VMEM it would need.
 
 Precision: the normed input is rounded to W's dtype before the matmul, as in the XLA path; the
 matmuls' sums are float32; the normed input's cotangent and the norm's backward stay float32
