@@ -137,11 +137,9 @@ class ModelConfig:
     # Transformer MHSA (flash_jax.ops.dot_product): auto (splash on TPU, cuDNN on GPU in bf16,
     # else XLA) | xla | cudnn | splash; what auto picks: flash_jax/dispatch.py
     attention_impl: str = "auto"
-    # FLASH's mixed chunk attention (flash_jax.ops.mixed_chunk_attention): auto (XLA until a
-    # fused kernel is measured faster on hardware) | xla | pallas_tpu | pallas_gpu
-    flash_impl: str = "auto"
-    # GAU and FLASH's projections around the attention (the gate + output projection as a Pallas
-    # TPU kernel: flash_jax/ops/pallas_gate.py): auto (XLA: not yet run on a TPU) | xla | pallas_tpu
+    flash_impl: str = "auto"  # FLASH attention: auto (XLA) | xla | pallas_tpu | pallas_gpu
+    # The norm + input and gate + output projections as Pallas TPU kernels (ops/pallas_norm_proj.py
+    # with ScaleNorm, pallas_gate.py): auto (XLA: not yet run on a TPU) | xla | pallas_tpu
     proj_impl: str = "auto"
     tie_embeddings: bool = False
     # Logical axis -> mesh axes for activation constraints: config.mesh.rules (not a model key).

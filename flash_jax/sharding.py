@@ -195,7 +195,8 @@ def per_shard(fn, in_axes, out_axes, rules: Rules = DEFAULT_RULES):
     For kernels XLA cannot partition (Pallas calls): without this, GSPMD would gather their
     inputs onto every device. `in_axes` (one tuple of logical names per positional argument, None
     for an argument passed whole) and `out_axes` give the layout; `fn` must be correct on any
-    shard of it (e.g. per batch row). Without a mesh, or on one device, `fn` itself.
+    shard of it (e.g. per batch row); `out_axes` a list of them for an `fn` that returns a tuple.
+    Without a mesh, or on one device, `fn` itself.
     """
     mesh = _active_mesh()
     if mesh is None or mesh.size == 1:
@@ -207,7 +208,7 @@ def per_shard(fn, in_axes, out_axes, rules: Rules = DEFAULT_RULES):
     return jax.shard_map(
         fn,
         in_specs=tuple(spec(a) for a in in_axes),
-        out_specs=spec(out_axes),
+        out_specs=tuple(map(spec, out_axes)) if isinstance(out_axes, list) else spec(out_axes),
         check_vma=False,
     )
 

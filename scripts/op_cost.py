@@ -64,7 +64,8 @@ flags.DEFINE_enum(
     "proj_impl",
     "auto",
     PROJ_IMPLS,
-    "The layer's gate and output projection (model.proj_impl; pallas_tpu needs --tpu_topology).",
+    "The layer's projections: norm + input, gate + output (model.proj_impl; pallas_tpu needs "
+    "--tpu_topology).",
     flag_values=FLAGS,
 )
 flags.DEFINE_string("json", None, "Also write the rows to this JSON file.", flag_values=FLAGS)

@@ -117,19 +117,21 @@ def test_attention_traffic_on_a_tpu_meets_issue_9s_bound(tmp_path, topology, cau
 LAYER_KIB_BOUND = 270  # the worst measured, 256.2, plus about 5%: libtpu's fusion choices shift
 
 
-# With the gate and output projection as Pallas kernels (model.proj_impl=pallas_tpu), their
-# traffic counted as their cost estimates (operands read once, outputs written once). Measured:
-# v5e 233.5 KiB, v5p 233.2, at 1K and at 32K; 243.6 on v5e at 32K while the kernels took u
-# after its SiLU.
-GATE_KERNEL_LAYER_KIB_BOUND = 245  # the worst measured, 233.5, plus about 5%
+# With the projections as Pallas kernels (model.proj_impl=pallas_tpu: the norm + input projection
+# with v's and z's SiLUs, and the gate + output projection), their traffic counted as their cost
+# estimates (operands read once, outputs written once). Measured: v5e 192.9 KiB, v5p 194.4, at
+# 1K and at 32K; 217.5 and 206.2 while the SiLUs were XLA's; with the gate kernels alone 233.5
+# and 233.2 (243.6 on v5e at 32K while they took u after its SiLU).
+PROJ_KERNELS_LAYER_KIB_BOUND = 204  # the worst measured, 194.4, plus about 5%
 
 
 @pytest.mark.slow  # about 3 minutes: four compiles, Mosaic's among them
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
-def test_the_layer_with_the_gate_kernel_compiles_and_meets_its_traffic_bound(tmp_path, topology):
-    """The same layer with `--proj_impl=pallas_tpu`: Mosaic compiles both gate kernels for the
-    chip (within its VMEM), and the layer moves at most GATE_KERNEL_LAYER_KIB_BOUND KiB per
-    token at 1K and 32K."""
+def test_the_layer_with_the_proj_kernels_compiles_and_meets_its_traffic_bound(tmp_path, topology):
+    """The same layer with `--proj_impl=pallas_tpu`: Mosaic compiles the four projection kernels
+    (norm + input projection, gate + output projection, forward and backward) for the chip
+    (within its VMEM), and the layer moves at most PROJ_KERNELS_LAYER_KIB_BOUND KiB per token
+    at 1K and 32K."""
     proc, rows = run(
         tmp_path,
         f"--tpu_topology={topology}",
@@ -139,7 +141,7 @@ def test_the_layer_with_the_gate_kernel_compiles_and_meets_its_traffic_bound(tmp
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     layer = [row["layer"]["bytes_per_token"] / 1024 for row in rows]
-    assert max(layer) <= GATE_KERNEL_LAYER_KIB_BOUND, layer
+    assert max(layer) <= PROJ_KERNELS_LAYER_KIB_BOUND, layer
 
 
 @pytest.mark.slow  # about 3 minutes: four compiles

@@ -107,15 +107,80 @@ class _GatedUnit(nnx.Module):
     def project(self, x_BTD: jax.Array, positions_BT: jax.Array):
         """u's pre-activation (the gate: `output` applies its SiLU), v [B, T, e] and the
         RoPE-rotated query/key heads [B, T, s] of the input."""
-        e, s = self.cfg.expansion_dim, self.cfg.qk_dim
-        # Tagged before the SiLU: its backward needs the pre-activation, so a remat policy that
-        # keeps this tag recomputes no projection.
-        pre = self.proj_in.split_outputs(self.norm(x_BTD), (e, e, s))
-        u_pre, v_pre, z_pre = (checkpoint_name(x, "proj_in") for x in pre)
-        v, z = jax.nn.silu(v_pre), jax.nn.silu(z_pre)
+        u_pre, v, z = self.projections(x_BTD)
         u_pre = constrain(u_pre, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
         v = constrain(v, ("batch", "length", "act_mlp"), self.cfg.sharding_rules)
         return u_pre, v, self.heads(z, positions_BT)
+
+    def projections(self, x_BTD: jax.Array) -> tuple[jax.Array, ...]:
+        """u's pre-activation and v, z = silu(their pre-activations) [B, T, e | e | s], from
+        norm(x) . W_in + b_in cut into three parts: one Pallas kernel forward and one backward
+        where `model.proj_impl` asks for it and it serves (`_norm_projection_kernel_serves`),
+        else XLA's ops. Every array the backward reads of them is tagged "proj_in", so that a
+        remat policy that keeps the tag recomputes no projection."""
+        e, s = self.cfg.expansion_dim, self.cfg.qk_dim
+        if self._norm_projection_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
+            # The kernel applies the SiLUs and their backward: it tags v's and z's
+            # pre-activations (its residuals), and the outputs are tagged here.
+            outputs = self._norm_projection_kernel(x_BTD, (e, e, s))
+            return tuple(checkpoint_name(y, "proj_in") for y in outputs)
+        pre = self.proj_in.split_outputs(self.norm(x_BTD), (e, e, s))
+        # Tagged before the SiLU: its backward needs the pre-activation.
+        u_pre, v_pre, z_pre = (checkpoint_name(y, "proj_in") for y in pre)
+        return u_pre, jax.nn.silu(v_pre), jax.nn.silu(z_pre)
+
+    def _norm_projection_kernel_serves(self, num_tokens: int) -> bool:
+        """Whether `project` runs the Pallas kernel: ScaleNorm (LayerNorm runs XLA's ops) and
+        what `_kernel_serves` asks."""
+        from flash_jax.ops import pallas_norm_proj  # Pallas is imported only where it runs
+
+        cfg = self.cfg
+        widths = (cfg.expansion_dim, cfg.expansion_dim, cfg.qk_dim)
+        return cfg.norm == "scale_norm" and self._kernel_serves(
+            num_tokens,
+            self.proj_in,
+            lambda local_tokens: pallas_norm_proj.supported(local_tokens, cfg.d_model, widths),
+        )
+
+    def _norm_projection_kernel(self, x_BTD, widths):
+        """The norm, `proj_in`'s parts and v's and z's SiLUs as one Pallas kernel forward and one
+        backward, on each device's tokens: the normed input and its cotangent stay in VMEM, and
+        so do v's and z's pre-activation cotangents (flash_jax/ops/pallas_norm_proj.py). W, b and
+        the norm's scale go whole to every device (gathered where FSDP shards W, as the XLA
+        path's matmul does); shard_map sums their gradients over the devices' tokens."""
+        from flash_jax.ops import pallas_norm_proj
+
+        dtype, interpret = self.proj_in.dtype, dispatch.target_platform() == "cpu"
+        eps = self.norm.eps
+
+        def norm_projection(x_BTD, w_DF, b_F, g):
+            B, T, D = x_BTD.shape
+            parts = pallas_norm_proj.norm_projection(
+                x_BTD.reshape(B * T, D),
+                w_DF,
+                b_F,
+                g,
+                widths,
+                (False, True, True),  # u's SiLU is the gate's (`output`)
+                eps,
+                interpret,
+                "proj_in",
+            )
+            return tuple(part.reshape(B, T, -1) for part in parts)
+
+        tokens_D, tokens_E = ("batch", "length", "act_embed"), ("batch", "length", "act_mlp")
+        norm_projection = sharding.per_shard(
+            norm_projection,
+            (tokens_D, None, None, None),
+            [tokens_E, tokens_E, ("batch", "length", None)],
+            self.cfg.sharding_rules,
+        )
+        return norm_projection(
+            x_BTD,
+            self.proj_in.kernel.value.astype(dtype),
+            self.proj_in.bias.value.astype(dtype),
+            self.norm.scale.value,
+        )
 
     def output(self, x_BTD: jax.Array, u_pre_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
         """x + (silu(u_pre) * attended) . W_o + b_o: the gate, the output projection and the
@@ -134,11 +199,24 @@ class _GatedUnit(nnx.Module):
         )
 
     def _gate_kernel_serves(self, num_tokens: int) -> bool:
-        """Whether `output` runs the Pallas kernel: asked for (`model.proj_impl`), with a bias, e
-        not split over devices (the kernel adds x and b to its own partial product: a sum over a
-        sharded e would add them once per shard), and shapes the kernel takes on each device."""
+        """Whether `output` runs the Pallas kernel: what `_kernel_serves` asks."""
         from flash_jax.ops import pallas_gate  # Pallas is imported only where it runs
 
+        cfg = self.cfg
+        return self._kernel_serves(
+            num_tokens,
+            self.proj_out,
+            lambda local_tokens: pallas_gate.supported(
+                local_tokens, cfg.expansion_dim, cfg.d_model
+            ),
+        )
+
+    def _kernel_serves(self, num_tokens: int, dense: Dense, supported) -> bool:
+        """Whether a projection runs its Pallas kernel: asked for (`model.proj_impl`), with a
+        bias, e and d_model not split over devices (the kernels add the bias, and the gate's
+        kernel x, to their own partial products, and the norm sums over all of d_model), the
+        tokens split evenly over the devices, and `supported(tokens on each device)`: shapes the
+        kernel takes."""
         cfg = self.cfg
 
         def shards(logical_axis):
@@ -147,10 +225,11 @@ class _GatedUnit(nnx.Module):
         local_tokens, rest = divmod(num_tokens, shards("batch") * shards("length"))
         return (
             dispatch.proj_impl(cfg.proj_impl) == "pallas_tpu"
-            and self.proj_out.bias is not None
+            and dense.bias is not None
             and shards("act_mlp") == 1
+            and shards("act_embed") == 1
             and rest == 0
-            and pallas_gate.supported(local_tokens, cfg.expansion_dim, cfg.d_model)
+            and supported(local_tokens)
         )
 
     def _gated_output_kernel(self, x_BTD, u_pre_BTE, attended_BTE):

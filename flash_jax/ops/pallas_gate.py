@@ -77,10 +77,10 @@ def _gated_output_bwd(interpret, residuals, d_out_ND):
 gated_output.defvjp(_gated_output_fwd, _gated_output_bwd)
 
 
-def _cost(inputs, out_shapes, flops) -> pl.CostEstimate:
-    """What XLA's cost analysis counts for the call: each operand read once and each output
-    written once (the kernels' HBM traffic: W's block index never changes, so it is fetched
-    once), and the matmuls' FLOPs."""
+def cost_estimate(inputs, out_shapes, flops) -> pl.CostEstimate:
+    """What XLA's cost analysis counts for a call whose blocks are each fetched once (W's block
+    index never changes, so it is fetched once): each operand read once and each output
+    written once, and the matmuls' FLOPs. The norm + projection kernels use it too."""
     arrays = list(inputs) + list(out_shapes)
     return pl.CostEstimate(
         flops=int(flops),
@@ -128,7 +128,7 @@ def _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel",), vmem_limit_bytes=_VMEM_LIMIT
         ),
-        cost_estimate=_cost(inputs, [out_shape], 2 * N * E * D),
+        cost_estimate=cost_estimate(inputs, [out_shape], 2 * N * E * D),
         interpret=interpret,
     )(*inputs)
 
@@ -190,6 +190,6 @@ def _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=_VMEM_LIMIT
         ),
-        cost_estimate=_cost(inputs, out_shapes, 4 * N * E * D),  # dO . W^T and W's gradient
+        cost_estimate=cost_estimate(inputs, out_shapes, 4 * N * E * D),  # dO . W^T and W's gradient
         interpret=interpret,
     )(*inputs)
