@@ -35,10 +35,10 @@ from jax.sharding import NamedSharding
 
 from flash_jax import models, sharding
 from flash_jax.layers.gau import FlashLayer
-from flash_jax.ops import pallas_norm_proj
+from flash_jax.ops import pallas_gate, pallas_norm_proj
 from tests.helpers import tiny_model_config
 
-N, D, WIDTHS = 384, 128, (256, 256, 128)  # three token blocks of 128; e, e, s
+N, D, WIDTHS = 512, 128, (256, 256, 128)  # backward: two blocks of 256, two core halves; e, e, s
 F = sum(WIDTHS)
 SILU = (False, True, True)  # the layer's: u's SiLU is the gate's
 EPS = 1e-5
@@ -130,6 +130,7 @@ def _kernel(x, w, b, g, d_parts, silu):
 @pytest.mark.parametrize("silu", [(False,) * 3, SILU])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_outputs_and_gradients_match_float64_reference(dtype, silu):
+    assert pallas_gate.core_halves(N // pallas_norm_proj._BACKWARD_MAX_BLOCK_TOKENS) == 2
     inputs = _inputs(dtype)
     got = _kernel(*inputs, silu)
     want = _reference(*inputs, silu)

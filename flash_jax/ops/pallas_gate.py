@@ -15,7 +15,8 @@ backward's W and b gradients accumulate over blocks in a float32 block that stay
 blocks run in order ("arbitrary"), in two halves on a "parallel" leading axis: a chip with two
 TensorCores (v4, v5p: megacore) runs one half on each, each core summing its own partial
 gradient, and XLA adds the two partials afterwards (16 MiB of float32 at the paper's widths,
-written and read back: 0.5 KiB per token of 65,536). An "arbitrary" grid alone would leave the second core idle.
+written and read back: 0.5 KiB per token of 65,536). An "arbitrary" grid alone would leave the
+second core idle.
 
 Precision: u and the product u * a are rounded to the input dtype before the matmul, as in the
 XLA path (`silu(u_pre) * a` in bf16, whose SiLU also rounds the sigmoid to bf16: the kernel's
@@ -190,6 +191,6 @@ def _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=_VMEM_LIMIT
         ),
-        cost_estimate=cost_estimate(inputs, out_shapes, 4 * N * E * D),  # dO . W^T and W's gradient
+        cost_estimate=cost_estimate(inputs, out_shapes, 4 * N * E * D),  # dO W^T, W gradient
         interpret=interpret,
     )(*inputs)

@@ -18,13 +18,16 @@ part's pre-activation, the backward's residual, and the backward kernel takes th
 cotangent after the SiLU with that pre-activation and applies the SiLU's backward in VMEM (the
 XLA path wrote the pre-activation's cotangent in a fusion of its own, and the SiLU's output).
 
-Grid: token blocks. The forward's are independent ("parallel"); the backward's run in order
-("arbitrary") because W's, b's and g's gradients accumulate over them in float32 VMEM scratch,
-written once at the last block. W and W's gradient have one block whose index never changes:
-they are single-buffered (`pl.Buffered(1)`), since a default BlockSpec would hold two copies
-(at the paper's widths W is 8.25 MiB in bf16 and its float32 sum 16.5). Both stay whole in VMEM,
-so a layer much wider than the paper's does not fit (v5p's 64 MiB first): Mosaic then refuses
-the compile, naming the VMEM it would need.
+Grid: token blocks. The forward's are independent ("parallel"). The backward's W, b and g
+gradients accumulate over blocks in float32 blocks that stay in VMEM, so its blocks run in order
+("arbitrary"), in two halves on a "parallel" leading axis, one per TensorCore of a megacore chip
+(v4, v5p), each summing its own partial gradients, added by XLA afterwards
+(`pallas_gate.core_halves`; 33 MiB of float32 at the paper's widths, written and read back: 1
+KiB per token of 65,536). W and the partial sums have one block per core whose index never
+changes within a half: they are single-buffered (`pl.Buffered(1)`), since a default BlockSpec
+would hold two copies (at the paper's widths W is 8.25 MiB in bf16 and its float32 sum 16.5).
+Both stay whole in VMEM, so a layer much wider than the paper's does not fit (v5p's 64 MiB
+first): Mosaic then refuses the compile, naming the VMEM it would need.
 
 Precision: the normed input is rounded to W's dtype before the matmul, as in the XLA path; the
 matmuls' sums are float32; the normed input's cotangent and the norm's backward stay float32
@@ -48,15 +51,16 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flash_jax.ops.pallas_gate import block_tokens, cost_estimate
+from flash_jax.ops.pallas_gate import block_tokens, core_halves, cost_estimate
 
 _MIB = 1 << 20
 # 7/8 of a v5p core's 64 MiB (v5e and v6e have 128), as the gate kernels'.
 _VMEM_LIMIT = 56 * _MIB
-# The backward's token blocks: at the paper's widths (d_model 1024, 2e + s = 4224, bf16) W, its
-# float32 sum and its output take 33 MiB (single-buffered), and the blocks (double-buffered: x,
+# The backward's token blocks: at the paper's widths (d_model 1024, 2e + s = 4224, bf16) W and
+# its float32 sum take 25 MiB (single-buffered), and the blocks (double-buffered: x,
 # the cotangents, v's and z's pre-activations, x's gradient) and their float32 values the rest:
-# with 512-token blocks Mosaic refuses the kernel on v5p (over its 64 MiB).
+# with 512-token blocks Mosaic refused the kernel on v5p (over its 64 MiB; measured while a
+# scratch sum and a bf16 gradient block took 33 MiB).
 _BACKWARD_MAX_BLOCK_TOKENS = 256
 _TN = (((1,), (1,)), ((), ()))  # a . b^T
 _TM = (((0,), (0,)), ((), ()))  # a^T . b
@@ -102,10 +106,16 @@ def _norm_projection_bwd(widths, silu, eps, interpret, residual_name, residuals,
     del residual_name
     x_ND, w_DF, b_F, g, pres = residuals
     d_parts = [d.astype(w_DF.dtype) for d in d_parts]
-    dx, dw, db, dg_D = _backward(
+    dx, dw_parts, db_parts, dg_parts = _backward(
         x_ND, w_DF, g, d_parts, pres, widths, _flags(silu, widths), eps, interpret
     )
-    return dx, dw, db.reshape(b_F.shape).astype(b_F.dtype), jnp.sum(dg_D).astype(g.dtype)
+    dw, db = jnp.sum(dw_parts, axis=0), jnp.sum(db_parts, axis=(0, 1))  # the cores' partials
+    return (
+        dx,
+        dw.astype(w_DF.dtype),
+        db.reshape(b_F.shape).astype(b_F.dtype),
+        jnp.sum(dg_parts).astype(g.dtype),
+    )
 
 
 norm_projection.defvjp(_norm_projection_fwd, _norm_projection_bwd)
@@ -185,14 +195,15 @@ def _forward(x_ND, w_DF, b_F, g, widths, silu, eps, interpret, with_pres):
 def _backward_kernel(widths, silu, eps, g_ref, x_ref, w_ref, *refs):
     num_parts, num_pres = len(widths), sum(silu)
     d_part_refs, pre_refs = refs[:num_parts], iter(refs[num_parts : num_parts + num_pres])
-    dx_ref, dw_ref, db_ref, dg_ref, dw_acc, db_acc, dg_acc = refs[num_parts + num_pres :]
-    i = pl.program_id(0)
+    # dw_ref, db_ref, dg_ref: this core half's float32 sums, whose blocks (the same at every step
+    # of the half) stay in VMEM until the half ends.
+    dx_ref, dw_ref, db_ref, dg_ref = refs[num_parts + num_pres :]
 
-    @pl.when(i == 0)
+    @pl.when(pl.program_id(1) == 0)
     def _():
-        dw_acc[...] = jnp.zeros_like(dw_acc)
-        db_acc[...] = jnp.zeros_like(db_acc)
-        dg_acc[...] = jnp.zeros_like(dg_acc)
+        dw_ref[...] = jnp.zeros_like(dw_ref)
+        db_ref[...] = jnp.zeros_like(db_ref)
+        dg_ref[...] = jnp.zeros_like(dg_ref)
 
     dtype = w_ref.dtype
     d_pres = []  # the parts' pre-activation cotangents, in the compute dtype
@@ -210,55 +221,50 @@ def _backward_kernel(widths, silu, eps, g_ref, x_ref, w_ref, *refs):
         for cols, d_pre in zip(_column_slices(widths), d_pres, strict=True)
     )
     dh_n = dh * n
-    dg_acc[...] += jnp.sum(dh_n, axis=0, keepdims=True)
+    dg_ref[0] += jnp.sum(dh_n, axis=0, keepdims=True)
     dx = (g * r) * (dh - n * jnp.mean(dh_n, axis=-1, keepdims=True))
     dx_ref[...] = dx.astype(dx_ref.dtype)
     for cols, d_pre in zip(_column_slices(widths), d_pres, strict=True):
-        db_acc[:, cols] += jnp.sum(d_pre.astype(jnp.float32), axis=0, keepdims=True)
-        dw_acc[:, cols] += jax.lax.dot_general(h, d_pre, _TM, preferred_element_type=jnp.float32)
-
-    @pl.when(i == pl.num_programs(0) - 1)
-    def _():
-        dw_ref[...] = dw_acc[...].astype(dw_ref.dtype)
-        db_ref[...] = db_acc[...]
-        dg_ref[...] = dg_acc[...]
+        db_ref[0, :, cols] += jnp.sum(d_pre.astype(jnp.float32), axis=0, keepdims=True)
+        dw_ref[0, :, cols] += jax.lax.dot_general(h, d_pre, _TM, preferred_element_type=jnp.float32)
 
 
 def _backward(x_ND, w_DF, g, d_parts, pres, widths, silu, eps, interpret):
+    """x's gradient, and W's, b's and g's as float32 partial sums, one per core half
+    ([halves, D, F], [halves, 1, F], [halves, 1, D]: g's still to be summed over d): the
+    caller adds them (`pallas_gate.core_halves`)."""
     (N, D), F = x_ND.shape, w_DF.shape[1]
     tN = min(block_tokens(N), _BACKWARD_MAX_BLOCK_TOKENS)
-    whole_DF = pl.BlockSpec((D, F), lambda i: (0, 0), pipeline_mode=pl.Buffered(1))
+    halves = core_halves(N // tN)
+    per_half = N // tN // halves
+
+    def rows(width):
+        return pl.BlockSpec((tN, width), lambda c, i: (c * per_half + i, 0))
+
+    def per_core(*shape):
+        return pl.BlockSpec((1, *shape), lambda c, i: (c, 0, 0), pipeline_mode=pl.Buffered(1))
+
     inputs = (_smem_scalar(g), x_ND, w_DF, *d_parts, *pres)
     in_widths = (*widths, *_silu_widths(widths, silu))  # the cotangents, the residuals
     out_shapes = [
         jax.ShapeDtypeStruct(x_ND.shape, x_ND.dtype),
-        jax.ShapeDtypeStruct(w_DF.shape, w_DF.dtype),
-        jax.ShapeDtypeStruct((1, F), jnp.float32),
-        jax.ShapeDtypeStruct((1, D), jnp.float32),  # g's gradient, summed over d outside
+        jax.ShapeDtypeStruct((halves, D, F), jnp.float32),
+        jax.ShapeDtypeStruct((halves, 1, F), jnp.float32),
+        jax.ShapeDtypeStruct((halves, 1, D), jnp.float32),
     ]
     return pl.pallas_call(
         functools.partial(_backward_kernel, tuple(widths), silu, eps),
-        grid=(N // tN,),
+        grid=(halves, per_half),
         in_specs=[
             pl.BlockSpec(memory_space=pltpu.SMEM),
-            pl.BlockSpec((tN, D), lambda i: (i, 0)),
-            whole_DF,
-            *[pl.BlockSpec((tN, width), lambda i: (i, 0)) for width in in_widths],
+            rows(D),
+            pl.BlockSpec((D, F), lambda c, i: (0, 0), pipeline_mode=pl.Buffered(1)),
+            *[rows(width) for width in in_widths],
         ],
-        out_specs=[
-            pl.BlockSpec((tN, D), lambda i: (i, 0)),
-            whole_DF,
-            pl.BlockSpec((1, F), lambda i: (0, 0)),
-            pl.BlockSpec((1, D), lambda i: (0, 0)),
-        ],
+        out_specs=[rows(D), per_core(D, F), per_core(1, F), per_core(1, D)],
         out_shape=out_shapes,
-        scratch_shapes=[
-            pltpu.VMEM((D, F), jnp.float32),
-            pltpu.VMEM((1, F), jnp.float32),
-            pltpu.VMEM((1, D), jnp.float32),
-        ],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("arbitrary",), vmem_limit_bytes=_VMEM_LIMIT
+            dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=_VMEM_LIMIT
         ),
         cost_estimate=cost_estimate(inputs, out_shapes, 4 * N * D * F),  # dh and W's gradient
         interpret=interpret,
