@@ -26,6 +26,10 @@ implies (analytic model FLOPs, flash_jax/train/flops.py, over that time at the p
 
     python scripts/op_cost.py --tpu_topology=v5p:2x2x1 --contexts=1024 --no-layer \\
         --config=configs/pg19_flash.py
+
+`--layer_in_step` adds one layer as that step runs it (the step with two layers less the step
+with one, both compiled): what a change to the layer saves in training, where the layer program
+above leaves out what its neighbours do with its input and output.
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ flags.DEFINE_string(
 )
 config_flags.DEFINE_config_file(
     "config", None, "Also the train step of this run config (per chip of --tpu_topology).", FLAGS
+)
+flags.DEFINE_bool(
+    "layer_in_step",
+    False,
+    "With --config: also one layer as the train step runs it (the step with two layers less the "
+    "step with one; two more compiles).",
+    flag_values=FLAGS,
 )
 
 
@@ -218,10 +229,9 @@ def layer_program(args, context: int):
     return fwd_bwd, abstract
 
 
-def step_cost(config: RunConfig, devices: list) -> dict:
-    """Bytes and FLOPs per token per chip of `config`'s train step compiled for `devices` (its
-    layers unrolled, so that XLA's cost analysis counts every one), and, for a TPU chip whose
-    figures are known, the step's roofline time and the model FLOPs utilisation it implies."""
+def _compiled_step_cost(config: RunConfig, devices: list):
+    """(mesh, StepFns, bytes per chip, FLOPs per chip) of `config`'s train step compiled for
+    `devices`, its layers unrolled so that XLA's cost analysis counts every one."""
     config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, unroll_layers=True)
     )
@@ -229,9 +239,16 @@ def step_cost(config: RunConfig, devices: list) -> dict:
     cost = compiled.cost_analysis()  # per device: each runs its share of the batch
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
+    return mesh, fns, cost["bytes accessed"], cost["flops"]
+
+
+def step_cost(config: RunConfig, devices: list) -> dict:
+    """Bytes and FLOPs per token per chip of `config`'s train step compiled for `devices`, and,
+    for a TPU chip whose figures are known, the step's roofline time and the model FLOPs
+    utilisation it implies."""
+    mesh, fns, bytes_per_chip, flops_per_chip = _compiled_step_cost(config, devices)
     chips = len(devices)
     tokens = config.data.batch_size * config.data.seq_len
-    bytes_per_chip, flops_per_chip = cost["bytes accessed"], cost["flops"]
     model_flops = flops.analytic_flops(config.model, config.data.seq_len, tokens, fns.num_params)
     row = {
         "chip": devices[0].device_kind,
@@ -254,6 +271,30 @@ def step_cost(config: RunConfig, devices: list) -> dict:
             mfu=model_flops["total"] / chips / (step_s * peak),
         )
     return row
+
+
+def layer_in_step_cost(config: RunConfig, devices: list) -> dict:
+    """Bytes and FLOPs per token per chip of one layer as `config`'s train step runs it: the
+    step with two layers less the step with one (and the analytic model FLOPs likewise). Unlike
+    the layer program above (`--layer`), this counts what the layer's neighbours change: its
+    input made by the layer before (a kernel's output XLA cannot fuse into), its output's
+    consumers, the residual stream's gradient, the optimizer's update of its parameters."""
+    tokens = config.data.batch_size * config.data.seq_len
+    costs = []
+    for num_layers in (1, 2):
+        model = dataclasses.replace(config.model, num_layers=num_layers)
+        _, fns, bytes_per_chip, flops_per_chip = _compiled_step_cost(
+            dataclasses.replace(config, model=model), devices
+        )
+        model_flops = flops.analytic_flops(model, config.data.seq_len, tokens, fns.num_params)
+        costs.append((bytes_per_chip, flops_per_chip, model_flops["total"]))
+    (bytes_1, flops_1, model_1), (bytes_2, flops_2, model_2) = costs
+    chips = len(devices)
+    return {
+        "bytes_per_token": (bytes_2 - bytes_1) * chips / tokens,
+        "flops_per_token": (flops_2 - flops_1) * chips / tokens,
+        "model_flops_per_token": (model_2 - model_1) / tokens,
+    }
 
 
 def target_devices(args) -> list | None:
@@ -313,13 +354,19 @@ def step_markdown(step: dict) -> str:
             step["bound"],
             f"{step['mfu']:.1%}",
         ]
-    return "\n".join(
-        [
-            "| " + " | ".join(header) + " |",
-            "|" + "---:|" * len(header),
-            "| " + " | ".join(cells) + " |",
-        ]
-    )
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---:|" * len(header),
+        "| " + " | ".join(cells) + " |",
+    ]
+    if "layer" in step:
+        layer = step["layer"]
+        lines.append(
+            f"\none layer in the step: {layer['bytes_per_token'] / KIB:,.1f} KiB/token, "
+            f"{layer['flops_per_token'] / 1e6:,.2f} MFLOP/token, "
+            f"{layer['model_flops_per_token'] / 1e6:,.2f} model MFLOP/token (two layers less one)"
+        )
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -353,6 +400,8 @@ def parse_args(argv=()):
     if args.proj_impl == "pallas_tpu" and not args.tpu_topology:
         # On this CPU the kernel would run interpreted: a program whose cost means nothing.
         cli.fail("op_cost.py", "--proj_impl=pallas_tpu needs --tpu_topology", 2)
+    if args.layer_in_step and args.config is None:
+        cli.fail("op_cost.py", "--layer_in_step needs --config", 2)
     bad = [T for T in args.contexts if args.tokens % T]
     if bad or not args.contexts:
         cli.fail(
@@ -375,6 +424,8 @@ def main(argv=()) -> list[dict]:
         try:
             config = RunConfig.from_config(args.config)
             step = step_cost(config, devices or jax.devices())
+            if args.layer_in_step:
+                step["layer"] = layer_in_step_cost(config, devices or jax.devices())
         except ValueError as e:
             cli.fail("op_cost.py", f"--config: {e}", 2)
         print("\n" + step_markdown(step))

@@ -95,6 +95,23 @@ def test_the_causal_op_meets_its_traffic_bound_on_this_cpu():
     assert [row["op"]["f32_matmul_share"] for row in rows] == [0.0, 0.0]
 
 
+def test_one_layer_in_the_train_step(tmp_path, capsys):
+    """`--layer_in_step`: quickstart's step with two layers less the step with one. XLA counts
+    every matmul FLOP the analytic model count has (6 x the layer's parameters plus attention,
+    per token) and the elementwise work besides (SiLUs, norms, the optimizer's update: 3.5%
+    more at these widths), so its count lies within [1, 1.1] x the model's; a step counted
+    whole, or a layer counted twice, would not."""
+    path = tmp_path / "op_cost.json"
+    tiny = ["--contexts=128", "--tokens=1024", "--no-layer", "--qk_dim=64", "--value_dim=256"]
+    config = ["--config=configs/quickstart.py", "--layer_in_step"]
+    op_cost.main([*tiny, *config, f"--json={path}"])
+    step = json.loads(path.read_text())["step"]
+    layer = step["layer"]
+    assert 1.0 <= layer["flops_per_token"] / layer["model_flops_per_token"] <= 1.1, layer
+    assert 0 < layer["bytes_per_token"] < step["bytes_per_token"] / 2, layer
+    assert "one layer in the step:" in capsys.readouterr().out
+
+
 def test_bad_arguments_name_the_flag():
     with pytest.raises(SystemExit):
         op_cost.parse_args(["--tokens=100", "--contexts=64"])  # 64 does not divide 100
@@ -102,3 +119,5 @@ def test_bad_arguments_name_the_flag():
         op_cost.parse_args(["--value_dim=15"])
     with pytest.raises(SystemExit):  # the kernel would run interpreted on this CPU
         op_cost.parse_args(["--proj_impl=pallas_tpu"])
+    with pytest.raises(SystemExit):
+        op_cost.parse_args(["--layer_in_step"])  # needs --config
