@@ -17,7 +17,7 @@ FLASH_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 # The Transformer baselines' softmax attention (flash_jax.ops.dot_product_attention).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 # The gated unit's projections around the attention (GAU and FLASH): XLA, or Pallas TPU kernels
-# (flash_jax/ops/pallas_gate.py).
+# (flash_jax/ops/pallas_norm_proj.py and pallas_gate.py).
 PROJ_IMPLS = ("auto", "xla", "pallas_tpu")
 SPLASH_BLOCK = 128  # splash's block along the sequence (queries and keys)
 
@@ -36,6 +36,18 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+# TPU chips whose two TensorCores JAX shows as one device (megacore): v4 and v5p. v5e and v6e
+# ("lite") have one core per chip; v2 and v3 show each core as its own device.
+MEGACORE_KINDS = ("TPU v4", "TPU v5")
+
+
+def megacore() -> bool:
+    """Whether the program being traced is for a megacore TPU chip (`MEGACORE_KINDS`), where a
+    Pallas kernel's "parallel" grid axis is shared out between the chip's two cores."""
+    device = target_device() or jax.devices()[0]
+    return device.device_kind in MEGACORE_KINDS
+
+
 def flash_impl(requested: str) -> str:
     """The implementation of FLASH's attention to run for `requested` (one of FLASH_IMPLS).
 
@@ -51,8 +63,8 @@ def flash_impl(requested: str) -> str:
 
 def proj_impl(requested: str) -> str:
     """The implementation of the gated unit's projections to run for `requested` (one of
-    PROJ_IMPLS): `auto` is the XLA path; the kernels have not run on a TPU (it lowers the layer's
-    compiled traffic, docs/benchmarks.md)."""
+    PROJ_IMPLS): `auto` is the XLA path; the kernels have not run on a TPU (they lower the
+    layer's compiled traffic, docs/benchmarks.md)."""
     _check("proj", requested, PROJ_IMPLS)
     return "xla" if requested == "auto" else requested
 

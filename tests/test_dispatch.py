@@ -45,3 +45,13 @@ def test_the_target_is_the_active_meshs_device_else_the_default_backend():
     with jax.set_mesh(sharding.make_mesh((8,), ("data",))):
         assert dispatch.target_device().platform == "cpu"
         assert dispatch.target_platform() == "cpu"
+
+
+def test_megacore_names_chips_the_tpu_tables_know_and_not_this_cpu():
+    """A kind misspelt would never match a chip (its kernels' backward would leave a core idle):
+    each is one of the device kinds libtpu reports (flash_jax/tools/tpu_topology.py's tables),
+    and v5e's ("TPU v5 lite", one core) is not v5p's ("TPU v5")."""
+    from flash_jax.tools import tpu_topology
+
+    assert set(dispatch.MEGACORE_KINDS) <= set(tpu_topology.HBM_BYTES_BY_KIND)
+    assert not dispatch.megacore()

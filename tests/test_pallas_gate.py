@@ -59,7 +59,7 @@ def _reference(x, u_pre, a, w, b, d_out, absolute=False):
 
 def _kernel(x, u_pre, a, w, b, d_out):
     def call(*args):
-        return pallas_gate.gated_output(*args, interpret=True)
+        return pallas_gate.gated_output(*args, interpret=True, megacore=True)
 
     out, vjp = jax.vjp(call, x, u_pre, a, w, b)
     return [out, *vjp(d_out)]
@@ -67,7 +67,7 @@ def _kernel(x, u_pre, a, w, b, d_out):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_output_and_gradients_match_float64_reference(dtype):
-    assert pallas_gate.core_halves(N // pallas_gate.block_tokens(N)) == 2
+    assert pallas_gate.core_halves(N // pallas_gate.block_tokens(N), megacore=True) == 2
     inputs = _inputs(dtype)
     got = _kernel(*inputs)
     want = _reference(*inputs)

@@ -121,7 +121,9 @@ def _bounds(x, w, b, g, d_parts, silu, unit, more_sums=0):
 
 def _kernel(x, w, b, g, d_parts, silu):
     def call(*args):
-        return pallas_norm_proj.norm_projection(*args, WIDTHS, silu, EPS, interpret=True)
+        return pallas_norm_proj.norm_projection(
+            *args, WIDTHS, silu, EPS, interpret=True, megacore=True
+        )
 
     parts, vjp = jax.vjp(call, x, w, b, g)
     return [*parts, *vjp(tuple(d_parts))]
@@ -130,7 +132,7 @@ def _kernel(x, w, b, g, d_parts, silu):
 @pytest.mark.parametrize("silu", [(False,) * 3, SILU])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_outputs_and_gradients_match_float64_reference(dtype, silu):
-    assert pallas_gate.core_halves(N // pallas_norm_proj._BACKWARD_MAX_BLOCK_TOKENS) == 2
+    assert pallas_gate.core_halves(N // pallas_norm_proj._BACKWARD_MAX_BLOCK_TOKENS, True) == 2
     inputs = _inputs(dtype)
     got = _kernel(*inputs, silu)
     want = _reference(*inputs, silu)

@@ -151,7 +151,7 @@ class _GatedUnit(nnx.Module):
         from flash_jax.ops import pallas_norm_proj
 
         dtype, interpret = self.proj_in.dtype, dispatch.target_platform() == "cpu"
-        eps = self.norm.eps
+        eps, megacore = self.norm.eps, dispatch.megacore()
 
         def norm_projection(x_BTD, w_DF, b_F, g):
             B, T, D = x_BTD.shape
@@ -165,6 +165,7 @@ class _GatedUnit(nnx.Module):
                 eps,
                 interpret,
                 "proj_in",
+                megacore,
             )
             return tuple(part.reshape(B, T, -1) for part in parts)
 
@@ -240,6 +241,7 @@ class _GatedUnit(nnx.Module):
         from flash_jax.ops import pallas_gate
 
         dtype, interpret = self.proj_out.dtype, dispatch.target_platform() == "cpu"
+        megacore = dispatch.megacore()
 
         def gated_output(x_BTD, u_pre_BTE, attended_BTE, w_ED, b_D):
             (B, T, D), E = x_BTD.shape, u_pre_BTE.shape[-1]
@@ -250,6 +252,7 @@ class _GatedUnit(nnx.Module):
                 w_ED,
                 b_D,
                 interpret=interpret,
+                megacore=megacore,
             )
             return out_ND.reshape(B, T, D)
 

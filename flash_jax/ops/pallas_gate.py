@@ -12,8 +12,9 @@ cotangent to HBM and read them back (docs/benchmarks.md).
 
 Grid: token blocks of `block_tokens` rows. The forward's are independent ("parallel"). The
 backward's W and b gradients accumulate over blocks in a float32 block that stays in VMEM, so its
-blocks run in order ("arbitrary"), in two halves on a "parallel" leading axis: a chip with two
-TensorCores (v4, v5p: megacore) runs one half on each, each core summing its own partial
+blocks run in order ("arbitrary"); on a chip with two TensorCores as one device (v4, v5p:
+megacore, `dispatch.megacore`) they run in two halves on a "parallel" leading axis, one half on
+each core, each core summing its own partial
 gradient, and XLA adds the two partials afterwards (16 MiB of float32 at the paper's widths,
 written and read back: 0.5 KiB per token of 65,536). An "arbitrary" grid alone would leave the
 second core idle.
@@ -57,20 +58,21 @@ def supported(num_tokens: int, e: int, d: int) -> bool:
     return e % 128 == 0 and d % 128 == 0 and block_tokens(num_tokens) is not None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def gated_output(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret=False):
-    """x + (silu(u_pre) * a) . w + b, in x's dtype; u_pre, a, w, b in one compute dtype."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def gated_output(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret=False, megacore=False):
+    """x + (silu(u_pre) * a) . w + b, in x's dtype; u_pre, a, w, b in one compute dtype.
+    `megacore`: the chip runs two TensorCores as one device (`core_halves`)."""
     return _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret)
 
 
-def _gated_output_fwd(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret):
+def _gated_output_fwd(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret, megacore):
     out = _forward(x_ND, u_pre_NE, a_NE, w_ED, b_D, interpret)
     return out, (u_pre_NE, a_NE, w_ED, b_D)
 
 
-def _gated_output_bwd(interpret, residuals, d_out_ND):
+def _gated_output_bwd(interpret, megacore, residuals, d_out_ND):
     u_pre_NE, a_NE, w_ED, b_D = residuals
-    d_u_pre, da, dw_parts, db_parts = _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret)
+    d_u_pre, da, dw_parts, db_parts = _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret, megacore)
     dw, db = jnp.sum(dw_parts, axis=0), jnp.sum(db_parts, axis=(0, 1))  # the cores' partials
     return d_out_ND, d_u_pre, da, dw.astype(w_ED.dtype), db.reshape(b_D.shape).astype(b_D.dtype)
 
@@ -154,18 +156,19 @@ def _backward_kernel(u_pre_ref, a_ref, w_ref, do_ref, du_pre_ref, da_ref, dw_ref
     db_ref[0] += jnp.sum(d_out.astype(jnp.float32), axis=0, keepdims=True)
 
 
-def core_halves(num_blocks: int) -> int:
-    """Into how many parts the backward's token blocks are cut for the chip's TensorCores: two
-    when the blocks split evenly, else one."""
-    return 2 if num_blocks % 2 == 0 else 1
+def core_halves(num_blocks: int, megacore: bool) -> int:
+    """Into how many parts a backward's token blocks are cut, one per TensorCore: two on a
+    megacore chip when the blocks split evenly, else one (a chip with one core would only pay
+    for the second partial sum)."""
+    return 2 if megacore and num_blocks % 2 == 0 else 1
 
 
-def _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret):
+def _backward(u_pre_NE, a_NE, w_ED, d_out_ND, interpret, megacore):
     """u_pre's and a's gradients, and W's and b's as float32 partial sums, one per core half
     ([halves, E, D] and [halves, 1, D]): the caller adds them."""
     (N, E), D = u_pre_NE.shape, w_ED.shape[1]
     tN = block_tokens(N)
-    halves = core_halves(N // tN)
+    halves = core_halves(N // tN, megacore)
     per_half = N // tN // halves
     rows_ND = pl.BlockSpec((tN, D), lambda c, i: (c * per_half + i, 0))
     rows_NE = pl.BlockSpec((tN, E), lambda c, i: (c * per_half + i, 0))

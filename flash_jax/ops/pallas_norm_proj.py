@@ -20,8 +20,8 @@ XLA path wrote the pre-activation's cotangent in a fusion of its own, and the Si
 
 Grid: token blocks. The forward's are independent ("parallel"). The backward's W, b and g
 gradients accumulate over blocks in float32 blocks that stay in VMEM, so its blocks run in order
-("arbitrary"), in two halves on a "parallel" leading axis, one per TensorCore of a megacore chip
-(v4, v5p), each summing its own partial gradients, added by XLA afterwards
+("arbitrary"); on a megacore chip (v4, v5p) in two halves on a "parallel" leading axis, one per
+TensorCore, each summing its own partial gradients, added by XLA afterwards
 (`pallas_gate.core_halves`; 33 MiB of float32 at the paper's widths, written and read back: 1
 KiB per token of 65,536). W and the partial sums have one block per core whose index never
 changes within a half: they are single-buffered (`pl.Buffered(1)`), since a default BlockSpec
@@ -73,9 +73,18 @@ def supported(num_tokens: int, d: int, widths) -> bool:
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def norm_projection(
-    x_ND, w_DF, b_F, g, widths, silu=(), eps=1e-5, interpret=False, residual_name=None
+    x_ND,
+    w_DF,
+    b_F,
+    g,
+    widths,
+    silu=(),
+    eps=1e-5,
+    interpret=False,
+    residual_name=None,
+    megacore=False,
 ):
     """ScaleNorm(x) . w + b cut into parts of these widths (a tuple of arrays [N, width], in w's
     dtype), each part whose `silu` flag is set after a SiLU; x in any float dtype, w and b in the
@@ -94,7 +103,7 @@ def _silu_widths(widths, silu):
     return [width for width, act in zip(widths, silu, strict=True) if act]
 
 
-def _norm_projection_fwd(x_ND, w_DF, b_F, g, widths, silu, eps, interpret, residual_name):
+def _norm_projection_fwd(x_ND, w_DF, b_F, g, widths, silu, eps, interpret, residual_name, megacore):
     silu = _flags(silu, widths)
     parts, pres = _forward(x_ND, w_DF, b_F, g, widths, silu, eps, interpret, True)
     if residual_name is not None:
@@ -102,12 +111,12 @@ def _norm_projection_fwd(x_ND, w_DF, b_F, g, widths, silu, eps, interpret, resid
     return parts, (x_ND, w_DF, b_F, g, pres)
 
 
-def _norm_projection_bwd(widths, silu, eps, interpret, residual_name, residuals, d_parts):
+def _norm_projection_bwd(widths, silu, eps, interpret, residual_name, megacore, residuals, d_parts):
     del residual_name
     x_ND, w_DF, b_F, g, pres = residuals
     d_parts = [d.astype(w_DF.dtype) for d in d_parts]
     dx, dw_parts, db_parts, dg_parts = _backward(
-        x_ND, w_DF, g, d_parts, pres, widths, _flags(silu, widths), eps, interpret
+        x_ND, w_DF, g, d_parts, pres, widths, _flags(silu, widths), eps, interpret, megacore
     )
     dw, db = jnp.sum(dw_parts, axis=0), jnp.sum(db_parts, axis=(0, 1))  # the cores' partials
     return (
@@ -229,13 +238,13 @@ def _backward_kernel(widths, silu, eps, g_ref, x_ref, w_ref, *refs):
         dw_ref[0, :, cols] += jax.lax.dot_general(h, d_pre, _TM, preferred_element_type=jnp.float32)
 
 
-def _backward(x_ND, w_DF, g, d_parts, pres, widths, silu, eps, interpret):
+def _backward(x_ND, w_DF, g, d_parts, pres, widths, silu, eps, interpret, megacore):
     """x's gradient, and W's, b's and g's as float32 partial sums, one per core half
     ([halves, D, F], [halves, 1, F], [halves, 1, D]: g's still to be summed over d): the
     caller adds them (`pallas_gate.core_halves`)."""
     (N, D), F = x_ND.shape, w_DF.shape[1]
     tN = min(block_tokens(N), _BACKWARD_MAX_BLOCK_TOKENS)
-    halves = core_halves(N // tN)
+    halves = core_halves(N // tN, megacore)
     per_half = N // tN // halves
 
     def rows(width):
