@@ -182,6 +182,30 @@ def test_the_long_context_table_is_the_recorded_study():
         assert row in text, row
 
 
+def test_the_tpu_roofline_rows_are_the_recorded_compiles():
+    """The README's v5p train-step rows for the whole-logits step, on the XLA path and with the
+    projection kernels, are scripts/op_cost.py's JSON rows in docs/results/op_cost_tpu/ (the
+    8-block row adds the blocks XLA's count leaves out: docs/benchmarks.md)."""
+    with open(README) as f:
+        text = f.read()
+    results = os.path.join(REPO, "docs", "results", "op_cost_tpu")
+    rows = {
+        "whole float32 logits (the default)": "step_pg19_flash_v5p.json",
+        "whole logits, the projections as Pallas kernels (`--config.model.proj_impl=pallas_tpu`)": (
+            "step_pg19_flash_v5p_proj_kernels.json"
+        ),
+    }
+    for label, name in rows.items():
+        with open(os.path.join(results, name)) as f:
+            step = json.load(f)["step"]
+        row = (
+            f"| {label} | {step['bytes_per_token'] / 1024:,.1f} | "
+            f"{step['flops_per_token'] / 1e6:,.1f} | {step['model_flops_per_token'] / 1e6:,.1f} | "
+            f"{step['roofline_step_seconds'] * 1e3:,.1f} ms | {step['bound']} | {step['mfu']:.1%} |"
+        )
+        assert row in text, row
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} minutes"
 
