@@ -126,17 +126,18 @@ LAYER_KIB_BOUND = 270  # the worst measured, 256.2, plus about 5%: libtpu's fusi
 PROJ_KERNELS_LAYER_KIB_BOUND = 206  # the worst measured, 196.7, plus about 5%
 
 
-@pytest.mark.slow  # about 3 minutes: four compiles, Mosaic's among them
+@pytest.mark.slow  # about 1.5 minutes: two compiles, Mosaic's among them
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
 def test_the_layer_with_the_proj_kernels_compiles_and_meets_its_traffic_bound(tmp_path, topology):
     """The same layer with `--proj_impl=pallas_tpu`: Mosaic compiles the four projection kernels
     (norm + input projection, gate + output projection, forward and backward) for the chip
-    (within its VMEM), and the layer moves at most PROJ_KERNELS_LAYER_KIB_BOUND KiB per token
-    at 1K and 32K."""
+    (within its VMEM), and the layer moves at most PROJ_KERNELS_LAYER_KIB_BOUND KiB per token.
+    At 1K only: the kernels see tokens, not contexts, and the layer measured the same at 32K
+    (the XLA path's test below holds both)."""
     proc, rows = run(
         tmp_path,
         f"--tpu_topology={topology}",
-        "--contexts=1024,32768",
+        "--contexts=1024",
         "--proj_impl=pallas_tpu",
         script="op_cost.py",
     )
