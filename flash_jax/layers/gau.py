@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from flash_jax import dispatch, ops, sharding
 from flash_jax.config import ModelConfig
+from flash_jax.layers import projection_kernels
 from flash_jax.layers.basic import Dense, make_norm, param
 from flash_jax.layers.positions import RelativePositionBias, rope_sin_cos, rotate
 from flash_jax.ops import context_parallel
@@ -115,81 +116,31 @@ class _GatedUnit(nnx.Module):
     def projections(self, x_BTD: jax.Array) -> tuple[jax.Array, ...]:
         """u's pre-activation and v, z = silu(their pre-activations) [B, T, e | e | s], from
         norm(x) . W_in + b_in cut into three parts: one Pallas kernel forward and one backward
-        where `model.proj_impl` asks for it and it serves (`_norm_projection_kernel_serves`),
+        where `model.proj_impl` asks for it and it serves (flash_jax/layers/projection_kernels.py),
         else XLA's ops. Every array the backward reads of them is tagged "proj_in", so that a
         remat policy that keeps the tag recomputes no projection."""
         e, s = self.cfg.expansion_dim, self.cfg.qk_dim
-        if self._norm_projection_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
+        num_tokens = x_BTD.shape[0] * x_BTD.shape[1]
+        if projection_kernels.norm_projection_serves(self.cfg, self.proj_in, num_tokens):
             # The kernel applies the SiLUs and their backward: it tags v's and z's
             # pre-activations (its residuals), and the outputs are tagged here.
-            outputs = self._norm_projection_kernel(x_BTD, (e, e, s))
+            outputs = projection_kernels.norm_projection(self.cfg, self.norm, self.proj_in, x_BTD)
             return tuple(checkpoint_name(y, "proj_in") for y in outputs)
         pre = self.proj_in.split_outputs(self.norm(x_BTD), (e, e, s))
         # Tagged before the SiLU: its backward needs the pre-activation.
         u_pre, v_pre, z_pre = (checkpoint_name(y, "proj_in") for y in pre)
         return u_pre, jax.nn.silu(v_pre), jax.nn.silu(z_pre)
 
-    def _norm_projection_kernel_serves(self, num_tokens: int) -> bool:
-        """Whether `project` runs the Pallas kernel: ScaleNorm (LayerNorm runs XLA's ops) and
-        what `_kernel_serves` asks."""
-        from flash_jax.ops import pallas_norm_proj  # Pallas is imported only where it runs
-
-        cfg = self.cfg
-        widths = (cfg.expansion_dim, cfg.expansion_dim, cfg.qk_dim)
-        return cfg.norm == "scale_norm" and self._kernel_serves(
-            num_tokens,
-            self.proj_in,
-            lambda local_tokens: pallas_norm_proj.supported(local_tokens, cfg.d_model, widths),
-        )
-
-    def _norm_projection_kernel(self, x_BTD, widths):
-        """The norm, `proj_in`'s parts and v's and z's SiLUs as one Pallas kernel forward and one
-        backward, on each device's tokens: the normed input and its cotangent stay in VMEM, and
-        so do v's and z's pre-activation cotangents (flash_jax/ops/pallas_norm_proj.py). W, b and
-        the norm's scale go whole to every device (gathered where FSDP shards W, as the XLA
-        path's matmul does); shard_map sums their gradients over the devices' tokens."""
-        from flash_jax.ops import pallas_norm_proj
-
-        dtype, interpret = self.proj_in.dtype, dispatch.target_platform() == "cpu"
-        eps, megacore = self.norm.eps, dispatch.megacore()
-
-        def norm_projection(x_BTD, w_DF, b_F, g):
-            B, T, D = x_BTD.shape
-            parts = pallas_norm_proj.norm_projection(
-                x_BTD.reshape(B * T, D),
-                w_DF,
-                b_F,
-                g,
-                widths,
-                (False, True, True),  # u's SiLU is the gate's (`output`)
-                eps,
-                interpret,
-                "proj_in",
-                megacore,
-            )
-            return tuple(part.reshape(B, T, -1) for part in parts)
-
-        tokens_D, tokens_E = ("batch", "length", "act_embed"), ("batch", "length", "act_mlp")
-        norm_projection = sharding.per_shard(
-            norm_projection,
-            (tokens_D, None, None, None),
-            [tokens_E, tokens_E, ("batch", "length", None)],
-            self.cfg.sharding_rules,
-        )
-        return norm_projection(
-            x_BTD,
-            self.proj_in.kernel.value.astype(dtype),
-            self.proj_in.bias.value.astype(dtype),
-            self.norm.scale.value,
-        )
-
     def output(self, x_BTD: jax.Array, u_pre_BTE: jax.Array, attended_BTE: jax.Array) -> jax.Array:
         """x + (silu(u_pre) * attended) . W_o + b_o: the gate, the output projection and the
         residual. The gate's SiLU is here, not in `project`, so that the Pallas kernel
         (`model.proj_impl`) applies it and its backward in VMEM."""
         attended_BTE = checkpoint_name(attended_BTE, "attn")  # kept by remat `save_attn`
-        if self._gate_kernel_serves(x_BTD.shape[0] * x_BTD.shape[1]):
-            return self._gated_output_kernel(x_BTD, u_pre_BTE, attended_BTE)
+        num_tokens = x_BTD.shape[0] * x_BTD.shape[1]
+        if projection_kernels.gated_output_serves(self.cfg, self.proj_out, num_tokens):
+            return projection_kernels.gated_output(
+                self.cfg, self.proj_out, x_BTD, u_pre_BTE, attended_BTE
+            )
         u_BTE = jax.nn.silu(u_pre_BTE)
         gated = checkpoint_name(u_BTE * attended_BTE.astype(u_BTE.dtype), "gated")
         out = checkpoint_name(self.proj_out(gated), "proj_out")
@@ -197,78 +148,6 @@ class _GatedUnit(nnx.Module):
             x_BTD + out.astype(x_BTD.dtype),
             ("batch", "length", "act_embed"),
             self.cfg.sharding_rules,
-        )
-
-    def _gate_kernel_serves(self, num_tokens: int) -> bool:
-        """Whether `output` runs the Pallas kernel: what `_kernel_serves` asks."""
-        from flash_jax.ops import pallas_gate  # Pallas is imported only where it runs
-
-        cfg = self.cfg
-        return self._kernel_serves(
-            num_tokens,
-            self.proj_out,
-            lambda local_tokens: pallas_gate.supported(
-                local_tokens, cfg.expansion_dim, cfg.d_model
-            ),
-        )
-
-    def _kernel_serves(self, num_tokens: int, dense: Dense, supported) -> bool:
-        """Whether a projection runs its Pallas kernel: asked for (`model.proj_impl`), with a
-        bias, e and d_model not split over devices (the kernels add the bias, and the gate's
-        kernel x, to their own partial products, and the norm sums over all of d_model), the
-        tokens split evenly over the devices, and `supported(tokens on each device)`: shapes the
-        kernel takes."""
-        cfg = self.cfg
-
-        def shards(logical_axis):
-            return sharding.active_shard_count(logical_axis, cfg.sharding_rules)
-
-        local_tokens, rest = divmod(num_tokens, shards("batch") * shards("length"))
-        return (
-            dispatch.proj_impl(cfg.proj_impl) == "pallas_tpu"
-            and dense.bias is not None
-            and shards("act_mlp") == 1
-            and shards("act_embed") == 1
-            and rest == 0
-            and supported(local_tokens)
-        )
-
-    def _gated_output_kernel(self, x_BTD, u_pre_BTE, attended_BTE):
-        """`output` as one Pallas kernel forward and one backward, on each device's tokens: the
-        gated product and its cotangent stay in VMEM (flash_jax/ops/pallas_gate.py). W and b go
-        whole to every device (gathered where FSDP shards them, as the XLA path's matmul does);
-        shard_map sums their gradients over the devices' tokens."""
-        from flash_jax.ops import pallas_gate
-
-        dtype, interpret = self.proj_out.dtype, dispatch.target_platform() == "cpu"
-        megacore = dispatch.megacore()
-
-        def gated_output(x_BTD, u_pre_BTE, attended_BTE, w_ED, b_D):
-            (B, T, D), E = x_BTD.shape, u_pre_BTE.shape[-1]
-            out_ND = pallas_gate.gated_output(
-                x_BTD.reshape(B * T, D),
-                u_pre_BTE.reshape(B * T, E),
-                attended_BTE.reshape(B * T, E),
-                w_ED,
-                b_D,
-                interpret=interpret,
-                megacore=megacore,
-            )
-            return out_ND.reshape(B, T, D)
-
-        tokens_D, tokens_E = ("batch", "length", "act_embed"), ("batch", "length", "act_mlp")
-        gated_output = sharding.per_shard(
-            gated_output,
-            (tokens_D, tokens_E, tokens_E, None, None),
-            tokens_D,
-            self.cfg.sharding_rules,
-        )
-        return gated_output(
-            x_BTD,
-            u_pre_BTE.astype(dtype),
-            attended_BTE.astype(dtype),
-            self.proj_out.kernel.value.astype(dtype),
-            self.proj_out.bias.value.astype(dtype),
         )
 
     def bias(self, length: int):
