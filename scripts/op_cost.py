@@ -27,6 +27,9 @@ implies (analytic model FLOPs, flash_jax/train/flops.py, over that time at the p
     python scripts/op_cost.py --tpu_topology=v5p:2x2x1 --contexts=1024 --no-layer \\
         --config=configs/pg19_flash.py
 
+`--top=N` lists the layer program's N largest compiled instructions by bytes per token (each
+fusion, kernel or copy with its operands and result: where the traffic goes).
+
 `--layer_in_step` adds one layer as that step runs it (the step with two layers less the step
 with one, both compiled): what a change to the layer saves in training, where the layer program
 above leaves out what its neighbours do with its input and output.
@@ -49,7 +52,7 @@ from ml_collections import config_flags
 from flash_jax import cli, models, ops, sharding
 from flash_jax.config import DTYPES, REMAT, ModelConfig, RunConfig
 from flash_jax.dispatch import PROJ_IMPLS
-from flash_jax.tools import tpu_topology
+from flash_jax.tools import hlo_traffic, tpu_topology
 from flash_jax.train import flops
 
 KIB = 1024.0
@@ -70,6 +73,13 @@ flags.DEFINE_enum(
     PROJ_IMPLS,
     "The layer's projections: norm + input, gate + output (model.proj_impl; pallas_tpu needs "
     "--tpu_topology).",
+    flag_values=FLAGS,
+)
+flags.DEFINE_integer(
+    "top",
+    0,
+    "Also list the layer program's (or with --nolayer the op's) largest compiled instructions "
+    "by bytes per token (flash_jax/tools/hlo_traffic.py: an attribution, not the exact count).",
     flag_values=FLAGS,
 )
 flags.DEFINE_string("json", None, "Also write the rows to this JSON file.", flag_values=FLAGS)
@@ -130,10 +140,11 @@ def dot_flops_by_dtype(hlo_text: str) -> dict[str, float]:
     return flops
 
 
-def program_cost(fn, abstract_args, tokens: int, device=None) -> dict:
+def program_cost(fn, abstract_args, tokens: int, device=None, top: int = 0) -> dict:
     """Bytes accessed and FLOPs per token (compiled cost analysis) and matmul FLOPs per token by
     operand dtypes (lowered HLO) of `jax.jit(fn)` at the given abstract arguments, compiled for
-    `device` (None: the default one)."""
+    `device` (None: the default one); with `top`, that many of the compiled program's largest
+    instructions by bytes (`hlo_traffic.instructions`, per token)."""
     if device is not None:  # every argument on that device; its backend's compiler
         on_device = jax.sharding.SingleDeviceSharding(device)
         abstract_args = jax.tree.map(
@@ -145,17 +156,22 @@ def program_cost(fn, abstract_args, tokens: int, device=None) -> dict:
             lowered = jax.jit(fn).lower(*abstract_args)
     else:
         lowered = jax.jit(fn).lower(*abstract_args)
-    cost = lowered.compile().cost_analysis()
+    compiled = lowered.compile()
+    cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     matmul = {k: v / tokens for k, v in dot_flops_by_dtype(lowered.as_text("hlo")).items()}
     total = sum(matmul.values())
-    return {
+    row = {
         "bytes_per_token": cost["bytes accessed"] / tokens,
         "flops_per_token": cost["flops"] / tokens,
         "matmul_flops_per_token": matmul,
         "f32_matmul_share": matmul.get("f32 x f32", 0.0) / total if total else 0.0,
     }
+    if top:
+        largest = hlo_traffic.instructions(compiled.as_text())[:top]
+        row["largest"] = [{**r, "bytes": r["bytes"] / tokens} for r in largest]
+    return row
 
 
 # ----------------------------------------------------------------------------- the programs
@@ -312,12 +328,14 @@ def measure(args, devices: list | None) -> list[dict]:
     device = None if devices is None else devices[0]
     rows = []
     for context in args.contexts:
+        op_top, layer_top = (0, args.top) if args.layer else (args.top, 0)
         row = {
             "context": context,
-            "op": program_cost(*op_program(args, context), args.tokens, device),
+            "op": program_cost(*op_program(args, context), args.tokens, device, op_top),
         }
         if args.layer:
-            row["layer"] = program_cost(*layer_program(args, context), args.tokens, device)
+            program = layer_program(args, context)
+            row["layer"] = program_cost(*program, args.tokens, device, layer_top)
         rows.append(row)
         print(f"context {context}: done", file=sys.stderr, flush=True)
     return rows
@@ -366,6 +384,23 @@ def step_markdown(step: dict) -> str:
             f"{layer['flops_per_token'] / 1e6:,.2f} MFLOP/token, "
             f"{layer['model_flops_per_token'] / 1e6:,.2f} model MFLOP/token (two layers less one)"
         )
+    return "\n".join(lines)
+
+
+def largest_markdown(rows: list[dict]) -> str:
+    """The largest compiled instructions of the layer program (else the op's), by context."""
+    lines = []
+    for row in rows:
+        part = "layer" if "layer" in row else "op"
+        lines += [
+            f"{part} at {row['context']:,}: largest instructions (KiB/token, operands + result)",
+            "| KiB/token | opcode | op name | shape |",
+            "|---:|---|---|---|",
+        ]
+        for r in row[part]["largest"]:
+            shape = r["shape"] if len(r["shape"]) <= 60 else r["shape"][:57] + "..."
+            cells = [f"{r['bytes'] / KIB:,.2f}", r["opcode"], r["op_name"][-80:], shape]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -419,6 +454,8 @@ def main(argv=()) -> list[dict]:
     devices = target_devices(args)
     rows = measure(args, devices)
     print(markdown(rows))
+    if args.top:
+        print("\n" + largest_markdown(rows))
     step = None
     if args.config is not None:
         try:

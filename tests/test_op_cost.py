@@ -1,5 +1,6 @@
-"""scripts/op_cost.py: its HLO matmul count against hand-made programs, and a run end to end at a
-tiny size (compiles only; nothing is timed)."""
+"""scripts/op_cost.py: its HLO matmul count against hand-made programs, the largest instructions'
+bytes against XLA's own count (flash_jax/tools/hlo_traffic.py), and a run end to end at a tiny
+size (compiles only; nothing is timed)."""
 
 import json
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from flash_jax.tools import hlo_traffic
 from scripts import op_cost
 
 
@@ -110,6 +112,36 @@ def test_one_layer_in_the_train_step(tmp_path, capsys):
     assert 1.0 <= layer["flops_per_token"] / layer["model_flops_per_token"] <= 1.1, layer
     assert 0 < layer["bytes_per_token"] < step["bytes_per_token"] / 2, layer
     assert "one layer in the step:" in capsys.readouterr().out
+
+
+def test_the_largest_instructions_attribute_the_compiled_programs_bytes():
+    """hlo_traffic.instructions sums to XLA's own "bytes accessed" on programs whose operands are
+    read whole: three fusions exactly, and a scanned loop (its body listed, the loop itself not
+    counted) within its condition's few bytes."""
+
+    def two_layers(x, w1, w2):
+        return jnp.tanh(x @ w1) @ w2
+
+    def scanned(x, w1, w2):
+        h, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ w1), None), x, None, length=3)
+        return h @ w2
+
+    args = (jnp.ones((512, 256)), jnp.ones((256, 256)), jnp.ones((256, 128)))
+    for fn, slack in ((two_layers, 0), (scanned, 64)):
+        compiled = jax.jit(fn).lower(*args).compile()
+        rows = hlo_traffic.instructions(compiled.as_text())
+        sizes = [row["bytes"] for row in rows]
+        assert abs(sum(sizes) - compiled.cost_analysis()["bytes accessed"]) <= slack, rows
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_top_lists_the_layer_programs_largest_instructions(capsys):
+    tiny = ["--contexts=16", "--tokens=64", "--qk_dim=8", "--value_dim=16", "--chunk_size=4"]
+    rows = op_cost.main([*tiny, "--top=3"])
+    largest = rows[0]["layer"]["largest"]
+    assert len(largest) == 3 and "largest" not in rows[0]["op"]
+    assert sum(r["bytes"] for r in largest) <= rows[0]["layer"]["bytes_per_token"]
+    assert "layer at 16: largest instructions" in capsys.readouterr().out
 
 
 def test_bad_arguments_name_the_flag():
