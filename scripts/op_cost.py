@@ -51,7 +51,7 @@ from ml_collections import config_flags
 
 from flash_jax import cli, models, ops, sharding
 from flash_jax.config import DTYPES, REMAT, ModelConfig, RunConfig
-from flash_jax.dispatch import PROJ_IMPLS
+from flash_jax.dispatch import FLASH_IMPLS, PROJ_IMPLS
 from flash_jax.tools import hlo_traffic, tpu_topology
 from flash_jax.train import flops
 
@@ -67,6 +67,13 @@ flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "Input dtype.", flag_values=FLAGS
 flags.DEFINE_bool("causal", True, "Causal attention.", flag_values=FLAGS)
 flags.DEFINE_bool("layer", True, "Also one FLASH layer.", flag_values=FLAGS)
 flags.DEFINE_enum("remat", "none", REMAT, "The layer's remat policy.", flag_values=FLAGS)
+flags.DEFINE_enum(
+    "flash_impl",
+    "auto",
+    FLASH_IMPLS,
+    "The op's (and the layer's) attention (model.flash_impl; pallas_tpu needs --tpu_topology).",
+    flag_values=FLAGS,
+)
 flags.DEFINE_enum(
     "proj_impl",
     "auto",
@@ -194,6 +201,7 @@ def op_program(args, context: int):
                 causal=args.causal,
                 segment_ids=segment_ids,
                 quad_bias=quad_bias,
+                impl=args.flash_impl,
             )
 
         out, vjp = jax.vjp(attend, qq, kq, ql, kl, v, quad_bias)
@@ -223,6 +231,7 @@ def layer_program(args, context: int):
         dtype=args.dtype,
         remat=args.remat,
         proj_impl=args.proj_impl,
+        flash_impl=args.flash_impl,
     )
     layer = nnx.eval_shape(lambda: models.LAYER_TYPES["flash"](cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
@@ -432,9 +441,10 @@ def parse_args(argv=()):
             f"--value_dim must be even (the layer's d_model is E / 2), got {args.value_dim}",
             2,
         )
-    if args.proj_impl == "pallas_tpu" and not args.tpu_topology:
-        # On this CPU the kernel would run interpreted: a program whose cost means nothing.
-        cli.fail("op_cost.py", "--proj_impl=pallas_tpu needs --tpu_topology", 2)
+    for key in ("proj_impl", "flash_impl"):
+        if getattr(args, key) == "pallas_tpu" and not args.tpu_topology:
+            # On this CPU the kernel would run interpreted: a program whose cost means nothing.
+            cli.fail("op_cost.py", f"--{key}=pallas_tpu needs --tpu_topology", 2)
     if args.layer_in_step and args.config is None:
         cli.fail("op_cost.py", "--layer_in_step needs --config", 2)
     bad = [T for T in args.contexts if args.tokens % T]

@@ -151,5 +151,7 @@ def test_bad_arguments_name_the_flag():
         op_cost.parse_args(["--value_dim=15"])
     with pytest.raises(SystemExit):  # the kernel would run interpreted on this CPU
         op_cost.parse_args(["--proj_impl=pallas_tpu"])
+    with pytest.raises(SystemExit):  # the same for the attention's kernel
+        op_cost.parse_args(["--flash_impl=pallas_tpu"])
     with pytest.raises(SystemExit):
         op_cost.parse_args(["--layer_in_step"])  # needs --config

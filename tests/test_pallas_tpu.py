@@ -394,3 +394,21 @@ def test_paper_shapes_are_served():
         shapes = _shapes(t=8192, e=width)
         for causal in (True, False):
             assert pallas_tpu.supported(*shapes, chunk_size=256, causal=causal)
+
+
+def test_the_declared_traffic_counts_each_block_when_its_index_changes():
+    """`_fetched_bytes`, the kernels' cost estimate, on a grid (2, 3, 4), the last axis fastest:
+    a block whose index never changes moves once; one indexed by the last axis at every step
+    (24); one by the first two only when they change (6, its 4 chunk steps reusing it); one that
+    runs back over the chunks, as the reverse pass does, also at every step."""
+    grid = (2, 3, 4)
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    whole = pl.BlockSpec((8, 128), lambda b, e, g, _: (0, 0))
+    per_chunk = pl.BlockSpec((None, 8, 128), lambda b, e, g, _: (b, g, 0))
+    per_tile = pl.BlockSpec((None, None, 8, 128), lambda b, e, g, _: (b, e, 0, 0))
+    reverse = pl.BlockSpec((None, 8, 128), lambda b, e, g, _: (b, 3 - g, e))
+    block = 8 * 128
+    assert pallas_tpu._fetched_bytes(grid, [(whole, f32)]) == block * 4
+    assert pallas_tpu._fetched_bytes(grid, [(per_chunk, bf16)]) == 24 * block * 2
+    assert pallas_tpu._fetched_bytes(grid, [(per_tile, f32)]) == 6 * block * 4
+    assert pallas_tpu._fetched_bytes(grid, [(reverse, f32), (whole, f32)]) == 25 * block * 4
