@@ -412,3 +412,49 @@ def test_the_declared_traffic_counts_each_block_when_its_index_changes():
     assert pallas_tpu._fetched_bytes(grid, [(per_chunk, bf16)]) == 24 * block * 2
     assert pallas_tpu._fetched_bytes(grid, [(per_tile, f32)]) == 6 * block * 4
     assert pallas_tpu._fetched_bytes(grid, [(reverse, f32), (whole, f32)]) == 25 * block * 4
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 x output elements x contracted elements of every dot_general in a jaxpr, its sub-jaxprs
+    (`pl.when` branches) included."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            contracted = int(np.prod([lhs_shape[d] for d in contract_lhs]))
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * contracted
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            total += _dot_flops(sub)
+    return total
+
+
+def _pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            yield from _pallas_calls(sub)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_each_call_declares_the_matmul_flops_of_its_body(causal):
+    """`_STEP_MATMULS` (each body's matmuls per grid step, the declared FLOPs) against the dots
+    in the kernel bodies as traced, times the grid: forward and backward, two E tiles."""
+    xs, bias, d_out = _inputs(seed=1)
+
+    def fn(*args, **kwargs):
+        return pallas_tpu.mixed_chunk_attention_tpu(
+            *args, **kwargs, block_e=BLOCK_E, interpret=True
+        )
+
+    jaxpr = jax.make_jaxpr(lambda *a: _vjp(fn, *a, causal=causal, segment_ids=None))(
+        xs, bias, d_out
+    )
+    calls = list(_pallas_calls(jaxpr.jaxpr))
+    assert len(calls) == (3 if causal else 4)  # forward (and right states), backward, reverse
+    for eqn in calls:
+        grid = eqn.params["grid_mapping"].grid
+        assert eqn.params["grid_mapping"].grid[1] == E // BLOCK_E == 2
+        declared = eqn.params["cost_estimate"].flops
+        assert declared == _dot_flops(eqn.params["jaxpr"]) * int(np.prod(grid)), eqn.params["name"]

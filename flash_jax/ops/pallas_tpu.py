@@ -522,6 +522,9 @@ def _backward(cfg, qq, kq, ql, kl, v, bias, seg_col, seg_row, info, do):
 def _call(cfg, body, *, reverse, inputs, outputs, states, info):
     """One pallas_call on the grid (B, nE, G); refs reach `body` as a dict by name.
 
+    Its cost estimate: the blocks the grid moves (`_fetched_bytes`) and the body's matmul FLOPs
+    per grid step (`_STEP_MATMULS`) times the steps.
+
     reverse: the chunk axis runs from the last chunk to the first (index maps read G - 1 - g).
     states: names of the carried [S, tE] float32 VMEM scratch states, zeroed at the first chunk.
     """
@@ -572,7 +575,9 @@ def _call(cfg, body, *, reverse, inputs, outputs, states, info):
             scratch_shapes=[pltpu.VMEM((S, tE), _F32) for _ in states],
         ),
         cost_estimate=pl.CostEstimate(
-            flops=0, transcendentals=0, bytes_accessed=_fetched_bytes(grid, blocks)
+            flops=_step_flops(cfg, body) * math.prod(grid),
+            transcendentals=0,
+            bytes_accessed=_fetched_bytes(grid, blocks),
         ),
         out_shape=[jax.ShapeDtypeStruct(shape, dtype) for _, shape, dtype in outputs],
         compiler_params=pltpu.CompilerParams(
@@ -585,12 +590,36 @@ def _call(cfg, body, *, reverse, inputs, outputs, states, info):
     return dict(zip([n for n, *_ in outputs], results, strict=True))
 
 
+# Each body's matmuls per grid step (one chunk, one E tile), as counts of three shapes: "qk" a
+# [C, S] x [S, C] product (2 C^2 S FLOPs: scores and their gradients), "mv" a [C, C] x [C, tE]
+# one (2 C^2 tE: the mix times v and its transposes), "st" a [C, S] x [C, tE] one (2 C S tE:
+# states, their folds and their gradients); the second entry is what bidirectional adds.
+_STEP_MATMULS = {
+    "_forward_kernel": ({"qk": 1, "mv": 1, "st": 2}, {"qk": 1}),
+    "_right_state_kernel": ({"st": 2}, {}),
+    "_backward_kernel": ({"qk": 3, "mv": 1, "st": 2}, {"qk": 2, "st": 3}),
+    "_reverse_kernel": ({"qk": 1, "mv": 1, "st": 3}, {"qk": 1, "st": 2}),
+}
+
+
+def _step_flops(cfg, body) -> int:
+    """Matmul FLOPs of one grid step of `body` (`_STEP_MATMULS`)."""
+    C, S, tE = cfg.C, cfg.S, cfg.block_e
+    size = {"qk": 2 * C * C * S, "mv": 2 * C * C * tE, "st": 2 * C * S * tE}
+    always, bidirectional = _STEP_MATMULS[body.__name__]
+    counts = dict(always)
+    if not cfg.causal:
+        for shape, n in bidirectional.items():
+            counts[shape] = counts.get(shape, 0) + n
+    return sum(n * size[shape] for shape, n in counts.items())
+
+
 def _fetched_bytes(grid, blocks) -> int:
     """The HBM traffic of a pallas_call's blocks over `grid` (steps in order, the last axis
     fastest): a block moves whenever its index differs from the step before's, as Mosaic's
     pipeline fetches an input and writes back an output. `blocks`: (BlockSpec, dtype) pairs.
-    This is the call's `pl.CostEstimate` (XLA's cost analysis counts nothing of a Mosaic call
-    without one); the FLOPs are not declared (0)."""
+    This is the call's `pl.CostEstimate`'s bytes (XLA's cost analysis counts nothing of a Mosaic
+    call without one)."""
     total = 0
     for block_spec, dtype in blocks:
         shape = [d if isinstance(d, int) else 1 for d in block_spec.block_shape]  # squeezed: 1
