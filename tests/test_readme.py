@@ -183,23 +183,27 @@ def test_the_long_context_table_is_the_recorded_study():
 
 
 def test_the_tpu_roofline_rows_are_the_recorded_compiles():
-    """The README's v5p train-step rows for the whole-logits step, on the XLA path and with the
-    projection kernels, are scripts/op_cost.py's JSON rows in docs/results/op_cost_tpu/ (the
-    8-block row adds the blocks XLA's count leaves out: docs/benchmarks.md)."""
+    """The README's train-step rows on v5p and v5e, on the XLA path and with the kernels, are
+    scripts/op_cost.py's JSON rows in docs/results/op_cost_tpu/ (the 8-block row adds the blocks
+    XLA's count leaves out: docs/benchmarks.md)."""
     with open(README) as f:
         text = f.read()
     results = os.path.join(REPO, "docs", "results", "op_cost_tpu")
-    rows = {
-        "whole float32 logits (the default)": "step_pg19_flash_v5p.json",
-        "whole logits, the projections as Pallas kernels (`--config.model.proj_impl=pallas_tpu`)": (
-            "step_pg19_flash_v5p_proj_kernels.json"
-        ),
-    }
-    for label, name in rows.items():
-        with open(os.path.join(results, name)) as f:
+    rows = [
+        ("v5p-8", "whole float32 logits (the default)", "step_pg19_flash_v5p"),
+        ("v5p-8", "whole logits, the projections' kernels", "step_pg19_flash_v5p_proj_kernels"),
+        ("v5p-8", "whole logits, every kernel", "step_pg19_flash_v5p_all_kernels"),
+        ("v5e-16", "whole float32 logits (the default)", "step_pg19_flash_v5e16"),
+        ("v5e-16", "whole logits, the projections' kernels", "step_pg19_flash_v5e16_proj_kernels"),
+        ("v5e-16", "whole logits, every kernel", "step_pg19_flash_v5e16_all_kernels"),
+    ]
+    for chips, label, name in rows:
+        with open(os.path.join(results, name + ".json")) as f:
             step = json.load(f)["step"]
+        # A v5p slice is named by its TensorCores, two per chip; a v5e slice by its chips.
+        assert step["chips"] == int(chips.split("-")[1]) // (2 if chips.startswith("v5p") else 1)
         row = (
-            f"| {label} | {step['bytes_per_token'] / 1024:,.1f} | "
+            f"| {chips} | {label} | {step['bytes_per_token'] / 1024:,.1f} | "
             f"{step['flops_per_token'] / 1e6:,.1f} | {step['model_flops_per_token'] / 1e6:,.1f} | "
             f"{step['roofline_step_seconds'] * 1e3:,.1f} ms | {step['bound']} | {step['mfu']:.1%} |"
         )
