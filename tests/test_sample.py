@@ -66,14 +66,20 @@ def _interrupted(script, args, started):
     """Runs `script`, sends Ctrl-C's SIGINT once a stderr line contains `started` (an INFO line
     of its main), and returns (exit status, stderr)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, script), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # A child inherits an ignored SIGINT (as under a shell's `cmd &`), and Python then installs
+    # no KeyboardInterrupt handler: start it as a terminal would, with SIGINT's default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(REPO, script), *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     lines = []
     for line in proc.stderr:
         lines.append(line)
