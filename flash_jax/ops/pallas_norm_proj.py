@@ -51,19 +51,21 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from flash_jax.ops.pallas_gate import block_tokens, core_halves, cost_estimate
+from flash_jax.ops.pallas_gate import (  # the gate kernels' VMEM limit and contractions
+    _TM,
+    _TN,
+    _VMEM_LIMIT,
+    block_tokens,
+    core_halves,
+    cost_estimate,
+)
 
-_MIB = 1 << 20
-# 7/8 of a v5p core's 64 MiB (v5e and v6e have 128), as the gate kernels'.
-_VMEM_LIMIT = 56 * _MIB
 # The backward's token blocks: at the paper's widths (d_model 1024, 2e + s = 4224, bf16) W and
 # its float32 sum take 25 MiB (single-buffered), and the blocks (double-buffered: x,
 # the cotangents, v's and z's pre-activations, x's gradient) and their float32 values the rest:
 # with 512-token blocks Mosaic refused the kernel on v5p (over its 64 MiB; measured while a
 # scratch sum and a bf16 gradient block took 33 MiB).
 _BACKWARD_MAX_BLOCK_TOKENS = 256
-_TN = (((1,), (1,)), ((), ()))  # a . b^T
-_TM = (((0,), (0,)), ((), ()))  # a^T . b
 
 
 def supported(num_tokens: int, d: int, widths) -> bool:
